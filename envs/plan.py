@@ -1,0 +1,435 @@
+"""Sparsity plans: which decoder layers run, which attention heads and how many MLP channels each keeps.
+
+A plan is a small immutable value. It says *what* runs, in the model's own numbering, and knows
+nothing about how :class:`envs.sparse_lm.SparseLM` executes it. Plans built from fractions or
+action vectors pick the most important layers, heads and channels from an
+:class:`envs.importance.Importance` ordering, so that "keep 60% of the MLP channels of layer 7"
+keeps the channels that matter most.
+
+Heads are GQA-aware: query head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)``.
+A layer plan lists both its kept query heads and its kept KV heads; keeping a query head without
+its KV head is invalid, and a plan can drop whole KV groups (all query heads of a group plus the
+group's key/value head).
+
+MLP channels are a *count*: the plan keeps the ``mlp_channels`` most important intermediate
+channels of that layer (by the importance ordering the plan is executed with).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from envs.importance import Importance
+
+PLAN_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a decoder-only model that a plan must fit.
+
+    Attributes:
+        num_layers: Number of decoder layers.
+        num_heads: Query heads per layer.
+        num_kv_heads: Key/value heads per layer (equal to ``num_heads`` without GQA).
+        head_dim: Width of one head.
+        hidden_size: Residual stream width.
+        intermediate_size: MLP intermediate width (channels per layer).
+        vocab_size: Vocabulary size, used for FLOP counts of the LM head.
+    """
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelSpec.{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelSpec.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    def kv_of(self, head: int) -> int:
+        """The KV head that query head ``head`` reads."""
+        return head // self.group_size
+
+    def to_dict(self) -> dict[str, int]:
+        """Plain-dict form for JSON."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one decoder layer runs.
+
+    Attributes:
+        run: Whether the layer runs at all; a skipped layer passes the residual stream through.
+        heads: Kept query heads (sorted, model numbering). Empty means the attention block is skipped.
+        kv_heads: Kept key/value heads (sorted). Each kept query head's KV head must be here, and each
+            KV head here must serve at least one kept query head.
+        mlp_channels: Number of MLP intermediate channels kept (the most important ones). Zero skips
+            the MLP block.
+    """
+
+    run: bool
+    heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    mlp_channels: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form for JSON."""
+        return {
+            "run": self.run,
+            "heads": list(self.heads),
+            "kv_heads": list(self.kv_heads),
+            "mlp_channels": self.mlp_channels,
+        }
+
+
+def _dense_layer(spec: ModelSpec) -> LayerPlan:
+    return LayerPlan(
+        run=True,
+        heads=tuple(range(spec.num_heads)),
+        kv_heads=tuple(range(spec.num_kv_heads)),
+        mlp_channels=spec.intermediate_size,
+    )
+
+
+def _check_fraction(name: str, value: float) -> float:
+    value = float(value)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+    return value
+
+
+def select_heads(spec: ModelSpec, head_order: Sequence[int], group_order: Sequence[int], n: int) -> LayerPlan | None:
+    """Pick ``n`` query heads, filling the most important KV groups first.
+
+    Whole groups are kept before a partial group, so that dropping heads also drops KV heads (the
+    key/value projections and the cache shrink too). Within a group, heads are taken by importance.
+
+    Args:
+        spec: Model shape.
+        head_order: Query heads of this layer, most important first.
+        group_order: KV heads of this layer, most important first.
+        n: How many query heads to keep (0 to ``num_heads``).
+
+    Returns:
+        A layer plan with only ``heads`` and ``kv_heads`` meaningful (``run=True``,
+        ``mlp_channels=0``), or ``None`` for ``n == 0``.
+    """
+    if n <= 0:
+        return None
+    rank = {h: i for i, h in enumerate(head_order)}
+    heads: list[int] = []
+    for g in group_order:
+        members = sorted(range(g * spec.group_size, (g + 1) * spec.group_size), key=rank.__getitem__)
+        heads.extend(members[: n - len(heads)])
+        if len(heads) >= n:
+            break
+    kv = sorted({spec.kv_of(h) for h in heads})
+    return LayerPlan(run=True, heads=tuple(sorted(heads)), kv_heads=tuple(kv), mlp_channels=0)
+
+
+@dataclass(frozen=True)
+class SparsityPlan:
+    """A whole-model plan: one :class:`LayerPlan` per decoder layer.
+
+    Build one with :meth:`dense`, :meth:`uniform` or :meth:`from_action`; they validate. Plans
+    are hashable, so executors can cache per-plan work, and round-trip through JSON.
+    """
+
+    spec: ModelSpec
+    layers: tuple[LayerPlan, ...]
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def dense(cls, spec: ModelSpec) -> SparsityPlan:
+        """The plan that runs everything."""
+        return cls(spec, tuple(_dense_layer(spec) for _ in range(spec.num_layers)), {"kind": "dense"})
+
+    @classmethod
+    def uniform(
+        cls,
+        spec: ModelSpec,
+        importance: Importance,
+        *,
+        layers: float = 1.0,
+        heads: float = 1.0,
+        mlp: float = 1.0,
+    ) -> SparsityPlan:
+        """The same keep fractions everywhere, choosing what to keep by importance.
+
+        Args:
+            spec: Model shape.
+            importance: Orderings of layers, heads and MLP channels.
+            layers: Fraction of decoder layers that run; the least important are skipped.
+            heads: Fraction of query heads kept in each running layer (whole KV groups first).
+            mlp: Fraction of MLP channels kept in each running layer.
+
+        Raises:
+            ValueError: A fraction is NaN or outside [0, 1].
+        """
+        fl = _check_fraction("layers", layers)
+        fh = _check_fraction("heads", heads)
+        fm = _check_fraction("mlp", mlp)
+        n_run = round(fl * spec.num_layers)
+        running = set(importance.layer_order[:n_run])
+        out = []
+        for i in range(spec.num_layers):
+            out.append(_layer_from_fractions(spec, importance, i, i in running, fh, fm))
+        return cls(spec, tuple(out), {"kind": "uniform", "layers": fl, "heads": fh, "mlp": fm})
+
+    @classmethod
+    def from_action(
+        cls,
+        spec: ModelSpec,
+        importance: Importance,
+        action: Sequence[float] | np.ndarray,
+        *,
+        num_groups: int = 1,
+    ) -> SparsityPlan:
+        """Decode an agent's action vector into a plan.
+
+        The decoder layers are split into ``num_groups`` contiguous groups of near-equal size. The
+        action holds three keep fractions per group, ``[layers_0, heads_0, mlp_0, layers_1, ...]``:
+        the fraction of the group's layers that run (the least important are skipped), and the
+        head and MLP-channel fractions of its running layers.
+
+        Args:
+            spec: Model shape.
+            importance: Orderings of layers, heads and MLP channels.
+            action: ``3 * num_groups`` numbers in [0, 1].
+            num_groups: Number of layer groups.
+
+        Raises:
+            ValueError: Wrong length, NaN/inf, or a value outside [0, 1]; the message names the entry.
+        """
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if not 1 <= num_groups <= spec.num_layers:
+            raise ValueError(f"num_groups must be in [1, {spec.num_layers}], got {num_groups}")
+        if a.shape[0] != 3 * num_groups:
+            raise ValueError(
+                f"action must have 3 * num_groups = {3 * num_groups} entries "
+                f"([layers, heads, mlp] per group), got {a.shape[0]}"
+            )
+        names = ("layers", "heads", "mlp")
+        for j, v in enumerate(a):
+            _check_fraction(f"action[{j}] ({names[j % 3]} of group {j // 3})", v)
+        groups = layer_groups(spec.num_layers, num_groups)
+        rank = {layer: r for r, layer in enumerate(importance.layer_order)}
+        out: list[LayerPlan] = [_dense_layer(spec)] * spec.num_layers
+        for g, members in enumerate(groups):
+            fl, fh, fm = a[3 * g : 3 * g + 3]
+            n_run = round(fl * len(members))
+            running = set(sorted(members, key=rank.__getitem__)[:n_run])
+            for i in members:
+                out[i] = _layer_from_fractions(spec, importance, i, i in running, fh, fm)
+        return cls(spec, tuple(out), {"kind": "action", "action": [float(x) for x in a], "num_groups": num_groups})
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check the plan against its spec.
+
+        Raises:
+            ValueError: Naming the layer, the field and the valid range.
+        """
+        spec = self.spec
+        if not isinstance(spec, ModelSpec):
+            raise ValueError(f"SparsityPlan.spec must be a ModelSpec, got {type(spec).__name__}")
+        if len(self.layers) != spec.num_layers:
+            raise ValueError(
+                f"SparsityPlan.layers has {len(self.layers)} entries; the model has {spec.num_layers} layers"
+            )
+        for i, lp in enumerate(self.layers):
+            where = f"layers[{i}]"
+            if not isinstance(lp, LayerPlan):
+                raise ValueError(f"{where} must be a LayerPlan, got {type(lp).__name__}")
+            if not isinstance(lp.run, bool):
+                raise ValueError(f"{where}.run must be a bool, got {lp.run!r}")
+            for name, vals, bound in (
+                ("heads", lp.heads, spec.num_heads),
+                ("kv_heads", lp.kv_heads, spec.num_kv_heads),
+            ):
+                if list(vals) != sorted(set(vals)):
+                    raise ValueError(f"{where}.{name} must be sorted and unique, got {list(vals)}")
+                bad = [h for h in vals if not isinstance(h, int | np.integer) or not 0 <= h < bound]
+                if bad:
+                    raise ValueError(f"{where}.{name} entries must be integers in [0, {bound - 1}], got {bad}")
+            mc = lp.mlp_channels
+            if isinstance(mc, bool) or not isinstance(mc, int | np.integer) or not 0 <= mc <= spec.intermediate_size:
+                raise ValueError(f"{where}.mlp_channels must be an integer in [0, {spec.intermediate_size}], got {mc!r}")
+            needed = {spec.kv_of(h) for h in lp.heads}
+            missing = sorted(needed - set(lp.kv_heads))
+            if missing:
+                orphans = [h for h in lp.heads if spec.kv_of(h) in missing]
+                raise ValueError(
+                    f"{where}.kv_heads must include the KV head of every kept query head: query heads {orphans} "
+                    f"read KV heads {missing}, which are not kept (valid KV heads: 0..{spec.num_kv_heads - 1})"
+                )
+            unused = sorted(set(lp.kv_heads) - needed)
+            if unused:
+                raise ValueError(
+                    f"{where}.kv_heads {unused} serve no kept query head; drop them or keep one of their query heads"
+                )
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def is_dense(self) -> bool:
+        """Whether every layer, head and channel runs."""
+        return all(
+            lp.run
+            and len(lp.heads) == self.spec.num_heads
+            and len(lp.kv_heads) == self.spec.num_kv_heads
+            and lp.mlp_channels == self.spec.intermediate_size
+            for lp in self.layers
+        )
+
+    @property
+    def layers_run(self) -> int:
+        """Number of decoder layers that run."""
+        return sum(lp.run for lp in self.layers)
+
+    def keep_fractions(self) -> dict[str, float]:
+        """Average keep fractions, for summaries and observations."""
+        s = self.spec
+        run = [lp for lp in self.layers if lp.run]
+        if not run:
+            return {"layers": 0.0, "heads": 0.0, "kv_heads": 0.0, "mlp": 0.0}
+        return {
+            "layers": len(run) / s.num_layers,
+            "heads": float(np.mean([len(lp.heads) / s.num_heads for lp in run])),
+            "kv_heads": float(np.mean([len(lp.kv_heads) / s.num_kv_heads for lp in run])),
+            "mlp": float(np.mean([lp.mlp_channels / s.intermediate_size for lp in run])),
+        }
+
+    def flops(self, seq_len: int, past_len: int = 0) -> dict[str, float]:
+        """Multiply-accumulate FLOPs (×2) of the decoder for ``seq_len`` new tokens.
+
+        Counts the projections, the attention scores and mixing, and the MLP; excludes the
+        embedding, norms and LM head (the executor's ``logits`` argument decides the head's cost).
+
+        Returns:
+            ``{"attention": ..., "mlp": ..., "total": ...}`` in FLOPs.
+        """
+        s = self.spec
+        d, D = s.head_dim, s.hidden_size
+        attn = mlp = 0.0
+        ctx = past_len + (seq_len + 1) / 2  # mean causal context length
+        for lp in self.layers:
+            if not lp.run:
+                continue
+            h, kv = len(lp.heads), len(lp.kv_heads)
+            attn += 2 * seq_len * D * d * (2 * h + 2 * kv)  # q, o and k, v projections
+            attn += 2 * 2 * seq_len * ctx * d * h  # scores and weighted sum
+            mlp += 2 * 3 * seq_len * D * lp.mlp_channels
+        return {"attention": attn, "mlp": mlp, "total": attn + mlp}
+
+    def cost_fraction(self, seq_len: int = 256) -> float:
+        """Decoder FLOPs of this plan relative to the dense plan at ``seq_len`` tokens."""
+        return self.flops(seq_len)["total"] / SparsityPlan.dense(self.spec).flops(seq_len)["total"]
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (see :meth:`from_dict`)."""
+        return {
+            "schema_version": PLAN_SCHEMA_VERSION,
+            "spec": self.spec.to_dict(),
+            "layers": [lp.to_dict() for lp in self.layers],
+            "meta": self.meta,
+        }
+
+    def to_json(self) -> str:
+        """JSON text of the plan."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SparsityPlan:
+        """Rebuild a plan from :meth:`to_dict` output, validating it.
+
+        Raises:
+            ValueError: Missing fields, wrong schema version or an invalid plan.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a plan must be a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if version != PLAN_SCHEMA_VERSION:
+            raise ValueError(f"plan schema_version must be {PLAN_SCHEMA_VERSION}, got {version!r}")
+        try:
+            spec = ModelSpec(**data["spec"])
+            layers = tuple(
+                LayerPlan(
+                    run=lp["run"],
+                    heads=tuple(lp["heads"]),
+                    kv_heads=tuple(lp["kv_heads"]),
+                    mlp_channels=lp["mlp_channels"],
+                )
+                for lp in data["layers"]
+            )
+        except KeyError as exc:
+            raise ValueError(f"plan JSON is missing the field {exc.args[0]!r}") from None
+        except TypeError as exc:
+            raise ValueError(f"plan JSON has a malformed field: {exc}") from None
+        return cls(spec, layers, dict(data.get("meta", {})))
+
+    @classmethod
+    def from_json(cls, text: str) -> SparsityPlan:
+        """Rebuild a plan from :meth:`to_json` output."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"plan is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def describe(self) -> str:
+        """A one-line human summary."""
+        f = self.keep_fractions()
+        skipped = [i for i, lp in enumerate(self.layers) if not lp.run]
+        return (
+            f"layers {self.layers_run}/{self.spec.num_layers} (skip {skipped}), "
+            f"heads {f['heads']:.0%}, kv {f['kv_heads']:.0%}, mlp {f['mlp']:.0%}"
+        )
+
+
+def layer_groups(num_layers: int, num_groups: int) -> list[list[int]]:
+    """Split ``range(num_layers)`` into ``num_groups`` contiguous groups of near-equal size."""
+    bounds = np.linspace(0, num_layers, num_groups + 1).round().astype(int)
+    return [list(range(bounds[g], bounds[g + 1])) for g in range(num_groups)]
+
+
+def _layer_from_fractions(
+    spec: ModelSpec, importance: Importance, layer: int, run: bool, heads: float, mlp: float
+) -> LayerPlan:
+    if not run:
+        return LayerPlan(run=False, heads=(), kv_heads=(), mlp_channels=0)
+    n_heads = round(heads * spec.num_heads)
+    hp = select_heads(spec, importance.head_order[layer], importance.kv_order[layer], n_heads)
+    return LayerPlan(
+        run=True,
+        heads=hp.heads if hp else (),
+        kv_heads=hp.kv_heads if hp else (),
+        mlp_channels=round(mlp * spec.intermediate_size),
+    )

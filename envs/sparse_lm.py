@@ -1,0 +1,784 @@
+"""SparseLM: run a causal LM under a :class:`~envs.plan.SparsityPlan`, doing really less work.
+
+Skipped layers are not run; dropped attention heads, KV groups and MLP channels are sliced out of
+the q/k/v/o and gate/up/down matmuls, so the FLOPs saved are FLOPs not spent. Nothing is masked
+and the model's weights are never modified: a plan is applied functionally per call, so a failing
+call cannot leave the model pruned.
+
+Weight layout. For every layer SparseLM keeps an *importance-ordered* copy of the attention and
+MLP weights: KV groups sorted by importance, query heads within a group by importance, MLP
+channels by importance. The plans built from fractions keep a prefix of that order, so the kept
+weights are plain slicing views (no copy on the hot path; ``torch.nn.functional.linear`` takes a
+view with a leading-dimension stride directly). A hand-written plan whose kept set is not a prefix
+falls back to ``index_select`` on that copy. The alternative, gathering rows from the original
+weights on every call (``strategy="gather"``), is measured against it in ``experiments.bench``;
+the views won, so they are the default. Dense sub-blocks use the original weights, so the dense
+plan reproduces the untouched model exactly. The price is one extra copy of the decoder weights
+in memory (about 0.4 GiB for the embedded 135M model in fp32).
+
+Threads. A forward's matmuls run on PyTorch's intra-op pool; ``SparseLM(threads=N)`` sets it
+(``torch.set_num_threads``, process-wide) because the default differs between launchers and
+RLlib workers must stay at one thread. ``None`` leaves the current setting alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from envs.models import EMBEDDED_MODEL, LoadedModel, load_model, weights_hash
+from envs.plan import LayerPlan, ModelSpec, SparsityPlan
+
+Observer = Callable[[int, str, torch.Tensor], None]
+LogitsSpec = Literal["all", "last", "none"] | int | slice | torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------- rotary
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+# ---------------------------------------------------------------------------------------- weights
+@dataclass
+class _Block:
+    """One decoder layer's weights in a family-independent form (views of the model's tensors)."""
+
+    attn_norm: torch.nn.Module
+    mlp_norm: torch.nn.Module
+    q_w: torch.Tensor
+    q_b: torch.Tensor | None
+    k_w: torch.Tensor
+    k_b: torch.Tensor | None
+    v_w: torch.Tensor
+    v_b: torch.Tensor | None
+    o_w: torch.Tensor  # [D, H*d]
+    o_b: torch.Tensor | None
+    gate_w: torch.Tensor | None  # [I, D]; None for non-gated MLPs (GPT-2)
+    gate_b: torch.Tensor | None
+    up_w: torch.Tensor  # [I, D]
+    up_b: torch.Tensor | None
+    down_w: torch.Tensor  # [D, I]
+    down_b: torch.Tensor | None
+    act: Callable[[torch.Tensor], torch.Tensor]
+    scaling: float
+
+
+@dataclass
+class _Sel:
+    """The weights one layer plan runs with (views or gathered copies)."""
+
+    n_heads: int
+    n_kv: int
+    q_w: torch.Tensor
+    q_b: torch.Tensor | None
+    k_w: torch.Tensor
+    k_b: torch.Tensor | None
+    v_w: torch.Tensor
+    v_b: torch.Tensor | None
+    o_w: torch.Tensor
+    kv_ids: torch.Tensor  # kept KV heads, model numbering, in the order the projection emits them
+    head_kv: torch.Tensor | None  # per kept query head, index into the kept KV heads; None = uniform GQA
+    n_ch: int
+    gate_w: torch.Tensor | None
+    gate_b: torch.Tensor | None
+    up_w: torch.Tensor | None
+    up_b: torch.Tensor | None
+    down_w: torch.Tensor | None
+
+
+def _rows(w: torch.Tensor, n_groups: int, perm: torch.Tensor) -> torch.Tensor:
+    """Reorder ``w``'s rows in ``n_groups`` equal blocks by ``perm`` (contiguous copy)."""
+    return w.reshape(n_groups, -1, *w.shape[1:])[perm].reshape(w.shape).contiguous()
+
+
+def _cols(w: torch.Tensor, n_groups: int, perm: torch.Tensor) -> torch.Tensor:
+    return _rows(w.t().contiguous(), n_groups, perm).t().contiguous()
+
+
+# ---------------------------------------------------------------------------------------- cache
+@dataclass
+class _LayerCache:
+    k: torch.Tensor  # [B, KVH, S, d], all KV heads; dropped ones hold zeros
+    v: torch.Tensor
+    pos: torch.Tensor  # [S] absolute positions of the cached entries
+    valid: torch.Tensor | None  # [KVH, S] bool, or None when every entry is valid
+
+
+@dataclass
+class KVCache:
+    """Key/value cache that stays consistent when plans change between calls.
+
+    Each layer caches only the positions it actually ran, with their absolute positions (RoPE is
+    applied before caching, so a gap costs nothing). A token that skipped layer ``i`` is simply
+    absent from layer ``i``'s cache: later tokens at that layer attend to the tokens that layer
+    saw, as in early-exit and layer-skip decoding. A KV head dropped for some tokens stores zeros
+    for them with a validity mask, so later tokens never attend to keys that were not computed.
+
+    Attributes:
+        length: Tokens consumed so far (the next token's position).
+    """
+
+    num_layers: int
+    length: int = 0
+    layers: list[_LayerCache | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            self.layers = [None] * self.num_layers
+
+    def snapshot(self) -> tuple[int, list[_LayerCache | None]]:
+        """State to roll back to if a forward fails half-way."""
+        return self.length, list(self.layers)
+
+    def restore(self, snap: tuple[int, list[_LayerCache | None]]) -> None:
+        """Roll back to a :meth:`snapshot`."""
+        self.length, self.layers = snap[0], list(snap[1])
+
+    def layer_tokens(self, layer: int) -> int:
+        """How many tokens layer ``layer`` has cached."""
+        c = self.layers[layer]
+        return 0 if c is None else int(c.pos.shape[0])
+
+
+@dataclass
+class RunState:
+    """Activations between layers of one forward; lets callers run a model in stages (probe, then rest)."""
+
+    hidden: torch.Tensor
+    positions: torch.Tensor  # [T]
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    cache: KVCache | None
+    causal_fresh: bool  # no earlier tokens: plain causal attention
+
+
+@dataclass
+class ForwardOutput:
+    """What :meth:`SparseLM.forward` returns.
+
+    Attributes:
+        logits: ``[B, n, V]`` at the requested positions, or ``None``.
+        hidden: Final hidden states after the last norm, ``[B, T, D]``.
+        cache: The KV cache, when one was passed or ``use_cache`` was set.
+    """
+
+    logits: torch.Tensor | None
+    hidden: torch.Tensor
+    cache: KVCache | None
+
+
+# ---------------------------------------------------------------------------------------- SparseLM
+class SparseLM:
+    """A causal LM that runs any :class:`SparsityPlan` with real savings.
+
+    Args:
+        model: A transformers causal LM of a supported family (Llama, Mistral, Qwen2, Gemma, GPT-2).
+        tokenizer: Its tokenizer (optional; tiny test models have none).
+        importance: Orderings used for plans built from fractions and for the weight layout. If
+            ``None``, an identity ordering is used until :meth:`set_importance` is called.
+        name: Name for caches and cards.
+        threads: PyTorch intra-op threads for forwards (process-wide); ``None`` leaves it.
+        strategy: ``"views"`` (importance-ordered copy, prefix views) or ``"gather"`` (index the
+            original weights per call).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        importance: Any = None,
+        *,
+        name: str = "model",
+        threads: int | None = None,
+        strategy: Literal["views", "gather"] = "views",
+        cache_dir: Any = None,
+    ) -> None:
+        if strategy not in ("views", "gather"):
+            raise ValueError(f"strategy must be 'views' or 'gather', got {strategy!r}")
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.strategy = strategy
+        self.cache_dir = cache_dir
+        self.family = model.config.model_type
+        self._extract()
+        self._weights_hash: str | None = None
+        self._sel_cache: dict[tuple[int, LayerPlan], _Sel] = {}
+        from envs.importance import Importance
+
+        self.set_importance(importance if importance is not None else Importance.identity(self.spec))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str = EMBEDDED_MODEL,
+        *,
+        dtype: torch.dtype = torch.float32,
+        threads: int | None = None,
+        calibrate: bool = True,
+        strategy: Literal["views", "gather"] = "views",
+    ) -> SparseLM:
+        """Load a model by name (see :func:`envs.models.load_model`) with cached importance orderings.
+
+        The orderings come from a calibration pass over natural text (the train split of the news
+        corpus) and are cached next to the model, keyed by its weights hash.
+
+        Args:
+            name: Model name, folder or hub id.
+            dtype: Weight dtype.
+            threads: Intra-op threads (see the class docstring).
+            calibrate: Compute importance orderings if none are cached (needs the text corpus).
+            strategy: Slicing strategy.
+        """
+        loaded: LoadedModel = load_model(name, dtype=dtype)
+        slm = cls(
+            loaded.model,
+            loaded.tokenizer,
+            name=loaded.name,
+            threads=threads,
+            strategy=strategy,
+            cache_dir=loaded.cache_dir,
+        )
+        if calibrate:
+            from envs.importance import load_or_calibrate
+
+            slm.set_importance(load_or_calibrate(slm))
+        return slm
+
+    def _extract(self) -> None:
+        m = self.model
+        cfg = m.config
+        self.lm_head = m.lm_head
+        if self.family == "gpt2":
+            tr = m.transformer
+            self.embed_tokens, self.pos_embed, self.final_norm, self.rotary = tr.wte, tr.wpe, tr.ln_f, None
+            H, D = cfg.n_head, cfg.n_embd
+            d = D // H
+            blocks = []
+            for layer in tr.h:
+                wq, wk, wv = layer.attn.c_attn.weight.t().split(D, dim=0)  # views, [D, D] each
+                bq, bk, bv = layer.attn.c_attn.bias.split(D)
+                blocks.append(
+                    _Block(
+                        layer.ln_1, layer.ln_2, wq, bq, wk, bk, wv, bv,
+                        layer.attn.c_proj.weight.t(), layer.attn.c_proj.bias,
+                        None, None, layer.mlp.c_fc.weight.t(), layer.mlp.c_fc.bias,
+                        layer.mlp.c_proj.weight.t(), layer.mlp.c_proj.bias,
+                        layer.mlp.act, 1.0 / math.sqrt(d),
+                    )
+                )
+            I = blocks[0].up_w.shape[0]
+            self.spec = ModelSpec(len(blocks), H, H, d, D, I, cfg.vocab_size)
+        else:
+            inner = m.model
+            self.embed_tokens, self.pos_embed, self.final_norm = inner.embed_tokens, None, inner.norm
+            self.rotary = inner.rotary_emb
+            blocks = []
+            for layer in inner.layers:
+                a, p = layer.self_attn, layer.mlp
+                blocks.append(
+                    _Block(
+                        layer.input_layernorm, layer.post_attention_layernorm,
+                        a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
+                        a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, a.o_proj.bias,
+                        p.gate_proj.weight, p.gate_proj.bias, p.up_proj.weight, p.up_proj.bias,
+                        p.down_proj.weight, p.down_proj.bias, p.act_fn, a.scaling,
+                    )
+                )
+            d = blocks[0].q_w.shape[0] // cfg.num_attention_heads
+            self.spec = ModelSpec(
+                len(blocks), cfg.num_attention_heads, cfg.num_key_value_heads, d, cfg.hidden_size,
+                cfg.intermediate_size, cfg.vocab_size,
+            )
+        self.blocks = blocks
+
+    def set_importance(self, importance: Any) -> None:
+        """Install importance orderings and rebuild the importance-ordered weight copy."""
+        importance.check(self.spec)
+        self.importance = importance
+        self._sel_cache.clear()
+        s = self.spec
+        self._perm: list[dict[str, Any]] = []
+        if self.strategy != "views":
+            return
+        with torch.no_grad():
+            for i, b in enumerate(self.blocks):
+                kv_perm = torch.tensor(importance.kv_order[i])
+                head_perm = torch.tensor(_grouped_head_order(s, importance.head_order[i], importance.kv_order[i]))
+                ch = torch.tensor(importance.mlp_order[i])
+                self._perm.append(
+                    {
+                        "kv_rank": {g: r for r, g in enumerate(importance.kv_order[i])},
+                        "head_rank": {h: r for r, h in enumerate(head_perm.tolist())},
+                        "kv_perm": kv_perm,
+                        "head_perm": head_perm,
+                        "q_w": _rows(b.q_w, s.num_heads, head_perm),
+                        "q_b": None if b.q_b is None else _rows(b.q_b, s.num_heads, head_perm),
+                        "k_w": _rows(b.k_w, s.num_kv_heads, kv_perm),
+                        "k_b": None if b.k_b is None else _rows(b.k_b, s.num_kv_heads, kv_perm),
+                        "v_w": _rows(b.v_w, s.num_kv_heads, kv_perm),
+                        "v_b": None if b.v_b is None else _rows(b.v_b, s.num_kv_heads, kv_perm),
+                        "o_w": _cols(b.o_w, s.num_heads, head_perm),
+                        "gate_w": None if b.gate_w is None else b.gate_w[ch].contiguous(),
+                        "gate_b": None if b.gate_b is None else b.gate_b[ch].contiguous(),
+                        "up_w": b.up_w[ch].contiguous(),
+                        "up_b": None if b.up_b is None else b.up_b[ch].contiguous(),
+                        "down_w": b.down_w[:, ch].contiguous(),
+                    }
+                )
+
+    @property
+    def weights_hash(self) -> str:
+        """Hash of the model's weights (see :func:`envs.models.weights_hash`), computed once."""
+        if self._weights_hash is None:
+            self._weights_hash = weights_hash(self.model)
+        return self._weights_hash
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live."""
+        return self.blocks[0].q_w.device
+
+    def dense_plan(self) -> SparsityPlan:
+        """The plan that runs everything."""
+        return SparsityPlan.dense(self.spec)
+
+    def uniform_plan(self, *, layers: float = 1.0, heads: float = 1.0, mlp: float = 1.0) -> SparsityPlan:
+        """Shortcut for :meth:`SparsityPlan.uniform` with this model's importance orderings."""
+        return SparsityPlan.uniform(self.spec, self.importance, layers=layers, heads=heads, mlp=mlp)
+
+    # ------------------------------------------------------------------ selection
+    def _select(self, i: int, lp: LayerPlan) -> _Sel:
+        key = (i, lp)
+        sel = self._sel_cache.get(key)
+        if sel is not None:
+            return sel
+        sel = self._build_sel(i, lp)
+        if self.strategy == "views":  # views cost no memory; gathered copies are rebuilt per call
+            if len(self._sel_cache) > 4096:
+                self._sel_cache.clear()
+            self._sel_cache[key] = sel
+        return sel
+
+    def _build_sel(self, i: int, lp: LayerPlan) -> _Sel:
+        s, b = self.spec, self.blocks[i]
+        d = s.head_dim
+        nh, nkv, nc = len(lp.heads), len(lp.kv_heads), lp.mlp_channels
+        full_attn = nh == s.num_heads and nkv == s.num_kv_heads
+        full_mlp = nc == s.intermediate_size
+        if full_attn:
+            attn = dict(q_w=b.q_w, q_b=b.q_b, k_w=b.k_w, k_b=b.k_b, v_w=b.v_w, v_b=b.v_b, o_w=b.o_w,
+                        kv_ids=torch.arange(s.num_kv_heads), head_kv=None)
+        elif nh == 0:
+            attn = dict(q_w=b.q_w[:0], q_b=None, k_w=b.k_w[:0], k_b=None, v_w=b.v_w[:0], v_b=None,
+                        o_w=b.o_w[:, :0], kv_ids=torch.zeros(0, dtype=torch.long), head_kv=None)
+        elif self.strategy == "views":
+            pm = self._perm[i]
+            # Position of each kept head / KV head in the importance-ordered copy.
+            kv_pos = sorted(pm["kv_rank"][g] for g in lp.kv_heads)
+            h_pos = sorted(pm["head_rank"][h] for h in lp.heads)
+            kv_ids = pm["kv_perm"][kv_pos]
+            heads_model = pm["head_perm"][h_pos]
+            attn = dict(
+                q_w=_take_rows(pm["q_w"], h_pos, d), q_b=_take_rows(pm["q_b"], h_pos, d),
+                k_w=_take_rows(pm["k_w"], kv_pos, d), k_b=_take_rows(pm["k_b"], kv_pos, d),
+                v_w=_take_rows(pm["v_w"], kv_pos, d), v_b=_take_rows(pm["v_b"], kv_pos, d),
+                o_w=_take_cols(pm["o_w"], h_pos, d), kv_ids=kv_ids,
+                head_kv=_head_kv(s, heads_model, kv_ids),
+            )
+        else:
+            heads_t = torch.tensor(lp.heads)
+            kv_ids = torch.tensor(lp.kv_heads)
+            attn = dict(
+                q_w=_take_rows(b.q_w, list(lp.heads), d), q_b=_take_rows(b.q_b, list(lp.heads), d),
+                k_w=_take_rows(b.k_w, list(lp.kv_heads), d), k_b=_take_rows(b.k_b, list(lp.kv_heads), d),
+                v_w=_take_rows(b.v_w, list(lp.kv_heads), d), v_b=_take_rows(b.v_b, list(lp.kv_heads), d),
+                o_w=_take_cols(b.o_w, list(lp.heads), d), kv_ids=kv_ids, head_kv=_head_kv(s, heads_t, kv_ids),
+            )
+        if full_mlp:
+            mlp = dict(gate_w=b.gate_w, gate_b=b.gate_b, up_w=b.up_w, up_b=b.up_b, down_w=b.down_w)
+        elif nc == 0:
+            mlp = dict(gate_w=None, gate_b=None, up_w=None, up_b=None, down_w=None)
+        elif self.strategy == "views":
+            pm = self._perm[i]
+            mlp = dict(
+                gate_w=None if pm["gate_w"] is None else pm["gate_w"][:nc],
+                gate_b=None if pm["gate_b"] is None else pm["gate_b"][:nc],
+                up_w=pm["up_w"][:nc], up_b=None if pm["up_b"] is None else pm["up_b"][:nc],
+                down_w=pm["down_w"][:, :nc],
+            )
+        else:
+            idx = torch.tensor(self.importance.mlp_order[i][:nc])
+            mlp = dict(
+                gate_w=None if b.gate_w is None else b.gate_w.index_select(0, idx),
+                gate_b=None if b.gate_b is None else b.gate_b.index_select(0, idx),
+                up_w=b.up_w.index_select(0, idx), up_b=None if b.up_b is None else b.up_b.index_select(0, idx),
+                down_w=b.down_w.index_select(1, idx),
+            )
+        return _Sel(n_heads=nh, n_kv=nkv, n_ch=nc, **attn, **mlp)
+
+    # ------------------------------------------------------------------ execution
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for incremental decoding."""
+        return KVCache(self.spec.num_layers)
+
+    def start(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> RunState:
+        """Embed ``input_ids`` (``[B, T]`` or ``[T]``) and prepare positions; no layer runs yet."""
+        ids = _as_batch(input_ids)
+        past = 0 if cache is None else cache.length
+        T = ids.shape[1]
+        positions = torch.arange(past, past + T, device=ids.device)
+        h = self.embed_tokens(ids)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(positions)[None]
+        rope = None if self.rotary is None else self.rotary(h, positions[None])
+        fresh = cache is None or all(c is None for c in cache.layers)
+        return RunState(h, positions, rope, cache, fresh)
+
+    def run_layers(
+        self,
+        state: RunState,
+        plan: SparsityPlan,
+        start: int = 0,
+        stop: int | None = None,
+        observer: Observer | None = None,
+    ) -> RunState:
+        """Run decoder layers ``start..stop-1`` of ``plan`` on ``state`` (in place) and return it."""
+        stop = self.spec.num_layers if stop is None else stop
+        h = state.hidden
+        for i in range(start, stop):
+            lp = plan.layers[i]
+            if not lp.run:
+                continue
+            if observer is not None:
+                observer(i, "layer_in", h)
+            sel = self._select(i, lp)
+            b = self.blocks[i]
+            if sel.n_heads:
+                h = h + self._attention(i, b, sel, b.attn_norm(h), state, observer)
+            if sel.n_ch:
+                h = h + self._mlp(i, b, sel, b.mlp_norm(h), observer)
+            if observer is not None:
+                observer(i, "layer_out", h)
+        state.hidden = h
+        return state
+
+    def _attention(self, i: int, b: _Block, sel: _Sel, x: torch.Tensor, st: RunState, observer: Observer | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        d = self.spec.head_dim
+        q = F.linear(x, sel.q_w, sel.q_b).view(B, T, sel.n_heads, d).transpose(1, 2)
+        k = F.linear(x, sel.k_w, sel.k_b).view(B, T, sel.n_kv, d).transpose(1, 2)
+        v = F.linear(x, sel.v_w, sel.v_b).view(B, T, sel.n_kv, d).transpose(1, 2)
+        if st.rope is not None:
+            q, k = _apply_rope(q, k, *st.rope)
+        mask = None
+        causal = T > 1
+        if st.cache is not None:
+            k, v, mask = self._cache_update(i, st, sel, k, v)
+            causal = causal and mask is None and st.causal_fresh
+            if mask is None and T > 1 and not st.causal_fresh:
+                mask = _causal_mask(st.positions, st.cache.layers[i].pos)[None, None]
+        if sel.head_kv is not None:  # non-uniform grouping: give each query head its own K/V
+            k, v = k.index_select(1, sel.head_kv), v.index_select(1, sel.head_kv)
+            if mask is not None and mask.shape[1] > 1:
+                mask = mask.index_select(1, sel.head_kv)
+        elif mask is not None and mask.shape[1] > 1:
+            mask = mask.repeat_interleave(sel.n_heads // sel.n_kv, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=b.scaling,
+            enable_gqa=sel.head_kv is None and sel.n_heads != k.shape[1],
+        )
+        out = out.transpose(1, 2).reshape(B, T, sel.n_heads * d)
+        if observer is not None:
+            observer(i, "attn_heads", out)
+        return F.linear(out, sel.o_w, b.o_b)
+
+    def _cache_update(
+        self, i: int, st: RunState, sel: _Sel, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        cache = st.cache
+        assert cache is not None
+        s = self.spec
+        B, _, T, d = k.shape
+        full = sel.n_kv == s.num_kv_heads and bool((sel.kv_ids == torch.arange(s.num_kv_heads)).all())
+        if full:
+            k_new, v_new, valid_new = k, v, None
+        else:
+            k_new = k.new_zeros(B, s.num_kv_heads, T, d)
+            v_new = v.new_zeros(B, s.num_kv_heads, T, d)
+            k_new[:, sel.kv_ids] = k
+            v_new[:, sel.kv_ids] = v
+            valid_new = torch.zeros(s.num_kv_heads, T, dtype=torch.bool, device=k.device)
+            valid_new[sel.kv_ids] = True
+        old = cache.layers[i]
+        if old is None:
+            lc = _LayerCache(k_new, v_new, st.positions.clone(), valid_new)
+        else:
+            valid = None
+            if old.valid is not None or valid_new is not None:
+                ov = old.valid if old.valid is not None else torch.ones(s.num_kv_heads, old.pos.shape[0], dtype=torch.bool)
+                nv = valid_new if valid_new is not None else torch.ones(s.num_kv_heads, T, dtype=torch.bool)
+                valid = torch.cat([ov, nv], dim=1)
+            lc = _LayerCache(
+                torch.cat([old.k, k_new], dim=2), torch.cat([old.v, v_new], dim=2),
+                torch.cat([old.pos, st.positions]), valid,
+            )
+        cache.layers[i] = lc
+        k_all, v_all = lc.k, lc.v
+        if not full:
+            k_all, v_all = k_all.index_select(1, sel.kv_ids), v_all.index_select(1, sel.kv_ids)
+        mask = None
+        if lc.valid is not None:
+            valid = lc.valid if full else lc.valid.index_select(0, sel.kv_ids)  # [nkv, S]
+            if not bool(valid.all()):
+                mask = valid[None, :, None, :] & _causal_mask(st.positions, lc.pos)[None, None]
+        return k_all, v_all, mask
+
+    def _mlp(self, i: int, b: _Block, sel: _Sel, x: torch.Tensor, observer: Observer | None) -> torch.Tensor:
+        if sel.gate_w is not None:
+            a = b.act(F.linear(x, sel.gate_w, sel.gate_b)) * F.linear(x, sel.up_w, sel.up_b)
+        else:
+            a = b.act(F.linear(x, sel.up_w, sel.up_b))
+        if observer is not None:
+            observer(i, "mlp_act", a)
+        return F.linear(a, sel.down_w, b.down_b)
+
+    def finish(self, state: RunState, logits: LogitsSpec = "all") -> ForwardOutput:
+        """Apply the final norm and, where asked, the LM head."""
+        h = self.final_norm(state.hidden)
+        out = None
+        if isinstance(logits, str):
+            if logits == "all":
+                out = self.lm_head(h)
+            elif logits == "last":
+                out = self.lm_head(h[:, -1:])
+            elif logits != "none":
+                raise ValueError(f"logits must be 'all', 'last', 'none', an index, a slice or a tensor, got {logits!r}")
+        elif isinstance(logits, int):
+            out = self.lm_head(h[:, logits : logits + 1] if logits != -1 else h[:, -1:])
+        elif isinstance(logits, slice):
+            out = self.lm_head(h[:, logits])
+        else:
+            out = self.lm_head(h.index_select(1, torch.as_tensor(logits, device=h.device)))
+        return ForwardOutput(out, h, state.cache)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        plan: SparsityPlan | None = None,
+        *,
+        cache: KVCache | None = None,
+        use_cache: bool = False,
+        logits: LogitsSpec = "all",
+        observer: Observer | None = None,
+        grad: bool = False,
+    ) -> ForwardOutput:
+        """Run ``plan`` (dense if ``None``) on ``input_ids``.
+
+        Args:
+            input_ids: ``[B, T]`` or ``[T]`` token ids (a batch of equal-length rows; no padding).
+            plan: The sparsity plan; must fit this model.
+            cache: A KV cache from :meth:`new_cache`, extended in place. On an exception it is
+                rolled back, so the caller can retry.
+            use_cache: Create a fresh cache when ``cache`` is ``None``.
+            logits: Which positions get LM-head logits: ``"all"``, ``"last"``, ``"none"``, an index,
+                a slice, or an index tensor. The head is the largest single matmul of a small
+                model, so ask only for what you score.
+            observer: Called with ``(layer, name, tensor)`` at ``layer_in``, ``attn_heads``,
+                ``mlp_act`` and ``layer_out``; used by calibration and probes.
+            grad: Track gradients (for fine-tuning under plans). Gradients reach the model's own
+                parameters only through dense sub-blocks or with ``strategy="gather"``; the
+                importance-ordered copy used by ``"views"`` is not a parameter.
+        """
+        plan = self._check_plan(plan)
+        if cache is None and use_cache:
+            cache = self.new_cache()
+        snap = cache.snapshot() if cache is not None else None
+        try:
+            with torch.set_grad_enabled(grad):
+                state = self.start(input_ids, cache)
+                self.run_layers(state, plan, observer=observer)
+                out = self.finish(state, logits)
+        except BaseException:
+            if cache is not None and snap is not None:
+                cache.restore(snap)
+            raise
+        if cache is not None:
+            cache.length += state.positions.shape[0]
+        return out
+
+    __call__ = forward
+
+    def _check_plan(self, plan: SparsityPlan | None) -> SparsityPlan:
+        if plan is None:
+            return self.dense_plan()
+        if not isinstance(plan, SparsityPlan):
+            raise TypeError(f"plan must be a SparsityPlan, got {type(plan).__name__}")
+        if plan.spec != self.spec:
+            raise ValueError(f"plan is for a model of shape {plan.spec}, but this model is {self.spec}")
+        return plan
+
+    @torch.no_grad()
+    def token_nll(self, input_ids: torch.Tensor, plan: SparsityPlan | None = None, *, start: int = 1) -> torch.Tensor:
+        """Negative log-likelihood of tokens ``start..T-1`` of each row, ``[B, T-start]``."""
+        ids = _as_batch(input_ids)
+        if not 1 <= start < ids.shape[1]:
+            raise ValueError(f"start must be in [1, {ids.shape[1] - 1}], got {start}")
+        out = self.forward(ids, plan, logits=slice(start - 1, ids.shape[1] - 1))
+        logp = torch.log_softmax(out.logits.float(), dim=-1)
+        return -logp.gather(-1, ids[:, start:, None]).squeeze(-1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        plan: SparsityPlan | None = None,
+        *,
+        max_new_tokens: int = 16,
+        eos_token_id: int | None = None,
+        plan_fn: Callable[[int, torch.Tensor], SparsityPlan] | None = None,
+    ) -> torch.Tensor:
+        """Greedy generation with a KV cache, under a fixed plan or a plan chosen per token.
+
+        Args:
+            input_ids: Prompt, ``[B, T]`` or ``[T]``.
+            plan: Plan for the prompt and (without ``plan_fn``) every new token.
+            max_new_tokens: Tokens to generate.
+            eos_token_id: Stop when every row produced it.
+            plan_fn: ``(step, last_logits) -> plan`` for per-token plans.
+
+        Returns:
+            ``[B, T + n]`` ids, prompt included.
+        """
+        ids = _as_batch(input_ids)
+        cache = self.new_cache()
+        out = self.forward(ids, plan, cache=cache, logits="last")
+        seq = ids
+        for step in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+            if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+                break
+            if step == max_new_tokens - 1:
+                break
+            p = plan_fn(step, out.logits[:, -1]) if plan_fn is not None else plan
+            out = self.forward(nxt, p, cache=cache, logits="last")
+        return seq
+
+    # ------------------------------------------------------------------ verification
+    def masked_reference(self, plan: SparsityPlan) -> torch.nn.Module:
+        """A deep copy of the untouched model with the plan applied as zeroed weights.
+
+        Dropped heads have their output-projection columns zeroed, dropped MLP channels their
+        down-projection columns, and skipped layers both output projections and their biases, so
+        the copy computes what the plan means with the model's own forward. For tests and audits:
+        it costs a full weight copy.
+        """
+        import copy
+
+        plan = self._check_plan(plan)
+        ref = copy.deepcopy(self.model)
+        twin = SparseLM.__new__(SparseLM)
+        twin.model, twin.family = ref, self.family
+        twin._extract()
+        d = self.spec.head_dim
+        with torch.no_grad():
+            for i, (lp, b) in enumerate(zip(plan.layers, twin.blocks, strict=True)):
+                keep_h = set(lp.heads) if lp.run else set()
+                for h in range(self.spec.num_heads):
+                    if h not in keep_h:
+                        b.o_w[:, h * d : (h + 1) * d] = 0
+                if not keep_h and b.o_b is not None:
+                    b.o_b.zero_()
+                n = lp.mlp_channels if lp.run else 0
+                drop = self.importance.mlp_order[i][n:]
+                if drop:
+                    b.down_w[:, torch.tensor(drop)] = 0
+                if n == 0 and b.down_b is not None:
+                    b.down_b.zero_()
+        return ref
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _as_batch(ids: torch.Tensor) -> torch.Tensor:
+    ids = torch.as_tensor(ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [B, T] or [T] with T >= 1, got shape {tuple(ids.shape)}")
+    return ids
+
+
+def _grouped_head_order(spec: ModelSpec, head_order: Sequence[int], kv_order: Sequence[int]) -> list[int]:
+    """Query heads grouped by KV head (groups by importance), within a group by importance."""
+    rank = {h: r for r, h in enumerate(head_order)}
+    out: list[int] = []
+    for g in kv_order:
+        out.extend(sorted(range(g * spec.group_size, (g + 1) * spec.group_size), key=rank.__getitem__))
+    return out
+
+
+def _is_prefix(pos: Sequence[int]) -> bool:
+    return list(pos) == list(range(len(pos)))
+
+
+def _take_rows(w: torch.Tensor | None, pos: Sequence[int], d: int) -> torch.Tensor | None:
+    """Rows of heads ``pos`` (``d`` rows each): a view for a prefix, else a gathered copy."""
+    if w is None:
+        return None
+    if _is_prefix(pos):
+        return w[: len(pos) * d]
+    idx = (torch.tensor(pos)[:, None] * d + torch.arange(d)[None]).reshape(-1)
+    return w.index_select(0, idx.to(w.device))
+
+
+def _take_cols(w: torch.Tensor, pos: Sequence[int], d: int) -> torch.Tensor:
+    if _is_prefix(pos):
+        return w[:, : len(pos) * d]
+    idx = (torch.tensor(pos)[:, None] * d + torch.arange(d)[None]).reshape(-1)
+    return w.index_select(1, idx.to(w.device))
+
+
+def _head_kv(spec: ModelSpec, heads_model: torch.Tensor, kv_ids: torch.Tensor) -> torch.Tensor | None:
+    """Map each kept query head to its KV head's slot; ``None`` when SDPA's uniform GQA applies."""
+    slot = {int(g): j for j, g in enumerate(kv_ids.tolist())}
+    mapping = [slot[int(h) // spec.group_size] for h in heads_model.tolist()]
+    n_rep = len(mapping) // max(len(slot), 1)
+    if len(mapping) == n_rep * len(slot) and mapping == [j for j in range(len(slot)) for _ in range(n_rep)]:
+        return None
+    return torch.tensor(mapping)
+
+
+def _causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """``[T, S]`` bool: query at ``q_pos[t]`` may see the key at ``k_pos[s]``."""
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set PyTorch's intra-op threads (``None``: leave as is)."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
