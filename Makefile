@@ -6,7 +6,7 @@ STAMP := $(VENV)/.prunegym-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install main test test-all bench lint format clean
+.PHONY: install main test test-all smoke bench lint format clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ main: $(STAMP)
 ## Fast tests (what CI runs).
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+## Short end-to-end runs of the real entry points (CI).
+smoke: $(STAMP)
+	$(BIN)/python -m experiments.bench --quick
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" -q

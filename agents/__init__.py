@@ -1,0 +1,1 @@
+"""PruneGym agents: RL algorithm configs, baselines and standalone controllers."""

@@ -1,0 +1,1 @@
+"""PruneGym environments and everything they wrap: models, sparsity plans, meters, tasks, rewards."""

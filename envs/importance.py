@@ -72,7 +72,11 @@ class Importance:
                 raise ValueError(f"Importance.{name} must be a permutation of 0..{n - 1}")
 
         perm("layer_order", self.layer_order, spec.num_layers)
-        for key, n in (("head_order", spec.num_heads), ("kv_order", spec.num_kv_heads), ("mlp_order", spec.intermediate_size)):
+        for key, n in (
+            ("head_order", spec.num_heads),
+            ("kv_order", spec.num_kv_heads),
+            ("mlp_order", spec.intermediate_size),
+        ):
             rows = getattr(self, key)
             if len(rows) != spec.num_layers:
                 raise ValueError(f"Importance.{key} has {len(rows)} layers; the model has {spec.num_layers}")
@@ -137,9 +141,7 @@ def calibrate(slm: SparseLM, sequences: Sequence[torch.Tensor], *, text_id: str 
         raise ValueError("calibrate needs at least one non-empty sequence")
     bi /= n_tok
     head /= n_tok
-    mlp_scores = [
-        (act_sq[i].sqrt() * b.down_w.abs().double().sum(0)).tolist() for i, b in enumerate(slm.blocks)
-    ]
+    mlp_scores = [(act_sq[i].sqrt() * b.down_w.abs().double().sum(0)).tolist() for i, b in enumerate(slm.blocks)]
 
     def order(scores: Sequence[float]) -> list[int]:
         return sorted(range(len(scores)), key=lambda j: (-scores[j], j))

@@ -176,9 +176,7 @@ def load_model(name: str = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32
             loaded = LoadedModel(model, tok, name, name, cache_root() / "hub" / name.replace("/", "--"))
     family = loaded.model.config.model_type
     if family not in SUPPORTED_FAMILIES:
-        raise ValueError(
-            f"model {name!r} is of family {family!r}; PruneGym slices {', '.join(SUPPORTED_FAMILIES)}"
-        )
+        raise ValueError(f"model {name!r} is of family {family!r}; PruneGym slices {', '.join(SUPPORTED_FAMILIES)}")
     return loaded
 
 

@@ -88,12 +88,17 @@ class LayerPlan:
             KV head here must serve at least one kept query head.
         mlp_channels: Number of MLP intermediate channels kept (the most important ones). Zero skips
             the MLP block.
+        two_four: Run the MLP linears with 2:4 semi-structured sparse weights (NVIDIA GPUs, see
+            :mod:`envs.semistructured`). Only with the full MLP (``mlp_channels == intermediate_size``):
+            the 2:4 weights are precomputed once for all channels, so they do not combine with slicing.
+            Last and defaulted, so plans written before it existed still load (absent means ``False``).
     """
 
     run: bool
     heads: tuple[int, ...]
     kv_heads: tuple[int, ...]
     mlp_channels: int
+    two_four: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form for JSON."""
@@ -102,6 +107,7 @@ class LayerPlan:
             "heads": list(self.heads),
             "kv_heads": list(self.kv_heads),
             "mlp_channels": self.mlp_channels,
+            "two_four": self.two_four,
         }
 
 
@@ -281,7 +287,17 @@ class SparsityPlan:
                     raise ValueError(f"{where}.{name} entries must be integers in [0, {bound - 1}], got {bad}")
             mc = lp.mlp_channels
             if isinstance(mc, bool) or not isinstance(mc, int | np.integer) or not 0 <= mc <= spec.intermediate_size:
-                raise ValueError(f"{where}.mlp_channels must be an integer in [0, {spec.intermediate_size}], got {mc!r}")
+                raise ValueError(
+                    f"{where}.mlp_channels must be an integer in [0, {spec.intermediate_size}], got {mc!r}"
+                )
+            if not isinstance(lp.two_four, bool):
+                raise ValueError(f"{where}.two_four must be a bool, got {lp.two_four!r}")
+            if lp.two_four and lp.run and 0 < mc < spec.intermediate_size:
+                raise ValueError(
+                    f"{where}.two_four needs the full MLP (mlp_channels={spec.intermediate_size}), got "
+                    f"mlp_channels={mc}: 2:4 weights are precomputed for all channels; keep every channel "
+                    "or set two_four=False"
+                )
             needed = {spec.kv_of(h) for h in lp.heads}
             missing = sorted(needed - set(lp.kv_heads))
             if missing:
@@ -305,6 +321,7 @@ class SparsityPlan:
             and len(lp.heads) == self.spec.num_heads
             and len(lp.kv_heads) == self.spec.num_kv_heads
             and lp.mlp_channels == self.spec.intermediate_size
+            and not lp.two_four
             for lp in self.layers
         )
 
@@ -331,6 +348,8 @@ class SparsityPlan:
 
         Counts the projections, the attention scores and mixing, and the MLP; excludes the
         embedding, norms and LM head (the executor's ``logits`` argument decides the head's cost).
+        A 2:4 MLP (``two_four``) counts half its dense FLOPs: the *ideal* count of the multiplies
+        that are not skipped, not a speed prediction (the measured 2:4 speedup is below 2x).
 
         Returns:
             ``{"attention": ..., "mlp": ..., "total": ...}`` in FLOPs.
@@ -345,7 +364,7 @@ class SparsityPlan:
             h, kv = len(lp.heads), len(lp.kv_heads)
             attn += 2 * seq_len * D * d * (2 * h + 2 * kv)  # q, o and k, v projections
             attn += 2 * 2 * seq_len * ctx * d * h  # scores and weighted sum
-            mlp += 2 * 3 * seq_len * D * lp.mlp_channels
+            mlp += 2 * 3 * seq_len * D * lp.mlp_channels * (0.5 if lp.two_four else 1.0)
         return {"attention": attn, "mlp": mlp, "total": attn + mlp}
 
     def cost_fraction(self, seq_len: int = 256) -> float:
@@ -386,6 +405,7 @@ class SparsityPlan:
                     heads=tuple(lp["heads"]),
                     kv_heads=tuple(lp["kv_heads"]),
                     mlp_channels=lp["mlp_channels"],
+                    two_four=lp.get("two_four", False),
                 )
                 for lp in data["layers"]
             )
@@ -408,10 +428,11 @@ class SparsityPlan:
         """A one-line human summary."""
         f = self.keep_fractions()
         skipped = [i for i, lp in enumerate(self.layers) if not lp.run]
+        two_four = sum(lp.run and lp.two_four for lp in self.layers)
         return (
             f"layers {self.layers_run}/{self.spec.num_layers} (skip {skipped}), "
             f"heads {f['heads']:.0%}, kv {f['kv_heads']:.0%}, mlp {f['mlp']:.0%}"
-        )
+        ) + (f", 2:4 mlp in {two_four} layers" if two_four else "")
 
 
 def layer_groups(num_layers: int, num_groups: int) -> list[list[int]]:

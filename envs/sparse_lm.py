@@ -45,7 +45,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
@@ -219,6 +221,7 @@ class SparseLM:
         self._extract()
         self._weights_hash: str | None = None
         self._sel_cache: dict[tuple[int, LayerPlan], _Sel] = {}
+        self.semistructured: Any = None  # envs.semistructured.SemiStructured, set by enable_two_four
         from envs.importance import Importance
 
         self.set_importance(importance if importance is not None else Importance.identity(self.spec))
@@ -276,11 +279,24 @@ class SparseLM:
                 bq, bk, bv = layer.attn.c_attn.bias.split(D)
                 blocks.append(
                     _Block(
-                        layer.ln_1, layer.ln_2, wq, bq, wk, bk, wv, bv,
-                        layer.attn.c_proj.weight.t(), layer.attn.c_proj.bias,
-                        None, None, layer.mlp.c_fc.weight.t(), layer.mlp.c_fc.bias,
-                        layer.mlp.c_proj.weight.t(), layer.mlp.c_proj.bias,
-                        layer.mlp.act, 1.0 / math.sqrt(d),
+                        layer.ln_1,
+                        layer.ln_2,
+                        wq,
+                        bq,
+                        wk,
+                        bk,
+                        wv,
+                        bv,
+                        layer.attn.c_proj.weight.t(),
+                        layer.attn.c_proj.bias,
+                        None,
+                        None,
+                        layer.mlp.c_fc.weight.t(),
+                        layer.mlp.c_fc.bias,
+                        layer.mlp.c_proj.weight.t(),
+                        layer.mlp.c_proj.bias,
+                        layer.mlp.act,
+                        1.0 / math.sqrt(d),
                     )
                 )
             I = blocks[0].up_w.shape[0]
@@ -294,17 +310,35 @@ class SparseLM:
                 a, p = layer.self_attn, layer.mlp
                 blocks.append(
                     _Block(
-                        layer.input_layernorm, layer.post_attention_layernorm,
-                        a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
-                        a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, a.o_proj.bias,
-                        p.gate_proj.weight, p.gate_proj.bias, p.up_proj.weight, p.up_proj.bias,
-                        p.down_proj.weight, p.down_proj.bias, p.act_fn, a.scaling,
+                        layer.input_layernorm,
+                        layer.post_attention_layernorm,
+                        a.q_proj.weight,
+                        a.q_proj.bias,
+                        a.k_proj.weight,
+                        a.k_proj.bias,
+                        a.v_proj.weight,
+                        a.v_proj.bias,
+                        a.o_proj.weight,
+                        a.o_proj.bias,
+                        p.gate_proj.weight,
+                        p.gate_proj.bias,
+                        p.up_proj.weight,
+                        p.up_proj.bias,
+                        p.down_proj.weight,
+                        p.down_proj.bias,
+                        p.act_fn,
+                        a.scaling,
                     )
                 )
             d = blocks[0].q_w.shape[0] // cfg.num_attention_heads
             self.spec = ModelSpec(
-                len(blocks), cfg.num_attention_heads, cfg.num_key_value_heads, d, cfg.hidden_size,
-                cfg.intermediate_size, cfg.vocab_size,
+                len(blocks),
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                d,
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.vocab_size,
             )
         self.blocks = blocks
 
@@ -363,6 +397,34 @@ class SparseLM:
         """Shortcut for :meth:`SparsityPlan.uniform` with this model's importance orderings."""
         return SparsityPlan.uniform(self.spec, self.importance, layers=layers, heads=heads, mlp=mlp)
 
+    def enable_two_four(self, semi: Any = None, **kwargs: Any) -> Any:
+        """Prepare 2:4 semi-structured weights so that plans with ``two_four=True`` layers can run.
+
+        Needs CUDA on compute capability >= 8.0 and fp16/bf16 weights; refused elsewhere (see
+        :func:`envs.semistructured.check_semistructured_support`). The sparse weights are built once
+        here, so switching 2:4 on or off per call costs nothing but a dictionary look-up.
+
+        Args:
+            semi: A prepared :class:`envs.semistructured.SemiStructured`; built from this model when ``None``.
+            **kwargs: Passed to :meth:`envs.semistructured.SemiStructured.from_model` (``method``,
+                ``sequences``, ``targets``, ``layers``, ``backend``).
+
+        Returns:
+            The installed :class:`~envs.semistructured.SemiStructured`.
+        """
+        from envs.semistructured import SemiStructured
+
+        semi = SemiStructured.from_model(self, **kwargs) if semi is None else semi
+        semi.check_fits(self)
+        self.semistructured = semi
+        self._sel_cache.clear()
+        return semi
+
+    def disable_two_four(self) -> None:
+        """Drop the 2:4 weights (plans with ``two_four=True`` are refused again)."""
+        self.semistructured = None
+        self._sel_cache.clear()
+
     # ------------------------------------------------------------------ selection
     def _select(self, i: int, lp: LayerPlan) -> _Sel:
         key = (i, lp)
@@ -382,12 +444,43 @@ class SparseLM:
         nh, nkv, nc = len(lp.heads), len(lp.kv_heads), lp.mlp_channels
         full_attn = nh == s.num_heads and nkv == s.num_kv_heads
         full_mlp = nc == s.intermediate_size
-        if full_attn:
-            attn = dict(q_w=b.q_w, q_b=b.q_b, k_w=b.k_w, k_b=b.k_b, v_w=b.v_w, v_b=b.v_b, o_w=b.o_w,
-                        kv_ids=torch.arange(s.num_kv_heads), head_kv=None)
+        sparse24 = self._two_four_weights(i) if lp.two_four and nc > 0 else {}
+        if full_attn and "q_w" in sparse24:  # 2:4 attention projections, when prepared (full heads only)
+            attn = dict(
+                q_w=sparse24["q_w"],
+                q_b=b.q_b,
+                k_w=sparse24["k_w"],
+                k_b=b.k_b,
+                v_w=sparse24["v_w"],
+                v_b=b.v_b,
+                o_w=sparse24["o_w"],
+                kv_ids=torch.arange(s.num_kv_heads),
+                head_kv=None,
+            )
+        elif full_attn:
+            attn = dict(
+                q_w=b.q_w,
+                q_b=b.q_b,
+                k_w=b.k_w,
+                k_b=b.k_b,
+                v_w=b.v_w,
+                v_b=b.v_b,
+                o_w=b.o_w,
+                kv_ids=torch.arange(s.num_kv_heads),
+                head_kv=None,
+            )
         elif nh == 0:
-            attn = dict(q_w=b.q_w[:0], q_b=None, k_w=b.k_w[:0], k_b=None, v_w=b.v_w[:0], v_b=None,
-                        o_w=b.o_w[:, :0], kv_ids=torch.zeros(0, dtype=torch.long), head_kv=None)
+            attn = dict(
+                q_w=b.q_w[:0],
+                q_b=None,
+                k_w=b.k_w[:0],
+                k_b=None,
+                v_w=b.v_w[:0],
+                v_b=None,
+                o_w=b.o_w[:, :0],
+                kv_ids=torch.zeros(0, dtype=torch.long),
+                head_kv=None,
+            )
         elif self.strategy == "views":
             pm = self._perm[i]
             # Position of each kept head / KV head in the importance-ordered copy.
@@ -396,22 +489,39 @@ class SparseLM:
             kv_ids = pm["kv_perm"][kv_pos]
             heads_model = pm["head_perm"][h_pos]
             attn = dict(
-                q_w=_take_rows(pm["q_w"], h_pos, d), q_b=_take_rows(pm["q_b"], h_pos, d),
-                k_w=_take_rows(pm["k_w"], kv_pos, d), k_b=_take_rows(pm["k_b"], kv_pos, d),
-                v_w=_take_rows(pm["v_w"], kv_pos, d), v_b=_take_rows(pm["v_b"], kv_pos, d),
-                o_w=_take_cols(pm["o_w"], h_pos, d), kv_ids=kv_ids,
+                q_w=_take_rows(pm["q_w"], h_pos, d),
+                q_b=_take_rows(pm["q_b"], h_pos, d),
+                k_w=_take_rows(pm["k_w"], kv_pos, d),
+                k_b=_take_rows(pm["k_b"], kv_pos, d),
+                v_w=_take_rows(pm["v_w"], kv_pos, d),
+                v_b=_take_rows(pm["v_b"], kv_pos, d),
+                o_w=_take_cols(pm["o_w"], h_pos, d),
+                kv_ids=kv_ids,
                 head_kv=_head_kv(s, heads_model, kv_ids),
             )
         else:
             heads_t = torch.tensor(lp.heads)
             kv_ids = torch.tensor(lp.kv_heads)
             attn = dict(
-                q_w=_take_rows(b.q_w, list(lp.heads), d), q_b=_take_rows(b.q_b, list(lp.heads), d),
-                k_w=_take_rows(b.k_w, list(lp.kv_heads), d), k_b=_take_rows(b.k_b, list(lp.kv_heads), d),
-                v_w=_take_rows(b.v_w, list(lp.kv_heads), d), v_b=_take_rows(b.v_b, list(lp.kv_heads), d),
-                o_w=_take_cols(b.o_w, list(lp.heads), d), kv_ids=kv_ids, head_kv=_head_kv(s, heads_t, kv_ids),
+                q_w=_take_rows(b.q_w, list(lp.heads), d),
+                q_b=_take_rows(b.q_b, list(lp.heads), d),
+                k_w=_take_rows(b.k_w, list(lp.kv_heads), d),
+                k_b=_take_rows(b.k_b, list(lp.kv_heads), d),
+                v_w=_take_rows(b.v_w, list(lp.kv_heads), d),
+                v_b=_take_rows(b.v_b, list(lp.kv_heads), d),
+                o_w=_take_cols(b.o_w, list(lp.heads), d),
+                kv_ids=kv_ids,
+                head_kv=_head_kv(s, heads_t, kv_ids),
             )
-        if full_mlp:
+        if full_mlp and sparse24:
+            mlp = dict(
+                gate_w=sparse24.get("gate_w"),
+                gate_b=b.gate_b,
+                up_w=sparse24["up_w"],
+                up_b=b.up_b,
+                down_w=sparse24["down_w"],
+            )
+        elif full_mlp:
             mlp = dict(gate_w=b.gate_w, gate_b=b.gate_b, up_w=b.up_w, up_b=b.up_b, down_w=b.down_w)
         elif nc == 0:
             mlp = dict(gate_w=None, gate_b=None, up_w=None, up_b=None, down_w=None)
@@ -420,7 +530,8 @@ class SparseLM:
             mlp = dict(
                 gate_w=None if pm["gate_w"] is None else pm["gate_w"][:nc],
                 gate_b=None if pm["gate_b"] is None else pm["gate_b"][:nc],
-                up_w=pm["up_w"][:nc], up_b=None if pm["up_b"] is None else pm["up_b"][:nc],
+                up_w=pm["up_w"][:nc],
+                up_b=None if pm["up_b"] is None else pm["up_b"][:nc],
                 down_w=pm["down_w"][:, :nc],
             )
         else:
@@ -428,10 +539,21 @@ class SparseLM:
             mlp = dict(
                 gate_w=None if b.gate_w is None else b.gate_w.index_select(0, idx),
                 gate_b=None if b.gate_b is None else b.gate_b.index_select(0, idx),
-                up_w=b.up_w.index_select(0, idx), up_b=None if b.up_b is None else b.up_b.index_select(0, idx),
+                up_w=b.up_w.index_select(0, idx),
+                up_b=None if b.up_b is None else b.up_b.index_select(0, idx),
                 down_w=b.down_w.index_select(1, idx),
             )
         return _Sel(n_heads=nh, n_kv=nkv, n_ch=nc, **attn, **mlp)
+
+    def _two_four_weights(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s prepared 2:4 weights (``gate_w``, ``up_w``, ``down_w``, maybe ``q_w``...)."""
+        if self.semistructured is None:
+            raise RuntimeError(
+                f"the plan runs layer {i} with two_four=True, but this model has no 2:4 weights prepared: call "
+                "slm.enable_two_four() first (NVIDIA GPU, compute capability >= 8.0, fp16/bf16 weights), "
+                "or set two_four=False"
+            )
+        return self.semistructured.layer(i)
 
     # ------------------------------------------------------------------ execution
     def new_cache(self) -> KVCache:
@@ -479,7 +601,9 @@ class SparseLM:
         state.hidden = h
         return state
 
-    def _attention(self, i: int, b: _Block, sel: _Sel, x: torch.Tensor, st: RunState, observer: Observer | None) -> torch.Tensor:
+    def _attention(
+        self, i: int, b: _Block, sel: _Sel, x: torch.Tensor, st: RunState, observer: Observer | None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         d = self.spec.head_dim
         q = F.linear(x, sel.q_w, sel.q_b).view(B, T, sel.n_heads, d).transpose(1, 2)
@@ -501,7 +625,12 @@ class SparseLM:
         elif mask is not None and mask.shape[1] > 1:
             mask = mask.repeat_interleave(sel.n_heads // sel.n_kv, dim=1)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=b.scaling,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal and mask is None,
+            scale=b.scaling,
             enable_gqa=sel.head_kv is None and sel.n_heads != k.shape[1],
         )
         out = out.transpose(1, 2).reshape(B, T, sel.n_heads * d)
@@ -532,12 +661,18 @@ class SparseLM:
         else:
             valid = None
             if old.valid is not None or valid_new is not None:
-                ov = old.valid if old.valid is not None else torch.ones(s.num_kv_heads, old.pos.shape[0], dtype=torch.bool)
+                ov = (
+                    old.valid
+                    if old.valid is not None
+                    else torch.ones(s.num_kv_heads, old.pos.shape[0], dtype=torch.bool)
+                )
                 nv = valid_new if valid_new is not None else torch.ones(s.num_kv_heads, T, dtype=torch.bool)
                 valid = torch.cat([ov, nv], dim=1)
             lc = _LayerCache(
-                torch.cat([old.k, k_new], dim=2), torch.cat([old.v, v_new], dim=2),
-                torch.cat([old.pos, st.positions]), valid,
+                torch.cat([old.k, k_new], dim=2),
+                torch.cat([old.v, v_new], dim=2),
+                torch.cat([old.pos, st.positions]),
+                valid,
             )
         cache.layers[i] = lc
         k_all, v_all = lc.k, lc.v

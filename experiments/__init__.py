@@ -1,0 +1,1 @@
+"""PruneGym entry points (Hydra and argparse commands) and their reports."""
