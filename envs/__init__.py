@@ -1,1 +1,74 @@
-"""PruneGym environments and everything they wrap: models, sparsity plans, meters, tasks, rewards."""
+"""PruneGym environments and everything they wrap: models, sparsity plans, meters, tasks, rewards.
+
+Every environment is registered here, in one place, with ids ``PruneGym/<Name>-v0``. Registration
+only names entry points (strings), so ``import envs`` does not load torch or a model.
+
+| id | env | cost |
+| --- | --- | --- |
+| ``PruneGym/PerInput-v0`` / ``PerInputDiscrete-v0`` | :class:`envs.per_input.PerInput` | calibrated (deterministic) |
+| ``PruneGym/LayerByLayer-v0`` / ``LayerByLayerDiscrete-v0`` | :class:`envs.layer_by_layer.LayerByLayer` | calibrated |
+| ``PruneGym/PerToken-v0`` / ``PerTokenDiscrete-v0`` | :class:`envs.per_token.PerToken` | calibrated |
+| ``PruneGym/<Name>Measured-v0`` (each of the six) | the same, ``cost="measured"`` | wall clock, nondeterministic |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+ENVS: dict[str, str] = {
+    "PerInput": "envs.per_input:PerInput",
+    "LayerByLayer": "envs.layer_by_layer:LayerByLayer",
+    "PerToken": "envs.per_token:PerToken",
+}
+MAX_EPISODE_STEPS: dict[str, int | None] = {"PerInput": None, "LayerByLayer": None, "PerToken": None}
+
+
+def env_ids() -> list[str]:
+    """Every registered PruneGym id."""
+    return [
+        f"PruneGym/{name}{variant}{cost}-v0"
+        for name in ENVS
+        for variant in ("", "Discrete")
+        for cost in ("", "Measured")
+    ]
+
+
+def _register() -> None:
+    from gymnasium.envs.registration import register, registry
+
+    for name, entry in ENVS.items():
+        for variant, discrete in (("", False), ("Discrete", True)):
+            for cost, measured in (("", False), ("Measured", True)):
+                env_id = f"PruneGym/{name}{variant}{cost}-v0"
+                if env_id in registry:
+                    continue
+                register(
+                    id=env_id,
+                    entry_point=entry,
+                    kwargs={"discrete": discrete, "cost": "measured" if measured else "calibrated"},
+                    nondeterministic=measured,
+                    max_episode_steps=MAX_EPISODE_STEPS[name],
+                    disable_env_checker=False,
+                )
+
+
+def make_env(env: str | Mapping[str, Any], **kwargs: Any) -> Any:
+    """``gymnasium.make`` for an id, or for a config of the shape of ``conf/env/*.yaml``.
+
+    Args:
+        env: An id (``"PruneGym/PerInput-v0"``) or a mapping ``{"id": ..., "kwargs": {...}}``
+            (e.g. Hydra's ``cfg.env``).
+        **kwargs: Overrides of the config's kwargs.
+    """
+    import gymnasium as gym
+
+    if isinstance(env, Mapping):
+        if "id" not in env:
+            raise ValueError(f"an env config needs an 'id' (and optional 'kwargs'), got keys {sorted(env)}")
+        merged = {**dict(env.get("kwargs") or {}), **kwargs}
+        return gym.make(str(env["id"]), **merged)
+    return gym.make(env, **kwargs)
+
+
+_register()

@@ -1,0 +1,303 @@
+"""Controllers: everything that chooses a plan for an input, behind one interface.
+
+A controller is a callable ``controller(obs, ctx) -> choice``: ``obs`` is the probe's observation
+of the input (:mod:`envs.probe`), ``ctx`` a :class:`Context` with the environment's plan builder
+and the item; the choice is a :class:`~envs.plan.SparsityPlan`. The evaluation harness runs the
+choice and measures it; controllers never see the answer, except :class:`Oracle`, which is the
+hindsight upper bound and says so.
+
+Baselines:
+
+- :class:`Dense`: everything runs.
+- :class:`StaticUniform`: the same keep fractions everywhere (layers, heads, MLP).
+- :class:`StaticImportance`: ShortGPT-style — the layers with the lowest block influence are
+  removed (globally, not per group), plus importance-ordered heads and MLP channels, sized to a
+  FLOPs budget.
+- :class:`StaticMix`: a seeded random choice between two static plans with probability ``p`` —
+  time-sharing, which reaches every point of the static convex hull.
+- :class:`RandomPlan`: a uniformly random plan of a candidate set.
+- :class:`EntropyThreshold`: a hand-written rule on the probe's next-token entropy: confident
+  inputs get the cheap plan.
+- :class:`Oracle`: per-input hindsight choice from a table of measured scores.
+- :class:`PolicyController`: a trained policy (RLlib module, exported controller or bandit) acting
+  in the environment's action space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from envs.plan import LayerPlan, SparsityPlan, select_heads
+
+
+@dataclass
+class Context:
+    """What a controller may know besides the observation.
+
+    Attributes:
+        builder: The environment's :class:`envs.base.PlanBuilder` (action fractions → plan).
+        slm: The model (its spec and importance orderings).
+        item_index: Index of the input in the evaluation set (only the oracle uses it).
+        feature_names: Names of the observation's entries.
+        discrete_presets: The discrete variant's preset fraction triples, for discrete policies.
+    """
+
+    builder: Any
+    slm: Any
+    item_index: int = -1
+    feature_names: Sequence[str] = ()
+    discrete_presets: np.ndarray | None = None
+
+
+class PlanController(Protocol):
+    """The controller interface: observation (and context) to plan."""
+
+    name: str
+
+    def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
+        """Choose the plan for this input."""
+        ...
+
+
+def fractions_plan(ctx: Context, fractions: Sequence[float] | np.ndarray) -> SparsityPlan:
+    """The plan of one ``[layers, heads, mlp]`` triple applied to every group (or a full ``[G, 3]`` array)."""
+    f = np.asarray(fractions, dtype=np.float64)
+    n_groups = len(ctx.builder.groups)
+    if f.shape == (3,):
+        f = np.tile(f, (n_groups, 1))
+    return ctx.builder.plan(f.reshape(n_groups, 3))
+
+
+@dataclass
+class Dense:
+    """Run everything."""
+
+    name: str = "Dense"
+
+    def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
+        """The dense plan."""
+        return SparsityPlan.dense(ctx.slm.spec)
+
+
+@dataclass
+class StaticUniform:
+    """The same keep fractions for every input and every layer group."""
+
+    layers: float = 1.0
+    heads: float = 1.0
+    mlp: float = 1.0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for k in ("layers", "heads", "mlp"):
+            v = getattr(self, k)
+            if not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"StaticUniform.{k} must be in [0, 1], got {v!r}")
+        if not self.name:
+            self.name = f"Static(L{self.layers:.2f} H{self.heads:.2f} M{self.mlp:.2f})"
+
+    def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
+        """The fixed plan."""
+        return fractions_plan(ctx, (self.layers, self.heads, self.mlp))
+
+
+@dataclass
+class StaticImportance:
+    """ShortGPT-style static pruning at a FLOPs budget.
+
+    Layers are removed globally in order of increasing block influence (never the probe's layers,
+    which the environment always runs), then — if removing the next layer would overshoot the
+    budget — heads and MLP channels of the running layers are trimmed uniformly, by importance, to
+    land on the budget.
+
+    Args:
+        budget: Decoder FLOPs relative to dense, in (0, 1].
+        seq_len: Sequence length the FLOPs are counted at.
+        layer_share: Fraction of the savings taken by removing layers (the rest from heads and MLP).
+    """
+
+    budget: float = 0.7
+    seq_len: int = 128
+    layer_share: float = 0.7
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"StaticImportance.budget must be in (0, 1], got {self.budget!r}")
+        if not 0.0 <= self.layer_share <= 1.0:
+            raise ValueError(f"StaticImportance.layer_share must be in [0, 1], got {self.layer_share!r}")
+        if not self.name:
+            self.name = f"StaticImportance({self.budget:.2f})"
+        self._cache: dict[int, SparsityPlan] = {}
+
+    def plan_for(self, slm: Any, fixed_dense: Sequence[int] = ()) -> SparsityPlan:
+        """The plan for ``slm`` (cached per model)."""
+        key = id(slm)
+        if key in self._cache:
+            return self._cache[key]
+        spec, imp = slm.spec, slm.importance
+        dense = SparsityPlan.dense(spec)
+        full = dense.flops(self.seq_len)["total"]
+        target_layers = 1.0 - (1.0 - self.budget) * self.layer_share
+        removable = [i for i in reversed(imp.layer_order) if i not in set(fixed_dense)]
+        layers = list(dense.layers)
+        off = LayerPlan(False, (), (), 0)
+        for i in removable:
+            trial = list(layers)
+            trial[i] = off
+            if SparsityPlan(spec, tuple(trial)).flops(self.seq_len)["total"] / full < target_layers - 1e-9:
+                break
+            layers = trial
+        # Trim heads and MLP of the running layers (same fraction) until the budget is met.
+        lo, hi = 0.0, 1.0
+        best = SparsityPlan(spec, tuple(layers))
+        if best.flops(self.seq_len)["total"] / full > self.budget:
+            for _ in range(30):
+                mid = (lo + hi) / 2
+                plan = self._trim(spec, imp, layers, mid)
+                if plan.flops(self.seq_len)["total"] / full > self.budget:
+                    hi = mid
+                else:
+                    lo, best = mid, plan
+            if best.flops(self.seq_len)["total"] / full > self.budget:
+                best = self._trim(spec, imp, layers, lo)
+        best = SparsityPlan(best.spec, best.layers, {"kind": "static_importance", "budget": self.budget})
+        self._cache[key] = best
+        return best
+
+    @staticmethod
+    def _trim(spec: Any, imp: Any, layers: list[LayerPlan], f: float) -> SparsityPlan:
+        out = []
+        for i, lp in enumerate(layers):
+            if not lp.run:
+                out.append(lp)
+                continue
+            n_heads = max(1, round(f * spec.num_heads))
+            hp = select_heads(spec, imp.head_order[i], imp.kv_order[i], n_heads)
+            out.append(LayerPlan(True, hp.heads, hp.kv_heads, max(1, round(f * spec.intermediate_size))))
+        return SparsityPlan(spec, tuple(out))
+
+    def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
+        """The fixed plan."""
+        return self.plan_for(ctx.slm, sorted(getattr(ctx.builder, "fixed", ())))
+
+
+@dataclass
+class StaticMix:
+    """Time-sharing between two static controllers: ``b`` with probability ``p``, else ``a``.
+
+    Seeded, so an evaluation is reproducible; its expected accuracy and cost are the ``p``-weighted
+    mix of the two plans', which is how the static convex hull is reached.
+    """
+
+    a: PlanController
+    b: PlanController
+    p: float = 0.5
+    seed: int = 0
+    name: str = ""
+    _rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"StaticMix.p must be in [0, 1], got {self.p!r}")
+        self._rng = np.random.default_rng(self.seed)
+        if not self.name:
+            self.name = f"StaticMix({self.a.name} | {self.b.name}, p={self.p:.2f})"
+
+    def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
+        """One of the two plans, at random."""
+        return (self.b if self._rng.random() < self.p else self.a)(obs, ctx)
+
+
+@dataclass
+class RandomPlan:
+    """A uniformly random choice among candidate controllers (seeded)."""
+
+    candidates: Sequence[PlanController]
+    seed: int = 0
+    name: str = "Random"
+
+    def __post_init__(self) -> None:
+        if not self.candidates:
+            raise ValueError("RandomPlan needs at least one candidate")
+        self._rng = np.random.default_rng(self.seed)
+
+    def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
+        """A random candidate's plan."""
+        return self.candidates[int(self._rng.integers(len(self.candidates)))](obs, ctx)
+
+
+@dataclass
+class EntropyThreshold:
+    """Confident inputs (next-token entropy under the probe at or below ``threshold``) get ``cheap``.
+
+    A hand-written heuristic: low entropy after the first layers suggests the model has already
+    "made up its mind", so the rest can be pruned harder.
+    """
+
+    threshold: float
+    cheap: PlanController
+    full: PlanController
+    feature: str = "entropy"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = f"EntropyThreshold({self.threshold:.3f})"
+
+    def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
+        """The cheap plan for confident inputs, the full one otherwise."""
+        names = list(ctx.feature_names)
+        if self.feature not in names:
+            raise ValueError(f"observation has no feature {self.feature!r}; features are {names}")
+        value = float(np.asarray(obs)[names.index(self.feature)])
+        return (self.cheap if value <= self.threshold else self.full)(obs, ctx)
+
+
+@dataclass
+class Oracle:
+    """Per-input hindsight: the plan each input is given by the oracle's knapsack solution.
+
+    Built from a table of measured per-input scores (``choice[i]`` is a candidate index for item
+    ``i``), so it is an upper bound, not a controller one could deploy.
+    """
+
+    candidates: Sequence[PlanController]
+    choice: np.ndarray
+    name: str = "Oracle"
+
+    def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
+        """The hindsight plan of this item."""
+        if not 0 <= ctx.item_index < len(self.choice):
+            raise ValueError(f"Oracle has choices for {len(self.choice)} items, asked for item {ctx.item_index}")
+        return self.candidates[int(self.choice[ctx.item_index])](obs, ctx)
+
+
+@dataclass
+class PolicyController:
+    """A trained policy acting in the environment's action space.
+
+    Args:
+        policy: ``obs -> action``: keep fractions (``3 * num_groups`` floats) for a continuous
+            policy, a preset index for a discrete one.
+        name: Display name.
+        discrete: Whether ``policy`` returns a preset index.
+    """
+
+    policy: Callable[[np.ndarray], Any]
+    name: str = "Policy"
+    discrete: bool = False
+
+    def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
+        """The plan of the policy's action."""
+        action = self.policy(np.asarray(obs, dtype=np.float32))
+        if self.discrete:
+            if ctx.discrete_presets is None:
+                raise ValueError(f"{self.name} is discrete but the context has no presets")
+            return fractions_plan(ctx, ctx.discrete_presets[int(np.asarray(action).reshape(()))])
+        f = np.clip(np.nan_to_num(np.asarray(action, dtype=np.float64), nan=1.0), 0.0, 1.0)
+        return fractions_plan(ctx, f)

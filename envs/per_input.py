@@ -1,0 +1,248 @@
+"""``PruneGym/PerInput-v0``: choose the plan for one input from a probe of its first layers (a contextual bandit)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from envs.base import PlanBuilder, PruneEnv, finite, plan_summary, run_full, run_rest, wall
+from envs.plan import layer_groups
+from envs.probe import OBS_CLIP, Probe
+from envs.rewards import RewardConfig, reward, reward_range
+
+
+class PerInput(PruneEnv):
+    """One input per episode, one decision: how much of the model runs on it.
+
+    At reset the environment draws an item of the task mix and runs the *probe* (the embedding and
+    the first ``probe_layers`` decoder layers, densely) on its prompt; the observation describes the
+    prompt from there. The action sets the plan for the rest of the model; the prompt is finished
+    under that plan *from the probe's state* (the probe's layers are not run again), the item is
+    scored, and the episode ends.
+
+    ## Action Space
+
+    Continuous (``PruneGym/PerInput-v0``): ``Box(0, 1, (3 * num_groups,), float32)``, keep
+    fractions ``[layers_0, heads_0, mlp_0, layers_1, ...]`` for ``num_groups`` contiguous groups of
+    the layers after the probe: the fraction of the group's layers that run (the least important,
+    by the model's importance ordering, are skipped), and the fraction of query heads (whole KV
+    groups first) and of MLP channels kept in each running layer. Fractions become counts by
+    rounding. Values outside [0, 1] and ``+-inf`` are clipped into [0, 1]; NaN or a wrong shape raise
+    ``ValueError``.
+
+    Discrete (``PruneGym/PerInputDiscrete-v0``): ``Discrete(len(presets))``; preset ``k`` applies
+    the triple ``presets[k]`` (default :data:`envs.base.PRESETS`, dense first) to every group. An
+    integer outside the range raises ``ValueError``.
+
+    With ``budget`` set, AMC's *action wall* scales the keep fractions down until the plan's decoder
+    FLOPs (probe layers included) are at most ``budget`` of the dense model's (``info["wall_clipped"]``).
+
+    ## Observation Space
+
+    ``Box(-10, 10, (n,), float32)``: the probe features of :mod:`envs.probe` (prompt length,
+    next-token entropy and top-1 probability and the log-likelihood of the prompt's last tokens under
+    the LM head applied to the probe's hidden state, hidden-state and attention norms, block influence
+    of each probe layer, and a fixed seeded projection of the mean-pooled hidden state to
+    ``probe_dim`` dimensions), ``n = 6 + 2 * probe_layers + probe_dim``. Fixed transforms, no fitted
+    statistics; :meth:`config` records what a controller needs to compute the same features.
+
+    ## Rewards
+
+    :func:`envs.rewards.reward` of the item's accuracy (``reward["accuracy"]``: agreement with the
+    dense model by default, or the raw task score) and the cost relative to the dense model on the
+    same prompt: latency (and energy, if weighted) of probe + rest over dense. With
+    ``cost="calibrated"`` the latency is predicted by the device's :class:`~envs.cost_model.CostModel`
+    for the whole plan (the probe layers run densely inside it; a probe that has to be re-run adds its
+    own prediction; the probe's few LM-head rows for its features are not in the calibrated figure,
+    ``experiments.bench_envs`` measures them); with ``cost="measured"`` the probe and the rest are timed by a
+    :class:`~envs.meters.Meter` on this machine and the dense prompt is timed once per item.
+
+    ## Episode End
+
+    Terminates after the single step. Never truncates.
+
+    ## Arguments
+
+    - ``model``: model name (``"smollm2-135m"``, ``"tiny-llama"``, a folder ...); one copy per process.
+    - ``task``: a mix name (``"generated"``, ``"mc"``, ...), a task name, a YAML file or a ``{task: weight}`` map.
+    - ``split``, ``n_items``, ``data_seed``: which items (default 64 validation items).
+    - ``max_prompt_tokens``: items with longer prompts are left out.
+    - ``num_groups``: layer groups of the action (default 3).
+    - ``probe_layers`` (2), ``probe_dim`` (32), ``probe_seed`` (0), ``ll_positions`` (4): the probe.
+    - ``probe_prunable``: if ``True`` the action covers the probe layers too; when it prunes them
+      the prompt is re-run from the start (the probe's cost is paid twice). Default ``False``: the
+      probe layers always run densely and are reused.
+    - ``discrete``, ``presets``: the discrete variant.
+    - ``budget``: action-wall budget (FLOPs fraction) or ``None``.
+    - ``cost``: ``"calibrated"`` (deterministic) or ``"measured"`` (wall clock; registered nondeterministic).
+    - ``cost_model``: a calibration file or :class:`~envs.cost_model.CostModel` (default: the device's
+      file at :func:`envs.cost_model.default_path`); ``calibrate_cost=True`` fits a quick one there if
+      none exists, else a missing file raises ``FileNotFoundError`` naming
+      ``python -m experiments.calibrate_cost``. ``force_calibration`` accepts a file from elsewhere.
+    - ``meter``: :class:`~envs.meters.Meter` settings in measured mode (default one timed run, no
+      warm-up, energy off: the timed run *is* the run that is scored).
+    - ``reward``: :class:`~envs.rewards.RewardConfig` fields (form, lam, weights, budget, penalty, accuracy).
+    - ``scorer``: :class:`~envs.tasks.scoring.Scorer` settings.
+    - ``dtype``, ``threads``, ``render_mode`` (``"ansi"`` or ``None``).
+
+    ## Version History
+
+    - v0: first version.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_groups: int = 3,
+        probe_layers: int = 2,
+        probe_dim: int = 32,
+        probe_seed: int = 0,
+        ll_positions: int = 4,
+        probe_prunable: bool = False,
+        presets: Sequence[Sequence[float]] | None = None,
+        reward: RewardConfig | Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_groups=num_groups, presets=presets, reward=reward, **kwargs)
+        L = self.spec_.num_layers
+        self.probe = Probe(self.slm, probe_layers, probe_dim, probe_seed, ll_positions)
+        k = self.probe.layers
+        self.probe_prunable = bool(probe_prunable)
+        first = 0 if self.probe_prunable else k
+        if not 1 <= num_groups <= L - first:
+            raise ValueError(f"num_groups must be in [1, {L - first}] (layers the action controls), got {num_groups}")
+        self.num_groups = int(num_groups)
+        self.groups = [[first + i for i in g] for g in layer_groups(L - first, num_groups)]
+        self.builder = PlanBuilder(self.slm, self.groups, () if self.probe_prunable else range(k))
+        self._probe_plan = self._make_probe_plan()
+        self.action_space = self._action_space(num_groups)
+        self.observation_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(self.probe.dim,), dtype=np.float32)
+        self.reward_range = reward_range(self.reward_cfg)
+        self._item: Any = None
+        self._probe_res: Any = None
+        self._probe_cost: Any = None
+        self._obs: np.ndarray | None = None
+        self._done = True
+
+    def _make_probe_plan(self) -> Any:
+        """The plan that runs only the probe's layers (for the cost of a probe that is not reused)."""
+        from envs.plan import LayerPlan, SparsityPlan
+
+        s, k = self.spec_, self.probe.layers
+        dense = SparsityPlan.dense(s).layers
+        off = LayerPlan(False, (), (), 0)
+        return SparsityPlan(s, tuple(dense[i] if i < k else off for i in range(s.num_layers)), {"kind": "probe"})
+
+    # ------------------------------------------------------------------ episode
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        """Draw an item, compute its dense reference (once per item), run the probe."""
+        super().reset(seed=seed)
+        item = self._pick_item(options)
+        ids = self._prompt_ids(item)
+        self._dense_ref = self._dense_cached("ref", item, lambda: self.scorer.dense_reference(self.slm, item))
+        import torch
+
+        t = torch.tensor([ids], device=self.slm.device)
+        self._dense_cost = self._dense_prefill_cost(item, t)
+        if self.cost_kind == "measured":
+            box: list[Any] = []
+            self._probe_cost = self.cost_source.cost(self._probe_plan, lambda: box.append(self.probe.run(t)), len(ids))
+            self._probe_res = box[-1]
+        else:
+            self._probe_res = self.probe.run(t)
+            self._probe_cost = None
+        self._item, self._done = item, False
+        self._obs = self._probe_res.features
+        self._last_render = f"item {item.id} ({item.task}, {len(ids)} tokens): waiting for the plan"
+        return self._obs.copy(), {"item_id": item.id, "task": item.task, "prompt_tokens": len(ids)}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Run the rest of the prompt under the action's plan, score the item, return the reward."""
+        if self._done or self._item is None:
+            raise RuntimeError("PerInput episodes last one step: call reset() before step()")
+        fr, clipped = self._fractions(action, self.num_groups)
+        P = self._probe_res.prompt_len
+        fr, walled = wall(fr, lambda f: self.builder.flops_fraction(self.builder.plan(f), P), self.budget)
+        r, info = self._finish(fr, {"action_clipped": clipped, "wall_clipped": walled})
+        return self._obs.copy(), r, True, False, info  # type: ignore[union-attr]
+
+    def step_plan(self, plan: Any, *, keep_open: bool = False) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Run an explicit :class:`~envs.plan.SparsityPlan` on the current input instead of an action.
+
+        For baselines and evaluation harnesses whose plans are not keep fractions (e.g. ShortGPT
+        layer removal). The probe is reused when the plan runs the probe's layers densely; otherwise
+        the prompt is re-run from the start and the probe's cost is paid on top.
+
+        Args:
+            plan: A plan for this environment's model.
+            keep_open: Leave the episode open, so that the same input (the same probe result) can
+                be scored under another plan; the dense reference and probe cost are reused.
+        """
+        if self._done or self._item is None:
+            raise RuntimeError("PerInput episodes last one step: call reset() before step_plan()")
+        plan = self.slm._check_plan(plan)
+        r, info = self._finish(None, {"action_clipped": False, "wall_clipped": False}, plan=plan)
+        if keep_open:
+            self._done = False
+        return self._obs.copy(), r, True, False, info  # type: ignore[union-attr]
+
+    def _finish(self, fr: np.ndarray | None, extra: dict[str, Any], plan: Any = None) -> tuple[float, dict[str, Any]]:
+        """Run the rest of the prompt under the plan of ``fr`` (``[G, 3]``) or ``plan``, score, build reward and info."""
+        plan = self.builder.plan(fr) if plan is None else plan
+        P = self._probe_res.prompt_len
+        k = self.probe.layers
+        reused = all(plan.layers[i] == self._probe_plan.layers[i] for i in range(k))  # probe layers run densely
+        probe = self._probe_res
+        box: list[Any] = []
+        if reused:
+            run = lambda: box.append(run_rest(self.slm, probe, plan, k))  # noqa: E731
+        else:
+            run = lambda: box.append(run_full(self.slm, probe.ids, plan))  # noqa: E731
+        if self.cost_kind == "measured":
+            cost = self.cost_source.cost(plan, run, P) + self._probe_cost
+        else:
+            run()
+            cost = self.cost_source.cost(plan, None, P)
+            if not reused:
+                cost = cost + self.cost_source.cost(self._probe_plan, None, P)
+        self.scorer.prefill = box[-1]
+        try:
+            score = self.scorer.score(self.slm, self._item, plan, self._dense_ref)
+        finally:
+            self.scorer.prefill = None
+        acc = score.dense_relative if self.reward_cfg.accuracy == "dense_relative" else score.raw
+        lat_f, en_f = self._fractions_of(cost, self._dense_cost)
+        r = reward(float(acc), lat_f, en_f, self.reward_cfg)
+        flops_f = self.builder.flops_fraction(plan, P)
+        info = {
+            "item_id": self._item.id,
+            "task": self._item.task,
+            "kind": self._item.kind,
+            "prompt_tokens": P,
+            "accuracy": float(acc),
+            "accuracy_raw": float(score.raw),
+            "accuracy_dense_relative": float(score.dense_relative),
+            "flops_fraction": flops_f,
+            **self._cost_info(cost, self._dense_cost, lat_f, en_f),
+            "probe_layers": k,
+            "probe_reused": reused,
+            "probe_latency_s": None if self._probe_cost is None else finite(self._probe_cost.latency_s),
+            "plan": plan_summary(plan),
+            "action_fractions": None if fr is None else fr.reshape(-1).tolist(),
+            **extra,
+            "reward_form": self.reward_cfg.form,
+        }
+        self._done = True
+        self._last_render = (
+            f"item {self._item.id} ({self._item.task}, {P} tokens)\nplan: {plan.describe()}\n"
+            f"flops {flops_f:.0%}, latency {lat_f:.0%} of dense ({cost.source}), "
+            f"accuracy {acc:.2f}, reward {r:+.3f}"
+        )
+        return float(r), info
+
+    def config(self) -> dict[str, Any]:
+        """Settings a controller needs, probe included (see :meth:`PruneEnv.config`)."""
+        return {**super().config(), "num_groups": self.num_groups, "groups": self.groups, "probe": self.probe.config()}

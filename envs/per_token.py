@@ -1,0 +1,285 @@
+"""``PruneGym/PerToken-v0``: choose the plan for each generated token."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from envs.base import PlanBuilder, PruneEnv, plan_summary, wall
+from envs.plan import layer_groups
+from envs.probe import OBS_CLIP
+from envs.rewards import RewardConfig, reward, reward_range
+
+TOKEN_FEATURES = (
+    "step",
+    "entropy",
+    "top1",
+    "margin",
+    "nll",
+    "hidden_norm",
+    "attn_norm",
+    "prev_flops",
+    "prev_agree",
+)
+
+
+class PerToken(PruneEnv):
+    """Generation, one step per token: the agent sets the plan for the next forward of the decoder.
+
+    At reset the environment draws an item, runs its prompt densely (the prefill is not part of the
+    episode's cost: this environment is about decoding) and knows the dense model's greedy
+    continuation of it (computed once per item, up to ``max_new_tokens`` tokens or EOS). Step ``t``
+    feeds token ``x_t`` through the model under the action's plan, extending the KV cache (which
+    :class:`~envs.sparse_lm.KVCache` keeps consistent across plans: a skipped layer caches nothing
+    for that token, a dropped KV head is masked), and compares the pruned model's prediction of the
+    next token with the dense continuation. With ``feed="dense"`` (default, teacher forcing) ``x_t``
+    is the dense continuation's token, so every step is scored against the same context; with
+    ``feed="own"`` it is the pruned model's own previous prediction (free-running generation).
+
+    ## Action Space
+
+    Continuous (``PruneGym/PerToken-v0``): ``Box(0, 1, (3 * num_groups,), float32)``, keep fractions
+    ``[layers, heads, mlp]`` per contiguous layer group, as in :class:`~envs.per_input.PerInput` but
+    over all layers. Out-of-range values and ``+-inf`` are clipped; NaN or a wrong shape raise ``ValueError``.
+
+    Discrete (``PruneGym/PerTokenDiscrete-v0``): ``Discrete(len(presets))`` (default
+    :data:`envs.base.PRESETS`, dense first); out of range raises ``ValueError``.
+
+    With ``budget``, the action wall scales the fractions so the token's decoder FLOPs are at most
+    ``budget`` of dense.
+
+    ## Observation Space
+
+    ``Box(-10, 10, (9,), float32)`` (:data:`TOKEN_FEATURES`): step ``t / max_new_tokens``; the entropy
+    (over ``log(vocab)``), top-1 probability and top-1/top-2 margin of the distribution that
+    predicted ``x_t`` (the previous forward's); the negative log-likelihood of ``x_t`` under it (over
+    ``log(vocab)``); ``log1p`` of the RMS of the last layer's output and of the mean norm of its
+    attention heads' output at the previous forward; the previous plan's FLOPs fraction; whether the
+    previous prediction agreed with the dense model (1 at ``t = 0``: the dense prefill made it).
+
+    ## Rewards
+
+    Per step, :func:`envs.rewards.reward` of the token's agreement with the dense continuation (0
+    or 1) and the token's cost relative to a dense decoding step, divided by the number of steps the
+    dense continuation allows, so the return is the mean per-token reward (for the linear form:
+    mean agreement minus ``lam`` times mean cost). Calibrated costs predict a one-token forward;
+    measured costs time it (the dense step at the same position is timed once per item).
+
+    ## Episode End
+
+    Terminates when the dense continuation is used up (``feed="dense"``: ``len - 1`` steps, at most
+    ``max_new_tokens``), or, with ``feed="own"``, when the pruned model emits EOS or after
+    ``max_new_tokens`` steps. Never truncates.
+
+    ## Arguments
+
+    Those of :class:`~envs.per_input.PerInput` that are not about the probe (``model``, ``task``,
+    ``split``, ``n_items``, ``data_seed``, ``max_prompt_tokens``, ``num_groups``, ``discrete``,
+    ``presets``, ``budget``, ``cost``, ``cost_model``, ``calibrate_cost``, ``force_calibration``,
+    ``meter``, ``reward``, ``scorer``, ``dtype``, ``threads``, ``render_mode``), plus
+    ``max_new_tokens`` (16) and ``feed`` (``"dense"`` or ``"own"``).
+
+    ## Version History
+
+    - v0: first version.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_groups: int = 3,
+        max_new_tokens: int = 16,
+        feed: str = "dense",
+        presets: Sequence[Sequence[float]] | None = None,
+        reward: RewardConfig | Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_groups=num_groups, presets=presets, reward=reward, **kwargs)
+        L = self.spec_.num_layers
+        if not 1 <= num_groups <= L:
+            raise ValueError(f"num_groups must be in [1, {L}], got {num_groups}")
+        if max_new_tokens < 2:
+            raise ValueError(
+                f"max_new_tokens must be >= 2 (one generated token is the dense prefill's), got {max_new_tokens}"
+            )
+        if feed not in ("dense", "own"):
+            raise ValueError(f"feed must be 'dense' (teacher forcing) or 'own' (free running), got {feed!r}")
+        self.num_groups, self.max_new_tokens, self.feed = int(num_groups), int(max_new_tokens), feed
+        self.groups = layer_groups(L, num_groups)
+        self.builder = PlanBuilder(self.slm, self.groups)
+        self.action_space = self._action_space(num_groups)
+        self.observation_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(len(TOKEN_FEATURES),), dtype=np.float32)
+        self.reward_range = reward_range(self.reward_cfg)
+        self._log_v = math.log(max(self.spec_.vocab_size, 2))
+        self._eos = getattr(self.scorer._tok(self.slm), "eos_token_id", None)
+        self._dense_plan = self.slm.dense_plan()
+        self._done = True
+        self._signals: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _observe(self, i: int, name: str, t: torch.Tensor) -> None:
+        if name in ("attn_heads", "layer_out"):
+            self._signals[name] = t  # the last layer's wins: a reference, no work per layer
+
+    def _forward(self, token: int, plan: Any, cache: Any) -> Any:
+        ids = torch.tensor([[token]], device=self.slm.device)
+        return self.slm.forward(ids, plan, cache=cache, logits="last", observer=self._observe)
+
+    def _dense_reference(self, prompt: list[int]) -> dict[str, Any]:
+        """Dense greedy continuation (and, when measured, the dense step cost at each position)."""
+        slm, dense = self.slm, self._dense_plan
+        cache = slm.new_cache()
+        with torch.no_grad():
+            out = slm.forward(torch.tensor([prompt], device=slm.device), dense, cache=cache, logits="last")
+            tokens = [int(out.logits[0, -1].argmax())]
+            costs: list[Any] = []
+            while len(tokens) < self.max_new_tokens + 1:
+                if tokens[-1] == self._eos and len(tokens) >= 2:
+                    break
+                snap = cache.snapshot()
+                box: list[Any] = []
+
+                def run(tok: int = tokens[-1], snap: Any = snap, box: list[Any] = box) -> None:
+                    cache.restore(snap)
+                    box.append(slm.forward(torch.tensor([[tok]], device=slm.device), dense, cache=cache, logits="last"))
+
+                if self.cost_kind == "measured":
+                    costs.append(self.cost_source.cost(dense, run, 1))
+                else:
+                    run()
+                tokens.append(int(box[-1].logits[0, -1].argmax()))
+        return {"tokens": tokens, "costs": costs}
+
+    def _token_obs(self, logits: torch.Tensor, token: int, prev_flops: float, prev_agree: float) -> np.ndarray:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        p = logp.exp()
+        top = torch.topk(p, 2).values
+        a, h = self._signals.get("attn_heads"), self._signals.get("layer_out")
+        attn = float(a.float().norm(dim=-1).mean()) / math.sqrt(self.spec_.num_heads) if a is not None else 0.0
+        hid = float(h[0, -1].float().pow(2).mean().sqrt()) if h is not None else 0.0
+        feats = [
+            self._t / self.max_new_tokens,
+            float(-(p * logp).sum()) / self._log_v,
+            float(top[0]),
+            float(top[0] - top[1]),
+            float(-logp[token]) / self._log_v,
+            math.log1p(hid),
+            math.log1p(attn),
+            prev_flops,
+            prev_agree,
+        ]
+        out = np.nan_to_num(np.asarray(feats, dtype=np.float32), nan=0.0, posinf=OBS_CLIP, neginf=-OBS_CLIP)
+        return np.clip(out, -OBS_CLIP, OBS_CLIP).astype(np.float32)
+
+    # ------------------------------------------------------------------ episode
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        """Draw an item, run its prompt densely, and observe the first generated token."""
+        super().reset(seed=seed)
+        item = self._pick_item(options)
+        prompt = self._prompt_ids(item)
+        self._ref = self._dense_cached("token_ref", item, lambda: self._dense_reference(prompt))
+        self._cache = self.slm.new_cache()
+        self._signals = {}
+        with torch.no_grad():
+            out = self.slm.forward(
+                torch.tensor([prompt], device=self.slm.device),
+                self._dense_plan,
+                cache=self._cache,
+                logits="last",
+                observer=self._observe,
+            )
+        self._item, self._P, self._t, self._done = item, len(prompt), 0, False
+        self._n_steps = min(len(self._ref["tokens"]) - 1, self.max_new_tokens)
+        self._token = self._ref["tokens"][0]
+        self._dense_step = None if self.cost_kind == "measured" else self.cost_source.cost(self._dense_plan, None, 1)
+        self._totals = {"agree": 0.0, "latency_s": 0.0, "dense_latency_s": 0.0, "flops": 0.0, "steps": 0}
+        self._obs = self._token_obs(out.logits[0, -1], self._token, 1.0, 1.0)
+        self._last_render = f"item {item.id} ({item.task}, {len(prompt)} tokens): prefilled densely"
+        return self._obs.copy(), {"item_id": item.id, "task": item.task, "prompt_tokens": len(prompt)}
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Feed the current token under the action's plan; reward its agreement and cost."""
+        if self._done:
+            raise RuntimeError("the episode is over: call reset() before step()")
+        fr, clipped = self._fractions(action, self.num_groups)
+        past = self._P + self._t
+        fr, walled = wall(fr, lambda f: self.builder.flops_fraction(self.builder.plan(f), 1, past), self.budget)
+        plan = self.builder.plan(fr)
+        cache, snap, box = self._cache, self._cache.snapshot(), []
+
+        def run() -> None:
+            cache.restore(snap)
+            with torch.no_grad():
+                box.append(self._forward(self._token, plan, cache))
+
+        if self.cost_kind == "measured":
+            cost = self.cost_source.cost(plan, run, 1)
+            costs = self._ref["costs"]
+            dense = costs[min(self._t, len(costs) - 1)]  # free-running past the dense continuation: its last step
+        else:
+            run()
+            cost = self.cost_source.cost(plan, None, 1)
+            dense = self._dense_step
+        logits = box[-1].logits[0, -1]
+        pred = int(logits.argmax())
+        target = self._ref["tokens"][self._t + 1] if self._t + 1 < len(self._ref["tokens"]) else None
+        agree = float(pred == target)
+        lat_f, en_f = self._fractions_of(cost, dense)
+        r = reward(agree, lat_f, en_f, self.reward_cfg) / self._n_steps
+        flops_f = self.builder.flops_fraction(plan, 1, past)
+        tot = self._totals
+        tot["agree"] += agree
+        tot["latency_s"] += cost.latency_s
+        tot["dense_latency_s"] += dense.latency_s
+        tot["flops"] += flops_f
+        tot["steps"] += 1
+        self._t += 1
+        if self.feed == "dense":
+            done = self._t >= self._n_steps
+            self._token = target if target is not None else pred
+        else:
+            done = pred == self._eos or self._t >= self.max_new_tokens
+            self._token = pred
+        self._done = done
+        self._obs = self._token_obs(logits, self._token, flops_f, agree)
+        n = tot["steps"]
+        info = {
+            "item_id": self._item.id,
+            "task": self._item.task,
+            "step": self._t - 1,
+            "token": pred,
+            "dense_token": -1 if target is None else int(target),
+            "accuracy": agree,
+            "flops_fraction": flops_f,
+            **self._cost_info(cost, dense, lat_f, en_f),
+            "plan": plan_summary(plan),
+            "action_fractions": fr.reshape(-1).tolist(),
+            "action_clipped": clipped,
+            "wall_clipped": walled,
+            "reward_form": self.reward_cfg.form,
+            "episode_accuracy": tot["agree"] / n,
+            "episode_latency_fraction": tot["latency_s"] / max(tot["dense_latency_s"], 1e-12),
+            "episode_flops_fraction": tot["flops"] / n,
+        }
+        self._last_render = (
+            f"item {self._item.id} token {self._t - 1}: plan {plan.describe()}\n"
+            f"flops {flops_f:.0%}, latency {lat_f:.0%} of dense ({cost.source}), "
+            f"{'agrees' if agree else 'differs'} (pred {pred}, dense {info['dense_token']}), reward {r:+.4f}"
+        )
+        return self._obs.copy(), float(r), bool(done), False, info
+
+    def config(self) -> dict[str, Any]:
+        """Settings a controller needs (see :meth:`PruneEnv.config`)."""
+        return {
+            **super().config(),
+            "num_groups": self.num_groups,
+            "groups": self.groups,
+            "max_new_tokens": self.max_new_tokens,
+            "feed": self.feed,
+            "features": list(TOKEN_FEATURES),
+        }

@@ -1,0 +1,186 @@
+"""The observation probe: run the first ``k`` decoder layers densely and describe the input from there.
+
+A controller must decide how much of the model to run *before* running it, so it looks at the
+input through a cheap probe: the embedding and the first ``k`` layers (dense), whose state is then
+*kept*: when the plan runs those layers densely too (the default), the rest of the model continues
+from the probe's hidden state and KV cache, so the probe's layers are never computed twice. Its
+cost is still counted in the episode's latency (no free lunch).
+
+Features (all fixed transforms, no fitted statistics, so every process and every exported
+controller computes the same numbers; the names are in :attr:`Probe.feature_names`):
+
+- ``log_len``: ``log1p(prompt tokens) / 8`` (1.0 at about 3000 tokens).
+- ``entropy``: entropy of the next-token distribution at the last prompt position, under the
+  LM head applied to the probe's hidden state (final norm + LM head, the "logit lens"), divided by
+  ``log(vocab)`` so it lies in [0, 1].
+- ``top1``: the probability of the most likely next token there.
+- ``nll_mean`` / ``nll_std``: mean and spread of the negative log-likelihood of the last
+  ``ll_positions`` (default 4) prompt tokens under the same lens, divided by ``log(vocab)``. Only
+  those positions go through the LM head: it is the largest matmul of a small model (one row of
+  SmolLM2-135M's head costs about a quarter of one token's pass through all 30 decoder layers), so
+  the whole prompt would add a quarter of a dense forward, and even 16 rows add a third to a
+  12-token prompt.
+- ``hidden_norm``: ``log1p`` of the RMS of the probe's hidden state (mean over positions).
+- ``attn_norm_<i>`` for each probe layer: ``log1p`` of the mean norm of the attention heads' output.
+- ``influence_<i>`` for each probe layer: block influence ``1 - cos(h_in, h_out)`` averaged over
+  positions (how much the layer changed the residual stream).
+- ``proj_<j>`` for ``j < proj_dim``: the probe's hidden state mean-pooled over positions,
+  standardised (zero mean, unit variance over its ``hidden_size`` entries) and projected by a fixed
+  Gaussian matrix drawn from ``proj_seed`` (entries ``N(0, 1/hidden_size)``), so each entry is
+  roughly ``N(0, 1)``. Scalar confidence signals alone predict which inputs tolerate pruning little
+  better than chance; a compact view of the hidden state is what hidden-state predictors (Deja Vu)
+  work from. The matrix is regenerated from ``(proj_seed, hidden_size, proj_dim)``, which
+  :meth:`Probe.config` records.
+
+Every feature is clipped to ``[-OBS_CLIP, OBS_CLIP]``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from envs.sparse_lm import KVCache, RunState, SparseLM
+
+OBS_CLIP = 10.0
+PROBE_VERSION = 1
+
+
+@dataclass
+class ProbeResult:
+    """What one probe run leaves behind.
+
+    Attributes:
+        ids: The prompt's token ids, ``[1, P]``.
+        state: Activations after the probe's layers (hidden state, positions, rotary tables).
+        cache: KV cache holding the probe's layers (length not yet advanced: the prompt is half-run).
+        features: The feature vector (float32, clipped).
+        seconds: Wall-clock time of the probe run, features included.
+    """
+
+    ids: torch.Tensor
+    state: RunState
+    cache: KVCache
+    features: np.ndarray
+    seconds: float
+
+    @property
+    def prompt_len(self) -> int:
+        """Prompt tokens."""
+        return int(self.ids.shape[1])
+
+
+class Probe:
+    """Runs the first ``layers`` decoder layers densely and computes the features above.
+
+    Args:
+        slm: The model.
+        layers: Probe depth ``k`` (0 probes the embeddings only); must be below the layer count.
+        proj_dim: Dimensions of the projected hidden state (0 for none).
+        proj_seed: Seed of the projection matrix.
+        ll_positions: Prompt positions whose log-likelihood is computed (the last ones).
+
+    Raises:
+        ValueError: A setting out of range; the message gives the range.
+    """
+
+    def __init__(
+        self, slm: SparseLM, layers: int = 2, proj_dim: int = 32, proj_seed: int = 0, ll_positions: int = 4
+    ) -> None:
+        L = slm.spec.num_layers
+        if not 0 <= layers < L:
+            raise ValueError(f"probe layers must be in [0, {L - 1}] for this {L}-layer model, got {layers}")
+        if proj_dim < 0 or ll_positions < 1:
+            raise ValueError(f"probe proj_dim must be >= 0 and ll_positions >= 1, got {proj_dim}, {ll_positions}")
+        self.slm, self.layers, self.proj_dim = slm, int(layers), int(proj_dim)
+        self.proj_seed, self.ll_positions = int(proj_seed), int(ll_positions)
+        D = slm.spec.hidden_size
+        rng = np.random.default_rng(self.proj_seed)
+        proj = rng.standard_normal((D, self.proj_dim)) / math.sqrt(D)
+        self._proj = torch.as_tensor(proj, dtype=torch.float32)
+        self._log_v = math.log(max(slm.spec.vocab_size, 2))
+        self._dense = slm.dense_plan()
+        self.feature_names: list[str] = (
+            ["log_len", "entropy", "top1", "nll_mean", "nll_std", "hidden_norm"]
+            + [f"attn_norm_{i}" for i in range(self.layers)]
+            + [f"influence_{i}" for i in range(self.layers)]
+            + [f"proj_{j}" for j in range(self.proj_dim)]
+        )
+
+    @property
+    def dim(self) -> int:
+        """Length of the feature vector."""
+        return len(self.feature_names)
+
+    def config(self) -> dict[str, Any]:
+        """Everything needed to recompute the same features elsewhere (saved with the env config)."""
+        return {
+            "version": PROBE_VERSION,
+            "layers": self.layers,
+            "proj_dim": self.proj_dim,
+            "proj_seed": self.proj_seed,
+            "ll_positions": self.ll_positions,
+            "projection": "gaussian N(0, 1/hidden_size), numpy default_rng(proj_seed).standard_normal((D, proj_dim))",
+            "hidden_size": self.slm.spec.hidden_size,
+            "feature_names": list(self.feature_names),
+            "clip": OBS_CLIP,
+        }
+
+    @torch.no_grad()
+    def run(self, ids: torch.Tensor | list[int]) -> ProbeResult:
+        """Probe a prompt (``[P]``, ``[1, P]`` or a list of ids)."""
+        t0 = time.perf_counter()
+        slm = self.slm
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(slm.device)
+        cache = slm.new_cache()
+        state = slm.start(ids, cache)
+        attn: list[float] = []
+        infl: list[float] = []
+        layer_in: dict[int, torch.Tensor] = {}
+
+        def observe(i: int, name: str, t: torch.Tensor) -> None:
+            if name == "attn_heads":
+                attn.append(float(t.float().norm(dim=-1).mean()) / math.sqrt(slm.spec.num_heads))
+            elif name == "layer_in":
+                layer_in[i] = t
+            elif name == "layer_out":
+                cos = torch.nn.functional.cosine_similarity(layer_in.pop(i).float(), t.float(), dim=-1)
+                infl.append(float((1 - cos).mean()))
+
+        if self.layers:
+            slm.run_layers(state, self._dense, 0, self.layers, observer=observe)
+        features = self._features(ids, state.hidden, attn, infl)
+        return ProbeResult(ids, state, cache, features, time.perf_counter() - t0)
+
+    def _features(self, ids: torch.Tensor, h: torch.Tensor, attn: list[float], infl: list[float]) -> np.ndarray:
+        slm, P = self.slm, ids.shape[1]
+        m = min(self.ll_positions, P - 1)
+        pos = torch.arange(P - 1 - m, P, device=h.device)  # m positions predicting the last m tokens, + the last
+        logits = slm.lm_head(slm.final_norm(h.index_select(1, pos)))[0].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        last = logp[-1]
+        p_last = last.exp()
+        entropy = float(-(p_last * last).sum()) / self._log_v
+        top1 = float(p_last.max())
+        if m > 0:
+            nll = -logp[:-1].gather(-1, ids[0, P - m :, None]).squeeze(-1) / self._log_v
+            nll_mean, nll_std = float(nll.mean()), float(nll.std()) if m > 1 else 0.0
+        else:
+            nll_mean = nll_std = 0.0
+        hf = h[0].float()
+        hidden_norm = math.log1p(float(hf.pow(2).mean(-1).sqrt().mean()))
+        scal = [math.log1p(P) / 8.0, entropy, top1, nll_mean, nll_std, hidden_norm]
+        scal += [math.log1p(a) for a in attn] + infl
+        out = np.asarray(scal, dtype=np.float32)
+        if self.proj_dim:
+            pooled = hf.mean(0)
+            pooled = (pooled - pooled.mean()) / (pooled.std() + 1e-6)
+            out = np.concatenate([out, (pooled @ self._proj).numpy().astype(np.float32)])
+        np.nan_to_num(out, copy=False, nan=0.0, posinf=OBS_CLIP, neginf=-OBS_CLIP)
+        return np.clip(out, -OBS_CLIP, OBS_CLIP).astype(np.float32)

@@ -1,0 +1,248 @@
+"""Environment benchmark: env overhead over the bare pruned run, steps/s, and the probe's cost.
+
+Usage: ``python -m experiments.bench_envs [--items 12] [--repeats 5] [--steps 40] [--model smollm2-135m]``.
+
+Three figures, on the embedded model and a mix of real and generated tasks:
+
+1. **Env overhead.** For each item and plan, ``reset`` + ``step`` of ``PerInput`` (calibrated
+   cost) against the bare work the same plan needs without an environment: the task scorer's
+   :meth:`~envs.tasks.scoring.Scorer.score` from scratch (prompt forward + continuation forward),
+   and against the bare prompt forward alone. Timed round-robin (env and bare alternate in a
+   shuffled order each repeat), median per (item, plan), then the median and p95 of the ratios.
+2. **Steps per second** of every environment with random actions, calibrated and measured cost.
+3. **Probe cost**: the probe (its layers + features) against a dense prompt forward, per item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from experiments.report import markdown_table, write_section
+
+COMMAND = "python -m experiments.bench_envs"
+MIX = {
+    "gensim/polarity:2shot": 1.0,
+    "gensim/news": 1.0,
+    "gen/kv-4": 1.0,
+    "gen/add-3:mc": 1.0,
+    "gen/copy-6": 1.0,
+}
+ACTIONS = {
+    "dense": [1.0] * 9,
+    "uniform 0.75": [0.75] * 9,
+    "skip late layers": [1, 1, 1, 1, 0.75, 0.75, 0.5, 0.75, 0.5],
+}
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _round_robin(fns: dict[str, Callable[[], Any]], repeats: int, rng: random.Random) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for fn in fns.values():  # warm-up: plan views, dense references
+        fn()
+    for _ in range(repeats):
+        rng.shuffle(names)
+        for n in names:
+            t0 = time.perf_counter()
+            fns[n]()
+            out[n].append(time.perf_counter() - t0)
+    return out
+
+
+def overhead(
+    env: Any, n_items: int, repeats: int, rng: random.Random
+) -> tuple[list[list[Any]], dict[str, list[float]]]:
+    """Env reset+step vs the bare scorer and the bare prompt forward, per (item, plan)."""
+    from envs.tasks.scoring import Scorer
+
+    slm = env.slm
+    scorer = Scorer()
+    ratios: dict[str, list[float]] = {"scorer": [], "forward": [], "step_vs_forward": []}
+    per_plan: dict[str, dict[str, list[float]]] = {a: {"scorer": [], "forward": []} for a in ACTIONS}
+    for i in range(min(n_items, len(env.items))):
+        item = env.items[i]
+        ids = torch.tensor([scorer.encode(slm, item.prompt)])
+        dense_ref = scorer.dense_reference(slm, item)
+        for name, a in ACTIONS.items():
+            action = np.asarray(a, dtype=np.float32)
+            plan = env.builder.plan(action.reshape(-1, 3))
+            step_times: list[float] = []
+
+            def env_run(action: np.ndarray = action, i: int = i, step_times: list[float] = step_times) -> None:
+                env.reset(options={"item": i})
+                t0 = time.perf_counter()
+                env.step(action)
+                step_times.append(time.perf_counter() - t0)
+
+            fns = {
+                "env": env_run,
+                "scorer": lambda item=item, plan=plan, ref=dense_ref: scorer.score(slm, item, plan, ref),
+                "forward": lambda ids=ids, plan=plan: slm.forward(ids, plan, logits="last"),
+            }
+            with torch.no_grad():
+                t = _round_robin(fns, repeats, rng)
+            env_med = statistics.median(t["env"])
+            for k in ("scorer", "forward"):
+                r = env_med / statistics.median(t[k])
+                ratios[k].append(r)
+                per_plan[name][k].append(r)
+            ratios["step_vs_forward"].append(statistics.median(step_times[1:]) / statistics.median(t["forward"]))
+    rows = [
+        [name, f"{statistics.median(v['scorer']):.3f}", f"{statistics.median(v['forward']):.3f}"]
+        for name, v in per_plan.items()
+    ]
+    return rows, ratios
+
+
+def steps_per_second(make: Callable[[], Any], steps: int, seed: int = 0) -> tuple[float, float]:
+    """Random-action steps per second (after one warm-up pass over the items) and seconds per step p95."""
+    env = make()
+    env.action_space.seed(seed)
+    u = env.unwrapped
+    for i in range(len(u.items)):  # dense references, once per item, are not part of the rate
+        env.reset(options={"item": i})
+    env.reset(seed=seed)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        _, _, term, trunc, _ = env.step(env.action_space.sample())
+        if term or trunc:
+            env.reset()
+        times.append(time.perf_counter() - t0)
+    env.close()
+    return len(times) / sum(times), _pct(times, 95)
+
+
+def probe_cost(env: Any, n_items: int, repeats: int, rng: random.Random) -> list[float]:
+    """Probe time over a dense prompt forward, per item (median of round-robin repeats)."""
+    slm, out = env.slm, []
+    for i in range(min(n_items, len(env.items))):
+        ids = torch.tensor([env.scorer.encode(slm, env.items[i].prompt)])
+        with torch.no_grad():
+            t = _round_robin(
+                {
+                    "probe": lambda ids=ids: env.probe.run(ids),
+                    "dense": lambda ids=ids: slm.forward(ids, None, logits="last"),
+                },
+                repeats,
+                rng,
+            )
+        out.append(statistics.median(t["probe"]) / statistics.median(t["dense"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark, print the tables and write the BENCHMARKS.md section."""
+    import gymnasium as gym
+
+    import envs  # noqa: F401  (registers the ids)
+    from envs.base import shared_lm
+    from envs.cost_model import default_path
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--items", type=int, default=10, help="items for the overhead and probe figures")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=40, help="random steps per environment for steps/s")
+    p.add_argument("--cost-model", default=None, help="calibration file (default: the device's, else a quick fit)")
+    p.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    args = p.parse_args(argv)
+
+    slm = shared_lm(args.model)
+    path = Path(args.cost_model) if args.cost_model else default_path(slm, str(slm.device))
+    note = f"calibration: `{path.name}`"
+    if not path.is_file():
+        path = Path(tempfile.mkdtemp()) / "quick_cost_model.json"
+        note = "calibration: a quick fit made by the benchmark (`calibrate_cost=True`; no device file existed)"
+    common = {"model": args.model, "task": MIX, "n_items": 40, "cost_model": str(path), "calibrate_cost": True}
+    rng = random.Random(0)
+
+    t0 = time.perf_counter()
+    env = gym.make("PruneGym/PerInput-v0", **common).unwrapped
+    print(f"env ready in {time.perf_counter() - t0:.1f}s ({len(env.items)} items); {note}", flush=True)
+    plan_rows, ratios = overhead(env, args.items, args.repeats, rng)
+    probe = probe_cost(env, args.items, args.repeats, rng)
+    print("overhead done", flush=True)
+
+    rates = []
+    for name in (
+        "PerInput",
+        "PerInputDiscrete",
+        "LayerByLayer",
+        "LayerByLayerDiscrete",
+        "PerToken",
+        "PerTokenDiscrete",
+    ):
+        row = [f"`PruneGym/{name}-v0`"]
+        for measured in (False, True):
+            env_id = f"PruneGym/{name}{'Measured' if measured else ''}-v0"
+            kw = dict(common, n_items=8)
+            rate, p95 = steps_per_second(lambda env_id=env_id, kw=kw: gym.make(env_id, **kw), args.steps)
+            row += [f"{rate:.1f}", f"{p95 * 1e3:.0f}"]
+            print(env_id, f"{rate:.2f} steps/s", flush=True)
+        rates.append(row)
+
+    summary = markdown_table(
+        ["figure", "median", "p95", "n"],
+        [
+            [
+                "PerInput reset+step / bare scorer (prompt + continuation forward, same plan)",
+                f"{statistics.median(ratios['scorer']):.3f}",
+                f"{_pct(ratios['scorer'], 95):.3f}",
+                len(ratios["scorer"]),
+            ],
+            [
+                "PerInput reset+step / bare prompt forward (same plan)",
+                f"{statistics.median(ratios['forward']):.3f}",
+                f"{_pct(ratios['forward'], 95):.3f}",
+                len(ratios["forward"]),
+            ],
+            [
+                "PerInput step alone / bare prompt forward",
+                f"{statistics.median(ratios['step_vs_forward']):.3f}",
+                f"{_pct(ratios['step_vs_forward'], 95):.3f}",
+                len(ratios["step_vs_forward"]),
+            ],
+            [
+                f"probe ({env.probe.layers} layers + features) / dense prompt forward",
+                f"{statistics.median(probe):.3f}",
+                f"{_pct(probe, 95):.3f}",
+                len(probe),
+            ],
+        ],
+    )
+    per_plan = markdown_table(["plan (PerInput action)", "env / bare scorer", "env / bare forward"], plan_rows)
+    rate_table = markdown_table(
+        ["env", "calibrated steps/s", "calibrated p95 ms/step", "measured steps/s", "measured p95 ms/step"], rates
+    )
+    body = (
+        f"Model `{args.model}`, task mix {', '.join(f'`{t}`' for t in MIX)} (validation split); {note}. "
+        f"Overhead: {args.items} items x {len(ACTIONS)} plans, {args.repeats} round-robin repeats each, median per "
+        "pair; ratios of medians measured side by side. The bare scorer is the same scoring work without an "
+        "environment (it runs the probe layers itself); target <= 1.05.\n\n"
+        f"{summary}\n\nBy plan (median over items):\n\n{per_plan}\n\n"
+        f"Random-action steps per second ({args.steps} steps each, after one warm-up reset per item; the measured "
+        "variants time one run per step with the default meter settings):\n\n"
+        f"{rate_table}\n"
+    )
+    print(body)
+    if not args.no_write:
+        write_section("Environments", COMMAND + " " + " ".join(argv if argv is not None else sys.argv[1:]), body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Export a trained controller: ``python -m experiments.export <run dir or checkpoint> --out <folder>``.
+
+Reads the run's ``run_config.json`` (algorithm, env id and kwargs), its latest checkpoint (an RLlib
+checkpoint or the bandit's ``bandit.json``), ``final.json`` / ``metrics.jsonl`` (metrics) and a
+``pareto*.png`` if present, loads the model the env names (for its weights hash and the probe), and
+writes ``model.onnx``, ``model.safetensors``, ``card.json`` and ``README.md`` atomically (see
+:mod:`agents.export`). Load the result with ``agents.controller.Controller.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.export",
+        description="Export a trained PruneGym policy (RLlib checkpoint or bandit state) as a standalone controller "
+        "folder: model.onnx, model.safetensors, card.json, README.md. No pickle is written.",
+    )
+    p.add_argument("source", help="a training run directory (uses checkpoints/latest.json) or a checkpoint folder")
+    p.add_argument("--out", required=True, help="the export folder to create (must not exist unless --force)")
+    p.add_argument("--algo", help="algorithm name, when the source has no run_config.json (ppo, sac, dqn, linucb...)")
+    p.add_argument("--env-id", help="env id, when the source has no run_config.json (e.g. PruneGym/PerInput-v0)")
+    p.add_argument("--env-kwargs", help="env kwargs as JSON, overriding the run's (e.g. '{\"num_groups\": 3}')")
+    p.add_argument("--pareto", help="a Pareto plot (PNG) to include in the model card")
+    p.add_argument("--trained-on", help="description of the device the policy was trained and measured on")
+    p.add_argument("--force", action="store_true", help="replace an existing export folder")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the export; prints the folder and the controller's summary."""
+    args = parse_args(argv)
+    from agents.controller import Controller
+    from agents.export import export_from_path
+
+    kwargs = json.loads(args.env_kwargs) if args.env_kwargs else None
+    out = export_from_path(
+        args.source,
+        args.out,
+        algo=args.algo,
+        env_id=args.env_id,
+        env_kwargs=kwargs,
+        pareto=args.pareto,
+        trained_on=args.trained_on,
+        force=args.force,
+    )
+    ctl = Controller.from_pretrained(out)
+    print(f"exported {ctl} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

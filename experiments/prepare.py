@@ -1,0 +1,161 @@
+"""Make a model pruning-ready: ``python -m experiments.prepare [key=value ...]`` (Hydra, ``conf/prepare.yaml``).
+
+Self-distils the model under plans sampled from PruneGym's plan space (see :mod:`envs.prepare`),
+on the train split of the news corpus only, and writes ``<cache_root>/prepared/<name>/``: the
+weights (safetensors), tokenizer, ``card.json`` and the importance orderings used in training.
+Every environment then selects it with ``model=<name>``.
+
+``prepare(cfg)`` is the plain function behind the entry point; tests call it with a tiny model
+and token sequences (``slm=``, ``train_sequences=``, ``eval_sequences=``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from envs.prepare import PrepareConfig, prepare_model, text_sequences, write_prepared
+from envs.sparse_lm import SparseLM
+
+# Keys of the run itself; everything else is a training hyper-parameter (envs.prepare.PrepareConfig).
+RUN_KEYS = {
+    "model": "smollm2-135m",
+    "name": None,
+    "out_root": None,
+    "checkpoint_dir": None,
+    "resume": False,
+    "threads": 2,
+    "progress": True,
+    "train_docs": None,
+    "eval_docs": 12,
+    "eval_seq_len": 256,
+    "eval_sequences": 8,
+}
+
+
+def split_config(cfg: DictConfig | dict[str, Any]) -> tuple[dict[str, Any], PrepareConfig]:
+    """Separate run settings from training hyper-parameters and validate both.
+
+    Raises:
+        ValueError: An unknown key or a bad value; the message names the field.
+    """
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    run = {k: data.pop(k, v) for k, v in RUN_KEYS.items()}
+    for k in ("threads", "eval_docs", "eval_seq_len", "eval_sequences"):
+        if isinstance(run[k], bool) or not isinstance(run[k], int) or run[k] < 1:
+            raise ValueError(f"prepare.{k} must be an integer >= 1, got {run[k]!r}")
+    return run, PrepareConfig.from_dict(data)
+
+
+def prepare(
+    cfg: DictConfig | dict[str, Any],
+    *,
+    slm: SparseLM | None = None,
+    train_sequences: list[torch.Tensor] | None = None,
+    eval_sequences: list[torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Prepare a model and write its folder; return the card.
+
+    Args:
+        cfg: The configuration (``conf/prepare.yaml`` keys).
+        slm: A model to prepare instead of loading ``cfg.model`` (tests pass tiny models).
+        train_sequences: Token sequences to train on instead of the train split of the news text.
+        eval_sequences: Held-out token sequences instead of the val split.
+
+    Returns:
+        The card written to ``card.json`` plus ``folder`` (the output path).
+    """
+    run, tcfg = split_config(cfg)
+    # Two intra-op threads: the reference machine has 2 cores; more threads than cores only thrash.
+    torch.set_num_threads(run["threads"])
+    base_name = run["model"] if slm is None else slm.name
+    name = run["name"] or f"{base_name}-ready"
+    if any(c in name for c in "/\\") or name.startswith("."):
+        raise ValueError(f"prepare.name must be a plain folder name, got {name!r}")
+    from envs.models import cache_root
+
+    out_root = Path(run["out_root"]) if run["out_root"] else cache_root() / "prepared"
+    ckpt = Path(run["checkpoint_dir"]) if run["checkpoint_dir"] else cache_root() / "prepare-checkpoints" / name
+    if slm is None:
+        slm = SparseLM.from_pretrained(run["model"], threads=run["threads"])
+    base_hash = slm.weights_hash
+    data: dict[str, Any]
+    if train_sequences is None or eval_sequences is None:
+        from envs.corpus import natural_text
+
+        train_docs = natural_text("train")
+        if run["train_docs"]:
+            train_docs = train_docs[: run["train_docs"]]
+        val_docs = natural_text("val")[: run["eval_docs"]]
+        if train_sequences is None:
+            train_sequences = text_sequences(slm.tokenizer, train_docs, tcfg.seq_len)
+        if eval_sequences is None:
+            eval_sequences = text_sequences(slm.tokenizer, val_docs, run["eval_seq_len"])[: run["eval_sequences"]]
+        data = {
+            "train": f"news train split ({len(train_docs)} docs, "
+            f"sha256 {hashlib.sha256(chr(0).join(train_docs).encode()).hexdigest()[:12]})",
+            "eval": f"news val split (first {len(val_docs)} docs)",
+        }
+    else:
+        data = {"train": "token sequences given by the caller", "eval": "token sequences given by the caller"}
+    data["train_sequences"] = len(train_sequences)
+    data["train_tokens"] = sum(int(torch.as_tensor(s).numel()) for s in train_sequences)
+    data["eval_tokens"] = sum(int(torch.as_tensor(s).numel()) for s in eval_sequences)
+    importance = slm.importance
+    result = prepare_model(
+        slm,
+        train_sequences,
+        eval_sequences,
+        tcfg,
+        checkpoint_dir=ckpt,
+        resume=bool(run["resume"]),
+        progress=bool(run["progress"]),
+        log=print,
+    )
+    b, a = result.before, result.after
+    card = {
+        "kind": "prunegym-prepared-model",
+        "name": name,
+        "base_model": base_name,
+        "base_weights_hash": base_hash,
+        "method": tcfg.method,
+        "steps": result.steps,
+        "stopped_by": result.stopped_by,
+        "train_seconds_this_run": round(result.train_seconds, 1),
+        "tokens_seen": result.steps * tcfg.batch_size * tcfg.seq_len,
+        "torch_threads": torch.get_num_threads(),
+        "data": data,
+        "config": tcfg.to_dict(),
+        "plan_distribution": result.plan_summary,
+        "before": b,
+        "after": a,
+        "dense_nll_change": (a["dense_nll"] - b["dense_nll"]) / b["dense_nll"],
+        "pruned_kl_ratio": (a["pruned_kl"] / b["pruned_kl"]) if b["pruned_kl"] > 0 else None,
+        "importance": importance.meta,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": "python -m experiments.prepare",
+    }
+    folder = write_prepared(out_root / name, slm, card, importance=importance)
+    print(
+        f"wrote {folder}: {result.steps} steps ({result.stopped_by}); dense NLL {b['dense_nll']:.4f} -> "
+        f"{a['dense_nll']:.4f}; pruned KL {b['pruned_kl']:.4f} -> {a['pruned_kl']:.4f}"
+    )
+    return {**card, "weights_hash": slm.weights_hash, "folder": str(folder)}
+
+
+@hydra.main(config_path="../conf", config_name="prepare", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    prepare(cfg)
+
+
+if __name__ == "__main__":
+    main()

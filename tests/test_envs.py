@@ -1,0 +1,358 @@
+"""The Gymnasium environments on tiny models: API conformance, determinism, vectorisation, bad actions."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import envs
+from envs.base import shared_lm
+from envs.cost_model import COST_MODEL_SCHEMA_VERSION, FEATURES, BucketFit, CostModel, package_versions
+from envs.meters import device_tag, threads_in_use
+
+MODEL = "tiny-llama"
+
+
+def synthetic_cost_model(slm) -> CostModel:
+    """A deterministic calibration for the tiny model: 0.1 ms fixed + 10 ms per GFLOP, energy 10x."""
+    meta = {
+        "schema_version": COST_MODEL_SCHEMA_VERSION,
+        "device": device_tag("cpu"),
+        "device_kind": "cpu",
+        "threads": threads_in_use(),
+        "model": slm.name,
+        "weights_hash": slm.weights_hash,
+        "dtype": "float32",
+        "spec": slm.spec.to_dict(),
+        "packages": package_versions(),
+        "energy_source": "estimated",
+        "features": list(FEATURES),
+        "seq_lens": [1, 128],
+    }
+    coef = [1e-4, 1e-5, 5e-6, 5e-6, 0.0, 1e-2, 1e-2, 1e-2]
+    buckets = {t: BucketFit(t, coef, [10 * c for c in coef], 16, 0.0, 0.0, 0.0) for t in meta["seq_lens"]}
+    return CostModel(meta, buckets, [])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine run ~10x faster on one thread (no spinning pool)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cost_path(one_thread, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("cost") / "tiny.json"
+    synthetic_cost_model(shared_lm(MODEL)).save(path)
+    return str(path)
+
+
+def tiny_kwargs(env_id: str, cost_path: str, **over) -> dict:
+    kw = {"model": MODEL, "n_items": 6, "cost_model": cost_path}
+    if "PerToken" in env_id:
+        kw |= {"num_groups": 2, "max_new_tokens": 4}
+    elif "LayerByLayer" in env_id:
+        kw |= {"probe_layers": 1, "probe_dim": 4}
+    else:
+        kw |= {"probe_layers": 1, "probe_dim": 4, "num_groups": 2}
+    return kw | over
+
+
+def test_every_id_is_registered_once_with_the_right_flags():
+    ids = envs.env_ids()
+    assert len(ids) == len(set(ids)) == 12
+    for env_id in ids:
+        spec = gym.spec(env_id)
+        assert spec.nondeterministic == ("Measured" in env_id)
+        assert spec.kwargs["cost"] == ("measured" if "Measured" in env_id else "calibrated")
+        assert spec.kwargs["discrete"] == ("Discrete" in env_id)
+        assert isinstance(spec.entry_point, str)
+
+
+@pytest.mark.parametrize("env_id", envs.env_ids())
+def test_check_env(env_id, cost_path):
+    env = gym.make(env_id, **tiny_kwargs(env_id, cost_path))
+    check_env(env.unwrapped)
+    space = env.action_space
+    assert isinstance(space, gym.spaces.Discrete if "Discrete" in env_id else gym.spaces.Box)
+    env.close()
+
+
+def _rollout(env, seed: int, episodes: int = 3):
+    env.action_space.seed(seed)
+    out = []
+    obs, info = env.reset(seed=seed)
+    out.append((obs, info))
+    for _ in range(episodes):
+        done = False
+        while not done:
+            obs, r, term, trunc, info = env.step(env.action_space.sample())
+            out.append((obs, r, term, info))
+            done = term or trunc
+        obs, info = env.reset()
+        out.append((obs, info))
+    return out
+
+
+def _same(a, b) -> bool:
+    from gymnasium.utils.env_checker import data_equivalence
+
+    return data_equivalence(a, b, exact=True)
+
+
+@pytest.mark.parametrize("name", ["PerInput", "LayerByLayer", "PerToken", "PerInputDiscrete"])
+def test_seeded_runs_repeat_exactly_in_calibrated_mode(name, cost_path):
+    env_id = f"PruneGym/{name}-v0"
+    a = _rollout(gym.make(env_id, **tiny_kwargs(env_id, cost_path)), seed=7)
+    b = _rollout(gym.make(env_id, **tiny_kwargs(env_id, cost_path)), seed=7)
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert _same(x, y)
+    c = _rollout(gym.make(env_id, **tiny_kwargs(env_id, cost_path)), seed=8)
+    assert not all(_same(x, y) for x, y in zip(a, c, strict=False))
+
+
+@pytest.mark.parametrize("name", ["PerInput", "LayerByLayer", "PerToken"])
+def test_sync_vector_env(name, cost_path):
+    env_id = f"PruneGym/{name}-v0"
+    vec = gym.vector.SyncVectorEnv([lambda: gym.make(env_id, **tiny_kwargs(env_id, cost_path)) for _ in range(3)])
+    obs, _ = vec.reset(seed=3)
+    assert obs.shape == (3, *vec.single_observation_space.shape)
+    for _ in range(6):
+        obs, rew, term, trunc, info = vec.step(vec.action_space.sample())
+        assert rew.shape == (3,) and np.isfinite(rew).all()
+        assert vec.single_observation_space.contains(obs[0])
+    models = {id(e.unwrapped.slm) for e in vec.envs}
+    assert len(models) == 1, "vector envs must share one model per process"
+    vec.close()
+
+
+def _dense_logits(slm):
+    ids = torch.arange(12)[None] % slm.spec.vocab_size
+    return slm.forward(ids, None).logits
+
+
+@pytest.mark.parametrize("name", ["PerInput", "LayerByLayer", "PerToken"])
+def test_bad_actions(name, cost_path):
+    env_id = f"PruneGym/{name}-v0"
+    env = gym.make(env_id, **tiny_kwargs(env_id, cost_path)).unwrapped
+    before = _dense_logits(env.slm)
+    n = env.action_space.shape[0]
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="NaN"):
+        env.step(np.full(n, np.nan))
+    with pytest.raises(ValueError, match="shape"):
+        env.step(np.ones(n + 1))
+    with pytest.raises(ValueError, match="shape"):
+        env.step(np.ones((1, n)))
+    # The failed calls changed nothing: the same episode continues with a clipped action.
+    a = np.resize(np.array([-np.inf, np.inf, -0.5, 1.5, 0.3]), n)
+    _, r, _, _, info = env.step(a)
+    assert info["action_clipped"] and np.isfinite(r)
+    assert all(0.0 <= f <= 1.0 for f in info.get("action_fractions", [0.0]))
+    assert torch.equal(before, _dense_logits(env.slm)), "the model must never stay pruned"
+
+
+def test_bad_discrete_actions(cost_path):
+    env = gym.make("PruneGym/PerInputDiscrete-v0", **tiny_kwargs("PerInput", cost_path)).unwrapped
+    env.reset(seed=0)
+    n = env.action_space.n
+    for bad in (n, -1, 0.5, np.array([1, 2]), np.nan):
+        with pytest.raises(ValueError, match="discrete action"):
+            env.step(bad)
+    _, _, term, _, info = env.step(np.int64(0))
+    assert term and info["plan"]["layers_run"] == env.slm.spec.num_layers
+
+
+def test_dense_action_matches_the_plain_scorer(cost_path):
+    """Probe reuse is exact: the env's accuracy equals the task scorer's on a from-scratch run."""
+    from envs.tasks.scoring import Scorer
+
+    env = gym.make("PruneGym/PerInput-v0", **tiny_kwargs("PerInput", cost_path)).unwrapped
+    scorer = Scorer()
+    for i in range(len(env.items)):
+        env.reset(options={"item": i})
+        action = np.array([1.0, 0.5, 0.5, 0.5, 1.0, 0.25], dtype=np.float32)
+        _, _, _, _, info = env.step(action)
+        plan = env.builder.plan(action.reshape(-1, 3))
+        ref = scorer.score(env.slm, env.items[i], plan)
+        assert info["accuracy_raw"] == pytest.approx(ref.raw)
+        assert info["accuracy_dense_relative"] == pytest.approx(ref.dense_relative)
+        env.reset(options={"item": i})
+        _, _, _, _, info = env.step(np.ones(6, dtype=np.float32))
+        assert info["accuracy_dense_relative"] == 1.0 and info["latency_fraction"] == pytest.approx(1.0)
+
+
+def test_probe_prunable_reruns_and_pays_twice(cost_path):
+    env = gym.make("PruneGym/PerInput-v0", **tiny_kwargs("PerInput", cost_path, probe_prunable=True)).unwrapped
+    env.reset(seed=0)
+    _, _, _, _, dense = env.step(np.ones(6, dtype=np.float32))
+    assert dense["probe_reused"]
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(np.array([1, 0.5, 1, 1, 1, 1], dtype=np.float32))
+    assert not info["probe_reused"]
+    assert info["latency_s"] > 0
+
+
+def test_budget_wall_keeps_flops_within_budget(cost_path):
+    for name in ("PerInput", "PerToken", "LayerByLayer"):
+        env_id = f"PruneGym/{name}-v0"
+        env = gym.make(env_id, **tiny_kwargs(env_id, cost_path, budget=0.6)).unwrapped
+        env.reset(seed=1)
+        done = False
+        while not done:
+            _, _, done, _, info = env.step(np.ones(env.action_space.shape, dtype=np.float32))
+        assert info["wall_clipped"]
+        assert info["flops_fraction"] <= 0.6 + 1e-9
+
+
+def test_per_token_dense_plan_follows_the_dense_continuation(cost_path):
+    """A dense plan every step must reproduce the dense greedy continuation (KV cache consistent)."""
+    env = gym.make("PruneGym/PerToken-v0", **tiny_kwargs("PerToken", cost_path, max_new_tokens=6)).unwrapped
+    for seed in range(3):
+        env.reset(seed=seed)
+        done, agrees = False, []
+        while not done:
+            _, _, done, _, info = env.step(np.ones(6, dtype=np.float32))
+            agrees.append(info["accuracy"])
+        assert agrees and all(a == 1.0 for a in agrees)
+    # Pruned tokens in between still leave the cache usable (and the episode well formed).
+    env.reset(seed=0)
+    steps = 0
+    done = False
+    while not done:
+        a = np.ones(6, dtype=np.float32) if steps % 2 else np.array([0.5, 0.5, 0.5, 1, 0.5, 0.25], dtype=np.float32)
+        _, r, done, _, info = env.step(a)
+        steps += 1
+        assert np.isfinite(r)
+    assert steps == info["step"] + 1
+
+
+def test_per_token_free_running(cost_path):
+    env = gym.make("PruneGym/PerToken-v0", **tiny_kwargs("PerToken", cost_path, feed="own")).unwrapped
+    env.reset(seed=0)
+    done, n = False, 0
+    while not done:
+        _, _, done, _, _ = env.step(env.action_space.sample())
+        n += 1
+    assert 1 <= n <= env.max_new_tokens
+
+
+def test_layer_by_layer_pays_only_at_the_end(cost_path):
+    env = gym.make("PruneGym/LayerByLayer-v0", **tiny_kwargs("LayerByLayer", cost_path)).unwrapped
+    obs, _ = env.reset(seed=0)
+    assert env.num_groups == env.slm.spec.num_layers - 1
+    rewards = []
+    done = False
+    while not done:
+        obs, r, done, _, info = env.step(env.action_space.sample())
+        rewards.append(r)
+    assert len(rewards) == env.num_groups
+    assert all(r == 0.0 for r in rewards[:-1])
+    assert "latency_fraction" in info and "accuracy" in info
+
+
+def test_info_carries_raw_figures_with_sources(cost_path):
+    env = gym.make(
+        "PruneGym/PerInput-v0", **tiny_kwargs("PerInput", cost_path, reward={"energy_weight": 1.0})
+    ).unwrapped
+    env.reset(seed=0)
+    _, r, _, _, info = env.step(np.full(6, 0.5, dtype=np.float32))
+    for key in ("latency_s", "dense_latency_s", "energy_j", "dense_energy_j", "latency_fraction", "energy_fraction"):
+        assert isinstance(info[key], float) and info[key] > 0
+    assert info["latency_source"] == "calibrated" and info["energy_source"] == "estimated"
+    assert info["device"].startswith("cpu:")
+    assert 0 < info["flops_fraction"] < 1
+
+
+def test_measured_mode_times_the_run(cost_path):
+    env = gym.make("PruneGym/PerInputMeasured-v0", **tiny_kwargs("PerInput", cost_path)).unwrapped
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(np.full(6, 0.5, dtype=np.float32))
+    assert info["latency_source"] == "measured" and info["latency_s"] > 0 and info["probe_latency_s"] > 0
+    with pytest.raises(ValueError, match="energy"):
+        env2 = gym.make(
+            "PruneGym/PerInputMeasured-v0", **tiny_kwargs("PerInput", cost_path, reward={"energy_weight": 1})
+        )
+        env2.reset(seed=0)
+        env2.step(np.full(6, 0.5, dtype=np.float32))
+
+
+def test_missing_calibration_names_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="experiments.calibrate_cost"):
+        gym.make("PruneGym/PerInput-v0", **tiny_kwargs("PerInput", str(tmp_path / "none.json")))
+
+
+def test_render_ansi_shows_the_plan(cost_path):
+    env = gym.make("PruneGym/PerInput-v0", render_mode="ansi", **tiny_kwargs("PerInput", cost_path))
+    env.reset(seed=0)
+    env.step(np.full(6, 0.5, dtype=np.float32))
+    text = env.render()
+    assert "plan: layers" in text and "reward" in text
+
+
+def test_conf_env_files_build(cost_path):
+    from omegaconf import OmegaConf
+
+    files = sorted(Path(__file__).resolve().parent.parent.glob("conf/env/*.yaml"))
+    assert len(files) >= 6
+    for f in files:
+        cfg = OmegaConf.to_container(OmegaConf.load(f), resolve=True)
+        assert cfg["id"] in envs.env_ids()
+        over = tiny_kwargs(cfg["id"], cost_path)
+        if cfg["kwargs"].get("num_groups") is None:
+            over.pop("num_groups", None)
+        env = envs.make_env(cfg, **over)
+        env.reset(seed=0)
+        env.step(env.action_space.sample())
+        env.close()
+
+
+def test_probe_config_is_reproducible(cost_path):
+    a = gym.make("PruneGym/PerInput-v0", **tiny_kwargs("PerInput", cost_path)).unwrapped
+    cfg = a.config()
+    assert cfg["probe"]["feature_names"][:3] == ["log_len", "entropy", "top1"]
+    assert len(cfg["probe"]["feature_names"]) == a.observation_space.shape[0]
+    import json
+
+    json.dumps(cfg)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+def test_ten_thousand_random_steps_do_not_leak(cost_path):
+    env = gym.make("PruneGym/PerInput-v0", **tiny_kwargs("PerInput", cost_path, n_items=32))
+    env.action_space.seed(0)
+    env.reset(seed=0)
+    t0 = time.perf_counter()
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            _, r, term, trunc, _ = env.step(env.action_space.sample())
+            assert np.isfinite(r)
+            if term or trunc:
+                env.reset()
+
+    run(1000)  # warm-up: every item's dense reference, plan and weight-view caches filled
+    gc.collect()
+    start = _rss()
+    run(9000)
+    gc.collect()
+    grown = (_rss() - start) / start
+    assert grown <= 0.05, f"RSS grew {grown:.1%} over 9000 steps"
+    assert time.perf_counter() - t0 < 1800

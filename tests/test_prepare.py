@@ -1,0 +1,263 @@
+"""Pruning-ready preparation (envs.prepare, experiments.prepare) on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from envs.models import load_model, tiny_model
+from envs.prepare import (
+    LowRankDeltas,
+    PlanDistribution,
+    PlanSampler,
+    PrepareConfig,
+    load_checkpoint,
+    prepare_model,
+    save_checkpoint,
+    step_rng,
+)
+from envs.sparse_lm import SparseLM
+from experiments.prepare import prepare
+from tests.conftest import random_importance
+
+SEQ = 32
+
+
+def _peaked_tiny(seed: int = 0) -> SparseLM:
+    """A tiny llama whose weights are scaled up, so that its logits are peaked and pruning hurts.
+
+    A freshly initialised tiny model predicts an almost uniform distribution, which leaves nothing
+    for distillation to recover.
+    """
+    model = tiny_model("llama", seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10.0)
+    slm = SparseLM(model, name="tiny-llama")
+    slm.set_importance(random_importance(slm.spec, seed=1))
+    return slm
+
+
+def _tokens(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.randint(0, 96, (n, SEQ), generator=g))
+
+
+def _state(slm: SparseLM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in slm.model.state_dict().items()}
+
+
+BASE = {"method": "full", "seq_len": SEQ, "threads": 1, "progress": False, "eval_plans": 4, "warmup_steps": 0}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEGYM_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_preparation_lowers_pruned_kl_on_held_out_tokens(cache):
+    slm = _peaked_tiny()
+    cfg = {
+        **BASE,
+        "max_steps": 40,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "plan": {"families": ["mlp"], "mlp_levels": [0.5], "dense_prob": 0.2},
+    }
+    card = prepare(cfg, slm=slm, train_sequences=_tokens(64, 0), eval_sequences=_tokens(8, 99))
+    before, after = card["before"]["pruned_kl"], card["after"]["pruned_kl"]
+    assert before > 0.1  # the pruned plans really differ from the dense model
+    assert after < 0.9 * before, (before, after)
+    assert card["steps"] == 40 and card["stopped_by"] == "max_steps"
+    # The dense path stays anchored: dense NLL on the held-out tokens moves little.
+    assert abs(card["after"]["dense_nll"] - card["before"]["dense_nll"]) / card["before"]["dense_nll"] < 0.03
+
+
+def test_lora_deltas_start_at_zero_and_train(cache):
+    slm = _peaked_tiny()
+    student = SparseLM(slm.model, importance=slm.importance, strategy="gather")
+    ids = _tokens(1, 5)[0][None]
+    plan = student.uniform_plan(mlp=0.5, heads=0.5)
+    ref = student.forward(ids, plan).logits
+    deltas = LowRankDeltas(student, rank=4, alpha=8.0, seed=0)
+    with deltas.applied():
+        assert torch.equal(student.forward(ids, plan).logits, ref)  # B = 0: no change
+    cfg = {
+        **BASE,
+        "method": "lora",
+        "max_steps": 20,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "plan": {"families": ["mlp"], "mlp_levels": [0.5]},
+    }
+    before = _state(slm)
+    card = prepare(cfg, slm=slm, train_sequences=_tokens(64, 0), eval_sequences=_tokens(8, 99))
+    after = _state(slm)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # deltas were merged into the weights
+    assert card["after"]["pruned_kl"] < card["before"]["pruned_kl"]
+
+
+def test_zero_steps_leaves_weights_bit_identical_and_folder_loads_by_name(cache):
+    slm = _peaked_tiny()
+    before = _state(slm)
+    card = prepare(
+        {**BASE, "max_steps": 0, "name": "tiny-ready"},
+        slm=slm,
+        train_sequences=_tokens(8, 0),
+        eval_sequences=_tokens(2, 9),
+    )
+    after = _state(slm)
+    assert set(before) == set(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert card["steps"] == 0 and card["weights_hash"] == card["base_weights_hash"]
+    folder = cache / "prepared" / "tiny-ready"
+    assert (folder / "card.json").is_file() and (folder / f"importance-{card['weights_hash']}.json").is_file()
+    loaded = load_model("tiny-ready").model.state_dict()
+    assert all(torch.equal(loaded[k], after[k]) for k in after)
+    # A tiny model has no tokenizer, so calibration would fail: loading proves the saved orderings are used.
+    again = SparseLM.from_pretrained("tiny-ready")
+    assert again.importance.mlp_order == slm.importance.mlp_order
+    assert again.importance.layer_order == slm.importance.layer_order
+
+
+def test_checkpoint_round_trip(tmp_path):
+    slm = _peaked_tiny()
+    params = {n: p.detach().clone() for n, p in slm.model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in slm.model.parameters()], lr=1e-3)
+    slm.model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ck", step=7, params=params, optimizer=opt, state={"seed": 3})
+    got, opt_sd, state = load_checkpoint(tmp_path / "ck")
+    assert state["step"] == 7 and state["seed"] == 3
+    assert set(got) == set(params) and all(torch.equal(got[k], params[k]) for k in params)
+    ref = opt.state_dict()
+    assert opt_sd["param_groups"] == ref["param_groups"]
+    for pid, st in ref["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(opt_sd["state"][pid][k]), torch.as_tensor(v))
+    with pytest.raises(FileNotFoundError, match="resume"):
+        load_checkpoint(tmp_path / "nothing")
+
+
+def test_resume_continues_at_saved_step_and_matches_an_uninterrupted_run(cache, tmp_path):
+    train, held = _tokens(32, 0), _tokens(2, 9)
+    cfg = {**BASE, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2, "eval_plans": 1}
+    ck = str(tmp_path / "ck")
+
+    first = _peaked_tiny()
+    prepare(
+        {**cfg, "max_steps": 4, "checkpoint_dir": ck, "name": "a"},
+        slm=first,
+        train_sequences=train,
+        eval_sequences=held,
+    )
+    resumed = _peaked_tiny()  # a fresh copy of the base model: the teacher is the original weights
+    card = prepare(
+        {**cfg, "max_steps": 6, "checkpoint_dir": ck, "resume": True, "name": "a"},
+        slm=resumed,
+        train_sequences=train,
+        eval_sequences=held,
+    )
+    assert card["steps"] == 6
+    straight = _peaked_tiny()
+    prepare(
+        {**cfg, "max_steps": 6, "checkpoint_dir": str(tmp_path / "ck2"), "name": "b"},
+        slm=straight,
+        train_sequences=train,
+        eval_sequences=held,
+    )
+    a, b = _state(resumed), _state(straight)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    # A resume with other training settings is refused.
+    with pytest.raises(ValueError, match="different training configuration"):
+        prepare(
+            {**cfg, "lr": 5e-4, "max_steps": 8, "checkpoint_dir": ck, "resume": True, "name": "a"},
+            slm=_peaked_tiny(),
+            train_sequences=train,
+            eval_sequences=held,
+        )
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"plan": {"families": ["layers", "attention-sinks"]}}, "families"),
+        ({"plan": {"layer_rate_max": 1.5}}, "layer_rate_max"),
+        ({"plan": {"dense_prob": -0.1}}, "dense_prob"),
+        ({"plan": {"kv_drop_prob": float("nan")}}, "kv_drop_prob"),
+        ({"plan": {"mlp_levels": [0.5, 1.2]}}, r"mlp_levels\[1\]"),
+        ({"plan": {"layer_choice": "random"}}, "layer_choice"),
+        ({"method": "qlora"}, "method"),
+        ({"max_steps": -1}, "max_steps"),
+        ({"learning_rate": 1e-4}, "learning_rate"),
+    ],
+)
+def test_bad_config_is_a_clear_error(override, field):
+    with pytest.raises(ValueError, match=field):
+        prepare({**BASE, **override}, slm=_peaked_tiny(), train_sequences=_tokens(4, 0), eval_sequences=_tokens(1, 1))
+
+
+def test_sampler_draws_valid_plans_with_depth_rising_layer_dropout():
+    slm = SparseLM(tiny_model("llama", seed=0, num_layers=8), name="tiny")
+    slm.set_importance(random_importance(slm.spec, seed=2))
+    dist = PlanDistribution.from_dict(
+        {"families": ["layers"], "layer_choice": "depth", "dense_prob": 0.0, "family_prob": 1.0, "layer_rate_max": 0.8}
+    )
+    sampler = PlanSampler(slm, dist)
+    plans = [sampler.sample(step_rng(0, s)) for s in range(400)]
+    dropped = np.array([[not lp.run for lp in p.layers] for p in plans]).mean(0)
+    assert dropped[0] == 0.0 and dropped[-1] > 0.6 and dropped[-1] > dropped[3] > dropped[1]
+    assert all(p.layers_run >= 1 for p in plans)
+    # Same (seed, step): same plan; the default distribution mixes all families and the dense plan.
+    full = PlanSampler(slm, PlanDistribution())
+    assert full.sample(step_rng(1, 5)) == full.sample(step_rng(1, 5))
+    mix = [full.sample(step_rng(0, s)) for s in range(300)]
+    assert 0.1 < np.mean([p.is_dense for p in mix]) < 0.45
+    assert any(len(lp.kv_heads) < slm.spec.num_kv_heads for p in mix for lp in p.layers if lp.run)
+    assert any(lp.mlp_channels < slm.spec.intermediate_size for p in mix for lp in p.layers if lp.run)
+    for p in mix:
+        p.validate()
+
+
+def test_training_moves_weights_only_through_gathered_slices():
+    # strategy="gather" is what lets a pruned forward's gradient reach the parameters.
+    slm = _peaked_tiny()
+    teacher = copy.deepcopy(slm.model)
+    cfg = PrepareConfig.from_dict(
+        {
+            "max_steps": 3,
+            "seq_len": SEQ,
+            "warmup_steps": 0,
+            "lr": 1e-3,
+            "eval_plans": 0,
+            "plan": {"families": ["mlp"], "mlp_levels": [0.5], "dense_prob": 0.0},
+        }
+    )
+    prepare_model(slm, _tokens(8, 0), _tokens(1, 1), cfg, progress=False)
+    changed = [
+        n for (n, p), q in zip(slm.model.named_parameters(), teacher.parameters(), strict=True) if not torch.equal(p, q)
+    ]
+    assert any("mlp.down_proj" in n for n in changed)
+    assert not any("embed_tokens" in n for n in changed)  # embeddings are frozen by default
+
+
+def test_hydra_config_composes_and_validates():
+    from hydra import compose, initialize_config_dir
+
+    from experiments.prepare import split_config
+    from experiments.report import REPO_ROOT
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+        cfg = compose("prepare", overrides=["max_steps=3", "plan.layer_rate_max=0.5", "resume=true"])
+    run, tcfg = split_config(cfg)
+    assert run["resume"] is True and run["model"] == "smollm2-135m"
+    assert tcfg.max_steps == 3 and tcfg.plan.layer_rate_max == 0.5 and tcfg.method in ("full", "lora")
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+        bad = compose("prepare", overrides=["plan.families=[layers,depth]"])
+    with pytest.raises(ValueError, match="families"):
+        split_config(bad)
