@@ -23,7 +23,7 @@ install: $(STAMP)
 
 ## The main job (see README).
 main: $(STAMP)
-	$(BIN)/python -m experiments.bench
+	$(BIN)/python -m experiments.main
 
 ## Fast tests (what CI runs).
 test: $(STAMP)
@@ -32,6 +32,7 @@ test: $(STAMP)
 ## Short end-to-end runs of the real entry points (CI).
 smoke: $(STAMP)
 	$(BIN)/python -m experiments.bench --quick
+	$(BIN)/python -m experiments.main --config-name main_smoke
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" -q

@@ -132,18 +132,19 @@ class StaticImportance:
             raise ValueError(f"StaticImportance.layer_share must be in [0, 1], got {self.layer_share!r}")
         if not self.name:
             self.name = f"StaticImportance({self.budget:.2f})"
-        self._cache: dict[int, SparsityPlan] = {}
+        self._cache: dict[tuple[int, frozenset[int]], SparsityPlan] = {}
 
     def plan_for(self, slm: Any, fixed_dense: Sequence[int] = ()) -> SparsityPlan:
         """The plan for ``slm`` (cached per model)."""
-        key = id(slm)
+        fixed = frozenset(fixed_dense)
+        key = (id(slm), fixed)
         if key in self._cache:
             return self._cache[key]
         spec, imp = slm.spec, slm.importance
         dense = SparsityPlan.dense(spec)
         full = dense.flops(self.seq_len)["total"]
         target_layers = 1.0 - (1.0 - self.budget) * self.layer_share
-        removable = [i for i in reversed(imp.layer_order) if i not in set(fixed_dense)]
+        removable = [i for i in reversed(imp.layer_order) if i not in fixed]
         layers = list(dense.layers)
         off = LayerPlan(False, (), (), 0)
         for i in removable:
@@ -158,22 +159,22 @@ class StaticImportance:
         if best.flops(self.seq_len)["total"] / full > self.budget:
             for _ in range(30):
                 mid = (lo + hi) / 2
-                plan = self._trim(spec, imp, layers, mid)
+                plan = self._trim(spec, imp, layers, mid, fixed)
                 if plan.flops(self.seq_len)["total"] / full > self.budget:
                     hi = mid
                 else:
                     lo, best = mid, plan
             if best.flops(self.seq_len)["total"] / full > self.budget:
-                best = self._trim(spec, imp, layers, lo)
+                best = self._trim(spec, imp, layers, lo, fixed)
         best = SparsityPlan(best.spec, best.layers, {"kind": "static_importance", "budget": self.budget})
         self._cache[key] = best
         return best
 
     @staticmethod
-    def _trim(spec: Any, imp: Any, layers: list[LayerPlan], f: float) -> SparsityPlan:
+    def _trim(spec: Any, imp: Any, layers: list[LayerPlan], f: float, fixed: frozenset[int]) -> SparsityPlan:
         out = []
         for i, lp in enumerate(layers):
-            if not lp.run:
+            if not lp.run or i in fixed:
                 out.append(lp)
                 continue
             n_heads = max(1, round(f * spec.num_heads))

@@ -466,8 +466,10 @@ class CostModel:
         Noisy measurements are re-measured up to ``max_attempts`` times, as in :meth:`fit`.
 
         Returns:
-            ``{"mape", "median_ape", "p95_ape", "max_ape", "energy_mape", "n", "seq_len",
-            "noisy_fraction", "rows"}``; errors in percent, ``rows`` as (predicted, measured) seconds.
+            ``{"mape", "bias", "median_ape", "p95_ape", "max_ape", "energy_mape", "n", "seq_len",
+            "noisy_fraction", "rows"}``; errors in percent (``bias`` is the mean signed error: a large
+            bias with a small spread means the machine's speed moved since calibration), ``rows`` as
+            (predicted, measured) seconds.
 
         Raises:
             CalibrationMismatchError: ``slm`` is not the calibrated model.
@@ -494,9 +496,11 @@ class CostModel:
             if callback is not None:
                 callback(k + 1, n_plans)
         p, t = np.asarray(pred), np.asarray(meas)
-        ape = np.abs(p - t) / t * 100.0
+        signed = (p - t) / t * 100.0
+        ape = np.abs(signed)
         out = {
             "mape": float(ape.mean()),
+            "bias": float(signed.mean()),
             "median_ape": float(np.median(ape)),
             "p95_ape": float(np.percentile(ape, 95)),
             "max_ape": float(ape.max()),
@@ -509,7 +513,7 @@ class CostModel:
         if verbose:
             print(
                 f"drift at {seq_len} tokens over {n_plans} fresh plans: latency MAPE {out['mape']:.1f}% "
-                f"(median {out['median_ape']:.1f}%, p95 {out['p95_ape']:.1f}%)"
+                f"(median {out['median_ape']:.1f}%, p95 {out['p95_ape']:.1f}%, bias {out['bias']:+.1f}%)"
                 + (f", energy MAPE {out['energy_mape']:.1f}%" if out["energy_mape"] is not None else "")
             )
         return out

@@ -1,6 +1,10 @@
 """Environment benchmark: env overhead over the bare pruned run, steps/s, and the probe's cost.
 
-Usage: ``python -m experiments.bench_envs [--items 12] [--repeats 5] [--steps 40] [--model smollm2-135m]``.
+Usage: ``python -m experiments.bench_envs [--items 6] [--repeats 3] [--steps 20] [--threads 1] [--model smollm2-135m]``.
+
+One thread by default: on a shared 2-core machine a second PyTorch thread competes with every
+other process and makes timings swing several-fold (a 64-token forward of the embedded model took
+0.38 s on one thread and 1.7-4.8 s on two while the machine was loaded).
 
 Three figures, on the embedded model and a mix of real and generated tasks:
 
@@ -155,20 +159,28 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--items", type=int, default=10, help="items for the overhead and probe figures")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=40, help="random steps per environment for steps/s")
+    p.add_argument("--items", type=int, default=6, help="items for the overhead and probe figures")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="random steps per environment for steps/s")
+    p.add_argument("--threads", type=int, default=1, help="PyTorch intra-op threads")
     p.add_argument("--cost-model", default=None, help="calibration file (default: the device's, else a quick fit)")
     p.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = p.parse_args(argv)
 
-    slm = shared_lm(args.model)
+    slm = shared_lm(args.model, threads=args.threads)
     path = Path(args.cost_model) if args.cost_model else default_path(slm, str(slm.device))
     note = f"calibration: `{path.name}`"
     if not path.is_file():
         path = Path(tempfile.mkdtemp()) / "quick_cost_model.json"
         note = "calibration: a quick fit made by the benchmark (`calibrate_cost=True`; no device file existed)"
-    common = {"model": args.model, "task": MIX, "n_items": 40, "cost_model": str(path), "calibrate_cost": True}
+    common = {
+        "threads": args.threads,
+        "model": args.model,
+        "task": MIX,
+        "n_items": 40,
+        "cost_model": str(path),
+        "calibrate_cost": True,
+    }
     rng = random.Random(0)
 
     t0 = time.perf_counter()
@@ -230,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         ["env", "calibrated steps/s", "calibrated p95 ms/step", "measured steps/s", "measured p95 ms/step"], rates
     )
     body = (
-        f"Model `{args.model}`, task mix {', '.join(f'`{t}`' for t in MIX)} (validation split); {note}. "
+        f"Model `{args.model}`, {args.threads} PyTorch thread(s), task mix "
+        f"{', '.join(f'`{t}`' for t in MIX)} (validation split); {note}. "
         f"Overhead: {args.items} items x {len(ACTIONS)} plans, {args.repeats} round-robin repeats each, median per "
         "pair; ratios of medians measured side by side. The bare scorer is the same scoring work without an "
         "environment (it runs the probe layers itself); target <= 1.05.\n\n"

@@ -149,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         [f"calibrated vs measured latency at {T} tokens: MAPE", f"{drift['mape']:.1f} %", "", drift["n"]],
         ["... absolute % error, median / p95 / max", f"{drift['median_ape']:.1f} %", f"{drift['p95_ape']:.1f} %"
          f" (max {drift['max_ape']:.1f} %)", drift["n"]],
+        ["... mean signed error (predicted - measured) / measured", f"{drift['bias']:+.1f} %", "", drift["n"]],
         [f"measured latency of those plans ({T} tokens)", f"{np.median(meas) * 1e3:.0f} ms",
          f"{np.percentile(meas, 95) * 1e3:.0f} ms", drift["n"]],
         ["drift measurements still noisy (CV > 0.1) after 2 attempts", f"{drift['noisy_fraction']:.0%}", "",

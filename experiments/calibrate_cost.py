@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         energy = f", energy MAPE {drift['energy_mape']:.1f}%" if drift["energy_mape"] is not None else ""
         print(
             f"drift at {T} tokens over {args.drift_plans} fresh plans: latency MAPE {drift['mape']:.1f}% "
-            f"(median {drift['median_ape']:.1f}%, p95 {drift['p95_ape']:.1f}%){energy}"
+            f"(median {drift['median_ape']:.1f}%, p95 {drift['p95_ape']:.1f}%, bias {drift['bias']:+.1f}%){energy}"
         )
     return {"path": path, "fit_seconds": fit_s, "cost_model": cm, "drift": drift}
 

@@ -244,12 +244,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--mix", default="mc", help="workload mix name or YAML file (default: mc)")
     parser.add_argument("--split", default="val", choices=("train", "val", "test"), help="split to score")
-    parser.add_argument("--n", type=int, default=120, help="items drawn from the mix (default: 120)")
+    parser.add_argument("--n", type=int, default=80, help="items drawn from the mix (default: 80)")
     parser.add_argument("--limit", type=int, default=None, help="quick run: only this many items (overrides --n)")
     parser.add_argument("--plans", type=int, default=None, help=f"use only the first N of the {len(GRID)} grid plans")
     parser.add_argument("--probe-layers", type=int, default=4, help="dense layers run before the probe (default: 4)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per plan for the cost (default: 7)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default: 1; more threads thrash on a shared machine)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the mix sampling and the CV folds")
     parser.add_argument("--png", default=str(REPO_ROOT / "reports" / "headroom.png"), help="where the plot goes")
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")

@@ -91,7 +91,9 @@ def _yaml_spec(path: Path) -> dict[str, float]:
     return tasks
 
 
-def load_mix(name: str | Mapping[str, float] | Path, split: str | None = "val", n: int | None = None, seed: int = 0) -> list[Item]:
+def load_mix(
+    name: str | Mapping[str, float] | Path, split: str | None = "val", n: int | None = None, seed: int = 0
+) -> list[Item]:
     """Items of a mix, interleaved in a seeded random order.
 
     Args:

@@ -216,7 +216,9 @@ class Scorer:
 
     def _exact_generate(self, slm: Any, item: Item, plan: Any, dense_text: str) -> dict[str, Any]:
         prompt = self._prompt(slm, item)
-        seq = slm.generate(torch.tensor([prompt]), plan, max_new_tokens=self._budget(slm, item), eos_token_id=self._eos(slm))
+        seq = slm.generate(
+            torch.tensor([prompt]), plan, max_new_tokens=self._budget(slm, item), eos_token_id=self._eos(slm)
+        )
         text = self._clean(slm, [int(t) for t in seq[0, len(prompt) :]], item)
         return {"correct": text == item.answer, "agree": text == dense_text, "text": text}
 

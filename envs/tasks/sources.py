@@ -175,7 +175,9 @@ def _bigbench_items(task: str, mode: str | None) -> list[Item]:
         want_mc = mode == "mc" or (mode is None and isinstance(ts, dict))
         if want_mc:
             if not isinstance(ts, dict) or len(ts) < 2:
-                raise TaskFormatError(str(path), None, f"examples[{j}].target_scores", "must map >= 2 choices to scores")
+                raise TaskFormatError(
+                    str(path), None, f"examples[{j}].target_scores", "must map >= 2 choices to scores"
+                )
             choices = [str(c) for c in ts]
             answer = max(ts, key=lambda c: float(ts[c]))
             items.append(make_item(name, prompt, str(answer), choices=choices, meta={"source": "bigbench"}))
