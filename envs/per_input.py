@@ -71,7 +71,8 @@ class PerInput(PruneEnv):
     - ``split``, ``n_items``, ``data_seed``: which items (default 64 validation items).
     - ``max_prompt_tokens``: items with longer prompts are left out.
     - ``num_groups``: layer groups of the action (default 3).
-    - ``probe_layers`` (2), ``probe_dim`` (32), ``probe_seed`` (0), ``ll_positions`` (4): the probe.
+    - ``probe_layers`` (2), ``probe_dim`` (32), ``probe_seed`` (0), ``ll_positions`` (8), ``lens_vocab`` (2048):
+      the probe (see :mod:`envs.probe`).
     - ``probe_prunable``: if ``True`` the action covers the probe layers too; when it prunes them
       the prompt is re-run from the start (the probe's cost is paid twice). Default ``False``: the
       probe layers always run densely and are reused.
@@ -100,7 +101,8 @@ class PerInput(PruneEnv):
         probe_layers: int = 2,
         probe_dim: int = 32,
         probe_seed: int = 0,
-        ll_positions: int = 4,
+        ll_positions: int = 8,
+        lens_vocab: int | None = 2048,
         probe_prunable: bool = False,
         presets: Sequence[Sequence[float]] | None = None,
         reward: RewardConfig | Mapping[str, Any] | None = None,
@@ -108,7 +110,7 @@ class PerInput(PruneEnv):
     ) -> None:
         super().__init__(num_groups=num_groups, presets=presets, reward=reward, **kwargs)
         L = self.spec_.num_layers
-        self.probe = Probe(self.slm, probe_layers, probe_dim, probe_seed, ll_positions)
+        self.probe = Probe(self.slm, probe_layers, probe_dim, probe_seed, ll_positions, lens_vocab)
         k = self.probe.layers
         self.probe_prunable = bool(probe_prunable)
         first = 0 if self.probe_prunable else k
@@ -190,7 +192,7 @@ class PerInput(PruneEnv):
         return self._obs.copy(), r, True, False, info  # type: ignore[union-attr]
 
     def _finish(self, fr: np.ndarray | None, extra: dict[str, Any], plan: Any = None) -> tuple[float, dict[str, Any]]:
-        """Run the rest of the prompt under the plan of ``fr`` (``[G, 3]``) or ``plan``, score, build reward and info."""
+        """Finish the prompt under the plan of ``fr`` (``[G, 3]``) or ``plan``; score; build reward and info."""
         plan = self.builder.plan(fr) if plan is None else plan
         P = self._probe_res.prompt_len
         k = self.probe.layers

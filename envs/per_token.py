@@ -182,7 +182,7 @@ class PerToken(PruneEnv):
         super().reset(seed=seed)
         item = self._pick_item(options)
         prompt = self._prompt_ids(item)
-        self._ref = self._dense_cached("token_ref", item, lambda: self._dense_reference(prompt))
+        self._ref = self._dense_cached(f"token_ref:{self.max_new_tokens}", item, lambda: self._dense_reference(prompt))
         self._cache = self.slm.new_cache()
         self._signals = {}
         with torch.no_grad():

@@ -12,14 +12,16 @@ controller computes the same numbers; the names are in :attr:`Probe.feature_name
 - ``log_len``: ``log1p(prompt tokens) / 8`` (1.0 at about 3000 tokens).
 - ``entropy``: entropy of the next-token distribution at the last prompt position, under the
   LM head applied to the probe's hidden state (final norm + LM head, the "logit lens"), divided by
-  ``log(vocab)`` so it lies in [0, 1].
+  ``log(lens_vocab)`` so it lies in [0, 1]. The lens covers the first ``lens_vocab`` token ids
+  (default 2048; byte-pair vocabularies put the frequent tokens first), not the whole vocabulary:
+  on short prompts a forward is bound by reading the weights, and SmolLM2-135M's full head is a
+  fifth of them, so a full-vocabulary lens made the probe cost a fifth of a dense forward whatever
+  the number of rows (measured); 2048 rows are 4% of the head.
 - ``top1``: the probability of the most likely next token there.
 - ``nll_mean`` / ``nll_std``: mean and spread of the negative log-likelihood of the last
-  ``ll_positions`` (default 4) prompt tokens under the same lens, divided by ``log(vocab)``. Only
-  those positions go through the LM head: it is the largest matmul of a small model (one row of
-  SmolLM2-135M's head costs about a quarter of one token's pass through all 30 decoder layers), so
-  the whole prompt would add a quarter of a dense forward, and even 16 rows add a third to a
-  12-token prompt.
+  ``ll_positions`` prompt tokens under the same lens (the token's own logit is added to the
+  normaliser when it lies outside the lens vocabulary), divided by ``log(lens_vocab)``. Only
+  those positions go through the lens (default 8).
 - ``hidden_norm``: ``log1p`` of the RMS of the probe's hidden state (mean over positions).
 - ``attn_norm_<i>`` for each probe layer: ``log1p`` of the mean norm of the attention heads' output.
 - ``influence_<i>`` for each probe layer: block influence ``1 - cos(h_in, h_out)`` averaged over
@@ -85,17 +87,27 @@ class Probe:
         proj_dim: Dimensions of the projected hidden state (0 for none).
         proj_seed: Seed of the projection matrix.
         ll_positions: Prompt positions whose log-likelihood is computed (the last ones).
+        lens_vocab: Token ids ``0..lens_vocab-1`` the lens's distribution is taken over (plus the
+            scored token); ``None`` for the whole vocabulary.
 
     Raises:
         ValueError: A setting out of range; the message gives the range.
     """
 
     def __init__(
-        self, slm: SparseLM, layers: int = 2, proj_dim: int = 32, proj_seed: int = 0, ll_positions: int = 4
+        self,
+        slm: SparseLM,
+        layers: int = 2,
+        proj_dim: int = 32,
+        proj_seed: int = 0,
+        ll_positions: int = 8,
+        lens_vocab: int | None = 2048,
     ) -> None:
         L = slm.spec.num_layers
         if not 0 <= layers < L:
             raise ValueError(f"probe layers must be in [0, {L - 1}] for this {L}-layer model, got {layers}")
+        if lens_vocab is not None and lens_vocab < 2:
+            raise ValueError(f"probe lens_vocab must be >= 2 or None (whole vocabulary), got {lens_vocab}")
         if proj_dim < 0 or ll_positions < 1:
             raise ValueError(f"probe proj_dim must be >= 0 and ll_positions >= 1, got {proj_dim}, {ll_positions}")
         self.slm, self.layers, self.proj_dim = slm, int(layers), int(proj_dim)
@@ -104,7 +116,12 @@ class Probe:
         rng = np.random.default_rng(self.proj_seed)
         proj = rng.standard_normal((D, self.proj_dim)) / math.sqrt(D)
         self._proj = torch.as_tensor(proj, dtype=torch.float32)
-        self._log_v = math.log(max(slm.spec.vocab_size, 2))
+        head = slm.lm_head
+        V = head.weight.shape[0]
+        self.lens_vocab = V if lens_vocab is None else min(int(lens_vocab), V)
+        self._lens_w = head.weight[: self.lens_vocab]  # a view: the first rows, no copy
+        self._lens_b = None if getattr(head, "bias", None) is None else head.bias[: self.lens_vocab]
+        self._log_v = math.log(max(self.lens_vocab, 2))
         self._dense = slm.dense_plan()
         self.feature_names: list[str] = (
             ["log_len", "entropy", "top1", "nll_mean", "nll_std", "hidden_norm"]
@@ -126,6 +143,7 @@ class Probe:
             "proj_dim": self.proj_dim,
             "proj_seed": self.proj_seed,
             "ll_positions": self.ll_positions,
+            "lens_vocab": self.lens_vocab,
             "projection": "gaussian N(0, 1/hidden_size), numpy default_rng(proj_seed).standard_normal((D, proj_dim))",
             "hidden_size": self.slm.spec.hidden_size,
             "feature_names": list(self.feature_names),
@@ -162,14 +180,24 @@ class Probe:
         slm, P = self.slm, ids.shape[1]
         m = min(self.ll_positions, P - 1)
         pos = torch.arange(P - 1 - m, P, device=h.device)  # m positions predicting the last m tokens, + the last
-        logits = slm.lm_head(slm.final_norm(h.index_select(1, pos)))[0].float()
+        x = slm.final_norm(h.index_select(1, pos))[0]
+        logits = torch.nn.functional.linear(x, self._lens_w, self._lens_b).float()  # [m + 1, lens_vocab]
         logp = torch.log_softmax(logits, dim=-1)
         last = logp[-1]
         p_last = last.exp()
         entropy = float(-(p_last * last).sum()) / self._log_v
         top1 = float(p_last.max())
         if m > 0:
-            nll = -logp[:-1].gather(-1, ids[0, P - m :, None]).squeeze(-1) / self._log_v
+            # The scored token's own logit joins the normaliser when it lies outside the lens vocabulary.
+            tgt = ids[0, P - m :]
+            w_t = slm.lm_head.weight.index_select(0, tgt)
+            own = (x[:-1] * w_t).sum(-1).float()
+            if self._lens_b is not None:
+                own = own + slm.lm_head.bias.index_select(0, tgt).float()
+            outside = tgt >= self.lens_vocab
+            norm = torch.logsumexp(logits[:-1], dim=-1)
+            norm = torch.where(outside, torch.logaddexp(norm, own), norm)
+            nll = (norm - own) / self._log_v
             nll_mean, nll_std = float(nll.mean()), float(nll.std()) if m > 1 else 0.0
         else:
             nll_mean = nll_std = 0.0

@@ -75,7 +75,7 @@ def overhead(
 
     slm = env.slm
     scorer = Scorer()
-    ratios: dict[str, list[float]] = {"scorer": [], "forward": [], "step_vs_forward": []}
+    ratios: dict[str, list[float]] = {"scorer": [], "forward": [], "step_vs_scorer": []}
     per_plan: dict[str, dict[str, list[float]]] = {a: {"scorer": [], "forward": []} for a in ACTIONS}
     for i in range(min(n_items, len(env.items))):
         item = env.items[i]
@@ -104,7 +104,7 @@ def overhead(
                 r = env_med / statistics.median(t[k])
                 ratios[k].append(r)
                 per_plan[name][k].append(r)
-            ratios["step_vs_forward"].append(statistics.median(step_times[1:]) / statistics.median(t["forward"]))
+            ratios["step_vs_scorer"].append(statistics.median(step_times[1:]) / statistics.median(t["scorer"]))
     rows = [
         [name, f"{statistics.median(v['scorer']):.3f}", f"{statistics.median(v['forward']):.3f}"]
         for name, v in per_plan.items()
@@ -112,23 +112,29 @@ def overhead(
     return rows, ratios
 
 
-def steps_per_second(make: Callable[[], Any], steps: int, seed: int = 0) -> tuple[float, float]:
-    """Random-action steps per second (after one warm-up pass over the items) and seconds per step p95."""
+def steps_per_second(make: Callable[[], Any], steps: int, seed: int = 0) -> tuple[float, float, float]:
+    """Random-action steps/s and episodes/s over at least ``steps`` steps and two whole episodes, and p95 s/step.
+
+    One warm-up reset per item first: dense references (once per item) are not part of the rate.
+    """
     env = make()
     env.action_space.seed(seed)
     u = env.unwrapped
-    for i in range(len(u.items)):  # dense references, once per item, are not part of the rate
+    for i in range(len(u.items)):
         env.reset(options={"item": i})
     env.reset(seed=seed)
-    times = []
-    for _ in range(steps):
+    times: list[float] = []
+    episodes = 0
+    while len(times) < steps or episodes < 2:
         t0 = time.perf_counter()
         _, _, term, trunc, _ = env.step(env.action_space.sample())
         if term or trunc:
             env.reset()
+            episodes += 1
         times.append(time.perf_counter() - t0)
     env.close()
-    return len(times) / sum(times), _pct(times, 95)
+    total = sum(times)
+    return len(times) / total, episodes / total, _pct(times, 95)
 
 
 def probe_cost(env: Any, n_items: int, repeats: int, rng: random.Random) -> list[float]:
@@ -203,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         for measured in (False, True):
             env_id = f"PruneGym/{name}{'Measured' if measured else ''}-v0"
             kw = dict(common, n_items=8)
-            rate, p95 = steps_per_second(lambda env_id=env_id, kw=kw: gym.make(env_id, **kw), args.steps)
-            row += [f"{rate:.1f}", f"{p95 * 1e3:.0f}"]
+            rate, eps, p95 = steps_per_second(lambda env_id=env_id, kw=kw: gym.make(env_id, **kw), args.steps)
+            row += [f"{rate:.1f}", f"{eps:.2f}", f"{p95 * 1e3:.0f}"]
             print(env_id, f"{rate:.2f} steps/s", flush=True)
         rates.append(row)
 
@@ -218,16 +224,16 @@ def main(argv: list[str] | None = None) -> None:
                 len(ratios["scorer"]),
             ],
             [
-                "PerInput reset+step / bare prompt forward (same plan)",
+                "PerInput reset+step / bare prompt forward alone (scoring needs a second, continuation forward)",
                 f"{statistics.median(ratios['forward']):.3f}",
                 f"{_pct(ratios['forward'], 95):.3f}",
                 len(ratios["forward"]),
             ],
             [
-                "PerInput step alone / bare prompt forward",
-                f"{statistics.median(ratios['step_vs_forward']):.3f}",
-                f"{_pct(ratios['step_vs_forward'], 95):.3f}",
-                len(ratios["step_vs_forward"]),
+                "PerInput step alone (the probe's layers reused) / bare scorer",
+                f"{statistics.median(ratios['step_vs_scorer']):.3f}",
+                f"{_pct(ratios['step_vs_scorer'], 95):.3f}",
+                len(ratios["step_vs_scorer"]),
             ],
             [
                 f"probe ({env.probe.layers} layers + features) / dense prompt forward",
@@ -239,7 +245,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     per_plan = markdown_table(["plan (PerInput action)", "env / bare scorer", "env / bare forward"], plan_rows)
     rate_table = markdown_table(
-        ["env", "calibrated steps/s", "calibrated p95 ms/step", "measured steps/s", "measured p95 ms/step"], rates
+        [
+            "env",
+            "calibrated steps/s",
+            "episodes/s",
+            "p95 ms/step",
+            "measured steps/s",
+            "episodes/s",
+            "p95 ms/step",
+        ],
+        rates,
     )
     body = (
         f"Model `{args.model}`, {args.threads} PyTorch thread(s), task mix "
@@ -248,8 +263,9 @@ def main(argv: list[str] | None = None) -> None:
         "pair; ratios of medians measured side by side. The bare scorer is the same scoring work without an "
         "environment (it runs the probe layers itself); target <= 1.05.\n\n"
         f"{summary}\n\nBy plan (median over items):\n\n{per_plan}\n\n"
-        f"Random-action steps per second ({args.steps} steps each, after one warm-up reset per item; the measured "
-        "variants time one run per step with the default meter settings):\n\n"
+        f"Random actions, at least {args.steps} steps and two whole episodes per environment, after one warm-up "
+        "reset per item (LayerByLayer runs the model only at an episode's last step, so its episodes/s is the "
+        "comparable figure); the measured variants time one run per step (default meter settings):\n\n"
         f"{rate_table}\n"
     )
     print(body)

@@ -356,3 +356,21 @@ def test_ten_thousand_random_steps_do_not_leak(cost_path):
     grown = (_rss() - start) / start
     assert grown <= 0.05, f"RSS grew {grown:.1%} over 9000 steps"
     assert time.perf_counter() - t0 < 1800
+
+
+def test_probe_lens_log_likelihood():
+    """The probe's log-likelihood equals the full LM head's on the probe state, and the subset lens is consistent."""
+    from envs.probe import Probe
+
+    slm = shared_lm(MODEL)
+    ids = torch.tensor([[5, 17, 33, 40, 2, 60, 71]])
+    full = Probe(slm, layers=1, proj_dim=0, ll_positions=3, lens_vocab=None).run(ids)
+    st = slm.start(ids)
+    slm.run_layers(st, slm.dense_plan(), 0, 1)
+    logp = torch.log_softmax(slm.lm_head(slm.final_norm(st.hidden))[0].float(), -1)
+    nll = -logp[3:6].gather(-1, ids[0, 4:, None]).squeeze(-1) / np.log(slm.spec.vocab_size)
+    assert full.features[3] == pytest.approx(float(nll.mean()), abs=1e-5)
+    entropy = float(-(logp[-1].exp() * logp[-1]).sum()) / np.log(slm.spec.vocab_size)
+    assert full.features[1] == pytest.approx(entropy, abs=1e-5)
+    sub = Probe(slm, layers=1, proj_dim=0, ll_positions=3, lens_vocab=50).run(ids)  # tokens 60, 71 lie outside
+    assert np.isfinite(sub.features).all() and sub.features[3] > 0
