@@ -365,9 +365,10 @@ def test_probe_lens_log_likelihood():
     slm = shared_lm(MODEL)
     ids = torch.tensor([[5, 17, 33, 40, 2, 60, 71]])
     full = Probe(slm, layers=1, proj_dim=0, ll_positions=3, lens_vocab=None).run(ids)
-    st = slm.start(ids)
-    slm.run_layers(st, slm.dense_plan(), 0, 1)
-    logp = torch.log_softmax(slm.lm_head(slm.final_norm(st.hidden))[0].float(), -1)
+    with torch.no_grad():
+        st = slm.start(ids)
+        slm.run_layers(st, slm.dense_plan(), 0, 1)
+        logp = torch.log_softmax(slm.lm_head(slm.final_norm(st.hidden))[0].float(), -1)
     nll = -logp[3:6].gather(-1, ids[0, 4:, None]).squeeze(-1) / np.log(slm.spec.vocab_size)
     assert full.features[3] == pytest.approx(float(nll.mean()), abs=1e-5)
     entropy = float(-(logp[-1].exp() * logp[-1]).sum()) / np.log(slm.spec.vocab_size)
