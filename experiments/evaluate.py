@@ -1,4 +1,4 @@
-"""Evaluate controllers on held-out inputs, and the Pareto study of adaptive vs static pruning.
+r"""Evaluate controllers on held-out inputs, and the Pareto study of adaptive vs static pruning.
 
 Usage::
 
@@ -263,7 +263,9 @@ def headline(
     for scoring in SCORINGS:
         for t in targets:
 
-            def at(fam: Sequence[Run] | None, idx: np.ndarray, what: str, scoring: str = scoring, t: float = t) -> float:
+            def at(
+                fam: Sequence[Run] | None, idx: np.ndarray, what: str, scoring: str = scoring, t: float = t
+            ) -> float:
                 if what == "hull":
                     fx, fy = _hull(static, scoring, idx)
                 elif what == "oracle":
@@ -338,7 +340,14 @@ def headline_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         out.append(
             f"**Accuracy ({title} scoring) at equal measured latency**\n\n"
             + markdown_table(
-                ["latency (of dense)", "controller", "accuracy", "95% CI", "vs static hull (95% CI)", "hull→oracle gap closed"],
+                [
+                    "latency (of dense)",
+                    "controller",
+                    "accuracy",
+                    "95% CI",
+                    "vs static hull (95% CI)",
+                    "hull→oracle gap closed",
+                ],
                 body,
             )
         )
@@ -397,9 +406,7 @@ def summary_table(runs: Sequence[Run]) -> str:
     )
 
 
-def pareto_plot(
-    static: Sequence[Run], families: Mapping[str, Sequence[Run]], path: Path, title: str = ""
-) -> Path:
+def pareto_plot(static: Sequence[Run], families: Mapping[str, Sequence[Run]], path: Path, title: str = "") -> Path:
     """Accuracy vs measured latency: static plans, hull, oracle and controllers; raw and dense-relative."""
     import matplotlib
 
@@ -462,7 +469,19 @@ def save_results(out: Path, runs: Sequence[Run], rows: Sequence[Mapping[str, Any
     )
     with open(out / "per_input.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["controller", "family", "input", "task", "acc_raw", "acc_dense_relative", "latency_fraction", "latency_s", "flops_fraction"])
+        w.writerow(
+            [
+                "controller",
+                "family",
+                "input",
+                "task",
+                "acc_raw",
+                "acc_dense_relative",
+                "latency_fraction",
+                "latency_s",
+                "flops_fraction",
+            ]
+        )
         for r in runs:
             for i in range(len(r.raw)):
                 w.writerow([r.name, r.family, i, r.tasks[i], r.raw[i], r.rel[i], r.lat[i], r.latency_s[i], r.flops[i]])
@@ -501,22 +520,36 @@ def parse_controller(spec: str, env: Any) -> tuple[PlanController, str]:
 def main(argv: list[str] | None = None) -> None:
     """Evaluate controllers on the held-out split (and optionally the Pareto study)."""
     p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--controller", action="append", default=[], help="dense | static:L,H,M | importance:B | "
-                   "entropy:T | <exported controller folder>; repeat for several")
+    p.add_argument(
+        "--controller",
+        action="append",
+        default=[],
+        help="dense | static:L,H,M | importance:B | entropy:T | <exported controller folder>; repeat for several",
+    )
     p.add_argument("--pareto", action="store_true", help="also sweep the static plans, hull and oracle, and plot")
     p.add_argument("--model", default="smollm2-135m", help="model name or folder")
     p.add_argument("--task", default="mc", help="task mix of the held-out inputs")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
     p.add_argument("--n-items", type=int, default=48, help="inputs to evaluate")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the LLM forward")
-    p.add_argument("--env-kwargs", type=json.loads, default={}, help='extra PerInput settings as JSON, e.g. \'{"probe_layers": 1}\'')
+    p.add_argument(
+        "--env-kwargs",
+        type=json.loads,
+        default={},
+        help="extra PerInput settings as JSON, e.g. '{\"probe_layers\": 1}'",
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default outputs/evaluate/<time>)")
     args = p.parse_args(argv)
     if not args.controller and not args.pareto:
         p.error("name at least one --controller, or --pareto")
     out = args.out or Path("outputs/evaluate") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    env = evaluation_env(model=args.model, task=args.task, split=args.split, n_items=args.n_items,
-                         env_kwargs={"threads": args.threads, **args.env_kwargs})
+    env = evaluation_env(
+        model=args.model,
+        task=args.task,
+        split=args.split,
+        n_items=args.n_items,
+        env_kwargs={"threads": args.threads, **args.env_kwargs},
+    )
     n = min(args.n_items, len(env.items))
     runs: list[Run] = []
     families: dict[str, list[Run]] = {}

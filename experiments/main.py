@@ -59,8 +59,6 @@ def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: fl
 
 def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Run the main job into ``out``; returns the headline rows and summaries."""
-    import numpy as np
-
     from agents.baselines import PolicyController
     from agents.controller import Controller
     from agents.export import export_from_path
@@ -142,8 +140,8 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
 def _best_ppo(static: list[Any], runs: list[Any]) -> str | None:
     """The PPO controller furthest above the static hull at its own measured latency (dense-relative)."""
-    from experiments import evaluate as ev
     from envs.tasks.pareto import interp_frontier
+    from experiments import evaluate as ev
 
     if not runs:
         return None

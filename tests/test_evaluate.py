@@ -37,8 +37,17 @@ def test_headline_static_family_cannot_beat_hull_and_oracle_closes_gap():
     ok = acc > 0.5
     cheapest = np.where(ok.any(1), np.argmax(ok * cost[None] * -1 + ok * 10, axis=1), 0)
     choice_lat = cost[cheapest]
-    oracle_like = ev.Run("o", "o", acc[np.arange(len(acc)), cheapest], acc[np.arange(len(acc)), cheapest],
-                         choice_lat, choice_lat, choice_lat, ["t"] * len(acc), np.zeros(len(acc)))
+    oracle_like = ev.Run(
+        "o",
+        "o",
+        acc[np.arange(len(acc)), cheapest],
+        acc[np.arange(len(acc)), cheapest],
+        choice_lat,
+        choice_lat,
+        choice_lat,
+        ["t"] * len(acc),
+        np.zeros(len(acc)),
+    )
     rows = ev.headline(static, {"copy": static, "oracle-like": [oracle_like]}, targets=(0.8,), n_boot=50)
     by = {(r["scoring"], r["controller"]): r for r in rows}
     hull = by[("dense_relative", "static hull (StaticMix)")]["accuracy"]
