@@ -56,7 +56,7 @@ PRESETS: tuple[tuple[float, float, float], ...] = (
     (0.5, 0.5, 0.5),
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUICK_CALIBRATION = {"seq_lens": (1, 32, 128), "n_plans": 16}
+QUICK_CALIBRATION = {"seq_lens": (1, 32, 128, 384), "n_plans": 16}  # covers decode steps and prompts
 
 _LOCK = threading.Lock()
 _MODELS: dict[tuple[str, str], SparseLM] = {}

@@ -183,11 +183,20 @@ def default_path(slm: SparseLM, device: str = "cpu") -> Path:
 
 # ---------------------------------------------------------------------------------------- fitting
 def _solve_wls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares of relative error: rows weighted by 1/y, columns scaled for conditioning."""
+    """Non-negative least squares of relative error: rows weighted by 1/y, columns scaled for conditioning.
+
+    Every feature is an amount of work (a count or FLOPs), so its price cannot be negative. An
+    unconstrained fit on a few noisy measurements can trade a negative price on one feature against
+    another and then predict near-zero or negative latencies for plans outside the sample (seen on
+    a loaded machine: a predicted dense latency of 8 ms at 64 tokens, so pruned plans cost "100×
+    dense"); non-negative prices keep every prediction monotone in the work a plan does.
+    """
+    from scipy.optimize import nnls
+
     w = 1.0 / np.maximum(y, 1e-12)
     scale = np.abs(X).max(axis=0)
     scale[scale == 0] = 1.0
-    coef, *_ = np.linalg.lstsq((X / scale) * w[:, None], y * w, rcond=None)
+    coef, _ = nnls((X / scale) * w[:, None], y * w)
     return coef / scale
 
 

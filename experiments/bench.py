@@ -13,7 +13,6 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from envs.corpus import natural_text
 from envs.plan import SparsityPlan
 from envs.sparse_lm import SparseLM
-from experiments.report import REPO_ROOT, markdown_table, write_section
+from experiments.report import REPO_ROOT, markdown_table, time_round_robin, write_section
 
 COMMAND = "python -m experiments.bench"
 
@@ -47,25 +46,6 @@ def bench_plans(slm: SparseLM) -> dict[str, SparsityPlan]:
 def _pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
-def time_round_robin(
-    fns: dict[str, Callable[[], object]], warmup: int, repeats: int, seed: int = 0
-) -> dict[str, list[float]]:
-    """Run every fn ``warmup`` times, then ``repeats`` rounds of all fns in shuffled order; seconds per call."""
-    rng = random.Random(seed)
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(repeats):
-        rng.shuffle(names)
-        for n in names:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return times
 
 
 def ideal_speedup(plan: SparsityPlan, seq_len: int, past: int = 0) -> float:

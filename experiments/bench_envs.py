@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.report import markdown_table, write_section
+from experiments.report import markdown_table, time_round_robin, write_section
 
 COMMAND = "python -m experiments.bench_envs"
 MIX = {
@@ -51,20 +51,6 @@ ACTIONS = {
 
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
-
-
-def _round_robin(fns: dict[str, Callable[[], Any]], repeats: int, rng: random.Random) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for fn in fns.values():  # warm-up: plan views, dense references
-        fn()
-    for _ in range(repeats):
-        rng.shuffle(names)
-        for n in names:
-            t0 = time.perf_counter()
-            fns[n]()
-            out[n].append(time.perf_counter() - t0)
-    return out
 
 
 def overhead(
@@ -98,7 +84,7 @@ def overhead(
                 "forward": lambda ids=ids, plan=plan: slm.forward(ids, plan, logits="last"),
             }
             with torch.no_grad():
-                t = _round_robin(fns, repeats, rng)
+                t = time_round_robin(fns, 1, repeats, rng)
             env_med = statistics.median(t["env"])
             for k in ("scorer", "forward"):
                 r = env_med / statistics.median(t[k])
@@ -143,11 +129,12 @@ def probe_cost(env: Any, n_items: int, repeats: int, rng: random.Random) -> list
     for i in range(min(n_items, len(env.items))):
         ids = torch.tensor([env.scorer.encode(slm, env.items[i].prompt)])
         with torch.no_grad():
-            t = _round_robin(
+            t = time_round_robin(
                 {
                     "probe": lambda ids=ids: env.probe.run(ids),
                     "dense": lambda ids=ids: slm.forward(ids, None, logits="last"),
                 },
+                1,
                 repeats,
                 rng,
             )

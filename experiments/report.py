@@ -9,9 +9,10 @@ from __future__ import annotations
 import fcntl
 import os
 import platform
+import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,26 @@ def write_section(title: str, command: str, body: str, path: Path | None = None)
         fh.write(text.rstrip("\n") + "\n")
         fcntl.flock(fh, fcntl.LOCK_UN)
     return path
+
+
+def time_round_robin(
+    fns: dict[str, Callable[[], object]], warmup: int, repeats: int, seed: int | random.Random = 0
+) -> dict[str, list[float]]:
+    """Seconds per call of each fn: ``warmup`` untimed rounds, then ``repeats`` rounds in shuffled order.
+
+    Every round runs every fn once, so a burst of load from elsewhere on a shared machine hits all
+    of them alike and ratios between them stay fair.
+    """
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        rng.shuffle(names)
+        for n in names:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times

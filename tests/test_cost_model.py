@@ -243,3 +243,21 @@ def test_fit_leaves_out_a_contention_spike():
     assert n_out == 1
     np.testing.assert_allclose(coef, w, rtol=1e-9)
     assert _fit_wls(X, X @ w)[1] == 0
+
+
+def test_noisy_fit_keeps_prices_non_negative_and_predictions_monotone():
+    from envs.cost_model import _fit_wls
+
+    rng = np.random.default_rng(0)
+    X = np.column_stack([np.ones(12), rng.integers(1, 30, 12), rng.random((12, 2)) * 5])
+    true = np.array([0.01, 0.002, 0.05, 0.0])
+    y = X @ true * (1 + rng.normal(0, 0.25, 12))  # a loaded machine: 25% noise
+    y[3] *= 4  # one badly slowed measurement
+    coef, _ = _fit_wls(X, np.abs(y))
+    assert (coef >= 0).all()
+    # more work never costs less
+    base = np.array([1.0, 10, 1.0, 1.0])
+    for j in range(1, 4):
+        more = base.copy()
+        more[j] *= 2
+        assert more @ coef >= base @ coef
