@@ -421,10 +421,11 @@ def pareto_plot(static: Sequence[Run], families: Mapping[str, Sequence[Run]], pa
         x = [r.lat.mean() for r in static]
         y = [_score(r, scoring).mean() for r in static]
         ax.scatter(x, y, color="#888888", s=22, label="static plans", zorder=3)
+        right = max(x)  # frontiers stay flat beyond their last breakpoint: draw them out to the dense cost
         hx, hy = _hull(static, scoring, idx)
-        ax.plot(hx, hy, color="black", lw=1.8, label="static convex hull (StaticMix)")
+        ax.plot([*hx, right], [*hy, hy[-1]], color="black", lw=1.8, label="static convex hull (StaticMix)")
         ox, oy = _oracle(static, scoring, idx)
-        ax.plot(ox, oy, color="#c53030", lw=1.4, ls="--", label="oracle (hindsight)")
+        ax.plot([*ox, right], [*oy, oy[-1]], color="#c53030", lw=1.4, ls="--", label="oracle (hindsight)")
         for k, (name, fam) in enumerate(families.items()):
             c = colors[k % len(colors)]
             fx = [r.lat.mean() for r in fam]

@@ -130,12 +130,27 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     text = "\n\n".join(md) + "\n"
     ev.save_results(out, all_runs, rows, text)
     (out / "training.json").write_text(json.dumps(training, indent=1, default=float))
+    if cfg.get("benchmarks"):
+        write_benchmark_section(out, "python -m experiments.main")
     best = _best_ppo(static, families.get("PPO (adaptive)", []))
     if best is not None:
         shutil.copytree(out / "controllers" / best, out / "controller", dirs_exist_ok=True)
     print("\n" + head + "\n")
     print(f"Pareto plot: {plot}\nresults: {out / 'results.md'}\nexported controllers: {out / 'controllers'}")
     return {"headline": rows, "runs": [r.summary() for r in all_runs], "minutes": t_total / 60, "out": str(out)}
+
+
+def write_benchmark_section(out: Path, command: str) -> Path:
+    """Copy a finished run's headline and controller table into the BENCHMARKS.md section of the main job."""
+    from experiments.report import write_section
+
+    text = (out / "results.md").read_text()
+    body = text.split("\n", 1)[1].replace("![Pareto](pareto.png)", "![Pareto](reports/pareto_main.png)")
+    body = body.split("## Per task")[0].strip().replace("\n## ", "\n### ")
+    reports = Path(__file__).resolve().parent.parent / "reports"
+    reports.mkdir(exist_ok=True)
+    shutil.copyfile(out / "pareto.png", reports / "pareto_main.png")
+    return write_section("Main job: adaptive vs static pruning at equal measured latency", command, body)
 
 
 def _best_ppo(static: list[Any], runs: list[Any]) -> str | None:
