@@ -363,6 +363,47 @@ def greedy_policy(algo: Any, action_space: gym.Space) -> Callable[[np.ndarray], 
     return act
 
 
+def start_policy_at(algo: Any, action_space: gym.Space, keep: float, log_std: float) -> bool:
+    """Start a Gaussian policy with every keep fraction at ``keep`` and a given exploration width.
+
+    RLlib's default head starts at the middle of the (normalised) action box, i.e. keep fractions of
+    0.5 everywhere, which on a small LLM is far into the region where accuracy collapses: the first
+    iterations then only see near-chance accuracy and little reward gradient towards the plans that
+    work. Starting at the dense end (``keep=1``) and exploring downwards is the prior AMC-style
+    pruning agents use. The last layer of the policy head is shrunk (so the start is the same for
+    every observation) and its bias set; the learner's weights are then pushed to the env runners.
+
+    Returns:
+        Whether the policy was changed (only Box actions with a Gaussian head are).
+    """
+    import torch
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    if not isinstance(action_space, gym.spaces.Box):
+        return False
+    d = int(np.prod(action_space.shape))
+    low, high = action_space.low.reshape(-1), action_space.high.reshape(-1)
+    mean = 2.0 * (np.clip(keep, low, high) - low) / np.maximum(high - low, 1e-12) - 1.0  # normalised actions
+
+    def set_head(learner: Any) -> bool:
+        head = getattr(learner.module[DEFAULT_MODULE_ID], "pi", None)
+        linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if head is not None else []
+        if not linears or linears[-1].out_features != 2 * d:
+            return False
+        last = linears[-1]
+        with torch.no_grad():
+            last.weight.mul_(0.01)
+            last.bias[:d] = torch.as_tensor(mean, dtype=last.bias.dtype)
+            last.bias[d:] = log_std
+        return True
+
+    # The learner holds the weights that train; env runners get them from it (not the other way round).
+    if not all(algo.learner_group.foreach_learner(set_head)):
+        return False
+    algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group)
+    return True
+
+
 class RLlibTrainer:
     """An RLlib algorithm behind the small interface :mod:`experiments.train` drives (also the bandit's).
 
@@ -408,6 +449,9 @@ class RLlibTrainer:
         )
         self.algo = config.build_algo()
         self.env_steps = 0
+        init = algo_cfg.get("init_policy")
+        if init:
+            start_policy_at(self.algo, action_space, float(init["keep"]), float(init["log_std"]))
 
     def train_iteration(self) -> dict[str, float]:
         """One ``algo.train()``; returns per-iteration means and counters."""

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from envs.sparse_lm import SparseLM
 
     t_start = time.perf_counter()
-    slm = SparseLM.from_pretrained(threads=args.threads)
+    slm = SparseLM.from_pretrained(args.model, threads=args.threads)
     items = load_mix(args.mix, args.split, n=args.limit or args.n, seed=args.seed)
     grid = GRID[: args.plans] if args.plans else GRID
     plans = [slm.uniform_plan(layers=f[0], heads=f[1], mlp=f[2]) for f in grid]
@@ -215,7 +215,8 @@ def _report(
     print(body)
     if not args.no_write:
         cmd = "python -m experiments.headroom " + " ".join(args.argv)
-        write_section(TITLE, cmd.strip(), body)
+        title = TITLE if args.model == "smollm2-135m" else f"Oracle headroom ({args.model})"
+        write_section(title, cmd.strip(), body)
     return {"cost": cost, "raw": raw, "rel": rel, "feature": feat, "curves": curves}
 
 
@@ -285,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m experiments.headroom",
         description="Oracle headroom study: accuracy vs measured cost of static plans, their hull, the per-input "
         "oracle and a cross-validated probe rule, on a workload mix of the embedded model.",
+    )
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="model name or folder, e.g. a prepared smollm2-135m-ready"
     )
     parser.add_argument("--mix", default="mc", help="workload mix name or YAML file (default: mc)")
     parser.add_argument("--split", default="val", choices=("train", "val", "test"), help="split to score")

@@ -305,3 +305,30 @@ def test_joins_an_existing_cluster(tmp_path, monkeypatch):
     finally:
         _kill_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ppo_starts_at_the_dense_plan(ray_cluster):
+    import numpy as np
+
+    from agents.rllib import RLlibTrainer, greedy_policy, make_env
+    from experiments.train import env_settings
+
+    cfg = cfg_for(*TINY, "algo=ppo")
+    env_id, kwargs = env_settings(cfg)
+    env = make_env(env_id, kwargs)
+    from omegaconf import OmegaConf
+
+    algo_cfg = OmegaConf.to_container(cfg.algo, resolve=True)
+    trainer = RLlibTrainer(algo_cfg, env_id, kwargs, env.action_space, seed=0)
+    try:
+        act = greedy_policy(trainer.algo, env.action_space)
+        obs, _ = env.reset(seed=0)
+        assert np.allclose(act(obs), 1.0, atol=1e-3)  # every keep fraction at 1: the dense plan
+        algo_cfg.pop("init_policy")
+        plain = RLlibTrainer(algo_cfg, env_id, kwargs, env.action_space, seed=0)
+        try:
+            assert not np.allclose(greedy_policy(plain.algo, env.action_space)(obs), 1.0, atol=0.05)
+        finally:
+            plain.stop()
+    finally:
+        trainer.stop()
