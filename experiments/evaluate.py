@@ -181,23 +181,45 @@ def _run(name: str, family: str, cols: dict[str, list[Any]]) -> Run:
     )
 
 
-def static_table(env: Any, candidates: Sequence[PlanController], n: int) -> tuple[list[Run], np.ndarray]:
-    """Every candidate on every input, sharing one probe per input; returns runs and observations."""
-    cols = [{k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok")} for _ in candidates]
+def sweep(
+    env: Any,
+    candidates: Sequence[PlanController],
+    n: int,
+    controllers: Sequence[tuple[PlanController, str]] = (),
+    seed: int = 0,
+) -> tuple[list[Run], list[Run], np.ndarray]:
+    """Static candidates and controllers on every input, interleaved, sharing one probe per input.
+
+    For each input, every static plan and every controller runs back to back, in an order shuffled
+    per input, so slow drifts of the machine (other load, clocks) hit them alike instead of
+    favouring whichever was measured in a quieter phase.
+
+    Returns:
+        The static runs, the controller runs (in the order given) and the observations.
+    """
+    everyone: list[tuple[PlanController, str]] = [(c, "static") for c in candidates] + list(controllers)
+    cols = [{k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok")} for _ in everyone]
+    rng = np.random.default_rng(seed)
     obs_all = []
-    for i in tqdm(range(n), desc="static sweep"):
+    for i in tqdm(range(n), desc="static sweep and controllers"):
         obs, _ = env.reset(options={"item": i})
         obs_all.append(obs)
         ctx = context(env, i)
-        for c, cand in zip(cols, candidates, strict=True):
+        for j in rng.permutation(len(everyone)):
             t0 = time.perf_counter()
-            plan = cand(obs, ctx)
+            plan = everyone[j][0](obs, ctx)
             dec = time.perf_counter() - t0
             _, _, _, _, info = env.step_plan(plan, keep_open=True)
-            _collect(c, info, dec)
+            _collect(cols[j], info, dec)
         env._done = True
-    runs = [_run(cand.name, "static", c) for cand, c in zip(candidates, cols, strict=True)]
-    return runs, np.array(obs_all)
+    runs = [_run(c.name, fam, col) for (c, fam), col in zip(everyone, cols, strict=True)]
+    return runs[: len(candidates)], runs[len(candidates) :], np.array(obs_all)
+
+
+def static_table(env: Any, candidates: Sequence[PlanController], n: int) -> tuple[list[Run], np.ndarray]:
+    """Every candidate on every input, sharing one probe per input; returns runs and observations."""
+    static, _, obs = sweep(env, candidates, n)
+    return static, obs
 
 
 def default_candidates(budgets: Sequence[float] = (0.9, 0.8, 0.7, 0.6, 0.5)) -> list[PlanController]:
@@ -448,7 +470,17 @@ def pareto_plot(static: Sequence[Run], families: Mapping[str, Sequence[Run]], pa
     return path
 
 
-def entropy_rules(static: Sequence[Run], obs: np.ndarray, feature_names: Sequence[str]) -> list[PlanController]:
+def probe_observations(env: Any, n: int) -> np.ndarray:
+    """The probe's observation of each of the first ``n`` inputs (no plan runs, nothing is scored)."""
+    out = []
+    for i in range(n):
+        obs, _ = env.reset(options={"item": i})
+        out.append(obs)
+        env._done = True
+    return np.array(out)
+
+
+def entropy_rules(obs: np.ndarray, feature_names: Sequence[str]) -> list[PlanController]:
     """EntropyThreshold heuristics: dense for uncertain inputs, a cheaper static plan for confident ones.
 
     The thresholds are quantiles of the entropy feature, a hand-set rule (not fitted on scores).
@@ -552,21 +584,19 @@ def main(argv: list[str] | None = None) -> None:
         env_kwargs={"threads": args.threads, **args.env_kwargs},
     )
     n = min(args.n_items, len(env.items))
-    runs: list[Run] = []
-    families: dict[str, list[Run]] = {}
-    for spec in args.controller:
-        ctrl, fam = parse_controller(spec, env)
-        run = run_controller(env, ctrl, n, fam)
-        runs.append(run)
-        families.setdefault(fam, []).append(run)
+    chosen = [parse_controller(spec, env) for spec in args.controller]
     md = [f"# Evaluation: {args.model}, task {args.task}, {args.split} split, {n} inputs, measured latency\n"]
     rows = None
+    families: dict[str, list[Run]] = {}
     if args.pareto:
-        static, obs = static_table(env, default_candidates(), n)
-        for rule in entropy_rules(static, obs, env.probe.feature_names):
-            r = run_controller(env, rule, n, "EntropyThreshold")
-            runs.append(r)
-            families.setdefault("EntropyThreshold", []).append(r)
+        rules = entropy_rules(probe_observations(env, n), env.probe.feature_names)
+        chosen += [(rule, "EntropyThreshold") for rule in rules]
+        static, runs, _ = sweep(env, default_candidates(), n, chosen)
+    else:
+        static, runs = [], [run_controller(env, c, n, fam) for c, fam in chosen]
+    for run in runs:
+        families.setdefault(run.family, []).append(run)
+    if args.pareto:
         fams = {k: v for k, v in families.items() if k not in ("static", "Dense")}
         rows = headline(static, fams)
         md.append(headline_markdown(rows))

@@ -110,3 +110,14 @@ def test_parse_controller_errors(tiny_env):
         ev.parse_controller("nonsense", tiny_env)
     with pytest.raises(ValueError, match="bad controller spec"):
         ev.parse_controller("static:1,2", tiny_env)
+
+
+def test_sweep_interleaves_controllers_with_the_same_results(tiny_env):
+    ctrl = StaticUniform(layers=0.5, mlp=0.5)
+    static, runs, obs = ev.sweep(tiny_env, [Dense()], 3, [(ctrl, "mine")], seed=3)
+    live = ev.run_controller(tiny_env, ctrl, 3)
+    assert [r.family for r in runs] == ["mine"] and len(static) == 1 and obs.shape[0] == 3
+    assert np.array_equal(runs[0].rel, live.rel) and np.array_equal(runs[0].lat, live.lat)
+    probes = ev.probe_observations(tiny_env, 3)
+    assert np.allclose(probes, obs)
+    assert len(ev.entropy_rules(probes, tiny_env.probe.feature_names)) == 3
