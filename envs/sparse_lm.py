@@ -98,6 +98,7 @@ class _Sel:
     up_w: torch.Tensor | None
     up_b: torch.Tensor | None
     down_w: torch.Tensor | None
+    kv_identity: bool = False  # every KV head kept, in model order: the cache needs no scatter or mask
 
 
 def _rows(w: torch.Tensor, n_groups: int, perm: torch.Tensor) -> torch.Tensor:
@@ -543,7 +544,9 @@ class SparseLM:
                 up_b=None if b.up_b is None else b.up_b.index_select(0, idx),
                 down_w=b.down_w.index_select(1, idx),
             )
-        return _Sel(n_heads=nh, n_kv=nkv, n_ch=nc, **attn, **mlp)
+        kv_ids = attn["kv_ids"]
+        kv_identity = nkv == s.num_kv_heads and bool((kv_ids == torch.arange(s.num_kv_heads)).all())
+        return _Sel(n_heads=nh, n_kv=nkv, n_ch=nc, **attn, **mlp, kv_identity=kv_identity)
 
     def _two_four_weights(self, i: int) -> dict[str, torch.Tensor]:
         """Layer ``i``'s prepared 2:4 weights (``gate_w``, ``up_w``, ``down_w``, maybe ``q_w``...)."""
@@ -645,7 +648,7 @@ class SparseLM:
         assert cache is not None
         s = self.spec
         B, _, T, d = k.shape
-        full = sel.n_kv == s.num_kv_heads and bool((sel.kv_ids == torch.arange(s.num_kv_heads)).all())
+        full = sel.kv_identity
         if full:
             k_new, v_new, valid_new = k, v, None
         else:
