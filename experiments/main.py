@@ -144,7 +144,9 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     return {"headline": rows, "runs": [r.summary() for r in all_runs], "minutes": t_total / 60, "out": str(out)}
 
 
-def write_benchmark_section(out: Path, command: str) -> Path:
+def write_benchmark_section(
+    out: Path, command: str, title: str = "Main job: adaptive vs static pruning at equal measured latency"
+) -> Path:
     """Copy a finished run's headline and controller table into the BENCHMARKS.md section of the main job."""
     from experiments.report import write_section
 
@@ -153,8 +155,10 @@ def write_benchmark_section(out: Path, command: str) -> Path:
     body = body.split("## Per task")[0].strip().replace("\n## ", "\n### ")
     reports = Path(__file__).resolve().parent.parent / "reports"
     reports.mkdir(exist_ok=True)
-    shutil.copyfile(out / "pareto.png", reports / "pareto_main.png")
-    return write_section("Main job: adaptive vs static pruning at equal measured latency", command, body)
+    plot = "pareto_main.png" if title.startswith("Main job: adaptive") else f"pareto_{out.name}.png"
+    body = body.replace("reports/pareto_main.png", f"reports/{plot}")
+    shutil.copyfile(out / "pareto.png", reports / plot)
+    return write_section(title, command, body)
 
 
 def _best_ppo(static: list[Any], runs: list[Any]) -> str | None:
