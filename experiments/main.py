@@ -150,13 +150,12 @@ def write_benchmark_section(
     """Copy a finished run's headline and controller table into the BENCHMARKS.md section of the main job."""
     from experiments.report import write_section
 
+    plot = "pareto_main.png" if title.startswith("Main job: adaptive") else f"pareto_{out.name}.png"
     text = (out / "results.md").read_text()
-    body = text.split("\n", 1)[1].replace("![Pareto](pareto.png)", "![Pareto](reports/pareto_main.png)")
+    body = text.split("\n", 1)[1].replace("![Pareto](pareto.png)", f"![Pareto](reports/{plot})")
     body = body.split("## Per task")[0].strip().replace("\n## ", "\n### ")
     reports = Path(__file__).resolve().parent.parent / "reports"
     reports.mkdir(exist_ok=True)
-    plot = "pareto_main.png" if title.startswith("Main job: adaptive") else f"pareto_{out.name}.png"
-    body = body.replace("reports/pareto_main.png", f"reports/{plot}")
     shutil.copyfile(out / "pareto.png", reports / plot)
     return write_section(title, command, body)
 
