@@ -78,16 +78,20 @@ class PlanDistribution:
             otherwise each layer draws its own.
         kv_drop_prob: Per running layer, probability of dropping KV groups; the number of groups
             kept is then uniform in ``[1, num_kv_heads - 1]`` (the most important ones are kept).
+        kv_shared_prob: Probability that, when the ``"kv"`` family is active, every running layer
+            keeps the same number of KV groups (a static-like plan, as a head keep fraction in an
+            action builds); otherwise each layer draws with ``kv_drop_prob``.
     """
 
     families: tuple[str, ...] = PLAN_FAMILIES
-    dense_prob: float = 0.2
+    dense_prob: float = 0.33
     family_prob: float = 0.6
-    layer_rate_max: float = 0.4
-    layer_choice: str = "mixed"
-    mlp_levels: tuple[float, ...] = (0.25, 0.5, 0.625, 0.75, 0.875)
-    mlp_shared_prob: float = 0.5
+    layer_rate_max: float = 0.5
+    layer_choice: str = "importance"
+    mlp_levels: tuple[float, ...] = (0.375, 0.5, 0.625, 0.75, 0.875)
+    mlp_shared_prob: float = 0.8
     kv_drop_prob: float = 0.3
+    kv_shared_prob: float = 0.5
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "plan") -> PlanDistribution:
@@ -124,7 +128,14 @@ class PlanDistribution:
             raise ValueError(f"{where}.mlp_levels is empty but the 'mlp' family is sampled: give keep fractions")
         rates = {
             k: _fraction(f"{where}.{k}", data.get(k, getattr(cls, k)))
-            for k in ("dense_prob", "family_prob", "layer_rate_max", "mlp_shared_prob", "kv_drop_prob")
+            for k in (
+                "dense_prob",
+                "family_prob",
+                "layer_rate_max",
+                "mlp_shared_prob",
+                "kv_drop_prob",
+                "kv_shared_prob",
+            )
         }
         if fam and rates["family_prob"] == 0.0:
             raise ValueError(f"{where}.family_prob must be > 0 when families are sampled")
@@ -149,6 +160,9 @@ class PrepareConfig:
         time_budget_min: Wall-clock bound on training, in minutes (checked after each step).
         seq_len: Tokens per training sequence.
         batch_size: Sequences per step.
+        plans_per_step: Plans run on each batch, their gradients averaged into one optimiser step.
+            The teacher's forward is shared, so a second plan costs about a sixth less than a
+            second step, and the step's gradient mixes several sub-networks.
         lr: Peak learning rate (AdamW), reached after ``warmup_steps`` and then held (a run is bounded
             by time, so its length is not known in advance to schedule a decay).
         warmup_steps: Linear warm-up steps.
@@ -166,9 +180,10 @@ class PrepareConfig:
 
     method: str = "lora"
     max_steps: int = 100000
-    time_budget_min: float = 20.0
+    time_budget_min: float = 28.0
     seq_len: int = 256
     batch_size: int = 1
+    plans_per_step: int = 2
     lr: float = 5e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -210,6 +225,7 @@ class PrepareConfig:
             ("max_steps", 0),
             ("seq_len", 2),
             ("batch_size", 1),
+            ("plans_per_step", 1),
             ("warmup_steps", 0),
             ("lora_rank", 1),
             ("checkpoint_every", 0),
@@ -284,14 +300,19 @@ class PlanSampler:
                 mlp[:] = round(float(rng.choice(d.mlp_levels)) * s.intermediate_size)
             else:
                 mlp = np.array([round(float(v) * s.intermediate_size) for v in rng.choice(d.mlp_levels, s.num_layers)])
+        shared_groups: int | None = None
+        if "kv" in active and s.num_kv_heads > 1 and rng.random() < d.kv_shared_prob:
+            shared_groups = int(rng.integers(1, s.num_kv_heads))
         layers = []
         for i in range(s.num_layers):
             if not run[i]:
                 layers.append(LayerPlan(False, (), (), 0))
                 continue
             heads, kv = tuple(range(s.num_heads)), tuple(range(s.num_kv_heads))
-            if "kv" in active and s.num_kv_heads > 1 and rng.random() < d.kv_drop_prob:
+            groups = shared_groups
+            if groups is None and "kv" in active and s.num_kv_heads > 1 and rng.random() < d.kv_drop_prob:
                 groups = int(rng.integers(1, s.num_kv_heads))
+            if groups is not None:
                 hp = select_heads(s, self.importance.head_order[i], self.importance.kv_order[i], groups * s.group_size)
                 assert hp is not None
                 heads, kv = hp.heads, hp.kv_heads
@@ -609,9 +630,11 @@ class PrepareResult:
         start_step: The step training started (or resumed) at.
         stopped_by: ``"max_steps"`` or ``"time_budget"``.
         train_seconds: Wall time spent in training steps in this run (excluding evaluation).
+        train_seconds_total: The same, including the runs before a resume.
         before: Held-out figures of the original model.
         after: The same figures after training.
-        losses: ``(step, loss, dense_step)`` per step of this run.
+        losses: ``(step, loss, dense_step)`` per step of this run (the loss averaged over the step's
+            plans; ``dense_step`` when all of them were dense).
         plan_summary: Statistics of the plan distribution.
     """
 
@@ -619,6 +642,7 @@ class PrepareResult:
     start_step: int
     stopped_by: str
     train_seconds: float
+    train_seconds_total: float
     before: dict[str, Any]
     after: dict[str, Any]
     losses: list[tuple[int, float, bool]]
@@ -770,30 +794,43 @@ def prepare_model(
     t0 = time.perf_counter()
     stopped_by = "max_steps"
     step = start
-    bar = tqdm(total=cfg.max_steps, initial=start, disable=not progress, desc="prepare", dynamic_ncols=True)
+
+    # Either bound may end the run: the bar shows the share of whichever is nearer, so its ETA is real.
+    def done_pct() -> int:
+        by_steps = step / cfg.max_steps if cfg.max_steps else 1.0
+        by_time = (time.perf_counter() - t0) / budget_s if budget_s > 0 else 1.0
+        return min(100, int(100 * max(by_steps, by_time)))
+
+    bar = tqdm(total=100, unit="%", disable=not progress, desc="prepare", dynamic_ncols=True)
     try:
         while step < cfg.max_steps:
             if time.perf_counter() - t0 >= budget_s:
                 stopped_by = "time_budget"
                 break
             ids = batch_for_step(train, cfg.seed, step, cfg.batch_size)
-            plan = sampler.sample(step_rng(cfg.seed, step))
+            # Plan j of a step comes from stream j; stream 0 is the single-plan run's plan.
+            plans = [sampler.sample(step_rng(cfg.seed, step, stream=j)) for j in range(cfg.plans_per_step)]
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step)
             t_logp = teacher_logprobs(teacher, ids)
-            ctx = deltas.applied() if deltas is not None else _nullcontext()
-            with ctx:
-                logits = student.forward(ids, plan, logits="all", grad=True).logits
-                loss = kl_teacher_student(logits, t_logp)
-                if cfg.lm_weight:
-                    loss = loss + cfg.lm_weight * lm_loss(logits, ids)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total = 0.0
+            with deltas.applied() if deltas is not None else _nullcontext():
+                for j, plan in enumerate(plans):  # a backward per plan: one plan's activations alive at a time
+                    logits = student.forward(ids, plan, logits="all", grad=True).logits
+                    loss = kl_teacher_student(logits, t_logp)
+                    if cfg.lm_weight:
+                        loss = loss + cfg.lm_weight * lm_loss(logits, ids)
+                    # The deltas' graph (W + BA) is shared by the plans: keep it until the last backward.
+                    (loss / len(plans)).backward(retain_graph=deltas is not None and j < len(plans) - 1)
+                    total += float(loss.detach()) / len(plans)
+                    del logits, loss
             optimizer.step()
             step += 1
-            losses.append((step, float(loss.detach()), plan.is_dense))
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", cost=f"{plan.cost_fraction():.2f}")
+            losses.append((step, total, all(p.is_dense for p in plans)))
+            bar.update(done_pct() - bar.n)
+            cost = float(np.mean([p.cost_fraction() for p in plans]))
+            bar.set_postfix(step=step, loss=f"{total:.4f}", cost=f"{cost:.2f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                 checkpoint(step, elapsed_before + time.perf_counter() - t0)
     finally:
@@ -816,6 +853,7 @@ def prepare_model(
         start_step=start,
         stopped_by=stopped_by,
         train_seconds=train_s,
+        train_seconds_total=elapsed_before + train_s,
         before=before,
         after=after,
         losses=losses,

@@ -11,6 +11,10 @@ Two modes:
 - ``python -m experiments.bench_prepare methods --minutes M``: full fine-tuning vs LoRA, each run
   for the same wall-clock budget from the same start, measuring the held-out pruned-plan KL drop
   per training minute. Section "Pruning-ready models: full fine-tuning vs LoRA".
+- ``python -m experiments.bench_prepare compare --prepared A B ...``: prepared models (other
+  recipes, data, budgets) side by side: the goal's own figure (the best static family's
+  dense-relative ΔNLL at 70% of dense cost, as a share of the original model's) and the dense
+  model's drift on natural text and on task answers. Section "Pruning-ready models: recipes compared".
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ import numpy as np
 import torch
 
 from envs.plan import SparsityPlan
-from envs.prepare import evaluate_plans, teacher_logprobs, text_sequences
+from envs.prepare import PrepareConfig, evaluate_plans, teacher_logprobs, text_sequences
 from envs.sparse_lm import SparseLM
 from experiments.report import markdown_table, write_section
 
 THREADS = 2  # the reference machine has 2 cores; set deliberately so timings are comparable
 LEVELS = (0.9, 0.8, 0.7, 0.6)
+FAMILIES = ("layers", "mlp", "heads", "mixed")
 
 
 def static_plans(slm: SparseLM, base: SparseLM) -> list[tuple[str, float, SparsityPlan]]:
@@ -75,6 +80,151 @@ def _latency(slm: SparseLM, plan: SparsityPlan, ids: torch.Tensor) -> float | No
     # Latency depends on the plan, not on the weights: one measurement per plan serves both models.
     meter = Meter(device="cpu", warmup=1, repeats=5, energy="off", memory=False)
     return float(meter.measure(fn, tokens=int(ids.numel())).latency_p50_s)
+
+
+def _val_sequences(args: argparse.Namespace, base: SparseLM) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Held-out val news sequences (past the documents preparation evaluates on) and the original's log-probs."""
+    from envs.corpus import natural_text
+
+    docs = natural_text("val")[args.skip_docs : args.skip_docs + args.docs]
+    seqs = text_sequences(base.tokenizer, docs, args.seq_len)[: args.sequences]
+    return seqs, [teacher_logprobs(base, s.reshape(1, -1)) for s in seqs]
+
+
+def best_static_loss(
+    slm: SparseLM, base: SparseLM, seqs: list[torch.Tensor], reference: list[torch.Tensor], target: float
+) -> tuple[float, str, dict[str, float]]:
+    """The best static family's dense-relative ΔNLL at ``target`` FLOP cost, its name, and the dense figures."""
+    dense = evaluate_plans(slm, [slm.dense_plan()], seqs, reference=reference)[0]
+    plans = static_plans(slm, base)
+    res = evaluate_plans(slm, [p for _, _, p in plans], seqs, reference=reference)
+    cands = []
+    for fam in FAMILIES:
+        pts = [(1.0, 0.0)] + [
+            (r["cost"], r["nll"] - dense["nll"]) for (f, _, _), r in zip(plans, res, strict=True) if f == fam
+        ]
+        v = _interp_at([c for c, _ in pts], [d for _, d in pts], target)
+        if v is not None:
+            cands.append((v, fam))
+    if not cands:
+        raise ValueError(f"no static family reaches cost {target}; lower --target")
+    v, fam = min(cands)
+    return v, fam, dense
+
+
+def _config_changes(config: dict[str, Any], ref: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key=value`` for every training setting of a card that differs from ``ref`` (the current defaults)."""
+    out = []
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out += _config_changes(v, ref.get(k, {}), f"{prefix}{k}.")
+        elif k not in ("max_steps", "time_budget_min", "checkpoint_every", "eval_plans") and ref.get(k) != v:
+            out.append(f"{prefix}{k}={json.dumps(v, separators=(',', ':'))}")
+    return out
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Prepared models side by side: static loss on natural text, dense drift on tasks (module docstring)."""
+    from tqdm.auto import tqdm
+
+    from envs.models import EMBEDDED_MODEL
+    from envs.tasks import Scorer, load_mix
+
+    torch.set_num_threads(args.threads)
+    base = SparseLM.from_pretrained(EMBEDDED_MODEL)
+    seqs, reference = _val_sequences(args, base)
+    v0, f0, d0 = best_static_loss(base, base, seqs, reference, args.target)
+    items = load_mix(args.mix, "val", n=args.tasks, seed=0)
+    arith = np.array(["arithmetic" in it.task for it in items])
+    scorer = Scorer()
+
+    def dense_answers(slm: SparseLM) -> list[dict[str, Any]]:
+        return [scorer.dense_reference(slm, it) for it in tqdm(items, desc=f"{slm.name} dense", leave=False)]
+
+    ref_answers = dense_answers(base)
+    ref_ok = np.array([r["correct"] for r in ref_answers], dtype=float)
+    defaults = PrepareConfig().to_dict()
+
+    rows = [
+        [
+            "original",
+            "—",
+            "—",
+            f"{v0:+.3f} ({f0})",
+            "1.00",
+            "+0.00%",
+            "1.000",
+            f"{ref_ok.mean():.3f}",
+            "1.000",
+            f"{ref_ok[~arith].mean():.3f}",
+            "1.000",
+        ]
+    ]
+    for name in args.prepared:
+        ready = SparseLM.from_pretrained(name)
+        card_path = Path(ready.cache_dir) / "card.json" if ready.cache_dir else None
+        card = json.loads(card_path.read_text()) if card_path and card_path.is_file() else {}
+        v, fam, dense = best_static_loss(ready, base, seqs, reference, args.target)
+        ans = dense_answers(ready)
+        ok = np.array([r["correct"] for r in ans], dtype=float)
+        same = np.array([a["pick"] == b["pick"] for a, b in zip(ans, ref_answers, strict=True)], dtype=float)
+        text = card.get("data", {}).get("train", "?")
+        config = card.get("config", {})
+        # Settings added later had these values before they existed.
+        config = {"plans_per_step": 1, **config, "plan": {"kv_shared_prob": 0.0, **config.get("plan", {})}}
+        changes = _config_changes(config, defaults)
+        if "Python reference" not in text:  # cards name their text sources; older ones read the news alone
+            changes.append("text=[news]" if "polarity" not in text else "text=[news,polarity]")
+        how = (
+            f"{card.get('steps')} steps, {card.get('train_seconds', card.get('train_seconds_this_run'))} s, "
+            f"threads {card.get('torch_threads')}"
+        )
+        rows.append(
+            [
+                f"`{name}`",
+                how,
+                ", ".join(f"`{c}`" for c in changes) or "the defaults",
+                f"{v:+.3f} ({fam})",
+                f"{v / v0:.2f}",
+                f"{100 * (dense['nll'] - d0['nll']) / d0['nll']:+.2f}%",
+                f"{dense['agree']:.3f}",
+                f"{ok.mean():.3f}",
+                f"{same.mean():.3f}",
+                f"{ok[~arith].mean():.3f}",
+                f"{same[~arith].mean():.3f}",
+            ]
+        )
+        print(rows[-1], flush=True)
+    n_tok = sum(int(s.numel()) for s in seqs)
+    body = (
+        f"Prepared models of the embedded model, side by side. Static loss: the best static family's dense-relative "
+        f"ΔNLL at {args.target:.0%} of dense FLOPs (interpolated; families {', '.join(FAMILIES)}, built with the "
+        f"base model's orderings) on {len(seqs)} × {args.seq_len} val-split news tokens ({n_tok}); "
+        "÷ original is the goal's ratio (≤ 0.50). Dense drift: the prepared dense model's NLL change and top-1 "
+        f"agreement with the original on that text, and its answers on {len(items)} val items of the `{args.mix}` "
+        f"mix ({int((~arith).sum())} of them not BIG-bench arithmetic, where the original is far above chance): "
+        "raw accuracy and the share of items where it picks the original's answer. Settings are the differences "
+        "from the current `conf/prepare.yaml`, read from each model's card.\n\n"
+        + markdown_table(
+            [
+                "model",
+                "training",
+                "settings",
+                f"static ΔNLL at {args.target:.0%}",
+                "÷ original",
+                "dense NLL",
+                "dense top-1 agree",
+                "task acc",
+                "same answer",
+                "task acc (non-arith.)",
+                "same answer (non-arith.)",
+            ],
+            rows,
+        )
+    )
+    print(body)
+    cmd = "python -m experiments.bench_prepare " + " ".join(sys.argv[1:])
+    write_section("Pruning-ready models: recipes compared", cmd, body)
 
 
 def curves(args: argparse.Namespace) -> None:
@@ -192,16 +342,20 @@ def curves(args: argparse.Namespace) -> None:
             "Task accuracy: not measured in this run (`--tasks 0` or no `envs/tasks`); NLL and agreement only."
         )
     lines.append(
-        "Headroom study (static hull, oracle) on the prepared model: not run here; `experiments.headroom` "
-        "evaluates the embedded model only (it has no model switch yet)."
+        f'Headroom study (static hull, oracle, measured latency) on both models: sections "Oracle headroom '
+        f'(embedded model)" and "Oracle headroom ({args.prepared})" (`python -m experiments.headroom '
+        f"--model {args.prepared}`)."
     )
     prep = ""
     mean_cost = card.get("plan_distribution", {}).get("cost_fraction", {}).get("mean", 0.0)
     if card:
         prep = (
             f"Prepared model `{args.prepared}`: {card.get('method')} fine-tuning, {card.get('steps')} steps "
-            f"({card.get('stopped_by')}), {card.get('tokens_seen')} training tokens (news train split), "
-            f"{card.get('train_seconds_this_run')} s of training, torch threads {card.get('torch_threads')}; "
+            f"({card.get('stopped_by')}), {card.get('tokens_seen')} training tokens "
+            f"({card.get('data', {}).get('train', 'news train split')}), "
+            f"{card.get('train_seconds', card.get('train_seconds_this_run'))} s of training "
+            f"({card.get('plan_forwards', card.get('steps'))} pruned-or-dense student forwards), torch threads "
+            f"{card.get('torch_threads')} (the last run's); "
             f"plan distribution {json.dumps(card.get('config', {}).get('plan'))}; "
             f"sampled plans' mean FLOP cost {mean_cost:.3f}."
         )
@@ -226,26 +380,85 @@ def curves(args: argparse.Namespace) -> None:
 def _task_accuracy(
     args: argparse.Namespace, base: SparseLM, ready: SparseLM, plans: list[tuple[str, float, SparsityPlan]]
 ) -> str | None:
-    """Task accuracy of both models, dense and under each family's plan nearest the target cost."""
+    """Task accuracy of both models, dense and under each family's plan nearest the target cost.
+
+    Raw credit is against the labels; dense-relative credit is agreement with the *same* model's
+    dense answer (the suite's headline scoring), so ``1 - dense-relative`` is the static plan's
+    accuracy loss. The dense models are also compared with each other: how often the prepared
+    dense model picks what the original does, and the raw accuracy difference with a paired
+    bootstrap interval.
+    """
     if importlib.util.find_spec("envs.tasks") is None:
         return None
+    from tqdm.auto import tqdm
+
     from envs.tasks import Scorer, load_mix
 
     items = load_mix(args.mix, "val", n=args.tasks, seed=0)
     scorer = Scorer()
-    chosen: list[tuple[str, SparsityPlan]] = [("dense", base.dense_plan())]
+    chosen: list[tuple[str, str, SparsityPlan | None]] = [("dense", "dense", None)]
     for fam in ("layers", "mlp", "mixed"):
         fam_plans = [(abs(p.cost_fraction() - args.target), lv, p) for f, lv, p in plans if f == fam]
         _, lv, plan = min(fam_plans, key=lambda t: t[0])
-        chosen.append((f"{fam} {lv:.2f} (cost {plan.cost_fraction():.2f})", plan))
+        chosen.append((fam, f"{fam} {lv:.2f} (cost {plan.cost_fraction():.2f})", plan))
+    raw: dict[str, np.ndarray] = {}
+    rel: dict[str, np.ndarray] = {}
+    picks: dict[str, list[Any]] = {}
+    bar = tqdm(total=2 * len(items) * len(chosen), desc="task items", dynamic_ncols=True)
+    for tag, slm in (("original", base), ("prepared", ready)):
+        refs = [scorer.dense_reference(slm, it) for it in items]
+        picks[tag] = [r.get("pick", r.get("text")) for r in refs]
+        for fam, _label, plan in chosen:
+            sc = []
+            for it, ref in zip(items, refs, strict=True):
+                sc.append(scorer.score(slm, it, plan if plan is not None else slm.dense_plan(), ref))
+                bar.update(1)
+            raw[f"{tag}/{fam}"] = np.array([x.raw for x in sc])
+            rel[f"{tag}/{fam}"] = np.array([x.dense_relative for x in sc])
+    bar.close()
     out = []
-    for label, plan in chosen:
-        accs = [float(np.mean([scorer.score(slm, it, plan).raw for it in items])) for slm in (base, ready)]
-        out.append([label, f"{accs[0]:.3f}", f"{accs[1]:.3f}", f"{100 * (accs[1] - accs[0]):+.1f}"])
-        print(out[-1], flush=True)
+    for fam, label, _plan in chosen:
+        ro, rp = raw[f"original/{fam}"].mean(), raw[f"prepared/{fam}"].mean()
+        out.append(
+            [
+                label,
+                f"{ro:.3f}",
+                f"{rp:.3f}",
+                f"{100 * (rp - ro):+.1f}",
+                f"{rel[f'original/{fam}'].mean():.3f}",
+                f"{rel[f'prepared/{fam}'].mean():.3f}",
+            ]
+        )
+    diff = raw["prepared/dense"] - raw["original/dense"]
+    rng = np.random.default_rng(0)
+    boot = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(2000)]
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    same = float(np.mean([a == b for a, b in zip(picks["original"], picks["prepared"], strict=True)]))
+    loss = {
+        tag: min((1 - rel[f"{tag}/{fam}"].mean(), fam) for fam, _, plan in chosen if plan is not None)
+        for tag in ("original", "prepared")
+    }
+    (lo_o, fo), (lo_p, fp) = loss["original"], loss["prepared"]
+    ratio = lo_p / lo_o if lo_o > 0 else float("nan")
+    dense_ok = diff.mean() >= -0.01  # "must not get worse": a gain is fine
+    lines = [
+        f"Task items: {len(items)} val items of the `{args.mix}` mix. Raw credit is against the labels; "
+        "dense-relative credit is agreement with the same model's dense answer.",
+        f"Dense task accuracy: {raw['original/dense'].mean():.3f} → {raw['prepared/dense'].mean():.3f} "
+        f"({100 * diff.mean():+.1f} points, paired bootstrap 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}]; goal: "
+        f"not worse by more than 1 point: {'met' if dense_ok else 'not met'}). The prepared dense model picks "
+        f"the original's answer on {same:.3f} of the items.",
+        f"Static accuracy loss (1 − dense-relative credit) of the best family near {args.target:.0%} cost: "
+        f"{lo_o:.3f} ({fo}) on the original model, {lo_p:.3f} ({fp}) on the prepared one: ratio {ratio:.2f} "
+        f"(goal ≤ 0.50: {'met' if ratio <= 0.5 else 'not met'}).",
+    ]
+    print("\n".join(lines), flush=True)
     return (
-        f"Task accuracy on {len(items)} val items of the `{args.mix}` mix (raw credit against the labels):\n\n"
-        + markdown_table(["plan", "original", "prepared", "Δ points"], out)
+        "\n\n".join(lines)
+        + "\n\n"
+        + markdown_table(
+            ["plan", "raw original", "raw prepared", "Δ points", "dense-rel. original", "dense-rel. prepared"], out
+        )
     )
 
 
@@ -295,7 +508,9 @@ def methods(args: argparse.Namespace) -> None:
             print(rows[-1], flush=True)
     winner = max(results, key=results.__getitem__)
     body = (
-        f"Both runs start from the embedded model with the default plan distribution, seed 0, seq_len 256, batch 1, "
+        f"Both runs start from the embedded model with the plan distribution of `conf/prepare.yaml` "
+        f"({json.dumps(PrepareConfig().plan.to_dict(), separators=(',', ':'))}, {PrepareConfig().plans_per_step} "
+        "plan(s) per step), seed 0, seq_len 256, batch 1, "
         f"{args.minutes} min of training each, torch threads {args.threads}, "
         "run one after the other on the same machine. "
         f"Held-out pruned KL: mean KL(original dense ‖ plan) over {args.plans} fixed sampled plans on "
@@ -329,24 +544,31 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="mode", required=True)
     c = sub.add_parser("curves", help="static curves of the original and a prepared model")
     c.add_argument("--prepared", default="smollm2-135m-ready", help="name of the prepared model")
-    c.add_argument("--docs", type=int, default=20, help="val-split documents to read")
-    c.add_argument("--skip-docs", type=int, default=12, help="val documents skipped (the ones prepare evaluates on)")
-    c.add_argument("--sequences", type=int, default=4)
-    c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--tasks", type=int, default=0, help="task items for accuracy (0: skip)")
     c.add_argument("--mix", default="mc", help="task mix for --tasks")
     c.add_argument("--no-latency", dest="latency", action="store_false", help="FLOP cost only")
-    c.add_argument("--target", type=float, default=0.7, help="cost fraction of the summary")
+    r = sub.add_parser("compare", help="prepared models side by side: static loss and dense drift")
+    r.add_argument("--prepared", nargs="+", required=True, help="names of prepared models")
+    r.add_argument("--tasks", type=int, default=400, help="task items for the dense drift")
+    r.add_argument("--mix", default="mc", help="task mix")
     m = sub.add_parser("methods", help="full fine-tuning vs LoRA for the same time")
     m.add_argument("--minutes", type=float, default=3.0)
     m.add_argument("--lr-full", type=float, default=5e-5)
     m.add_argument("--lr-lora", type=float, default=5e-4)
     m.add_argument("--sequences", type=int, default=4)
     m.add_argument("--plans", type=int, default=6)
-    for p in (c, m):
+    for p in (c, r):
+        p.add_argument("--docs", type=int, default=20, help="val-split documents to read")
+        p.add_argument(
+            "--skip-docs", type=int, default=12, help="val documents skipped (the ones prepare evaluates on)"
+        )
+        p.add_argument("--sequences", type=int, default=4)
+        p.add_argument("--seq-len", type=int, default=256)
+        p.add_argument("--target", type=float, default=0.7, help="cost fraction of the summary")
+    for p in (c, m, r):
         p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads (1 on a loaded machine)")
     args = ap.parse_args(argv)
-    curves(args) if args.mode == "curves" else methods(args)
+    {"curves": curves, "methods": methods, "compare": compare}[args.mode](args)
 
 
 if __name__ == "__main__":

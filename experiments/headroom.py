@@ -195,7 +195,8 @@ def _report(
     easy = tol >= 0.999
     probe_auc = auc(-feat, easy)
 
-    png = Path(args.png)
+    stem = "headroom" if args.model == "smollm2-135m" else f"headroom_{Path(args.model).name}"
+    png = Path(args.png) if args.png else REPO_ROOT / "reports" / f"{stem}.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     _plot(png, cost, raw, rel, curves)
     minutes = (time.perf_counter() - t_start) / 60
@@ -301,7 +302,9 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=1, help="torch threads (default: 1; more threads thrash on a shared machine)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the mix sampling and the CV folds")
-    parser.add_argument("--png", default=str(REPO_ROOT / "reports" / "headroom.png"), help="where the plot goes")
+    parser.add_argument(
+        "--png", default=None, help="where the plot goes (default reports/headroom.png, or headroom_<model>.png)"
+    )
     parser.add_argument(
         "--rescore", action="store_true", help="recompute the score matrix even if one is cached for these inputs"
     )

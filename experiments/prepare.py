@@ -33,10 +33,62 @@ RUN_KEYS = {
     "threads": 2,
     "progress": True,
     "train_docs": None,
+    "text": ["news", "polarity", "pydoc"],
     "eval_docs": 12,
     "eval_seq_len": 256,
     "eval_sequences": 8,
 }
+
+
+TEXT_SOURCES = ("news", "polarity", "pydoc")
+POLARITY_DOC_SENTENCES = 20  # sentences joined per pseudo-document (the stream is cut into seq_len chunks anyway)
+
+
+def training_text(sources: list[str] | str, news_docs: int | None = None) -> tuple[list[str], str]:
+    """The natural training text of the named sources, train split only, and a description for the card.
+
+    ``news``: the train-split Lee news documents (the first ``news_docs`` of them, if given).
+    ``polarity``: the Pang & Lee review sentences whose ``gensim/polarity`` task item is in the
+    train split (so no val or test item's text is ever trained on), joined into documents of
+    ``POLARITY_DOC_SENTENCES`` sentences, labels dropped.
+    ``pydoc``: the topics of the Python language reference shipped with CPython
+    (``pydoc_data.topics``: English technical prose, local, about 110k tokens), split by the hash
+    of each topic's text like every other source.
+
+    Raises:
+        ValueError: An unknown or empty list of sources.
+    """
+    from envs.corpus import natural_text
+
+    names = [sources] if isinstance(sources, str) else list(sources)
+    bad = [n for n in names if n not in TEXT_SOURCES]
+    if bad or not names:
+        raise ValueError(f"prepare.text must name some of {list(TEXT_SOURCES)}, got {names!r}")
+    docs: list[str] = []
+    parts = []
+    if "news" in names:
+        news = natural_text("train")
+        news = news[:news_docs] if news_docs else news
+        docs += news
+        parts.append(f"news train split ({len(news)} docs)")
+    if "polarity" in names:
+        from envs.tasks import load_task
+
+        sents = [
+            it.prompt.removeprefix("Review: ").split("\nSentiment")[0] for it in load_task("gensim/polarity", "train")
+        ]
+        n = POLARITY_DOC_SENTENCES
+        docs += [" ".join(sents[i : i + n]) for i in range(0, len(sents), n)]
+        parts.append(f"polarity review sentences of the task's train split ({len(sents)} sentences, no labels)")
+    if "pydoc" in names:
+        from pydoc_data.topics import topics
+
+        from envs.corpus import split_of
+
+        ref = [t.strip() for _, t in sorted(topics.items()) if split_of(t.strip()) == "train"]
+        docs += ref
+        parts.append(f"Python reference topics of the train split ({len(ref)} topics, pydoc_data)")
+    return docs, "; ".join(parts)
 
 
 def split_config(cfg: DictConfig | dict[str, Any]) -> tuple[dict[str, Any], PrepareConfig]:
@@ -91,17 +143,15 @@ def prepare(
     if train_sequences is None or eval_sequences is None:
         from envs.corpus import natural_text
 
-        train_docs = natural_text("train")
-        if run["train_docs"]:
-            train_docs = train_docs[: run["train_docs"]]
+        train_docs, described = training_text(run["text"], run["train_docs"])
         val_docs = natural_text("val")[: run["eval_docs"]]
         if train_sequences is None:
             train_sequences = text_sequences(slm.tokenizer, train_docs, tcfg.seq_len)
         if eval_sequences is None:
             eval_sequences = text_sequences(slm.tokenizer, val_docs, run["eval_seq_len"])[: run["eval_sequences"]]
         data = {
-            "train": f"news train split ({len(train_docs)} docs, "
-            f"sha256 {hashlib.sha256(chr(0).join(train_docs).encode()).hexdigest()[:12]})",
+            "train": described,
+            "train_sha256": hashlib.sha256(chr(0).join(train_docs).encode()).hexdigest()[:12],
             "eval": f"news val split (first {len(val_docs)} docs)",
         }
     else:
@@ -130,7 +180,9 @@ def prepare(
         "steps": result.steps,
         "stopped_by": result.stopped_by,
         "train_seconds_this_run": round(result.train_seconds, 1),
+        "train_seconds": round(result.train_seconds_total, 1),
         "tokens_seen": result.steps * tcfg.batch_size * tcfg.seq_len,
+        "plan_forwards": result.steps * tcfg.plans_per_step,
         "torch_threads": torch.get_num_threads(),
         "data": data,
         "config": tcfg.to_dict(),

@@ -190,6 +190,8 @@ def test_resume_continues_at_saved_step_and_matches_an_uninterrupted_run(cache, 
         ({"plan": {"layer_rate_max": 1.5}}, "layer_rate_max"),
         ({"plan": {"dense_prob": -0.1}}, "dense_prob"),
         ({"plan": {"kv_drop_prob": float("nan")}}, "kv_drop_prob"),
+        ({"plan": {"kv_shared_prob": 2}}, "kv_shared_prob"),
+        ({"plans_per_step": 0}, "plans_per_step"),
         ({"plan": {"mlp_levels": [0.5, 1.2]}}, r"mlp_levels\[1\]"),
         ({"plan": {"layer_choice": "random"}}, "layer_choice"),
         ({"method": "qlora"}, "method"),
@@ -222,6 +224,62 @@ def test_sampler_draws_valid_plans_with_depth_rising_layer_dropout():
     assert any(lp.mlp_channels < slm.spec.intermediate_size for p in mix for lp in p.layers if lp.run)
     for p in mix:
         p.validate()
+
+
+def test_shared_kv_draws_keep_one_group_count_in_every_running_layer():
+    slm = SparseLM(tiny_model("llama", seed=0, num_layers=6), name="tiny")
+    slm.set_importance(random_importance(slm.spec, seed=2))
+    dist = PlanDistribution.from_dict(
+        {"families": ["kv"], "dense_prob": 0.0, "family_prob": 1.0, "kv_shared_prob": 1.0}
+    )
+    plans = [PlanSampler(slm, dist).sample(step_rng(0, s)) for s in range(50)]
+    counts = [{len(lp.kv_heads) for lp in p.layers if lp.run} for p in plans]
+    assert all(len(c) == 1 and 1 <= next(iter(c)) < slm.spec.num_kv_heads for c in counts)
+    # Without sharing, layers draw their own counts (and some keep every group).
+    free = PlanDistribution.from_dict({"families": ["kv"], "dense_prob": 0.0, "family_prob": 1.0, "kv_drop_prob": 0.5})
+    mixed = [PlanSampler(slm, free).sample(step_rng(0, s)) for s in range(50)]
+    assert any(len({len(lp.kv_heads) for lp in p.layers if lp.run}) > 1 for p in mixed)
+
+
+def test_several_plans_per_step_with_lora_train_and_resume_exactly(cache, tmp_path):
+    # The deltas' graph is shared by the step's plans; resume must still equal a straight run.
+    train, held = _tokens(32, 0), _tokens(2, 9)
+    cfg = {
+        **BASE,
+        "method": "lora",
+        "lr": 3e-3,
+        "batch_size": 2,
+        "plans_per_step": 3,
+        "checkpoint_every": 2,
+        "eval_plans": 2,
+        "plan": {"families": ["mlp", "kv"], "mlp_levels": [0.5], "dense_prob": 0.0},
+    }
+    ck = str(tmp_path / "ck")
+    prepare(
+        {**cfg, "max_steps": 2, "checkpoint_dir": ck, "name": "a"},
+        slm=_peaked_tiny(),
+        train_sequences=train,
+        eval_sequences=held,
+    )
+    resumed = _peaked_tiny()
+    card = prepare(
+        {**cfg, "max_steps": 4, "checkpoint_dir": ck, "resume": True, "name": "a"},
+        slm=resumed,
+        train_sequences=train,
+        eval_sequences=held,
+    )
+    straight = _peaked_tiny()
+    again = prepare(
+        {**cfg, "max_steps": 4, "checkpoint_dir": str(tmp_path / "ck2"), "name": "b"},
+        slm=straight,
+        train_sequences=train,
+        eval_sequences=held,
+    )
+    a, b = _state(resumed), _state(straight)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    base = _state(_peaked_tiny())
+    assert card["steps"] == again["steps"] == 4
+    assert any(not torch.equal(base[k], b[k]) for k in b)  # the averaged gradients moved the weights
 
 
 def test_training_moves_weights_only_through_gathered_slices():
@@ -261,3 +319,42 @@ def test_hydra_config_composes_and_validates():
         bad = compose("prepare", overrides=["plan.families=[layers,depth]"])
     with pytest.raises(ValueError, match="families"):
         split_config(bad)
+
+
+def test_training_text_refuses_unknown_sources():
+    from experiments.prepare import training_text
+
+    with pytest.raises(ValueError, match="wikipedia"):
+        training_text(["news", "wikipedia"])
+    with pytest.raises(ValueError, match="prepare.text"):
+        training_text([])
+
+
+def test_training_text_is_train_split_only():
+    from envs.corpus import natural_text
+    from envs.tasks import load_task
+    from experiments.prepare import training_text
+
+    docs, desc = training_text(["news", "polarity", "pydoc"])
+    assert "news" in desc and "polarity" in desc and "Python" in desc
+    text = "\n".join(docs)
+    held_news = natural_text("val") + natural_text("test")
+    assert held_news and not any(d in text for d in held_news)
+    held_reviews = [
+        it.prompt.removeprefix("Review: ").split("\nSentiment")[0]
+        for s in ("val", "test")
+        for it in load_task("gensim/polarity", s)
+    ]
+    assert held_reviews and not any(r in text for r in held_reviews)
+
+
+def test_config_file_and_dataclass_defaults_agree():
+    # Benchmarks and library callers get PrepareConfig()'s defaults; the command line gets the file's.
+    from hydra import compose, initialize_config_dir
+
+    from experiments.prepare import split_config
+    from experiments.report import REPO_ROOT
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+        _, tcfg = split_config(compose("prepare"))
+    assert tcfg == PrepareConfig()
