@@ -161,8 +161,8 @@ class PrepareConfig:
         seq_len: Tokens per training sequence.
         batch_size: Sequences per step.
         plans_per_step: Plans run on each batch, their gradients averaged into one optimiser step.
-            The teacher's forward is shared, so a second plan costs about a sixth less than a
-            second step, and the step's gradient mixes several sub-networks.
+            The teacher's forward (about a quarter of a one-plan step on the embedded model) is
+            shared, and the step's gradient mixes several sub-networks.
         lr: Peak learning rate (AdamW), reached after ``warmup_steps`` and then held (a run is bounded
             by time, so its length is not known in advance to schedule a decay).
         warmup_steps: Linear warm-up steps.
