@@ -229,7 +229,6 @@ def compare(args: argparse.Namespace) -> None:
 
 def curves(args: argparse.Namespace) -> None:
     """Static curves before and after preparation (see the module docstring)."""
-    from envs.corpus import natural_text
     from envs.models import EMBEDDED_MODEL
 
     torch.set_num_threads(args.threads)
@@ -242,9 +241,7 @@ def curves(args: argparse.Namespace) -> None:
             f"warning: {args.prepared} was prepared from weights {card['base_weights_hash']}, "
             f"base is {base.weights_hash}"
         )
-    docs = natural_text("val")[args.skip_docs : args.skip_docs + args.docs]
-    seqs = text_sequences(base.tokenizer, docs, args.seq_len)[: args.sequences]
-    reference = [teacher_logprobs(base, s.reshape(1, -1)) for s in seqs]
+    seqs, reference = _val_sequences(args, base)
     plans = static_plans(base, base)
     have_meter = args.latency and importlib.util.find_spec("envs.meters") is not None
     rows: list[dict[str, Any]] = []

@@ -74,9 +74,7 @@ def training_text(sources: list[str] | str, news_docs: int | None = None) -> tup
     if "polarity" in names:
         from envs.tasks import load_task
 
-        sents = [
-            it.prompt.removeprefix("Review: ").split("\nSentiment")[0] for it in load_task("gensim/polarity", "train")
-        ]
+        sents = [it.meta["text"] for it in load_task("gensim/polarity", "train")]
         n = POLARITY_DOC_SENTENCES
         docs += [" ".join(sents[i : i + n]) for i in range(0, len(sents), n)]
         parts.append(f"polarity review sentences of the task's train split ({len(sents)} sentences, no labels)")

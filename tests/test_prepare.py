@@ -144,33 +144,41 @@ def test_checkpoint_round_trip(tmp_path):
         load_checkpoint(tmp_path / "nothing")
 
 
+def _resume_and_straight(cfg, first_steps, total, train, held, ck, ck2):
+    """Train ``first_steps`` into ``ck``, resume to ``total``; also train ``total`` straight into ``ck2``.
+
+    Each run starts from a fresh copy of the base model (the teacher is the original weights).
+    Returns ``(resumed, straight, resumed_card, straight_card)``.
+    """
+    prepare(
+        {**cfg, "max_steps": first_steps, "checkpoint_dir": str(ck), "name": "a"},
+        slm=_peaked_tiny(),
+        train_sequences=train,
+        eval_sequences=held,
+    )
+    resumed, straight = _peaked_tiny(), _peaked_tiny()
+    card = prepare(
+        {**cfg, "max_steps": total, "checkpoint_dir": str(ck), "resume": True, "name": "a"},
+        slm=resumed,
+        train_sequences=train,
+        eval_sequences=held,
+    )
+    again = prepare(
+        {**cfg, "max_steps": total, "checkpoint_dir": str(ck2), "name": "b"},
+        slm=straight,
+        train_sequences=train,
+        eval_sequences=held,
+    )
+    return resumed, straight, card, again
+
+
 def test_resume_continues_at_saved_step_and_matches_an_uninterrupted_run(cache, tmp_path):
     train, held = _tokens(32, 0), _tokens(2, 9)
     cfg = {**BASE, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2, "eval_plans": 1}
     ck = str(tmp_path / "ck")
 
-    first = _peaked_tiny()
-    prepare(
-        {**cfg, "max_steps": 4, "checkpoint_dir": ck, "name": "a"},
-        slm=first,
-        train_sequences=train,
-        eval_sequences=held,
-    )
-    resumed = _peaked_tiny()  # a fresh copy of the base model: the teacher is the original weights
-    card = prepare(
-        {**cfg, "max_steps": 6, "checkpoint_dir": ck, "resume": True, "name": "a"},
-        slm=resumed,
-        train_sequences=train,
-        eval_sequences=held,
-    )
+    resumed, straight, card, _ = _resume_and_straight(cfg, 4, 6, train, held, ck, tmp_path / "ck2")
     assert card["steps"] == 6
-    straight = _peaked_tiny()
-    prepare(
-        {**cfg, "max_steps": 6, "checkpoint_dir": str(tmp_path / "ck2"), "name": "b"},
-        slm=straight,
-        train_sequences=train,
-        eval_sequences=held,
-    )
     a, b = _state(resumed), _state(straight)
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
     # A resume with other training settings is refused.
@@ -255,26 +263,7 @@ def test_several_plans_per_step_with_lora_train_and_resume_exactly(cache, tmp_pa
         "plan": {"families": ["mlp", "kv"], "mlp_levels": [0.5], "dense_prob": 0.0},
     }
     ck = str(tmp_path / "ck")
-    prepare(
-        {**cfg, "max_steps": 2, "checkpoint_dir": ck, "name": "a"},
-        slm=_peaked_tiny(),
-        train_sequences=train,
-        eval_sequences=held,
-    )
-    resumed = _peaked_tiny()
-    card = prepare(
-        {**cfg, "max_steps": 4, "checkpoint_dir": ck, "resume": True, "name": "a"},
-        slm=resumed,
-        train_sequences=train,
-        eval_sequences=held,
-    )
-    straight = _peaked_tiny()
-    again = prepare(
-        {**cfg, "max_steps": 4, "checkpoint_dir": str(tmp_path / "ck2"), "name": "b"},
-        slm=straight,
-        train_sequences=train,
-        eval_sequences=held,
-    )
+    resumed, straight, card, again = _resume_and_straight(cfg, 2, 4, train, held, ck, tmp_path / "ck2")
     a, b = _state(resumed), _state(straight)
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
     base = _state(_peaked_tiny())
@@ -340,11 +329,7 @@ def test_training_text_is_train_split_only():
     text = "\n".join(docs)
     held_news = natural_text("val") + natural_text("test")
     assert held_news and not any(d in text for d in held_news)
-    held_reviews = [
-        it.prompt.removeprefix("Review: ").split("\nSentiment")[0]
-        for s in ("val", "test")
-        for it in load_task("gensim/polarity", s)
-    ]
+    held_reviews = [it.meta["text"] for s in ("val", "test") for it in load_task("gensim/polarity", s)]
     assert held_reviews and not any(r in text for r in held_reviews)
 
 

@@ -211,7 +211,7 @@ def _polarity_items() -> list[Item]:
             f"Review: {text}\nSentiment (positive or negative):",
             label,
             choices=["positive", "negative"],
-            meta={"source": "gensim"},
+            meta={"source": "gensim", "text": text},
         )
         for text, label in polarity_sentences()
     ]
