@@ -47,6 +47,8 @@ class LoadedModel:
         name: The name it was loaded by.
         source: Where the weights came from (a path or ``"random-init"``).
         cache_dir: Folder for per-model caches (importance orderings, calibrations), or ``None``.
+        adapted: A prepared model's second weight set for pruned layers (``adapted.safetensors``,
+            see :meth:`envs.sparse_lm.SparseLM.set_adapted`), or ``None``.
     """
 
     model: Any
@@ -54,6 +56,10 @@ class LoadedModel:
     name: str
     source: str
     cache_dir: Path | None
+    adapted: dict[str, torch.Tensor] | None = None
+
+
+ADAPTED_FILE = "adapted.safetensors"
 
 
 def embedded_gguf_path() -> Path:
@@ -128,7 +134,12 @@ def _load_folder(folder: Path, dtype: torch.dtype, name: str) -> LoadedModel:
     except (OSError, ValueError):
         tok = None
     model.eval()
-    return LoadedModel(model, tok, name, str(folder), folder)
+    adapted = None
+    if (folder / ADAPTED_FILE).is_file():
+        from safetensors.torch import load_file
+
+        adapted = {k: v.to(dtype) for k, v in load_file(str(folder / ADAPTED_FILE)).items()}
+    return LoadedModel(model, tok, name, str(folder), folder, adapted)
 
 
 def load_model(name: str = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32) -> LoadedModel:

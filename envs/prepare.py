@@ -7,14 +7,21 @@ run. This module does the same for PruneGym's own plan space:
 
 - :class:`PlanDistribution` / :class:`PlanSampler` draw plans the agent can choose: layer dropout
   whose rate rises with depth (LayerSkip), optionally aimed at the least important layers (the ones
-  static and action plans skip); MLP-channel keep levels; whole-KV-group drops. A share of steps
-  runs the dense plan so that the dense path stays anchored to the original model.
+  static and action plans skip); MLP-channel keep levels; whole-KV-group drops. With a single
+  weight set (``dense_weights="adapted"``) a share of steps runs the dense plan so that the dense
+  path stays anchored to the original model.
 - Each step runs the sampled plan *with gradients* through :class:`~envs.sparse_lm.SparseLM` built
   with ``strategy="gather"`` (its kept rows are gathered from the real parameters, so gradients
   reach them) and minimises ``KL(teacher || student)`` over the logits, where the teacher is a
   frozen copy of the original weights; an optional language-model loss is added.
 - ``method="full"`` fine-tunes the decoder layers; ``method="lora"`` trains low-rank deltas that
   are added to the extracted weights on the fly (:class:`LowRankDeltas`) and merged at the end.
+- ``dense_weights="original"`` (the default) keeps the original weights for the dense
+  plan and trains the deltas into a second weight set that pruned layers run with
+  (:meth:`~envs.sparse_lm.SparseLM.set_adapted`): from the first layer a plan prunes, the adapted
+  weights take over, in training as at run time. The dense model is then exactly the original
+  one, whatever the training text. ``"adapted"`` merges the deltas into the one weight set that
+  every plan runs, and relies on the dense share of the steps to keep the dense path close.
 - Training is bounded in time and steps, checkpointed (safetensors + JSON, no pickle) and resumable;
   everything random is a function of ``(seed, step)``, so a resumed run equals an uninterrupted one.
 
@@ -44,6 +51,7 @@ from envs.sparse_lm import SparseLM
 PLAN_FAMILIES = ("layers", "mlp", "kv")
 LAYER_CHOICES = ("depth", "importance", "mixed")
 METHODS = ("full", "lora")
+DENSE_WEIGHTS = ("original", "adapted")
 CHECKPOINT_VERSION = 1
 LORA_TARGETS = ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w")
 
@@ -66,7 +74,9 @@ class PlanDistribution:
     Attributes:
         families: Which kinds of pruning are sampled: ``"layers"`` (layer dropout), ``"mlp"``
             (MLP-channel keep levels), ``"kv"`` (whole KV-group drops).
-        dense_prob: Probability that a step runs the dense plan (anchors the dense path to the teacher).
+        dense_prob: Probability that a plan is the dense plan. It anchors the dense path to the
+            teacher when ``dense_weights="adapted"`` (about 0.33 works); with the default
+            ``"original"`` the dense plan is the teacher and such draws are skipped, so keep it 0.
         family_prob: For a pruned step, the probability that each family is applied (at least one is).
         layer_rate_max: Layer dropout rate of the last layer; layer ``i`` of ``L`` is dropped with
             probability ``layer_rate_max * i / (L - 1)`` (LayerSkip's depth-rising rate).
@@ -84,7 +94,7 @@ class PlanDistribution:
     """
 
     families: tuple[str, ...] = PLAN_FAMILIES
-    dense_prob: float = 0.33
+    dense_prob: float = 0.0
     family_prob: float = 0.6
     layer_rate_max: float = 0.5
     layer_choice: str = "importance"
@@ -175,6 +185,10 @@ class PrepareConfig:
         seed: Seed of every random choice (data order, plans, LoRA init).
         checkpoint_every: Steps between checkpoints (0: only at the end).
         eval_plans: Number of fixed held-out plans the before/after KL is measured on.
+        dense_weights: ``"original"``: the dense plan keeps the original weights and pruned layers
+            run an adapted second set of the decoder matrices (the dense model cannot get worse;
+            with ``method="full"`` the norms stay shared and untrained); ``"adapted"``: one weight
+            set for every plan.
         plan: The plan distribution.
     """
 
@@ -194,6 +208,7 @@ class PrepareConfig:
     seed: int = 0
     checkpoint_every: int = 50
     eval_plans: int = 8
+    dense_weights: str = "original"
     plan: PlanDistribution = field(default_factory=PlanDistribution)
 
     @classmethod
@@ -221,6 +236,8 @@ class PrepareConfig:
         """
         if self.method not in METHODS:
             raise ValueError(f"{where}.method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.dense_weights not in DENSE_WEIGHTS:
+            raise ValueError(f"{where}.dense_weights must be one of {list(DENSE_WEIGHTS)}, got {self.dense_weights!r}")
         for name, lo in (
             ("max_steps", 0),
             ("seq_len", 2),
@@ -526,11 +543,12 @@ def evaluate_plans(
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def _trainable_state(model: torch.nn.Module | None, deltas: LowRankDeltas | None) -> dict[str, torch.Tensor]:
+def _trainable_state(slm: SparseLM, deltas: LowRankDeltas | None) -> dict[str, torch.Tensor]:
     if deltas is not None:
         return {f"lora.{k}": v.detach() for k, v in deltas.state_dict().items()}
-    assert model is not None
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if slm.adapted is not None:
+        return {f"adapted.{k}": v.detach() for k, v in slm.adapted_tensors().items()}
+    return {n: p.detach() for n, p in slm.model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(
@@ -690,11 +708,13 @@ def prepare_model(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> PrepareResult:
-    """Self-distil ``slm``'s model in place under plans drawn from ``cfg.plan``.
+    """Self-distil ``slm`` under plans drawn from ``cfg.plan``.
 
     Args:
         slm: The model to adapt; its importance orderings choose what plans keep and stay fixed.
-            Its weights are modified in place (a frozen copy serves as the teacher).
+            With ``dense_weights="original"`` its weights stay as they are and it receives the
+            adapted set (:meth:`~envs.sparse_lm.SparseLM.set_adapted`); with ``"adapted"`` its weights
+            are modified in place. A frozen copy of the original serves as the teacher.
         train_sequences: Token sequences of one length (training text: the train split only).
         eval_sequences: Held-out token sequences for the before/after figures.
         cfg: Hyper-parameters.
@@ -719,9 +739,12 @@ def prepare_model(
     # Training needs strategy="gather": "views" slices an importance-ordered copy that is no parameter.
     student = (
         slm
-        if slm.strategy == "gather"
+        if slm.strategy == "gather" and slm.adapted is None
         else SparseLM(slm.model, slm.tokenizer, slm.importance, name=slm.name, strategy="gather")
     )
+    keep_dense = cfg.dense_weights == "original"
+    if keep_dense:  # the deltas go into a second weight set, a copy of the original to start with
+        student.set_adapted({f"{i}.{n}": getattr(b, n) for i, b in enumerate(student.blocks) for n in LORA_TARGETS})
     sampler = PlanSampler(student, cfg.plan)
     eval_plans = eval_plan_set(student, cfg.plan, cfg.eval_plans, cfg.seed)
     reference = [teacher_logprobs(teacher, s.reshape(1, -1)) for s in held]
@@ -732,8 +755,12 @@ def prepare_model(
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.method == "lora":
-        deltas = LowRankDeltas(student, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+        deltas = LowRankDeltas(student.adapted or student, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
         params = list(deltas.parameters())
+    elif keep_dense:  # full fine-tuning of the adapted set's matrices (copies; the original stays)
+        params = list(student.adapted_tensors().values())
+        for p in params:
+            p.requires_grad_(True)
     else:
         params = []
         for p in model.parameters():
@@ -756,7 +783,7 @@ def prepare_model(
                 f"the checkpoint in {ckpt} was written with a different training configuration "
                 f"({state.get('config')}); resume with the same settings or start fresh with resume=false"
             )
-        current = _trainable_state(model, deltas)
+        current = _trainable_state(student, deltas)
         if set(saved) != set(current):
             raise ValueError(f"the checkpoint in {ckpt} holds other tensors than this model trains; start fresh")
         with torch.no_grad():
@@ -777,7 +804,7 @@ def prepare_model(
         save_checkpoint(
             ckpt,
             step=step,
-            params=_trainable_state(model, deltas),
+            params=_trainable_state(student, deltas),
             optimizer=optimizer,
             state={
                 "seed": cfg.seed,
@@ -816,7 +843,9 @@ def prepare_model(
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             with deltas.applied() if deltas is not None else _nullcontext():
-                for j, plan in enumerate(plans):  # a backward per plan: one plan's activations alive at a time
+                for j, plan in enumerate(plans):
+                    if keep_dense and plan.is_dense:  # the original weights: nothing to learn
+                        continue  # a backward per plan: one plan's activations alive at a time
                     logits = student.forward(ids, plan, logits="all", grad=True).logits
                     loss = kl_teacher_student(logits, t_logp)
                     if cfg.lm_weight:
@@ -838,13 +867,15 @@ def prepare_model(
     train_s = time.perf_counter() - t0
     if step > start:
         checkpoint(step, elapsed_before + train_s)
-    for p in model.parameters():
+    for p in [*model.parameters(), *student.adapted_tensors().values()]:
         p.requires_grad_(False)
     if deltas is not None:
         deltas.merge()
     slm._weights_hash = None
     student._weights_hash = None
-    if slm is not student:
+    if keep_dense:
+        slm.set_adapted(student.adapted_tensors())
+    elif slm is not student:
         slm.set_importance(slm.importance)  # rebuild the importance-ordered copy from the new weights
     after = held_out_figures(student, eval_plans, held, reference)
     log(f"after {step} steps: dense NLL {after['dense_nll']:.4f}, pruned KL {after['pruned_kl']:.4f}")
@@ -870,13 +901,22 @@ def _nullcontext() -> Iterator[None]:
 def write_prepared(folder: str | Path, slm: SparseLM, card: dict[str, Any], *, importance: Any | None = None) -> Path:
     """Write a prepared model folder that :func:`envs.models.load_model` loads by name.
 
-    The folder holds ``config.json`` and ``model.safetensors`` (``save_pretrained``), the tokenizer
-    files, ``card.json``, and ``importance-<weights hash>.json`` with the orderings used during
+    The folder holds ``config.json`` and ``model.safetensors`` (``save_pretrained``), the adapted
+    weight set of pruned layers as ``adapted.safetensors`` (with ``dense_weights="original"``), the
+    tokenizer files, ``card.json``, and ``importance-<weights hash>.json`` with the orderings used during
     preparation, so that :meth:`SparseLM.from_pretrained` keeps exactly those orderings.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     slm.model.save_pretrained(str(folder), safe_serialization=True)
+    from envs.models import ADAPTED_FILE
+
+    if slm.adapted is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in slm.adapted_tensors().items()}, str(folder / ADAPTED_FILE))
+    elif (folder / ADAPTED_FILE).exists():
+        (folder / ADAPTED_FILE).unlink()
     if slm.tokenizer is not None:
         slm.tokenizer.save_pretrained(str(folder))
     new_hash = slm.weights_hash

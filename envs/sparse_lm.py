@@ -16,6 +16,13 @@ the views won, so they are the default. Dense sub-blocks use the original weight
 plan reproduces the untouched model exactly. The price is one extra copy of the decoder weights
 in memory (about 0.4 GiB for the embedded 135M model in fp32).
 
+Adapted weights. A pruning-ready model (``experiments.prepare`` with ``dense_weights=original``)
+carries a second set of decoder weights, tuned to run under pruning (:meth:`SparseLM.set_adapted`).
+Within one forward, layers run with the original weights up to the first layer the plan prunes
+(skips, or runs with fewer heads, KV groups or channels) and with the adapted weights from there
+on. The dense plan therefore stays exactly the original model, and a layer-by-layer or probe-then-
+plan forward switches at the same point as a whole-plan forward.
+
 Threads. A forward's matmuls run on PyTorch's intra-op pool; ``SparseLM(threads=N)`` sets it
 (``torch.set_num_threads``, process-wide) because the default differs between launchers and
 RLlib workers must stay at one thread. ``None`` leaves the current setting alone.
@@ -23,10 +30,11 @@ RLlib workers must stay at one thread. ``None`` leaves the current setting alone
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -35,6 +43,7 @@ import torch.nn.functional as F
 from envs.models import EMBEDDED_MODEL, LoadedModel, load_model, weights_hash
 from envs.plan import LayerPlan, ModelSpec, SparsityPlan
 
+ADAPTABLE = ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w")  # weights an adapted set may replace
 Observer = Callable[[int, str, torch.Tensor], None]
 LogitsSpec = Literal["all", "last", "none"] | int | slice | torch.Tensor
 
@@ -164,6 +173,7 @@ class RunState:
     rope: tuple[torch.Tensor, torch.Tensor] | None
     cache: KVCache | None
     causal_fresh: bool  # no earlier tokens: plain causal attention
+    adapted: bool = False  # a pruned layer has run: later layers use the adapted weights (if any)
 
 
 @dataclass
@@ -223,6 +233,7 @@ class SparseLM:
         self._weights_hash: str | None = None
         self._sel_cache: dict[tuple[int, LayerPlan], _Sel] = {}
         self.semistructured: Any = None  # envs.semistructured.SemiStructured, set by enable_two_four
+        self.adapted: SparseLM | None = None  # the pruned layers' weight set, see set_adapted
         from envs.importance import Importance
 
         self.set_importance(importance if importance is not None else Importance.identity(self.spec))
@@ -259,6 +270,8 @@ class SparseLM:
             strategy=strategy,
             cache_dir=loaded.cache_dir,
         )
+        if loaded.adapted is not None:
+            slm.set_adapted(loaded.adapted)
         if calibrate:
             from envs.importance import load_or_calibrate
 
@@ -343,11 +356,65 @@ class SparseLM:
             )
         self.blocks = blocks
 
+    def set_adapted(self, tensors: dict[str, torch.Tensor] | None) -> None:
+        """Install (or with ``None`` remove) the weight set that pruned layers run with.
+
+        Args:
+            tensors: ``"<layer>.<name>"`` -> weight in this class's ``[out, in]`` layout, for names
+                in ``ADAPTABLE`` (``q_w``, ``k_w``, ``v_w``, ``o_w``, ``gate_w``, ``up_w``,
+                ``down_w``); a weight not given stays shared with the original set. The tensors
+                are copied, so the caller's may change later without effect.
+
+        Raises:
+            ValueError: An unknown key or a shape that does not match the model.
+        """
+        self._weights_hash = None
+        self._sel_cache.clear()
+        if tensors is None:
+            self.adapted = None
+            return
+        if self.semistructured is not None:
+            raise ValueError("adapted weights and 2:4 weights cannot be combined; call disable_two_four() first")
+        per_layer: list[dict[str, torch.Tensor]] = [{} for _ in self.blocks]
+        for key, t in tensors.items():
+            layer, _, wname = key.partition(".")
+            if not layer.isdigit() or int(layer) >= len(self.blocks) or wname not in ADAPTABLE:
+                raise ValueError(
+                    f"adapted weight {key!r}: expected '<layer>.<name>' with layer < {len(self.blocks)} "
+                    f"and name in {ADAPTABLE}"
+                )
+            ref = getattr(self.blocks[int(layer)], wname)
+            if ref is None or tuple(t.shape) != tuple(ref.shape):
+                shape = None if ref is None else tuple(ref.shape)
+                raise ValueError(f"adapted weight {key!r} has shape {tuple(t.shape)}, the model's is {shape}")
+            per_layer[int(layer)][wname] = t.detach().to(ref.device, ref.dtype).clone()
+        twin = SparseLM.__new__(SparseLM)
+        twin.__dict__.update(self.__dict__)
+        twin.blocks = [replace(b, **ws) for b, ws in zip(self.blocks, per_layer, strict=True)]
+        twin._sel_cache = {}
+        twin.adapted = None
+        twin.set_importance(self.importance)
+        self.adapted = twin
+
+    def adapted_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapted weight set in :meth:`set_adapted`'s form (empty without one)."""
+        if self.adapted is None:
+            return {}
+        out = {}
+        for i, (b, a) in enumerate(zip(self.blocks, self.adapted.blocks, strict=True)):
+            for wname in ADAPTABLE:
+                w = getattr(a, wname)
+                if w is not None and w is not getattr(b, wname):
+                    out[f"{i}.{wname}"] = w
+        return out
+
     def set_importance(self, importance: Any) -> None:
         """Install importance orderings and rebuild the importance-ordered weight copy."""
         importance.check(self.spec)
         self.importance = importance
         self._sel_cache.clear()
+        if getattr(self, "adapted", None) is not None:
+            self.adapted.set_importance(importance)
         s = self.spec
         self._perm: list[dict[str, Any]] = []
         if self.strategy != "views":
@@ -380,9 +447,20 @@ class SparseLM:
 
     @property
     def weights_hash(self) -> str:
-        """Hash of the model's weights (see :func:`envs.models.weights_hash`), computed once."""
+        """Hash of the model's weights (see :func:`envs.models.weights_hash`), computed once.
+
+        With an adapted weight set the hash covers both sets, so caches of pruned results never mix
+        a prepared model with its base.
+        """
         if self._weights_hash is None:
-            self._weights_hash = weights_hash(self.model)
+            h = weights_hash(self.model)
+            if self.adapted is not None:
+                d = hashlib.sha256(h.encode())
+                for key, t in sorted(self.adapted_tensors().items()):
+                    d.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+                    d.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                h = d.hexdigest()[:16]
+            self._weights_hash = h
         return self._weights_hash
 
     @property
@@ -415,6 +493,11 @@ class SparseLM:
         """
         from envs.semistructured import SemiStructured
 
+        if self.adapted is not None:
+            raise ValueError(
+                f"{self.name} carries adapted weights for pruned layers; 2:4 weights are built from one weight "
+                "set, so prepare the model with dense_weights=adapted to combine it with 2:4"
+            )
         semi = SemiStructured.from_model(self, **kwargs) if semi is None else semi
         semi.check_fits(self)
         self.semistructured = semi
@@ -587,14 +670,23 @@ class SparseLM:
         """Run decoder layers ``start..stop-1`` of ``plan`` on ``state`` (in place) and return it."""
         stop = self.spec.num_layers if stop is None else stop
         h = state.hidden
+        s = self.spec
         for i in range(start, stop):
             lp = plan.layers[i]
+            if self.adapted is not None and not state.adapted:
+                state.adapted = not (
+                    lp.run
+                    and len(lp.heads) == s.num_heads
+                    and len(lp.kv_heads) == s.num_kv_heads
+                    and lp.mlp_channels == s.intermediate_size
+                )
             if not lp.run:
                 continue
             if observer is not None:
                 observer(i, "layer_in", h)
-            sel = self._select(i, lp)
-            b = self.blocks[i]
+            eng = self.adapted if state.adapted and self.adapted is not None else self
+            sel = eng._select(i, lp)
+            b = eng.blocks[i]
             if sel.n_heads:
                 h = h + self._attention(i, b, sel, b.attn_norm(h), state, observer)
             if sel.n_ch:

@@ -38,6 +38,7 @@ from experiments.report import markdown_table, write_section
 
 THREADS = 2  # the reference machine has 2 cores; set deliberately so timings are comparable
 LEVELS = (0.9, 0.8, 0.7, 0.6)
+DEFAULT_PREPARED = "smollm2-135m-ready"  # what `python -m experiments.prepare` writes
 FAMILIES = ("layers", "mlp", "heads", "mixed")
 
 
@@ -339,9 +340,9 @@ def curves(args: argparse.Namespace) -> None:
             "Task accuracy: not measured in this run (`--tasks 0` or no `envs/tasks`); NLL and agreement only."
         )
     lines.append(
-        f'Headroom study (static hull, oracle, measured latency) on both models: sections "Oracle headroom '
-        f'(embedded model)" and "Oracle headroom ({args.prepared})" (`python -m experiments.headroom '
-        f"--model {args.prepared}`)."
+        "Headroom study (static hull, oracle, measured latency): `python -m experiments.headroom --model "
+        f'{args.prepared}` writes section "Oracle headroom ({args.prepared})"; the embedded model\'s is '
+        '"Oracle headroom (embedded model)".'
     )
     prep = ""
     mean_cost = card.get("plan_distribution", {}).get("cost_fraction", {}).get("mean", 0.0)
@@ -371,7 +372,9 @@ def curves(args: argparse.Namespace) -> None:
     )
     print(body)
     cmd = "python -m experiments.bench_prepare " + " ".join(sys.argv[1:])
-    write_section("Pruning-ready models", cmd, body)
+    # The default preparation owns the main section; other prepared models get one each.
+    title = "Pruning-ready models" + ("" if args.prepared == DEFAULT_PREPARED else f" ({args.prepared})")
+    write_section(title, cmd, body)
 
 
 def _task_accuracy(
@@ -449,6 +452,20 @@ def _task_accuracy(
         f"{lo_o:.3f} ({fo}) on the original model, {lo_p:.3f} ({fp}) on the prepared one: ratio {ratio:.2f} "
         f"(goal ≤ 0.50: {'met' if ratio <= 0.5 else 'not met'}).",
     ]
+    # Where the loss sits: per task, each model's best family above.
+    tasks = np.array([it.task for it in items])
+    per_task = []
+    for task in sorted(set(tasks.tolist())):
+        m = tasks == task
+        per_task.append(
+            [
+                task,
+                str(int(m.sum())),
+                f"{raw['original/dense'][m].mean():.2f}",
+                f"{1 - rel[f'original/{fo}'][m].mean():.2f}",
+                f"{1 - rel[f'prepared/{fp}'][m].mean():.2f}",
+            ]
+        )
     print("\n".join(lines), flush=True)
     return (
         "\n\n".join(lines)
@@ -456,6 +473,8 @@ def _task_accuracy(
         + markdown_table(
             ["plan", "raw original", "raw prepared", "Δ points", "dense-rel. original", "dense-rel. prepared"], out
         )
+        + f"\n\nStatic accuracy loss per task ({fo} on the original, {fp} on the prepared model):\n\n"
+        + markdown_table(["task", "items", "dense raw (original)", "loss original", "loss prepared"], per_task)
     )
 
 
@@ -540,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_prepare", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="mode", required=True)
     c = sub.add_parser("curves", help="static curves of the original and a prepared model")
-    c.add_argument("--prepared", default="smollm2-135m-ready", help="name of the prepared model")
+    c.add_argument("--prepared", default=DEFAULT_PREPARED, help="name of the prepared model")
     c.add_argument("--tasks", type=int, default=0, help="task items for accuracy (0: skip)")
     c.add_argument("--mix", default="mc", help="task mix for --tasks")
     c.add_argument("--no-latency", dest="latency", action="store_false", help="FLOP cost only")

@@ -1,9 +1,10 @@
 """Make a model pruning-ready: ``python -m experiments.prepare [key=value ...]`` (Hydra, ``conf/prepare.yaml``).
 
 Self-distils the model under plans sampled from PruneGym's plan space (see :mod:`envs.prepare`),
-on the train split of the news corpus only, and writes ``<cache_root>/prepared/<name>/``: the
-weights (safetensors), tokenizer, ``card.json`` and the importance orderings used in training.
-Every environment then selects it with ``model=<name>``.
+on text of the train split only (``text``, see :func:`training_text`), and writes
+``<cache_root>/prepared/<name>/``: the weights (safetensors; by default the original weights for the
+dense plan plus ``adapted.safetensors`` for pruned layers), tokenizer, ``card.json`` and the
+importance orderings used in training. Every environment then selects it with ``model=<name>``.
 
 ``prepare(cfg)`` is the plain function behind the entry point; tests call it with a tiny model
 and token sequences (``slm=``, ``train_sequences=``, ``eval_sequences=``).
@@ -40,8 +41,10 @@ RUN_KEYS = {
 }
 
 
-TEXT_SOURCES = ("news", "polarity", "pydoc")
+TEXT_SOURCES = ("news", "polarity", "pydoc", "tasks")
 POLARITY_DOC_SENTENCES = 20  # sentences joined per pseudo-document (the stream is cut into seq_len chunks anyway)
+TASK_DOC_ITEMS = 8  # solved train items per pseudo-document, in the layout of a few-shot prompt
+TASK_MIX = "mc"  # the main job's workload (conf/task/mc.yaml)
 
 
 def training_text(sources: list[str] | str, news_docs: int | None = None) -> tuple[list[str], str]:
@@ -54,6 +57,10 @@ def training_text(sources: list[str] | str, news_docs: int | None = None) -> tup
     ``pydoc``: the topics of the Python language reference shipped with CPython
     (``pydoc_data.topics``: English technical prose, local, about 110k tokens), split by the hash
     of each topic's text like every other source.
+    ``tasks``: the train-split items of the workload mix ``TASK_MIX``, each followed by its answer
+    and grouped ``TASK_DOC_ITEMS`` to a document of one task, exactly as solved items appear as
+    shots in a few-shot prompt. Only inputs are distilled (the loss is KL to the dense teacher), and
+    no val or test item is ever included.
 
     Raises:
         ValueError: An unknown or empty list of sources.
@@ -86,6 +93,16 @@ def training_text(sources: list[str] | str, news_docs: int | None = None) -> tup
         ref = [t.strip() for _, t in sorted(topics.items()) if split_of(t.strip()) == "train"]
         docs += ref
         parts.append(f"Python reference topics of the train split ({len(ref)} topics, pydoc_data)")
+    if "tasks" in names:
+        from envs.tasks import MIXES, load_task
+
+        n_items = 0
+        for task in MIXES[TASK_MIX]:
+            base = ":".join(o for o in task.split(":") if not o.endswith("shot"))  # shots would repeat items
+            solved = [f"{it.prompt} {it.answer}" for it in load_task(base, "train")]
+            n_items += len(solved)
+            docs += ["\n\n".join(solved[i : i + TASK_DOC_ITEMS]) for i in range(0, len(solved), TASK_DOC_ITEMS)]
+        parts.append(f"solved train-split items of the {TASK_MIX!r} workload ({n_items} items, few-shot layout)")
     return docs, "; ".join(parts)
 
 
@@ -175,6 +192,7 @@ def prepare(
         "base_model": base_name,
         "base_weights_hash": base_hash,
         "method": tcfg.method,
+        "dense_weights": tcfg.dense_weights,
         "steps": result.steps,
         "stopped_by": result.stopped_by,
         "train_seconds_this_run": round(result.train_seconds, 1),

@@ -48,10 +48,21 @@ def _tokens(n: int, seed: int) -> list[torch.Tensor]:
 
 
 def _state(slm: SparseLM) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in slm.model.state_dict().items()}
+    """Every weight a forward may use: the model's and, if any, the adapted set of pruned layers."""
+    out = {k: v.detach().clone() for k, v in slm.model.state_dict().items()}
+    return out | {f"adapted.{k}": v.detach().clone() for k, v in slm.adapted_tensors().items()}
 
 
-BASE = {"method": "full", "seq_len": SEQ, "threads": 1, "progress": False, "eval_plans": 4, "warmup_steps": 0}
+# One weight set for every plan (dense_weights="original" has tests of its own below).
+BASE = {
+    "method": "full",
+    "dense_weights": "adapted",
+    "seq_len": SEQ,
+    "threads": 1,
+    "progress": False,
+    "eval_plans": 4,
+    "warmup_steps": 0,
+}
 
 
 @pytest.fixture
@@ -224,7 +235,7 @@ def test_sampler_draws_valid_plans_with_depth_rising_layer_dropout():
     assert dropped[0] == 0.0 and dropped[-1] > 0.6 and dropped[-1] > dropped[3] > dropped[1]
     assert all(p.layers_run >= 1 for p in plans)
     # Same (seed, step): same plan; the default distribution mixes all families and the dense plan.
-    full = PlanSampler(slm, PlanDistribution())
+    full = PlanSampler(slm, PlanDistribution.from_dict({"dense_prob": 0.33}))
     assert full.sample(step_rng(1, 5)) == full.sample(step_rng(1, 5))
     mix = [full.sample(step_rng(0, s)) for s in range(300)]
     assert 0.1 < np.mean([p.is_dense for p in mix]) < 0.45
@@ -249,12 +260,14 @@ def test_shared_kv_draws_keep_one_group_count_in_every_running_layer():
     assert any(len({len(lp.kv_heads) for lp in p.layers if lp.run}) > 1 for p in mixed)
 
 
-def test_several_plans_per_step_with_lora_train_and_resume_exactly(cache, tmp_path):
+@pytest.mark.parametrize("dense_weights", ["adapted", "original"])
+def test_several_plans_per_step_with_lora_train_and_resume_exactly(cache, tmp_path, dense_weights):
     # The deltas' graph is shared by the step's plans; resume must still equal a straight run.
     train, held = _tokens(32, 0), _tokens(2, 9)
     cfg = {
         **BASE,
         "method": "lora",
+        "dense_weights": dense_weights,
         "lr": 3e-3,
         "batch_size": 2,
         "plans_per_step": 3,
@@ -265,10 +278,13 @@ def test_several_plans_per_step_with_lora_train_and_resume_exactly(cache, tmp_pa
     ck = str(tmp_path / "ck")
     resumed, straight, card, again = _resume_and_straight(cfg, 2, 4, train, held, ck, tmp_path / "ck2")
     a, b = _state(resumed), _state(straight)
+    assert set(a) == set(b) and any(k.startswith("adapted.") for k in a) == (dense_weights == "original")
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
     base = _state(_peaked_tiny())
     assert card["steps"] == again["steps"] == 4
-    assert any(not torch.equal(base[k], b[k]) for k in b)  # the averaged gradients moved the weights
+    # The averaged gradients moved the weights: the model's, or only the adapted set's.
+    moved = [k for k in b if k not in base or not torch.equal(base[k], b[k])]
+    assert moved and all(k.startswith("adapted.") for k in moved) == (dense_weights == "original")
 
 
 def test_training_moves_weights_only_through_gathered_slices():
@@ -282,6 +298,7 @@ def test_training_moves_weights_only_through_gathered_slices():
             "warmup_steps": 0,
             "lr": 1e-3,
             "eval_plans": 0,
+            "dense_weights": "adapted",
             "plan": {"families": ["mlp"], "mlp_levels": [0.5], "dense_prob": 0.0},
         }
     )
@@ -324,13 +341,23 @@ def test_training_text_is_train_split_only():
     from envs.tasks import load_task
     from experiments.prepare import training_text
 
-    docs, desc = training_text(["news", "polarity", "pydoc"])
-    assert "news" in desc and "polarity" in desc and "Python" in desc
+    docs, desc = training_text(["news", "polarity", "pydoc", "tasks"])
+    assert "news" in desc and "polarity" in desc and "Python" in desc and "workload" in desc
     text = "\n".join(docs)
     held_news = natural_text("val") + natural_text("test")
     assert held_news and not any(d in text for d in held_news)
     held_reviews = [it.meta["text"] for s in ("val", "test") for it in load_task("gensim/polarity", s)]
     assert held_reviews and not any(r in text for r in held_reviews)
+    # Task documents are solved items separated by blank lines: none of them is a val or test item.
+    solved = {part.strip() for d in docs for part in d.split("\n\n")}
+    held_items = {
+        f"{it.prompt} {it.answer}".strip()
+        for task in ("bigbench/general_knowledge", "bigbench/arithmetic/2_digit_addition", "gen/kv-3:mc")
+        for s in ("val", "test")
+        for it in load_task(task, s)
+    }
+    train_items = {f"{it.prompt} {it.answer}".strip() for it in load_task("gen/kv-3:mc", "train")}
+    assert held_items and train_items <= solved and not held_items & solved
 
 
 def test_config_file_and_dataclass_defaults_agree():
@@ -343,3 +370,84 @@ def test_config_file_and_dataclass_defaults_agree():
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
         _, tcfg = split_config(compose("prepare"))
     assert tcfg == PrepareConfig()
+
+
+@pytest.mark.parametrize(("method", "lr"), [("lora", 3e-3), ("full", 1e-3)])
+def test_original_dense_weights_keep_the_dense_model_exact(cache, method, lr):
+    slm = _peaked_tiny()
+    before = _state(slm)
+    ids = _tokens(1, 5)[0][None]
+    dense_ref = slm.forward(ids).logits
+    cfg = {
+        **BASE,
+        "method": method,
+        "dense_weights": "original",
+        "max_steps": 20,
+        "batch_size": 4,
+        "lr": lr,
+        "name": "tiny-dual",
+        "plan": {"families": ["mlp"], "mlp_levels": [0.5]},
+    }
+    card = prepare(cfg, slm=slm, train_sequences=_tokens(64, 0), eval_sequences=_tokens(8, 99))
+    after = {k: v for k, v in _state(slm).items() if not k.startswith("adapted.")}
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model's own weights are untouched
+    assert torch.equal(slm.forward(ids).logits, dense_ref)
+    assert card["after"]["dense_nll"] == card["before"]["dense_nll"]
+    assert card["after"]["pruned_kl"] < 0.9 * card["before"]["pruned_kl"], (card["before"], card["after"])
+    assert card["weights_hash"] != card["base_weights_hash"]
+    plan = slm.uniform_plan(mlp=0.5)
+    pruned = slm.forward(ids, plan).logits
+    assert not torch.allclose(pruned, SparseLM(copy.deepcopy(slm.model), importance=slm.importance)(ids, plan).logits)
+    again = SparseLM.from_pretrained("tiny-dual")  # the folder holds both sets and loads by name
+    assert again.adapted is not None and again.weights_hash == card["weights_hash"]
+    assert torch.equal(again.forward(ids).logits, dense_ref)
+    assert torch.allclose(again.forward(ids, plan).logits, pruned, atol=1e-5)
+
+
+def test_adapted_weights_take_over_from_the_first_pruned_layer():
+    from envs.plan import SparsityPlan
+
+    slm = _peaked_tiny()
+    g = torch.Generator().manual_seed(3)
+    adapted = {
+        f"{i}.{n}": getattr(b, n) + 0.05 * torch.randn(getattr(b, n).shape, generator=g)
+        for i, b in enumerate(slm.blocks)
+        for n in ("q_w", "up_w", "down_w")
+    }
+    dual = SparseLM(copy.deepcopy(slm.model), importance=slm.importance)
+    dual.set_adapted(adapted)
+    ids = _tokens(1, 7)[0][None]
+    assert torch.equal(dual.forward(ids).logits, slm.forward(ids).logits)
+    # A plan that prunes from layer 2 on: layers 0-1 run the original weights, layers 2-3 the adapted.
+    dense = slm.dense_plan()
+    plan = SparsityPlan(slm.spec, [*dense.layers[:2], *slm.uniform_plan(mlp=0.5, heads=0.5).layers[2:]])
+    ref = SparseLM(copy.deepcopy(slm.model))
+    with torch.no_grad():
+        for key, t in adapted.items():
+            i, n = key.split(".")
+            if int(i) >= 2:
+                getattr(ref.blocks[int(i)], n).copy_(t)
+    ref.set_importance(slm.importance)
+    want = ref.forward(ids, plan).logits
+    assert torch.allclose(dual.forward(ids, plan).logits, want, atol=1e-5)
+    assert not torch.allclose(slm.forward(ids, plan).logits, want, atol=1e-3)  # the switch is real
+    # Run in stages (dense layers first, as a probe does): the switch happens at the same layer.
+    state = dual.start(ids)
+    dual.run_layers(state, dense, 0, 2)
+    dual.run_layers(state, plan, 2)
+    assert torch.allclose(dual.finish(state).logits, want, atol=1e-5)
+
+
+def test_set_adapted_refuses_foreign_weights():
+    slm = _peaked_tiny()
+    with pytest.raises(ValueError, match="layer < 4"):
+        slm.set_adapted({"9.q_w": slm.blocks[0].q_w})
+    with pytest.raises(ValueError, match="name in"):
+        slm.set_adapted({"0.attn_norm": slm.blocks[0].q_w})
+    with pytest.raises(ValueError, match="shape"):
+        slm.set_adapted({"0.q_w": torch.zeros(3, 3)})
+    slm.set_adapted({"0.q_w": slm.blocks[0].q_w * 2})
+    with pytest.raises(ValueError, match="2:4"):
+        slm.enable_two_four()
+    slm.set_adapted(None)
+    assert slm.adapted is None and slm.adapted_tensors() == {}
