@@ -274,12 +274,20 @@ def weights_hash(model: torch.nn.Module) -> str:
 
     Ties a cache (importance orderings, calibration) or a published controller to exact weights.
     """
-    h = hashlib.sha256()
     seen: set[int] = set()
+    named = {}
     for name, p in sorted(model.state_dict().items()):
         if p.data_ptr() in seen:  # tied weights: count once
             continue
         seen.add(p.data_ptr())
+        named[name] = p
+    return tensors_hash(named)
+
+
+def tensors_hash(named: dict[str, torch.Tensor], prefix: str = "") -> str:
+    """SHA-256 over ``prefix`` and named tensors (sorted by name: names, dtypes, shapes, bytes), first 16 hex digits."""
+    h = hashlib.sha256(prefix.encode())
+    for name, p in sorted(named.items()):
         h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]

@@ -46,14 +46,14 @@ import torch
 import torch.nn.functional as F
 
 from envs.plan import LayerPlan, SparsityPlan, select_heads
-from envs.sparse_lm import SparseLM
+from envs.sparse_lm import ADAPTABLE, SparseLM
 
 PLAN_FAMILIES = ("layers", "mlp", "kv")
 LAYER_CHOICES = ("depth", "importance", "mixed")
 METHODS = ("full", "lora")
 DENSE_WEIGHTS = ("original", "adapted")
 CHECKPOINT_VERSION = 1
-LORA_TARGETS = ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w")
+LORA_TARGETS = ADAPTABLE  # every decoder matrix a plan slices
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -843,9 +843,9 @@ def prepare_model(
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             with deltas.applied() if deltas is not None else _nullcontext():
-                for j, plan in enumerate(plans):
+                for j, plan in enumerate(plans):  # a backward per plan: one plan's activations alive at a time
                     if keep_dense and plan.is_dense:  # the original weights: nothing to learn
-                        continue  # a backward per plan: one plan's activations alive at a time
+                        continue
                     logits = student.forward(ids, plan, logits="all", grad=True).logits
                     loss = kl_teacher_student(logits, t_logp)
                     if cfg.lm_weight:

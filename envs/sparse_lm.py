@@ -30,7 +30,6 @@ RLlib workers must stay at one thread. ``None`` leaves the current setting alone
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from envs.models import EMBEDDED_MODEL, LoadedModel, load_model, weights_hash
+from envs.models import EMBEDDED_MODEL, LoadedModel, load_model, tensors_hash, weights_hash
 from envs.plan import LayerPlan, ModelSpec, SparsityPlan
 
 ADAPTABLE = ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w")  # weights an adapted set may replace
@@ -454,13 +453,7 @@ class SparseLM:
         """
         if self._weights_hash is None:
             h = weights_hash(self.model)
-            if self.adapted is not None:
-                d = hashlib.sha256(h.encode())
-                for key, t in sorted(self.adapted_tensors().items()):
-                    d.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-                    d.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-                h = d.hexdigest()[:16]
-            self._weights_hash = h
+            self._weights_hash = h if self.adapted is None else tensors_hash(self.adapted_tensors(), prefix=h)
         return self._weights_hash
 
     @property
