@@ -110,6 +110,16 @@ class LayerPlan:
             "two_four": self.two_four,
         }
 
+    def is_full(self, spec: ModelSpec) -> bool:
+        """Whether the layer runs whole: every head, KV group and channel, with dense weights."""
+        return (
+            self.run
+            and len(self.heads) == spec.num_heads
+            and len(self.kv_heads) == spec.num_kv_heads
+            and self.mlp_channels == spec.intermediate_size
+            and not self.two_four
+        )
+
 
 def _dense_layer(spec: ModelSpec) -> LayerPlan:
     return LayerPlan(
@@ -316,14 +326,7 @@ class SparsityPlan:
     @property
     def is_dense(self) -> bool:
         """Whether every layer, head and channel runs."""
-        return all(
-            lp.run
-            and len(lp.heads) == self.spec.num_heads
-            and len(lp.kv_heads) == self.spec.num_kv_heads
-            and lp.mlp_channels == self.spec.intermediate_size
-            and not lp.two_four
-            for lp in self.layers
-        )
+        return all(lp.is_full(self.spec) for lp in self.layers)
 
     @property
     def layers_run(self) -> int:

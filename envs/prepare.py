@@ -12,8 +12,8 @@ run. This module does the same for PruneGym's own plan space:
   path stays anchored to the original model.
 - Each step runs the sampled plan *with gradients* through :class:`~envs.sparse_lm.SparseLM` built
   with ``strategy="gather"`` (its kept rows are gathered from the real parameters, so gradients
-  reach them) and minimises ``KL(teacher || student)`` over the logits, where the teacher is a
-  frozen copy of the original weights; an optional language-model loss is added.
+  reach them) and minimises ``KL(teacher || student)`` over the logits, where the teacher is the
+  original dense model; an optional language-model loss is added.
 - ``method="full"`` fine-tunes the decoder layers; ``method="lora"`` trains low-rank deltas that
   are added to the extracted weights on the fly (:class:`LowRankDeltas`) and merged at the end.
 - ``dense_weights="original"`` (the default) keeps the original weights for the dense
@@ -714,7 +714,8 @@ def prepare_model(
         slm: The model to adapt; its importance orderings choose what plans keep and stay fixed.
             With ``dense_weights="original"`` its weights stay as they are and it receives the
             adapted set (:meth:`~envs.sparse_lm.SparseLM.set_adapted`); with ``"adapted"`` its weights
-            are modified in place. A frozen copy of the original serves as the teacher.
+            are modified in place. The teacher is the original dense model: the student's own dense
+            plan with ``"original"``, a frozen copy with ``"adapted"``.
         train_sequences: Token sequences of one length (training text: the train split only).
         eval_sequences: Held-out token sequences for the before/after figures.
         cfg: Hyper-parameters.
@@ -732,19 +733,22 @@ def prepare_model(
     train = _check_sequences("train_sequences", train_sequences)
     held = _check_sequences("eval_sequences", eval_sequences)
     torch.manual_seed(cfg.seed)
-    # The teacher is the original weights, frozen; "views" is its fastest dense path.
-    teacher = SparseLM(copy.deepcopy(slm.model), importance=slm.importance, name=f"{slm.name}-teacher")
-    for p in teacher.model.parameters():
-        p.requires_grad_(False)
+    keep_dense = cfg.dense_weights == "original"
     # Training needs strategy="gather": "views" slices an importance-ordered copy that is no parameter.
     student = (
         slm
         if slm.strategy == "gather" and slm.adapted is None
         else SparseLM(slm.model, slm.tokenizer, slm.importance, name=slm.name, strategy="gather")
     )
-    keep_dense = cfg.dense_weights == "original"
-    if keep_dense:  # the deltas go into a second weight set, a copy of the original to start with
+    if keep_dense:
+        # The deltas go into a second weight set, a copy of the original to start with; the
+        # student's dense plan never touches it, so the student itself is the frozen teacher.
         student.set_adapted({f"{i}.{n}": getattr(b, n) for i, b in enumerate(student.blocks) for n in LORA_TARGETS})
+        teacher = student
+    else:  # the teacher is a frozen copy of the original weights; "views" is its fastest dense path
+        teacher = SparseLM(copy.deepcopy(slm.model), importance=slm.importance, name=f"{slm.name}-teacher")
+        for p in teacher.model.parameters():
+            p.requires_grad_(False)
     sampler = PlanSampler(student, cfg.plan)
     eval_plans = eval_plan_set(student, cfg.plan, cfg.eval_plans, cfg.seed)
     reference = [teacher_logprobs(teacher, s.reshape(1, -1)) for s in held]

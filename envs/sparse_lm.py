@@ -663,16 +663,10 @@ class SparseLM:
         """Run decoder layers ``start..stop-1`` of ``plan`` on ``state`` (in place) and return it."""
         stop = self.spec.num_layers if stop is None else stop
         h = state.hidden
-        s = self.spec
         for i in range(start, stop):
             lp = plan.layers[i]
             if self.adapted is not None and not state.adapted:
-                state.adapted = not (
-                    lp.run
-                    and len(lp.heads) == s.num_heads
-                    and len(lp.kv_heads) == s.num_kv_heads
-                    and lp.mlp_channels == s.intermediate_size
-                )
+                state.adapted = not lp.is_full(self.spec)
             if not lp.run:
                 continue
             if observer is not None:
