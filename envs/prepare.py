@@ -14,6 +14,10 @@ run. This module does the same for PruneGym's own plan space:
   with ``strategy="gather"`` (its kept rows are gathered from the real parameters, so gradients
   reach them) and minimises ``KL(teacher || student)`` over the logits, where the teacher is the
   original dense model; an optional language-model loss is added.
+- Choice distillation (``choice_weight``): on multiple-choice items of the train split, the pruned
+  student matches the dense model's softmax over the summed log-likelihoods of the choices, which
+  is exactly what the task scorer ranks (:func:`choice_kl`, :func:`choice_scores`). It can run
+  beside the token KL or alone (``kl_weight=0``).
 - ``method="full"`` fine-tunes the decoder layers; ``method="lora"`` trains low-rank deltas that
   are added to the extracted weights on the fly (:class:`LowRankDeltas`) and merged at the end.
 - ``dense_weights="original"`` (the default) keeps the original weights for the dense
@@ -167,7 +171,8 @@ class PrepareConfig:
             the held-out pruned KL about five times faster per CPU-minute than full fine-tuning, see
             BENCHMARKS.md) or ``"full"`` (fine-tune the decoder layers; use ``lr`` around 5e-5).
         max_steps: Upper bound on optimiser steps (0 writes the untouched model).
-        time_budget_min: Wall-clock bound on training, in minutes (checked after each step).
+        time_budget_min: Wall-clock bound on training, in minutes (checked after each step), counted
+            across resumes: a resumed run trains for what the interrupted one had left.
         seq_len: Tokens per training sequence.
         batch_size: Sequences per step.
         plans_per_step: Plans run on each batch, their gradients averaged into one optimiser step.
@@ -177,7 +182,14 @@ class PrepareConfig:
             by time, so its length is not known in advance to schedule a decay).
         warmup_steps: Linear warm-up steps.
         weight_decay: AdamW weight decay.
+        kl_weight: Weight of the token-level ``KL(teacher || student)`` on the training text (0 with
+            ``lm_weight=0`` skips the text entirely: choice distillation only).
         lm_weight: Weight of the language-model loss added to the KL.
+        choice_weight: Weight of the choice-distillation loss added to the KL: on multiple-choice
+            items of the train split, ``KL`` between the dense and the pruned model's softmax over
+            the summed log-likelihoods of the choices, which is exactly what the task scorer ranks
+            (0: off; needs ``choice_items`` in :func:`prepare_model`).
+        choice_items_per_step: Multiple-choice items per step when ``choice_weight > 0``.
         lora_rank: Rank of the low-rank deltas (``method="lora"``).
         lora_alpha: LoRA scaling numerator (delta scale is ``lora_alpha / lora_rank``).
         train_embeddings: Also train the (usually tied) embedding / LM head; off by default: it is the
@@ -201,7 +213,10 @@ class PrepareConfig:
     lr: float = 5e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
+    kl_weight: float = 1.0
     lm_weight: float = 0.0
+    choice_weight: float = 0.0
+    choice_items_per_step: int = 2
     lora_rank: int = 16
     lora_alpha: float = 32.0
     train_embeddings: bool = False
@@ -243,6 +258,7 @@ class PrepareConfig:
             ("seq_len", 2),
             ("batch_size", 1),
             ("plans_per_step", 1),
+            ("choice_items_per_step", 1),
             ("warmup_steps", 0),
             ("lora_rank", 1),
             ("checkpoint_every", 0),
@@ -251,10 +267,12 @@ class PrepareConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{where}.{name} must be an integer >= {lo}, got {v!r}")
-        for name in ("time_budget_min", "lr", "weight_decay", "lm_weight", "lora_alpha"):
+        for name in ("time_budget_min", "lr", "weight_decay", "kl_weight", "lm_weight", "choice_weight", "lora_alpha"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or math.isnan(v) or v < 0:
                 raise ValueError(f"{where}.{name} must be a number >= 0, got {v!r}")
+        if self.kl_weight + self.lm_weight + self.choice_weight == 0:
+            raise ValueError(f"{where}: kl_weight, lm_weight and choice_weight are all 0, so nothing is trained")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form for JSON (the card and the checkpoint)."""
@@ -388,16 +406,48 @@ def text_sequences(tokenizer: Any, docs: Sequence[str], seq_len: int) -> list[to
     return list(t.view(n, seq_len))
 
 
+def indices_for_step(n: int, seed: int, step: int, count: int, stream: int = 1) -> list[int]:
+    """Which of ``n`` examples step ``step`` trains on: epochs of seeded permutations, a pure function of the step."""
+    out = []
+    for j in range(count):
+        epoch, pos = divmod(step * count + j, n)
+        out.append(int(np.random.default_rng([int(seed), int(epoch), int(stream)]).permutation(n)[pos]))
+    return out
+
+
 def batch_for_step(sequences: Sequence[torch.Tensor], seed: int, step: int, batch_size: int) -> torch.Tensor:
-    """The training batch of step ``step``: epochs of seeded permutations, a pure function of the step."""
-    n = len(sequences)
-    rows = []
-    for j in range(batch_size):
-        k = step * batch_size + j
-        epoch, pos = divmod(k, n)
-        order = np.random.default_rng([int(seed), int(epoch), 1]).permutation(n)
-        rows.append(torch.as_tensor(sequences[int(order[pos])]).reshape(-1))
-    return torch.stack(rows)
+    """The training batch of step ``step`` (see :func:`indices_for_step`)."""
+    idx = indices_for_step(len(sequences), seed, step, batch_size)
+    return torch.stack([torch.as_tensor(sequences[i]).reshape(-1) for i in idx])
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """A multiple-choice item as token ids: the prompt and each choice's continuation.
+
+    Attributes:
+        prompt: Prompt tokens (with its few-shot prefix, as the scorer sees it).
+        choices: Per choice, the tokens of ``" " + choice`` (what the scorer appends).
+    """
+
+    prompt: tuple[int, ...]
+    choices: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.prompt or len(self.choices) < 2 or any(not c for c in self.choices):
+            raise ValueError("a choice item needs a non-empty prompt and at least two non-empty choices")
+
+
+def choice_items(items: Sequence[Any], tokenizer: Any) -> list[ChoiceItem]:
+    """Token ids of the multiple-choice items among ``items`` (:class:`envs.tasks.Item`), as the scorer reads them."""
+    from envs.tasks import Scorer
+
+    sc = Scorer(tokenizer=tokenizer)
+    return [
+        ChoiceItem(tuple(sc.encode(None, it.prompt)), tuple(tuple(sc.encode(None, " " + c)) for c in it.choices))
+        for it in items
+        if it.kind == "mc"
+    ]
 
 
 def _check_sequences(name: str, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -426,6 +476,62 @@ def kl_teacher_student(student_logits: torch.Tensor, teacher_logp: torch.Tensor)
     logp_s = torch.log_softmax(student_logits.float(), dim=-1)
     kl = (teacher_logp.exp() * (teacher_logp - logp_s)).sum(-1)
     return kl.mean()
+
+
+def choice_kl(student_ll: torch.Tensor, teacher_ll: torch.Tensor) -> torch.Tensor:
+    """``KL(teacher || student)`` between the softmaxes of two choice-score vectors.
+
+    The mc scorer picks the choice with the highest summed log-likelihood; matching the dense
+    model's distribution over the choices keeps that pick, and spends no capacity on the rest of
+    the vocabulary.
+
+    Args:
+        student_ll: ``[k]`` summed log-likelihoods of the choices under the pruned student.
+        teacher_ll: ``[k]`` the same under the dense teacher (no gradient).
+    """
+    t = torch.log_softmax(teacher_ll.float(), -1)
+    return (t.exp() * (t - torch.log_softmax(student_ll.float(), -1))).sum()
+
+
+def choice_scores(
+    slm: SparseLM, items: Sequence[ChoiceItem], plan: SparsityPlan | None = None, *, grad: bool = False
+) -> list[torch.Tensor]:
+    """Per item, the summed log-likelihood of each choice after its prompt.
+
+    Every (prompt + choice) is a row, right-padded (causal attention: padding never changes an
+    earlier position), and the LM head runs only at the positions that predict choice tokens.
+    Items of similar width share one forward (a short arithmetic item is mostly per-forward
+    overhead, while padding it to a few-shot prompt's width would multiply its tokens). The
+    values equal :func:`envs.tasks.scoring.choice_logliks` up to float rounding.
+    """
+    width = [len(it.prompt) + max(len(c) for c in it.choices) for it in items]
+    groups: list[list[int]] = []
+    for n in sorted(range(len(items)), key=width.__getitem__):
+        if groups and width[n] <= 1.5 * width[groups[-1][0]]:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    out: dict[int, torch.Tensor] = {}
+    for group in groups:
+        out.update(zip(group, _choice_scores_one_forward(slm, [items[n] for n in group], plan, grad), strict=True))
+    return [out[n] for n in range(len(items))]
+
+
+def _choice_scores_one_forward(
+    slm: SparseLM, items: Sequence[ChoiceItem], plan: SparsityPlan | None, grad: bool
+) -> list[torch.Tensor]:
+    rows = [(it.prompt, c) for it in items for c in it.choices]
+    owner = torch.tensor([n for n, it in enumerate(items) for _ in it.choices])
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.tensor([[*p, *c] + [0] * (width - len(p) - len(c)) for p, c in rows])
+    r_idx = torch.tensor([r for r, (_, c) in enumerate(rows) for _ in c])
+    pos = torch.tensor([len(p) - 1 + j for p, c in rows for j in range(len(c))])
+    target = torch.tensor([t for _, c in rows for t in c])
+    with torch.set_grad_enabled(grad):
+        h = slm.forward(ids, plan, logits="none", grad=grad).hidden[r_idx, pos]
+        logp = torch.log_softmax(slm.lm_head(h).float(), -1).gather(-1, target[:, None])[:, 0]
+        per_row = torch.zeros(len(rows), dtype=logp.dtype).index_add(0, r_idx, logp)
+    return [per_row[owner == n] for n in range(len(items))]
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -539,6 +645,31 @@ def evaluate_plans(
             agree += float((logp[0, :-1].argmax(-1) == ref[0, :-1].argmax(-1)).sum())
             n += T - 1
         out.append({"nll": nll / n, "kl": kl / n, "agree": agree / n, "cost": plan.cost_fraction()})
+    return out
+
+
+@torch.no_grad()
+def evaluate_choices(
+    slm: SparseLM, plans: Sequence[SparsityPlan], items: Sequence[ChoiceItem], reference: Sequence[torch.Tensor]
+) -> list[dict[str, float]]:
+    """Per plan: mean :func:`choice_kl` to the reference choice scores and the share of items whose pick it keeps.
+
+    Args:
+        slm: The model to evaluate.
+        plans: Plans to run.
+        items: Held-out multiple-choice items.
+        reference: Per item, the original dense model's summed choice log-likelihoods.
+    """
+    from envs.tasks.scoring import choice_logliks
+
+    out = []
+    for plan in plans:
+        kl = agree = 0.0
+        for it, ref in zip(items, reference, strict=True):
+            ll = choice_logliks(slm, list(it.prompt), [list(c) for c in it.choices], plan)
+            kl += float(choice_kl(ll, ref))
+            agree += float(int(ll.argmax()) == int(ref.argmax()))
+        out.append({"choice_kl": kl / len(items), "pick_agree": agree / len(items)})
     return out
 
 
@@ -682,12 +813,28 @@ def eval_plan_set(slm: SparseLM, dist: PlanDistribution, n: int, seed: int) -> l
 
 
 def held_out_figures(
-    slm: SparseLM, plans: Sequence[SparsityPlan], sequences: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]
+    slm: SparseLM,
+    plans: Sequence[SparsityPlan],
+    sequences: Sequence[torch.Tensor],
+    reference: Sequence[torch.Tensor],
+    choices: Sequence[ChoiceItem] = (),
+    choice_reference: Sequence[torch.Tensor] = (),
 ) -> dict[str, Any]:
-    """Dense NLL / KL and the mean KL / agreement of ``plans``, all against the original dense model."""
+    """Dense NLL / KL and the mean KL / agreement of ``plans``, all against the original dense model.
+
+    With held-out ``choices`` (and the original dense model's scores of them) it adds the pruned
+    plans' mean choice KL and the share of picks they keep: the task-level figure.
+    """
     dense = evaluate_plans(slm, [slm.dense_plan()], sequences, reference=reference)[0]
     pruned = evaluate_plans(slm, plans, sequences, reference=reference) if plans else []
+    extra: dict[str, float] = {}
+    if choices and plans:
+        per = evaluate_choices(slm, plans, choices, choice_reference)
+        extra = {k: float(np.mean([r[k] for r in per])) for k in ("choice_kl", "pick_agree")}
+        for r, c in zip(pruned, per, strict=True):
+            r.update(c)
     return {
+        **{f"pruned_{k}": v for k, v in extra.items()},
         "dense_nll": dense["nll"],
         "dense_kl": dense["kl"],
         "pruned_kl": float(np.mean([r["kl"] for r in pruned])) if pruned else 0.0,
@@ -707,6 +854,8 @@ def prepare_model(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    choice_items: Sequence[ChoiceItem] = (),
+    eval_choice_items: Sequence[ChoiceItem] = (),
 ) -> PrepareResult:
     """Self-distil ``slm`` under plans drawn from ``cfg.plan``.
 
@@ -723,15 +872,23 @@ def prepare_model(
         resume: Continue from the checkpoint in ``checkpoint_dir``.
         progress: Show a tqdm progress bar.
         log: Called with one-line messages.
+        choice_items: Multiple-choice items of the train split for the choice loss (``cfg.choice_weight``).
+        eval_choice_items: Held-out multiple-choice items for the before/after choice figures.
 
     Raises:
-        ValueError: Bad sequences, or a checkpoint written with a different training configuration.
+        ValueError: Bad sequences, ``choice_weight > 0`` without ``choice_items``, or a checkpoint
+            written with a different training configuration.
     """
     from tqdm.auto import tqdm
 
     log = log or (lambda _msg: None)
     train = _check_sequences("train_sequences", train_sequences)
     held = _check_sequences("eval_sequences", eval_sequences)
+    if cfg.choice_weight > 0 and not choice_items:
+        raise ValueError(
+            "choice_weight > 0 needs multiple-choice training items: set choice_mix (experiments.prepare) "
+            "or pass choice_items, or set choice_weight=0"
+        )
     torch.manual_seed(cfg.seed)
     keep_dense = cfg.dense_weights == "original"
     # Training needs strategy="gather": "views" slices an importance-ordered copy that is no parameter.
@@ -752,6 +909,10 @@ def prepare_model(
     sampler = PlanSampler(student, cfg.plan)
     eval_plans = eval_plan_set(student, cfg.plan, cfg.eval_plans, cfg.seed)
     reference = [teacher_logprobs(teacher, s.reshape(1, -1)) for s in held]
+    choice_ref = [t for it in eval_choice_items for t in choice_scores(teacher, [it])]
+
+    def figures() -> dict[str, Any]:
+        return held_out_figures(student, eval_plans, held, reference, eval_choice_items, choice_ref)
 
     model = student.model
     deltas: LowRankDeltas | None = None
@@ -776,7 +937,7 @@ def prepare_model(
     start = 0
     elapsed_before = 0.0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    before = held_out_figures(student, eval_plans, held, reference)
+    before = figures()
     log(f"before: dense NLL {before['dense_nll']:.4f}, pruned KL {before['pruned_kl']:.4f}")
     if resume:
         if ckpt is None:
@@ -829,13 +990,13 @@ def prepare_model(
     # Either bound may end the run: the bar shows the share of whichever is nearer, so its ETA is real.
     def done_pct() -> int:
         by_steps = step / cfg.max_steps if cfg.max_steps else 1.0
-        by_time = (time.perf_counter() - t0) / budget_s if budget_s > 0 else 1.0
+        by_time = (elapsed_before + time.perf_counter() - t0) / budget_s if budget_s > 0 else 1.0
         return min(100, int(100 * max(by_steps, by_time)))
 
     bar = tqdm(total=100, unit="%", disable=not progress, desc="prepare", dynamic_ncols=True)
     try:
         while step < cfg.max_steps:
-            if time.perf_counter() - t0 >= budget_s:
+            if elapsed_before + time.perf_counter() - t0 >= budget_s:
                 stopped_by = "time_budget"
                 break
             ids = batch_for_step(train, cfg.seed, step, cfg.batch_size)
@@ -843,21 +1004,35 @@ def prepare_model(
             plans = [sampler.sample(step_rng(cfg.seed, step, stream=j)) for j in range(cfg.plans_per_step)]
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step)
-            t_logp = teacher_logprobs(teacher, ids)
+            text = cfg.kl_weight > 0 or cfg.lm_weight > 0
+            t_logp = teacher_logprobs(teacher, ids) if cfg.kl_weight > 0 else None
+            step_items: list[ChoiceItem] = []
+            if cfg.choice_weight > 0:
+                idx = indices_for_step(len(choice_items), cfg.seed, step, cfg.choice_items_per_step, stream=2)
+                step_items = [choice_items[i] for i in idx]
+                t_choice = choice_scores(teacher, step_items)
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             with deltas.applied() if deltas is not None else _nullcontext():
                 for j, plan in enumerate(plans):  # a backward per plan: one plan's activations alive at a time
                     if keep_dense and plan.is_dense:  # the original weights: nothing to learn
                         continue
-                    logits = student.forward(ids, plan, logits="all", grad=True).logits
-                    loss = kl_teacher_student(logits, t_logp)
-                    if cfg.lm_weight:
-                        loss = loss + cfg.lm_weight * lm_loss(logits, ids)
+                    loss = torch.zeros(())
+                    if text:
+                        logits = student.forward(ids, plan, logits="all", grad=True).logits
+                        if t_logp is not None:
+                            loss = loss + cfg.kl_weight * kl_teacher_student(logits, t_logp)
+                        if cfg.lm_weight:
+                            loss = loss + cfg.lm_weight * lm_loss(logits, ids)
+                        del logits
+                    if step_items:
+                        s_choice = choice_scores(student, step_items, plan, grad=True)
+                        c_loss = sum(choice_kl(a, b) for a, b in zip(s_choice, t_choice, strict=True))
+                        loss = loss + cfg.choice_weight / len(step_items) * c_loss
                     # The deltas' graph (W + BA) is shared by the plans: keep it until the last backward.
                     (loss / len(plans)).backward(retain_graph=deltas is not None and j < len(plans) - 1)
                     total += float(loss.detach()) / len(plans)
-                    del logits, loss
+                    del loss
             optimizer.step()
             step += 1
             losses.append((step, total, all(p.is_dense for p in plans)))
@@ -881,7 +1056,7 @@ def prepare_model(
         slm.set_adapted(student.adapted_tensors())
     elif slm is not student:
         slm.set_importance(slm.importance)  # rebuild the importance-ordered copy from the new weights
-    after = held_out_figures(student, eval_plans, held, reference)
+    after = figures()
     log(f"after {step} steps: dense NLL {after['dense_nll']:.4f}, pruned KL {after['pruned_kl']:.4f}")
     return PrepareResult(
         steps=step,

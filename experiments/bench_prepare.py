@@ -7,7 +7,9 @@ Two modes:
   dense model and KL to it, against FLOP cost (``SparsityPlan.cost_fraction``) and, where
   ``envs.meters`` exists, measured latency. Summarises the static loss at 70% of dense cost
   (linear interpolation along each family's curve; the best family at that cost) and the dense
-  model's change. Section "Pruning-ready models".
+  model's change. With ``--tasks N`` it also scores N val task items under every plan of the
+  ``--task-families``: task accuracy along the same curves, summarised the same way. Section
+  "Pruning-ready models" (or "Pruning-ready models (NAME)"); plot ``reports/prepare_curves[_NAME].png``.
 - ``python -m experiments.bench_prepare methods --minutes M``: full fine-tuning vs LoRA, each run
   for the same wall-clock budget from the same start, measuring the held-out pruned-plan KL drop
   per training minute. Section "Pruning-ready models: full fine-tuning vs LoRA".
@@ -15,6 +17,11 @@ Two modes:
   recipes, data, budgets) side by side: the goal's own figure (the best static family's
   dense-relative ΔNLL at 70% of dense cost, as a share of the original model's) and the dense
   model's drift on natural text and on task answers. Section "Pruning-ready models: recipes compared".
+- ``python -m experiments.bench_prepare mixing --prepared NAME``: per-token decoding where each
+  token runs either the dense plan or a pruned one. On a two-set model (``dense_weights=original``)
+  dense tokens write keys and values with the original weights and pruned tokens read them with
+  the adapted ones, a mix preparation never trains; this measures what it costs. Section
+  "Pruning-ready models: per-token plan mixing".
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ import torch
 from envs.plan import SparsityPlan
 from envs.prepare import PrepareConfig, evaluate_plans, teacher_logprobs, text_sequences
 from envs.sparse_lm import SparseLM
-from experiments.report import markdown_table, write_section
+from experiments.report import REPO_ROOT, markdown_table, write_section
 
 THREADS = 2  # the reference machine has 2 cores; set deliberately so timings are comparable
-LEVELS = (0.9, 0.8, 0.7, 0.6)
+LEVELS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
+TASK_FAMILIES = ("layers", "mlp", "mixed")  # the families whose curves reach 70% of dense cost
 DEFAULT_PREPARED = "smollm2-135m-ready"  # what `python -m experiments.prepare` writes
 FAMILIES = ("layers", "mlp", "heads", "mixed")
 
@@ -334,7 +342,8 @@ def curves(args: argparse.Namespace) -> None:
         )
     else:
         lines.append("Latency: not measured (`--no-latency` or no `envs/meters.py`); cost is FLOPs only.")
-    task_table = _task_accuracy(args, base, ready, plans) if args.tasks else None
+    tasks = _task_accuracy(args, base, ready, plans) if args.tasks else None
+    task_table, task_curves = tasks if tasks else (None, None)
     if task_table is None:
         lines.append(
             "Task accuracy: not measured in this run (`--tasks 0` or no `envs/tasks`); NLL and agreement only."
@@ -354,7 +363,8 @@ def curves(args: argparse.Namespace) -> None:
             f"{card.get('train_seconds', card.get('train_seconds_this_run'))} s of training "
             f"({card.get('plan_forwards', card.get('steps'))} pruned-or-dense student forwards), torch threads "
             f"{card.get('torch_threads')} (the last run's); "
-            f"plan distribution {json.dumps(card.get('config', {}).get('plan'))}; "
+            + _losses_described(card)
+            + f"plan distribution {json.dumps(card.get('config', {}).get('plan'))}; "
             f"sampled plans' mean FLOP cost {mean_cost:.3f}."
         )
     n_tok = sum(int(s.numel()) for s in seqs)
@@ -370,23 +380,67 @@ def curves(args: argparse.Namespace) -> None:
         + markdown_table(["model", "family", "ΔNLL", "disagreement"], summary)
         + (f"\n\n{task_table}" if task_table else "")
     )
+    # The default preparation owns the main section and plot; other prepared models get one each.
+    suffix = "" if args.prepared == DEFAULT_PREPARED else f"_{args.prepared}"
+    plot = Path("reports") / f"prepare_curves{suffix}.png"
+    plot_curves(rows, task_curves, args.target, REPO_ROOT / plot, f"Static curves of `{args.prepared}`")
+    body += f"\n\n![static curves before and after preparation]({plot.as_posix()})"
     print(body)
+    print(f"wrote {plot}")
     cmd = "python -m experiments.bench_prepare " + " ".join(sys.argv[1:])
-    # The default preparation owns the main section; other prepared models get one each.
     title = "Pruning-ready models" + ("" if args.prepared == DEFAULT_PREPARED else f" ({args.prepared})")
     write_section(title, cmd, body)
 
 
+def _losses_described(card: dict[str, Any]) -> str:
+    """The card's training losses in words (cards written before choice distillation trained the token KL only)."""
+    cfg = card.get("config", {})
+    kl, lm, ch = cfg.get("kl_weight", 1.0), cfg.get("lm_weight", 0.0), cfg.get("choice_weight", 0.0)
+    parts = [f"token KL × {kl:g}" if kl else "no token KL"]
+    if lm:
+        parts.append(f"LM loss × {lm:g}")
+    if ch:
+        choice = card.get("data", {}).get("choice", "multiple-choice items")
+        parts.append(f"choice KL × {ch:g} on {card.get('choice_items_seen')} draws of {choice}")
+    return "losses: " + ", ".join(parts) + "; "
+
+
+def task_loss_at(points: dict[str, list[tuple[float, float]]], target: float) -> tuple[float, str] | None:
+    """The best family's static accuracy loss at ``target`` cost, interpolated along its curve.
+
+    Args:
+        points: Per family, ``(cost, loss)`` pairs of its static plans; the dense plan (cost 1,
+            loss 0 by definition of dense-relative credit) is added to every family.
+        target: Cost fraction.
+
+    Returns:
+        ``(loss, family)`` of the family with the lowest interpolated loss, or ``None`` where no
+        family's curve reaches ``target``.
+    """
+    cands = []
+    for fam, pts in points.items():
+        full = [(1.0, 0.0), *pts]
+        v = _interp_at([c for c, _ in full], [loss for _, loss in full], target)
+        if v is not None:
+            cands.append((v, fam))
+    return min(cands) if cands else None
+
+
 def _task_accuracy(
     args: argparse.Namespace, base: SparseLM, ready: SparseLM, plans: list[tuple[str, float, SparsityPlan]]
-) -> str | None:
-    """Task accuracy of both models, dense and under each family's plan nearest the target cost.
+) -> tuple[str, dict[str, Any]] | None:
+    """Task accuracy of both models along the static curves: dense and every plan of three families.
 
     Raw credit is against the labels; dense-relative credit is agreement with the *same* model's
     dense answer (the suite's headline scoring), so ``1 - dense-relative`` is the static plan's
-    accuracy loss. The dense models are also compared with each other: how often the prepared
-    dense model picks what the original does, and the raw accuracy difference with a paired
-    bootstrap interval.
+    accuracy loss. The goal's figure is that loss at ``args.target`` cost, interpolated along each
+    family's curve like the ΔNLL summary (the best family per model). The dense models are also
+    compared with each other: how often the prepared dense model picks what the original does,
+    and the raw accuracy difference with a paired bootstrap interval.
+
+    Returns:
+        The markdown of the section's task part and the curves for the plot, or ``None`` without
+        ``envs.tasks``.
     """
     if importlib.util.find_spec("envs.tasks") is None:
         return None
@@ -396,86 +450,160 @@ def _task_accuracy(
 
     items = load_mix(args.mix, "val", n=args.tasks, seed=0)
     scorer = Scorer()
-    chosen: list[tuple[str, str, SparsityPlan | None]] = [("dense", "dense", None)]
-    for fam in ("layers", "mlp", "mixed"):
-        fam_plans = [(abs(p.cost_fraction() - args.target), lv, p) for f, lv, p in plans if f == fam]
-        _, lv, plan = min(fam_plans, key=lambda t: t[0])
-        chosen.append((fam, f"{fam} {lv:.2f} (cost {plan.cost_fraction():.2f})", plan))
-    raw: dict[str, np.ndarray] = {}
-    rel: dict[str, np.ndarray] = {}
+    families = tuple(f for f in TASK_FAMILIES if f in args.task_families)
+    chosen = [(fam, lv, plan) for fam, lv, plan in plans if fam in families]
+    raw: dict[tuple[str, str, float], np.ndarray] = {}
+    rel: dict[tuple[str, str, float], np.ndarray] = {}
     picks: dict[str, list[Any]] = {}
-    bar = tqdm(total=2 * len(items) * len(chosen), desc="task items", dynamic_ncols=True)
+    bar = tqdm(total=2 * len(items) * (len(chosen) + 1), desc="task items", dynamic_ncols=True)
     for tag, slm in (("original", base), ("prepared", ready)):
         refs = [scorer.dense_reference(slm, it) for it in items]
         picks[tag] = [r.get("pick", r.get("text")) for r in refs]
-        for fam, _label, plan in chosen:
+        for fam, lv, plan in [("dense", 1.0, slm.dense_plan()), *chosen]:
             sc = []
             for it, ref in zip(items, refs, strict=True):
-                sc.append(scorer.score(slm, it, plan if plan is not None else slm.dense_plan(), ref))
+                sc.append(scorer.score(slm, it, plan, ref))
                 bar.update(1)
-            raw[f"{tag}/{fam}"] = np.array([x.raw for x in sc])
-            rel[f"{tag}/{fam}"] = np.array([x.dense_relative for x in sc])
+            raw[tag, fam, lv] = np.array([x.raw for x in sc])
+            rel[tag, fam, lv] = np.array([x.dense_relative for x in sc])
     bar.close()
-    out = []
-    for fam, label, _plan in chosen:
-        ro, rp = raw[f"original/{fam}"].mean(), raw[f"prepared/{fam}"].mean()
-        out.append(
-            [
-                label,
-                f"{ro:.3f}",
-                f"{rp:.3f}",
-                f"{100 * (rp - ro):+.1f}",
-                f"{rel[f'original/{fam}'].mean():.3f}",
-                f"{rel[f'prepared/{fam}'].mean():.3f}",
+
+    def curve(tag: str, mask: np.ndarray | None = None) -> dict[str, list[tuple[float, float]]]:
+        return {
+            fam: [
+                (plan.cost_fraction(), float(1 - rel[tag, fam, lv][mask if mask is not None else slice(None)].mean()))
+                for f, lv, plan in chosen
+                if f == fam
             ]
-        )
-    diff = raw["prepared/dense"] - raw["original/dense"]
+            for fam in families
+        }
+
+    table = [["dense", "1.00", "1.000", *_task_cells(raw, rel, "dense", 1.0)]]
+    for fam, lv, plan in chosen:
+        table.append([fam, f"{lv:.2f}", f"{plan.cost_fraction():.3f}", *_task_cells(raw, rel, fam, lv)])
+    diff = raw["prepared", "dense", 1.0] - raw["original", "dense", 1.0]
     rng = np.random.default_rng(0)
     boot = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(2000)]
     lo, hi = np.quantile(boot, [0.025, 0.975])
     same = float(np.mean([a == b for a, b in zip(picks["original"], picks["prepared"], strict=True)]))
-    loss = {
-        tag: min((1 - rel[f"{tag}/{fam}"].mean(), fam) for fam, _, plan in chosen if plan is not None)
-        for tag in ("original", "prepared")
-    }
-    (lo_o, fo), (lo_p, fp) = loss["original"], loss["prepared"]
-    ratio = lo_p / lo_o if lo_o > 0 else float("nan")
+    curves = {tag: curve(tag) for tag in ("original", "prepared")}
+    best = {tag: task_loss_at(curves[tag], args.target) for tag in curves}
     dense_ok = diff.mean() >= -0.01  # "must not get worse": a gain is fine
     lines = [
-        f"Task items: {len(items)} val items of the `{args.mix}` mix. Raw credit is against the labels; "
-        "dense-relative credit is agreement with the same model's dense answer.",
-        f"Dense task accuracy: {raw['original/dense'].mean():.3f} → {raw['prepared/dense'].mean():.3f} "
+        f"Task items: {len(items)} val items of the `{args.mix}` mix, scored under the dense plan and every "
+        f"{'/'.join(families)} plan above. Raw credit is against the labels; dense-relative credit is "
+        "agreement with the same model's dense answer, and the static accuracy loss is 1 − that credit.",
+        f"Dense task accuracy: {raw['original', 'dense', 1.0].mean():.3f} → {raw['prepared', 'dense', 1.0].mean():.3f} "
         f"({100 * diff.mean():+.1f} points, paired bootstrap 95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}]; goal: "
         f"not worse by more than 1 point: {'met' if dense_ok else 'not met'}). The prepared dense model picks "
         f"the original's answer on {same:.3f} of the items.",
-        f"Static accuracy loss (1 − dense-relative credit) of the best family near {args.target:.0%} cost: "
-        f"{lo_o:.3f} ({fo}) on the original model, {lo_p:.3f} ({fp}) on the prepared one: ratio {ratio:.2f} "
-        f"(goal ≤ 0.50: {'met' if ratio <= 0.5 else 'not met'}).",
     ]
-    # Where the loss sits: per task, each model's best family above.
-    tasks = np.array([it.task for it in items])
-    per_task = []
-    for task in sorted(set(tasks.tolist())):
-        m = tasks == task
-        per_task.append(
-            [
-                task,
-                str(int(m.sum())),
-                f"{raw['original/dense'][m].mean():.2f}",
-                f"{1 - rel[f'original/{fo}'][m].mean():.2f}",
-                f"{1 - rel[f'prepared/{fp}'][m].mean():.2f}",
-            ]
+    per_task: list[list[str]] = []
+    per_task_heading = ""
+    if best["original"] and best["prepared"]:
+        (lo_o, fo), (lo_p, fp) = best["original"], best["prepared"]
+        ratio = lo_p / lo_o if lo_o > 0 else float("nan")
+        lines.append(
+            f"Static accuracy loss of the best family at {args.target:.0%} of dense FLOPs (interpolated along each "
+            f"family's curve): {lo_o:.3f} ({fo}) on the original model, {lo_p:.3f} ({fp}) on the prepared one: "
+            f"ratio {ratio:.2f} (goal ≤ 0.50: {'met' if ratio <= 0.5 else 'not met'})."
         )
+        c_m, f_m, l_m = max((plan.cost_fraction(), fam, lv) for fam, lv, plan in chosen)
+        m_o, m_p = 1 - rel["original", f_m, l_m].mean(), 1 - rel["prepared", f_m, l_m].mean()
+        lines.append(
+            f"For scale: the mildest plan measured ({f_m} {l_m:.2f}, {c_m:.1%} of dense FLOPs) loses {m_o:.3f} on the "
+            f"original model and {m_p:.3f} on the prepared one. The goal asks for at most {lo_o / 2:.3f} at "
+            f"{args.target:.0%} cost"
+            + (", less than the original loses at that mildest plan." if lo_o / 2 < m_o else ".")
+        )
+        # Where the loss sits: per task, each model's best family, interpolated the same way.
+        per_task_heading = (
+            f"Static accuracy loss per task at {args.target:.0%} cost ({fo} on the original, "
+            f"{fp} on the prepared model):"
+        )
+        tasks = np.array([it.task for it in items])
+        for task in sorted(set(tasks.tolist())):
+            m = tasks == task
+            t_o = task_loss_at({fo: curve("original", m)[fo]}, args.target)
+            t_p = task_loss_at({fp: curve("prepared", m)[fp]}, args.target)
+            per_task.append(
+                [
+                    task,
+                    str(int(m.sum())),
+                    f"{raw['original', 'dense', 1.0][m].mean():.2f}",
+                    f"{t_o[0]:.2f}" if t_o else "—",
+                    f"{t_p[0]:.2f}" if t_p else "—",
+                ]
+            )
+    else:
+        lines.append(f"No task family's curve reaches {args.target:.0%} of dense FLOPs; lower --target.")
     print("\n".join(lines), flush=True)
-    return (
+    md = (
         "\n\n".join(lines)
         + "\n\n"
         + markdown_table(
-            ["plan", "raw original", "raw prepared", "Δ points", "dense-rel. original", "dense-rel. prepared"], out
+            ["plan", "keep", "FLOP cost", "raw original", "raw prepared", "loss original", "loss prepared"], table
         )
-        + f"\n\nStatic accuracy loss per task ({fo} on the original, {fp} on the prepared model):\n\n"
-        + markdown_table(["task", "items", "dense raw (original)", "loss original", "loss prepared"], per_task)
     )
+    if per_task:
+        md += f"\n\n{per_task_heading}\n\n" + markdown_table(
+            ["task", "items", "dense raw (original)", "loss original", "loss prepared"], per_task
+        )
+    return md, curves
+
+
+def _task_cells(
+    raw: dict[tuple[str, str, float], np.ndarray], rel: dict[tuple[str, str, float], np.ndarray], fam: str, lv: float
+) -> list[str]:
+    """Raw accuracy and static accuracy loss of one plan on both models, as table cells."""
+    return [
+        f"{raw['original', fam, lv].mean():.3f}",
+        f"{raw['prepared', fam, lv].mean():.3f}",
+        f"{1 - rel['original', fam, lv].mean():.3f}",
+        f"{1 - rel['prepared', fam, lv].mean():.3f}",
+    ]
+
+
+def plot_curves(
+    rows: list[dict[str, Any]], task_curves: dict[str, Any] | None, target: float, path: Path, title: str
+) -> None:
+    """Static curves of both models against FLOP cost: ΔNLL, top-1 disagreement and task accuracy loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: list[tuple[str, Any]] = [("ΔNLL on val news (dense-relative)", "dnll"), ("top-1 disagreement", "agree")]
+    if task_curves:
+        panels.append(("task accuracy loss (dense-relative)", "task"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    colours = {"layers": "tab:blue", "mlp": "tab:orange", "heads": "tab:green", "mixed": "tab:red"}
+    for ax, (label, key) in zip(axes[0], panels, strict=True):
+        for tag, style in (("original", "--"), ("prepared", "-")):
+            for fam, colour in colours.items():
+                if key == "task" and task_curves:
+                    if fam not in task_curves[tag]:
+                        continue
+                    pts = sorted([(1.0, 0.0), *task_curves[tag][fam]])
+                else:
+                    fr = [r for r in rows if r["model"] == tag and r["family"] in (fam, "dense")]
+                    val = (lambda r: r["dnll"]) if key == "dnll" else (lambda r: 1 - r["agree"])
+                    pts = sorted((r["cost"], val(r)) for r in fr)
+                ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, color=colour, label=f"{fam} ({tag})")
+        ax.axvline(target, color="grey", lw=0.8)
+        reached = task_loss_at(task_curves["original"], target) if key == "task" and task_curves else None
+        if reached:  # the goal: half the original's loss at the target cost
+            ax.axhline(reached[0] / 2, color="black", ls=":", lw=0.8)
+            ax.annotate("goal", (target, reached[0] / 2), fontsize=7, va="bottom", ha="right")
+        ax.set_xlabel("FLOP cost (of dense)")
+        ax.set_title(label, fontsize=10)
+        ax.invert_xaxis()
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{title}: original (dashed) vs prepared (solid)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def methods(args: argparse.Namespace) -> None:
@@ -554,6 +682,85 @@ def methods(args: argparse.Namespace) -> None:
     write_section("Pruning-ready models: full fine-tuning vs LoRA", cmd, body)
 
 
+def _decode_logprobs(slm: SparseLM, ids: torch.Tensor, prefix: int, plans: list[SparsityPlan]) -> torch.Tensor:
+    """Log-probs of each token after a dense prefill of ``prefix`` tokens, token ``t`` run under ``plans[t]``."""
+    cache = slm.new_cache()
+    slm.forward(ids[:prefix], slm.dense_plan(), cache=cache, logits="none")
+    out = []
+    for t in range(prefix, len(ids)):
+        o = slm.forward(ids[t : t + 1], plans[t - prefix], cache=cache, logits="all")
+        out.append(torch.log_softmax(o.logits[0, -1].float(), -1))
+    return torch.stack(out)
+
+
+def mixing(args: argparse.Namespace) -> None:
+    """Per-token plan mixing on both models: KL to the original dense model (module docstring)."""
+    from tqdm.auto import tqdm
+
+    from envs.models import EMBEDDED_MODEL
+
+    torch.set_num_threads(args.threads)
+    base = SparseLM.from_pretrained(EMBEDDED_MODEL)
+    ready = SparseLM.from_pretrained(args.prepared)
+    seqs, _ = _val_sequences(args, base)
+    named = [(f, lv, p) for f, lv, p in static_plans(base, base) if f == args.family]
+    plan = next((p for _, lv, p in named if abs(lv - args.level) < 0.01), None)
+    if plan is None:
+        levels = ", ".join(f"{lv:.2f}" for _, lv, _ in named)
+        raise SystemExit(f"no static plan {args.family} {args.level}; its levels are {levels}")
+    dense = base.dense_plan()
+    rng = np.random.default_rng(args.seed)
+    runs = ("mixed", "all pruned")
+    kl: dict[tuple[str, str, str], list[float]] = {}
+    n = args.seq_len - args.prefix
+    for ids in tqdm(seqs, desc="sequences", dynamic_ncols=True):
+        ref = _decode_logprobs(base, ids, args.prefix, [dense] * n)
+        pruned = {"mixed": rng.random(n) < args.share, "all pruned": np.ones(n, dtype=bool)}
+        for tag, slm in (("original", base), ("prepared", ready)):
+            for run in runs:
+                which = pruned[run]
+                lp = _decode_logprobs(slm, ids, args.prefix, [plan if w else dense for w in which])
+                per_tok = (ref.exp() * (ref - lp)).sum(-1)
+                mask = torch.from_numpy(which)
+                kl.setdefault((tag, run, "pruned"), []).extend(per_tok[mask].tolist())
+                kl.setdefault((tag, run, "dense"), []).extend(per_tok[~mask].tolist())
+
+    def mean(key: tuple[str, str, str]) -> float:
+        return float(np.mean(kl[key])) if kl.get(key) else float("nan")
+
+    rows = []
+    for run in runs:
+        for kind in ("pruned", "dense"):
+            o, p = mean(("original", run, kind)), mean(("prepared", run, kind))
+            if np.isnan(o):
+                continue
+            count = str(len(kl[("original", run, kind)]))
+            rows.append([run, f"{kind} tokens", count, f"{o:.3f}", f"{p:.3f}", f"{p / o:.2f}"])
+    r_mixed = mean(("prepared", "mixed", "pruned")) / mean(("original", "mixed", "pruned"))
+    r_all = mean(("prepared", "all pruned", "pruned")) / mean(("original", "all pruned", "pruned"))
+    n_tok = sum(int(s.numel()) for s in seqs)
+    body = (
+        f"Per-token decoding of {len(seqs)} val-split news sequences ({n_tok} tokens; never trained on): a dense "
+        f"prefill of {args.prefix} tokens, then one token per forward with a KV cache, each token running "
+        f"either the dense plan or `{args.family} {args.level}` ({plan.cost_fraction():.3f} of dense FLOPs). "
+        f"In the mixed run each token is pruned with probability {args.share} (seed {args.seed}, the same tokens "
+        "on both models). KL is to the original dense model's next-token distribution, per token, averaged over "
+        f"the tokens of each kind. On `{args.prepared}`"
+        + (
+            " (two weight sets) dense tokens write keys and values with the original weights and pruned tokens "
+            "read them with the adapted ones"
+            if ready.adapted is not None
+            else " (one weight set) every token runs the same weights"
+        )
+        + f".\n\nPruned tokens' KL, prepared ÷ original: {r_mixed:.2f} when mixed with dense tokens, "
+        f"{r_all:.2f} when every token is pruned.\n\n"
+        + markdown_table(["run", "tokens", "count", "KL original", "KL prepared", "÷ original"], rows)
+    )
+    print(body)
+    cmd = "python -m experiments.bench_prepare " + " ".join(sys.argv[1:])
+    write_section("Pruning-ready models: per-token plan mixing", cmd, body)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line."""
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_prepare", description=__doc__.splitlines()[0])
@@ -562,29 +769,46 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--prepared", default=DEFAULT_PREPARED, help="name of the prepared model")
     c.add_argument("--tasks", type=int, default=0, help="task items for accuracy (0: skip)")
     c.add_argument("--mix", default="mc", help="task mix for --tasks")
+    c.add_argument(
+        "--task-families",
+        nargs="+",
+        default=list(TASK_FAMILIES),
+        choices=TASK_FAMILIES,
+        help="families scored on the task items (each plan costs a pass over them on both models)",
+    )
     c.add_argument("--no-latency", dest="latency", action="store_false", help="FLOP cost only")
     r = sub.add_parser("compare", help="prepared models side by side: static loss and dense drift")
     r.add_argument("--prepared", nargs="+", required=True, help="names of prepared models")
     r.add_argument("--tasks", type=int, default=400, help="task items for the dense drift")
     r.add_argument("--mix", default="mc", help="task mix")
+    x = sub.add_parser("mixing", help="per-token decoding mixing dense and pruned tokens, on both models")
+    x.add_argument("--prepared", default=DEFAULT_PREPARED, help="name of the prepared model")
+    x.add_argument("--family", default="mlp", choices=FAMILIES, help="static family of the pruned tokens' plan")
+    x.add_argument("--level", type=float, default=0.6, help=f"its keep level ({LEVELS}; heads: 0.33, 0.67)")
+    x.add_argument("--share", type=float, default=0.5, help="probability that a token of the mixed run is pruned")
+    x.add_argument("--prefix", type=int, default=32, help="tokens prefilled densely before decoding")
+    x.add_argument("--seed", type=int, default=0, help="seed of which tokens the mixed run prunes")
     m = sub.add_parser("methods", help="full fine-tuning vs LoRA for the same time")
     m.add_argument("--minutes", type=float, default=3.0)
     m.add_argument("--lr-full", type=float, default=5e-5)
     m.add_argument("--lr-lora", type=float, default=5e-4)
     m.add_argument("--sequences", type=int, default=4)
     m.add_argument("--plans", type=int, default=6)
-    for p in (c, r):
+    for p in (c, r, x):
         p.add_argument("--docs", type=int, default=20, help="val-split documents to read")
         p.add_argument(
             "--skip-docs", type=int, default=12, help="val documents skipped (the ones prepare evaluates on)"
         )
         p.add_argument("--sequences", type=int, default=4)
         p.add_argument("--seq-len", type=int, default=256)
+    for p in (c, r):
         p.add_argument("--target", type=float, default=0.7, help="cost fraction of the summary")
-    for p in (c, m, r):
+    for p in (c, m, r, x):
         p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads (1 on a loaded machine)")
     args = ap.parse_args(argv)
-    {"curves": curves, "methods": methods, "compare": compare}[args.mode](args)
+    if args.mode == "mixing" and not (0.0 < args.share < 1.0 and 0 < args.prefix < args.seq_len):
+        ap.error("mixing needs 0 < --share < 1 and 0 < --prefix < --seq-len")
+    {"curves": curves, "methods": methods, "compare": compare, "mixing": mixing}[args.mode](args)
 
 
 if __name__ == "__main__":

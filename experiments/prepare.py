@@ -21,7 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from envs.prepare import PrepareConfig, prepare_model, text_sequences, write_prepared
+from envs.prepare import ChoiceItem, PrepareConfig, choice_items, prepare_model, text_sequences, write_prepared
 from envs.sparse_lm import SparseLM
 
 # Keys of the run itself; everything else is a training hyper-parameter (envs.prepare.PrepareConfig).
@@ -35,6 +35,9 @@ RUN_KEYS = {
     "progress": True,
     "train_docs": None,
     "text": ["news", "polarity", "pydoc"],
+    "choice_mix": None,
+    "choice_train_items": 1500,
+    "eval_choice_items": 32,
     "eval_docs": 12,
     "eval_seq_len": 256,
     "eval_sequences": 8,
@@ -116,10 +119,44 @@ def split_config(cfg: DictConfig | dict[str, Any]) -> tuple[dict[str, Any], Prep
     assert isinstance(data, dict)
     data.pop("hydra", None)
     run = {k: data.pop(k, v) for k, v in RUN_KEYS.items()}
-    for k in ("threads", "eval_docs", "eval_seq_len", "eval_sequences"):
+    for k in ("threads", "eval_docs", "eval_seq_len", "eval_sequences", "eval_choice_items", "choice_train_items"):
+        if k == "choice_train_items" and run[k] is None:
+            continue
         if isinstance(run[k], bool) or not isinstance(run[k], int) or run[k] < 1:
             raise ValueError(f"prepare.{k} must be an integer >= 1, got {run[k]!r}")
-    return run, PrepareConfig.from_dict(data)
+    tcfg = PrepareConfig.from_dict(data)
+    if tcfg.choice_weight > 0 and not run["choice_mix"]:
+        raise ValueError(
+            "prepare.choice_weight > 0 needs prepare.choice_mix (e.g. choice_mix=mc), the mix whose "
+            "train-split multiple-choice items the choice loss distils"
+        )
+    return run, tcfg
+
+
+def choice_data(
+    mix: str, tokenizer: Any, n_train: int | None, n_eval: int
+) -> tuple[list[ChoiceItem], list[ChoiceItem], str]:
+    """Train-split multiple-choice items of ``mix`` for the choice loss, val items for its before/after figure.
+
+    ``n_train`` items are drawn in the mix's weights (``None``: every item, weights ignored), so a
+    task with thousands of items does not crowd out the small ones. The val items are only
+    measured, never trained on, and are drawn with another seed than the ``bench_prepare curves``
+    sample.
+
+    Raises:
+        ValueError: The mix has no multiple-choice items.
+    """
+    from envs.tasks import load_mix
+
+    train = choice_items(load_mix(mix, "train", n=n_train, seed=0), tokenizer)
+    held = choice_items(load_mix(mix, "val", n=4 * n_eval, seed=1), tokenizer)[:n_eval]
+    if not train or not held:
+        raise ValueError(f"mix {mix!r} has no multiple-choice items for the choice loss; use a mix of mc tasks")
+    return (
+        train,
+        held,
+        f"{len(train)} multiple-choice train-split items of the {mix!r} mix ({len(held)} val items measured)",
+    )
 
 
 def prepare(
@@ -174,6 +211,12 @@ def prepare(
     data["train_sequences"] = len(train_sequences)
     data["train_tokens"] = sum(int(torch.as_tensor(s).numel()) for s in train_sequences)
     data["eval_tokens"] = sum(int(torch.as_tensor(s).numel()) for s in eval_sequences)
+    train_choices: list[ChoiceItem] = []
+    held_choices: list[ChoiceItem] = []
+    if run["choice_mix"]:
+        train_choices, held_choices, data["choice"] = choice_data(
+            run["choice_mix"], slm.tokenizer, run["choice_train_items"], run["eval_choice_items"]
+        )
     importance = slm.importance
     result = prepare_model(
         slm,
@@ -184,6 +227,8 @@ def prepare(
         resume=bool(run["resume"]),
         progress=bool(run["progress"]),
         log=print,
+        choice_items=train_choices,
+        eval_choice_items=held_choices,
     )
     b, a = result.before, result.after
     card = {
@@ -197,7 +242,9 @@ def prepare(
         "stopped_by": result.stopped_by,
         "train_seconds_this_run": round(result.train_seconds, 1),
         "train_seconds": round(result.train_seconds_total, 1),
-        "tokens_seen": result.steps * tcfg.batch_size * tcfg.seq_len,
+        # Text is read only where a token loss needs it (kl_weight=0, lm_weight=0: choice items only).
+        "tokens_seen": result.steps * tcfg.batch_size * tcfg.seq_len if tcfg.kl_weight or tcfg.lm_weight else 0,
+        "choice_items_seen": result.steps * tcfg.choice_items_per_step if tcfg.choice_weight else 0,
         "plan_forwards": result.steps * tcfg.plans_per_step,
         "torch_threads": torch.get_num_threads(),
         "data": data,

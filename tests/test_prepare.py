@@ -202,6 +202,35 @@ def test_resume_continues_at_saved_step_and_matches_an_uninterrupted_run(cache, 
         )
 
 
+def test_time_budget_counts_the_training_before_a_resume(cache, tmp_path):
+    import json
+
+    train, held = _tokens(8, 0), _tokens(2, 9)
+    cfg = {**BASE, "checkpoint_every": 1, "eval_plans": 1, "checkpoint_dir": str(tmp_path / "ck"), "name": "a"}
+    prepare({**cfg, "max_steps": 2}, slm=_peaked_tiny(), train_sequences=train, eval_sequences=held)
+    state_file = tmp_path / "ck" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["step"] == 2
+    # The interrupted run had already trained for the whole budget: the resumed one adds no step.
+    state_file.write_text(json.dumps({**state, "train_seconds": 61.0}))
+    card = prepare(
+        {**cfg, "max_steps": 10, "time_budget_min": 1.0, "resume": True},
+        slm=_peaked_tiny(),
+        train_sequences=train,
+        eval_sequences=held,
+    )
+    assert (card["steps"], card["stopped_by"]) == (2, "time_budget")
+    # With budget left it continues.
+    state_file.write_text(json.dumps({**state, "train_seconds": 1.0}))
+    card = prepare(
+        {**cfg, "max_steps": 4, "time_budget_min": 1.0, "resume": True},
+        slm=_peaked_tiny(),
+        train_sequences=train,
+        eval_sequences=held,
+    )
+    assert (card["steps"], card["stopped_by"]) == (4, "max_steps")
+
+
 @pytest.mark.parametrize(
     ("override", "field"),
     [
@@ -451,3 +480,138 @@ def test_set_adapted_refuses_foreign_weights():
         slm.enable_two_four()
     slm.set_adapted(None)
     assert slm.adapted is None and slm.adapted_tensors() == {}
+
+
+# ---------------------------------------------------------------------------------------- choice distillation
+def _choice_items(n: int, seed: int):
+    """Multiple-choice items of random prompts of uneven length whose choices come from one pool.
+
+    Shared choices (as "positive" / "negative" are for every polarity item) give held-out items
+    something in common with the training items.
+    """
+    from envs.prepare import ChoiceItem
+
+    rng = np.random.default_rng(seed)
+    pool = [(5,), (17, 3), (40, 41, 42), (77,), (60, 8)]
+    out = []
+    for _ in range(n):
+        prompt = tuple(int(t) for t in rng.integers(0, 96, int(rng.choice([6, 9, 24]))))
+        picks = rng.choice(len(pool), int(rng.integers(2, 5)), replace=False)
+        out.append(ChoiceItem(prompt, tuple(pool[int(i)] for i in picks)))
+    return out
+
+
+def test_choice_scores_equal_the_scorer_for_items_of_uneven_width():
+    from envs.prepare import choice_scores
+    from envs.tasks.scoring import choice_logliks
+
+    slm = _peaked_tiny()
+    items = _choice_items(7, 3)
+    plan = slm.uniform_plan(mlp=0.5)
+    got = choice_scores(slm, items, plan)
+    assert [g.shape[0] for g in got] == [len(it.choices) for it in items]
+    for it, g in zip(items, got, strict=True):
+        ref = choice_logliks(slm, list(it.prompt), [list(c) for c in it.choices], plan)
+        assert torch.allclose(g, ref, atol=1e-4), (g, ref)
+    with pytest.raises(ValueError, match="two non-empty choices"):
+        type(items[0])((1, 2), ((3,),))
+
+
+def test_choice_kl_is_zero_only_for_equal_softmaxes():
+    from envs.prepare import choice_kl
+
+    t = torch.tensor([-1.0, -2.0, -4.0])
+    assert float(choice_kl(t, t)) == pytest.approx(0.0, abs=1e-7)
+    assert float(choice_kl(t + 3.0, t)) == pytest.approx(0.0, abs=1e-6)  # a shift keeps every softmax
+    assert float(choice_kl(torch.tensor([-4.0, -2.0, -1.0]), t)) > 0.5
+
+
+def _choice_run(kl_weight: float, train_items, held_items):
+    cfg = {
+        "method": "lora",
+        "dense_weights": "original",
+        "seq_len": SEQ,
+        "warmup_steps": 0,
+        "max_steps": 40,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "eval_plans": 1,
+        "choice_weight": 1.0,
+        "kl_weight": kl_weight,
+        "choice_items_per_step": 8,
+        "plan": {"families": ["mlp"], "mlp_levels": [0.5], "mlp_shared_prob": 1.0, "family_prob": 1.0},
+    }
+    slm = _peaked_tiny()
+    base = _state(slm)
+    result = prepare_model(
+        slm,
+        _tokens(64, 0),
+        _tokens(2, 9),
+        PrepareConfig.from_dict(cfg),
+        progress=False,
+        choice_items=train_items,
+        eval_choice_items=held_items,
+    )
+    # The dense model is the original exactly; only the adapted set moved.
+    after = _state(slm)
+    assert all(torch.equal(base[k], after[k]) for k in base if not k.startswith("adapted."))
+    assert any(k.startswith("adapted.") for k in after)
+    assert result.after["dense_kl"] == 0.0
+    return result
+
+
+def test_choice_distillation_with_the_token_kl_lowers_the_held_out_choice_kl(cache):
+    result = _choice_run(1.0, _choice_items(512, 0), _choice_items(32, 1))
+    before, after = result.before["pruned_choice_kl"], result.after["pruned_choice_kl"]
+    assert before > 0.03  # the pruned plan really moves the choice scores
+    assert after < 0.7 * before, (before, after)
+    assert 0.0 <= result.after["pruned_pick_agree"] <= 1.0
+
+
+def test_choice_distillation_alone_fits_its_items_without_the_text(cache):
+    # kl_weight=0: only the choice loss trains (no text forward at all); measured on the training items.
+    items = _choice_items(64, 0)
+    result = _choice_run(0.0, items, items)
+    before, after = result.before["pruned_choice_kl"], result.after["pruned_choice_kl"]
+    assert after < 0.5 * before, (before, after)
+    assert result.after["pruned_pick_agree"] >= result.before["pruned_pick_agree"]
+
+
+def test_choice_loss_needs_items_and_some_loss_needs_a_weight():
+    slm, seqs = _peaked_tiny(), _tokens(4, 0)
+    cfg = PrepareConfig.from_dict({"seq_len": SEQ, "choice_weight": 1.0, "max_steps": 1, "eval_plans": 0})
+    with pytest.raises(ValueError, match="choice_mix"):
+        prepare_model(slm, seqs, seqs[:1], cfg, progress=False)
+    with pytest.raises(ValueError, match="nothing is trained"):
+        PrepareConfig.from_dict({"kl_weight": 0.0})
+    with pytest.raises(ValueError, match="choice_items_per_step"):
+        PrepareConfig.from_dict({"choice_items_per_step": 0})
+    with pytest.raises(ValueError, match="choice_mix"):
+        prepare({**BASE, "choice_weight": 1.0}, slm=slm, train_sequences=seqs, eval_sequences=seqs[:1])
+
+
+class _CharTokenizer:
+    """Characters as token ids: decodes back exactly, so a test can read what was trained on."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_choice_items_are_train_split_questions_only():
+    from envs.tasks import load_mix
+    from experiments.prepare import choice_data
+
+    train, held, desc = choice_data("mc", _CharTokenizer(), 300, 16)
+    assert len(train) == 300 and len(held) == 16 and "300" in desc
+
+    def question(prompt) -> str:  # the item's own question, after its few-shot prefix
+        return "".join(map(chr, prompt)).split("\n\n")[-1]
+
+    trained = {question(it.prompt) for it in train}
+    held_q = {it.prompt.split("\n\n")[-1] for s in ("val", "test") for it in load_mix("mc", s)}
+    assert held_q and not trained & held_q
+    assert {question(it.prompt) for it in held} <= held_q  # the measured items are val items
+    # Drawn in the mix's weights (load_mix with n), so thousands of arithmetic items do not crowd out the rest.
+    weighted = load_mix("mc", "train", n=300, seed=0)
+    assert ["".join(map(chr, it.prompt)) for it in train] == [it.prompt for it in weighted]
+    assert sum("digit" not in it.task for it in weighted) > 100

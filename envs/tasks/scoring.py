@@ -164,8 +164,7 @@ class Scorer:
     def _mc(self, slm: Any, item: Item, plan: Any) -> dict[str, Any]:
         assert item.choices is not None
         conts = [self.encode(slm, " " + c) for c in item.choices]
-        lps = self._cont_logprobs(slm, self._prompt(slm, item), conts, plan, False)
-        ll = torch.stack([lp.gather(-1, torch.tensor(c)[:, None]).sum() for lp, c in zip(lps, conts, strict=True)])
+        ll = choice_logliks(slm, self._prompt(slm, item), conts, plan, share_prefix=self.share_prefix)
         scores = ll / torch.tensor([len(c) for c in conts], dtype=ll.dtype) if self.mc_norm == "mean" else ll
         pick = int(scores.argmax())
         prob = float(torch.softmax(scores, 0)[item.label])
@@ -239,31 +238,55 @@ class Scorer:
     def _cont_logprobs(
         self, slm: Any, prompt: list[int], conts: list[list[int]], plan: Any, tail: bool
     ) -> list[torch.Tensor]:
-        """Log-probabilities at the positions that predict each continuation's tokens.
+        """Log-probabilities predicting each continuation's tokens (see :func:`continuation_logprobs`)."""
+        return continuation_logprobs(slm, prompt, conts, plan, tail=tail, share_prefix=self.share_prefix)
 
-        Row ``j`` of the ``i``-th result predicts ``conts[i][j]``; with ``tail`` one more row
-        predicts the token after the continuation. Continuations are right-padded into one batch
-        (causal attention: padding after a token never changes its logits).
-        """
-        if any(len(c) == 0 for c in conts):
-            raise ValueError("a continuation tokenised to nothing; check the item's answer/choices")
-        feed = [len(c) - 1 + int(tail) for c in conts]  # continuation tokens that must be fed
-        width = max(feed)
-        P = len(prompt)
-        with torch.no_grad():
-            if self.share_prefix and len(conts) > 1 and hasattr(slm, "new_cache"):
-                cache = slm.new_cache()
-                first = slm.forward(torch.tensor([prompt]), plan, cache=cache, logits="last").logits[0, -1:]
-                rest = None
-                if width > 0:
-                    x = torch.tensor([c[:f] + [0] * (width - f) for c, f in zip(conts, feed, strict=True)])
-                    rest = slm.forward(x, plan, cache=_expand_cache(cache, len(conts)), logits="all").logits
-                rows = [first if f == 0 else torch.cat([first, rest[i, :f]]) for i, f in enumerate(feed)]  # type: ignore[index]
-            else:
-                x = torch.tensor([prompt + c[:f] + [0] * (width - f) for c, f in zip(conts, feed, strict=True)])
-                logits = slm.forward(x, plan, logits=slice(P - 1, P + width)).logits
-                rows = [logits[i, : f + 1] for i, f in enumerate(feed)]
+
+def continuation_logprobs(
+    slm: Any,
+    prompt: list[int],
+    conts: list[list[int]],
+    plan: Any,
+    *,
+    tail: bool = False,
+    share_prefix: bool = True,
+    grad: bool = False,
+) -> list[torch.Tensor]:
+    """Log-probabilities at the positions that predict each continuation's tokens after ``prompt``.
+
+    Row ``j`` of the ``i``-th result predicts ``conts[i][j]``; with ``tail`` one more row predicts
+    the token after the continuation. Continuations are right-padded into one batch (causal
+    attention: padding after a token never changes its logits). With ``share_prefix`` the prompt
+    runs once and its KV cache is shared by every continuation. ``grad`` tracks gradients (the
+    shared cache is part of the graph), so training can distil exactly what the scorer reads.
+    """
+    if any(len(c) == 0 for c in conts):
+        raise ValueError("a continuation tokenised to nothing; check the item's answer/choices")
+    feed = [len(c) - 1 + int(tail) for c in conts]  # continuation tokens that must be fed
+    width = max(feed)
+    P = len(prompt)
+    with torch.set_grad_enabled(grad):
+        if share_prefix and len(conts) > 1 and hasattr(slm, "new_cache"):
+            cache = slm.new_cache()
+            first = slm.forward(torch.tensor([prompt]), plan, cache=cache, logits="last", grad=grad).logits[0, -1:]
+            rest = None
+            if width > 0:
+                x = torch.tensor([c[:f] + [0] * (width - f) for c, f in zip(conts, feed, strict=True)])
+                rest = slm.forward(x, plan, cache=_expand_cache(cache, len(conts)), logits="all", grad=grad).logits
+            rows = [first if f == 0 else torch.cat([first, rest[i, :f]]) for i, f in enumerate(feed)]  # type: ignore[index]
+        else:
+            x = torch.tensor([prompt + c[:f] + [0] * (width - f) for c, f in zip(conts, feed, strict=True)])
+            logits = slm.forward(x, plan, logits=slice(P - 1, P + width), grad=grad).logits
+            rows = [logits[i, : f + 1] for i, f in enumerate(feed)]
         return [torch.log_softmax(r.float(), dim=-1) for r in rows]
+
+
+def choice_logliks(
+    slm: Any, prompt: list[int], conts: list[list[int]], plan: Any, *, share_prefix: bool = True, grad: bool = False
+) -> torch.Tensor:
+    """Summed log-likelihood of each continuation after ``prompt``, ``[len(conts)]``: what the mc scorer ranks."""
+    lps = continuation_logprobs(slm, prompt, conts, plan, share_prefix=share_prefix, grad=grad)
+    return torch.stack([lp.gather(-1, torch.tensor(c)[:, None]).sum() for lp, c in zip(lps, conts, strict=True)])
 
 
 def _expand_cache(cache: Any, n: int) -> Any:
