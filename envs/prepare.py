@@ -909,7 +909,7 @@ def prepare_model(
     sampler = PlanSampler(student, cfg.plan)
     eval_plans = eval_plan_set(student, cfg.plan, cfg.eval_plans, cfg.seed)
     reference = [teacher_logprobs(teacher, s.reshape(1, -1)) for s in held]
-    choice_ref = [t for it in eval_choice_items for t in choice_scores(teacher, [it])]
+    choice_ref = choice_scores(teacher, eval_choice_items)
 
     def figures() -> dict[str, Any]:
         return held_out_figures(student, eval_plans, held, reference, eval_choice_items, choice_ref)

@@ -358,8 +358,7 @@ def curves(args: argparse.Namespace) -> None:
     if card:
         prep = (
             f"Prepared model `{args.prepared}`: {card.get('method')} fine-tuning, {card.get('steps')} steps "
-            f"({card.get('stopped_by')}), {card.get('tokens_seen')} training tokens "
-            f"({card.get('data', {}).get('train', 'news train split')}), "
+            f"({card.get('stopped_by')}), {_text_described(card)}, "
             f"{card.get('train_seconds', card.get('train_seconds_this_run'))} s of training "
             f"({card.get('plan_forwards', card.get('steps'))} pruned-or-dense student forwards), torch threads "
             f"{card.get('torch_threads')} (the last run's); "
@@ -392,6 +391,15 @@ def curves(args: argparse.Namespace) -> None:
     write_section(title, cmd, body)
 
 
+def _text_described(card: dict[str, Any]) -> str:
+    """The training text a card's run read, in words (none where no token loss needed it)."""
+    cfg = card.get("config", {})
+    if not (cfg.get("kl_weight", 1.0) or cfg.get("lm_weight", 0.0)):
+        return "no training text (no token loss)"
+    tokens = card.get("steps", 0) * cfg.get("batch_size", 1) * cfg.get("seq_len", 0)
+    return f"{tokens} training tokens ({card.get('data', {}).get('train', 'news train split')})"
+
+
 def _losses_described(card: dict[str, Any]) -> str:
     """The card's training losses in words (cards written before choice distillation trained the token KL only)."""
     cfg = card.get("config", {})
@@ -400,8 +408,9 @@ def _losses_described(card: dict[str, Any]) -> str:
     if lm:
         parts.append(f"LM loss × {lm:g}")
     if ch:
+        draws = card.get("steps", 0) * cfg.get("choice_items_per_step", 0)
         choice = card.get("data", {}).get("choice", "multiple-choice items")
-        parts.append(f"choice KL × {ch:g} on {card.get('choice_items_seen')} draws of {choice}")
+        parts.append(f"choice KL × {ch:g} on {draws} draws of {choice}")
     return "losses: " + ", ".join(parts) + "; "
 
 

@@ -244,7 +244,6 @@ def prepare(
         "train_seconds": round(result.train_seconds_total, 1),
         # Text is read only where a token loss needs it (kl_weight=0, lm_weight=0: choice items only).
         "tokens_seen": result.steps * tcfg.batch_size * tcfg.seq_len if tcfg.kl_weight or tcfg.lm_weight else 0,
-        "choice_items_seen": result.steps * tcfg.choice_items_per_step if tcfg.choice_weight else 0,
         "plan_forwards": result.steps * tcfg.plans_per_step,
         "torch_threads": torch.get_num_threads(),
         "data": data,

@@ -73,13 +73,16 @@ def test_per_token_decoding_on_a_two_set_model() -> None:
     assert not torch.allclose(lp[1], original[1], atol=1e-3)
 
 
-def test_losses_are_described_from_the_card() -> None:
-    from experiments.bench_prepare import _losses_described
+def test_losses_and_text_are_described_from_the_card() -> None:
+    from experiments.bench_prepare import _losses_described, _text_described
 
-    assert _losses_described({"config": {}}) == "losses: token KL × 1; "  # cards from before choice distillation
+    old = {"steps": 10, "config": {"batch_size": 2, "seq_len": 8}, "data": {"train": "news"}}
+    assert _losses_described(old) == "losses: token KL × 1; "  # cards from before choice distillation
+    assert _text_described(old) == "160 training tokens (news)"
     card = {
-        "config": {"kl_weight": 0.0, "choice_weight": 1.0},
-        "choice_items_seen": 40,
+        "steps": 10,
+        "config": {"kl_weight": 0.0, "choice_weight": 1.0, "choice_items_per_step": 4},
         "data": {"choice": "10 items"},
     }
     assert _losses_described(card) == "losses: no token KL, choice KL × 1 on 40 draws of 10 items; "
+    assert _text_described(card) == "no training text (no token loss)"
