@@ -211,24 +211,17 @@ def test_time_budget_counts_the_training_before_a_resume(cache, tmp_path):
     state_file = tmp_path / "ck" / "state.json"
     state = json.loads(state_file.read_text())
     assert state["step"] == 2
-    # The interrupted run had already trained for the whole budget: the resumed one adds no step.
-    state_file.write_text(json.dumps({**state, "train_seconds": 61.0}))
-    card = prepare(
-        {**cfg, "max_steps": 10, "time_budget_min": 1.0, "resume": True},
-        slm=_peaked_tiny(),
-        train_sequences=train,
-        eval_sequences=held,
-    )
-    assert (card["steps"], card["stopped_by"]) == (2, "time_budget")
-    # With budget left it continues.
-    state_file.write_text(json.dumps({**state, "train_seconds": 1.0}))
-    card = prepare(
-        {**cfg, "max_steps": 4, "time_budget_min": 1.0, "resume": True},
-        slm=_peaked_tiny(),
-        train_sequences=train,
-        eval_sequences=held,
-    )
-    assert (card["steps"], card["stopped_by"]) == (4, "max_steps")
+    # Trained for the whole budget before the interruption: the resumed run adds no step.
+    # With budget left it continues to max_steps.
+    for seconds_before, max_steps, expected in ((61.0, 10, (2, "time_budget")), (1.0, 4, (4, "max_steps"))):
+        state_file.write_text(json.dumps({**state, "train_seconds": seconds_before}))
+        card = prepare(
+            {**cfg, "max_steps": max_steps, "time_budget_min": 1.0, "resume": True},
+            slm=_peaked_tiny(),
+            train_sequences=train,
+            eval_sequences=held,
+        )
+        assert (card["steps"], card["stopped_by"]) == expected
 
 
 @pytest.mark.parametrize(
