@@ -149,7 +149,7 @@ def choice_data(
     from envs.tasks import load_mix
 
     train = choice_items(load_mix(mix, "train", n=n_train, seed=0), tokenizer)
-    held = choice_items(load_mix(mix, "val", n=4 * n_eval, seed=1), tokenizer)[:n_eval]
+    held = choice_items(load_mix(mix, "val", n=n_eval, seed=1), tokenizer)  # mc items only: may be fewer
     if not train or not held:
         raise ValueError(f"mix {mix!r} has no multiple-choice items for the choice loss; use a mix of mc tasks")
     return (
