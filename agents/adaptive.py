@@ -1,10 +1,10 @@
 """Adaptive inference for users: a :class:`~agents.controller.Controller` chooses the plan :class:`SparseLM` runs.
 
-:func:`adaptive_generate` is greedy generation as :meth:`envs.sparse_lm.SparseLM.generate` does it,
+:func:`adaptive_generate` is greedy generation as :meth:`envs.runtime.sparse_lm.SparseLM.generate` does it,
 with the plan chosen by the controller the way its training environment chose it (the card's
 ``env.kind``):
 
-- ``per_input`` (``PruneGym/PerInput*``): the probe (:class:`envs.probe.Probe`, configured from the
+- ``per_input`` (``PruneGym/PerInput*``): the probe (:class:`envs.observation.Probe`, configured from the
   card) runs the prompt's first layers densely; the controller picks one plan from its features; the
   prompt is finished under that plan *from the probe's state* (the probe's layers are not run twice,
   as in the environment) and the continuation is generated under the same plan. The result equals
@@ -31,8 +31,8 @@ import torch
 from agents.controller import Controller, ControllerError
 
 if TYPE_CHECKING:
-    from envs.plan import SparsityPlan
-    from envs.sparse_lm import SparseLM
+    from envs.runtime.plan import SparsityPlan
+    from envs.runtime.sparse_lm import SparseLM
 
 
 @dataclass

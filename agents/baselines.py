@@ -1,8 +1,8 @@
 """Controllers: everything that chooses a plan for an input, behind one interface.
 
 A controller is a callable ``controller(obs, ctx) -> choice``: ``obs`` is the probe's observation
-of the input (:mod:`envs.probe`), ``ctx`` a :class:`Context` with the environment's plan builder
-and the item; the choice is a :class:`~envs.plan.SparsityPlan`. The evaluation harness runs the
+of the input (:mod:`envs.observation`), ``ctx`` a :class:`Context` with the environment's plan builder
+and the item; the choice is a :class:`~envs.runtime.plan.SparsityPlan`. The evaluation harness runs the
 choice and measures it; controllers never see the answer, except :class:`Oracle`, which is the
 hindsight upper bound and says so.
 
@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from envs.plan import LayerPlan, SparsityPlan, select_heads
+from envs.runtime.plan import LayerPlan, SparsityPlan, select_heads
 
 
 @dataclass

@@ -8,12 +8,12 @@ An export (``python -m experiments.export``) is a folder of
 - ``model.safetensors``: the same policy's weights, for users who rebuild it in torch;
 - ``card.json``: what the policy sees and does (:data:`CARD_SCHEMA_VERSION`): the environment id and
   version, the observation (the probe's configuration), the action and how it becomes a
-  :class:`~envs.plan.SparsityPlan`, the LLM's id and weights hash, the device, metrics, versions and
+  :class:`~envs.runtime.plan.SparsityPlan`, the LLM's id and weights hash, the device, metrics, versions and
   the sha256 of each file;
 - ``README.md``: the model card for people.
 
 :class:`Controller` checks all of it on load: the card's schema, every file's sha256 (a tampered
-or truncated file is refused), and, when given the :class:`~envs.sparse_lm.SparseLM` it will drive,
+or truncated file is refused), and, when given the :class:`~envs.runtime.sparse_lm.SparseLM` it will drive,
 the model's weights hash (a controller trained for another model is refused). Observations of the
 wrong size are refused with the size the controller expects.
 
@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from envs.plan import SparsityPlan
-    from envs.sparse_lm import SparseLM
+    from envs.runtime.plan import SparsityPlan
+    from envs.runtime.sparse_lm import SparseLM
 
 CARD_SCHEMA_VERSION = 1
 CARD_FORMAT = "prunegym-controller"
@@ -59,7 +59,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def importance_hash(importance: Any) -> str:
-    """A short hash of an :class:`~envs.importance.Importance` ordering (which layers/heads/channels go first)."""
+    """A short hash of an :class:`~envs.runtime.importance.Importance` ordering (what goes first)."""
     data = {
         "layer_order": list(importance.layer_order),
         "head_order": [list(x) for x in importance.head_order],
@@ -124,7 +124,7 @@ def verify_files(folder: str | Path, card: Mapping[str, Any]) -> None:
 
 
 class Controller:
-    """A pruning policy from an exported folder: observation -> action -> :class:`~envs.plan.SparsityPlan`.
+    """A pruning policy from an exported folder: observation -> action -> :class:`~envs.runtime.plan.SparsityPlan`.
 
     Build it with :meth:`from_pretrained`. Deterministic: the same observation gives the same action
     (the policy's mean action, or its arg-max).
@@ -323,7 +323,7 @@ class Controller:
         probe = self._probes.get(key)
         if probe is None:
             check_model(self.card, slm)
-            from envs.probe import PROBE_VERSION, Probe
+            from envs.observation import PROBE_VERSION, Probe
 
             if int(cfg.get("version", PROBE_VERSION)) != PROBE_VERSION:
                 raise ControllerError(

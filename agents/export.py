@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     import gymnasium as gym
 
     from agents.bandit import BanditController
-    from envs.sparse_lm import SparseLM
+    from envs.runtime.sparse_lm import SparseLM
 
 ONNX_OPSET = 17
 PARETO_FILE = "pareto.png"
@@ -204,8 +204,8 @@ def env_sections(
     import gymnasium as gym
 
     from envs.base import PRESETS, PlanBuilder
-    from envs.plan import layer_groups
-    from envs.probe import Probe
+    from envs.observation import Probe
+    from envs.runtime.plan import layer_groups
 
     kw = dict(env_kwargs)
     name, _, version = env_id.removeprefix("PruneGym/").rpartition("-v")
@@ -233,7 +233,7 @@ def env_sections(
         fixed = list(range(first))
         groups = [[first + i for i in g] for g in layer_groups(L - first, num_groups)]
         features: list[str] | None = list(probe.feature_names)
-        description = f"probe features of the first {probe.layers} layers (envs.probe)"
+        description = f"probe features of the first {probe.layers} layers (envs.observation)"
     elif kind == "per_token":
         from envs.per_token import TOKEN_FEATURES
 
@@ -454,7 +454,7 @@ def render_readme(card: Mapping[str, Any], has_pareto: bool) -> str:
         "```python",
         "from agents.controller import Controller",
         "from agents.adaptive import adaptive_generate",
-        "from envs.sparse_lm import SparseLM",
+        "from envs.runtime.sparse_lm import SparseLM",
         "",
         f'slm = SparseLM.from_pretrained("{model["id"]}")',
         'controller = Controller.from_pretrained("path/to/this/folder", slm)  # checks hashes, no Ray',
@@ -657,7 +657,7 @@ def export_bandit(
     """Export the LinUCB/LinTS bandit's greedy policy (a linear scorer and an arg-max) as a controller folder."""
     import gymnasium as gym
 
-    from envs.probe import OBS_CLIP
+    from envs.observation import OBS_CLIP
 
     d = controller.num_features
     betas = controller.betas()

@@ -1,6 +1,6 @@
 """Machinery shared by the PruneGym environments: the model, the items, actions, plans, costs and scoring.
 
-- One :class:`~envs.sparse_lm.SparseLM` per process and model (:func:`shared_lm`), so vector
+- One :class:`~envs.runtime.sparse_lm.SparseLM` per process and model (:func:`shared_lm`), so vector
   environments and several environments in one process never load copies.
 - Dense references (what the dense model says about an item, and in measured mode its measured
   latency) are computed once per item and process, at the first reset that draws the item.
@@ -33,14 +33,14 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from envs.plan import LayerPlan, SparsityPlan, select_heads
 from envs.rewards import RewardConfig
+from envs.runtime.plan import LayerPlan, SparsityPlan, select_heads
 from envs.tasks.items import Item
 from envs.tasks.scoring import Scorer, _expand_cache
 
 if TYPE_CHECKING:
-    from envs.cost_model import Cost, CostSource
-    from envs.sparse_lm import KVCache, SparseLM
+    from envs.measure.cost_model import Cost, CostSource
+    from envs.runtime.sparse_lm import KVCache, SparseLM
 
 # Preset actions of the discrete variants: (layers, heads, mlp) keep fractions applied to every group.
 PRESETS: tuple[tuple[float, float, float], ...] = (
@@ -69,7 +69,7 @@ def shared_lm(model: str = "smollm2-135m", dtype: str = "float32", threads: int 
     """The process-wide :class:`SparseLM` for ``model`` and ``dtype`` (loaded on first use).
 
     Args:
-        model: Any name :func:`envs.models.load_model` accepts.
+        model: Any name :func:`envs.runtime.models.load_model` accepts.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         threads: PyTorch intra-op threads (process-wide; ``None`` leaves the setting alone).
     """
@@ -83,7 +83,7 @@ def shared_lm(model: str = "smollm2-135m", dtype: str = "float32", threads: int 
     with _LOCK:
         slm = _MODELS.get(key)
         if slm is None:
-            from envs.sparse_lm import SparseLM
+            from envs.runtime.sparse_lm import SparseLM
 
             slm = SparseLM.from_pretrained(model, dtype=DTYPES[dtype])
             _MODELS[key] = slm
@@ -331,8 +331,8 @@ class PruneEnv(gym.Env):
         return p
 
     def _make_cost_source(self, cost_model: Any, calibrate: bool, force: bool) -> CostSource:
-        from envs.cost_model import CostModel, default_path, make_cost_source
-        from envs.meters import Meter
+        from envs.measure.cost_model import CostModel, default_path, make_cost_source
+        from envs.measure.meters import Meter
 
         slm = self.slm
         if self.cost_kind == "measured":
@@ -496,7 +496,7 @@ def run_rest(slm: SparseLM, probe: Any, plan: SparsityPlan, start: int, logits: 
     Returns a :class:`Prefill` the scorer continues from. Idempotent (the probe's state is copied),
     so a meter may run it several times.
     """
-    from envs.sparse_lm import KVCache
+    from envs.runtime.sparse_lm import KVCache
 
     with torch.no_grad():
         cache = KVCache(probe.cache.num_layers, 0, list(probe.cache.layers))

@@ -9,8 +9,8 @@ import gymnasium as gym
 import numpy as np
 
 from envs.base import wall
+from envs.observation import OBS_CLIP
 from envs.per_input import PerInput
-from envs.probe import OBS_CLIP
 from envs.rewards import RewardConfig
 
 # Per-layer presets of the discrete variant: (run, heads, mlp); "skip" last.

@@ -9,9 +9,9 @@ import gymnasium as gym
 import numpy as np
 
 from envs.base import PlanBuilder, PruneEnv, finite, plan_summary, run_full, run_rest, wall
-from envs.plan import layer_groups
-from envs.probe import OBS_CLIP, Probe
+from envs.observation import OBS_CLIP, Probe
 from envs.rewards import RewardConfig, reward, reward_range
+from envs.runtime.plan import layer_groups
 
 
 class PerInput(PruneEnv):
@@ -42,7 +42,7 @@ class PerInput(PruneEnv):
 
     ## Observation Space
 
-    ``Box(-10, 10, (n,), float32)``: the probe features of :mod:`envs.probe` (prompt length,
+    ``Box(-10, 10, (n,), float32)``: the probe features of :mod:`envs.observation` (prompt length,
     next-token entropy and top-1 probability and the log-likelihood of the prompt's last tokens under
     the LM head applied to the probe's hidden state, hidden-state and attention norms, block influence
     of each probe layer, and a fixed seeded projection of the mean-pooled hidden state to
@@ -54,11 +54,11 @@ class PerInput(PruneEnv):
     :func:`envs.rewards.reward` of the item's accuracy (``reward["accuracy"]``: agreement with the
     dense model by default, or the raw task score) and the cost relative to the dense model on the
     same prompt: latency (and energy, if weighted) of probe + rest over dense. With
-    ``cost="calibrated"`` the latency is predicted by the device's :class:`~envs.cost_model.CostModel`
+    ``cost="calibrated"`` the latency is predicted by the device's :class:`~envs.measure.cost_model.CostModel`
     for the whole plan (the probe layers run densely inside it; a probe that has to be re-run adds its
     own prediction; the probe's few LM-head rows for its features are not in the calibrated figure,
-    ``experiments.bench_envs`` measures them); with ``cost="measured"`` the probe and the rest are timed by a
-    :class:`~envs.meters.Meter` on this machine and the dense prompt is timed once per item.
+    ``experiments.bench.envs`` measures them); with ``cost="measured"`` the probe and the rest are timed by a
+    :class:`~envs.measure.meters.Meter` on this machine and the dense prompt is timed once per item.
 
     ## Episode End
 
@@ -72,18 +72,18 @@ class PerInput(PruneEnv):
     - ``max_prompt_tokens``: items with longer prompts are left out.
     - ``num_groups``: layer groups of the action (default 3).
     - ``probe_layers`` (2), ``probe_dim`` (32), ``probe_seed`` (0), ``ll_positions`` (8), ``lens_vocab`` (2048):
-      the probe (see :mod:`envs.probe`).
+      the probe (see :mod:`envs.observation`).
     - ``probe_prunable``: if ``True`` the action covers the probe layers too; when it prunes them
       the prompt is re-run from the start (the probe's cost is paid twice). Default ``False``: the
       probe layers always run densely and are reused.
     - ``discrete``, ``presets``: the discrete variant.
     - ``budget``: action-wall budget (FLOPs fraction) or ``None``.
     - ``cost``: ``"calibrated"`` (deterministic) or ``"measured"`` (wall clock; registered nondeterministic).
-    - ``cost_model``: a calibration file or :class:`~envs.cost_model.CostModel` (default: the device's
-      file at :func:`envs.cost_model.default_path`); ``calibrate_cost=True`` fits a quick one there if
+    - ``cost_model``: a calibration file or :class:`~envs.measure.cost_model.CostModel` (default: the device's
+      file at :func:`envs.measure.cost_model.default_path`); ``calibrate_cost=True`` fits a quick one there if
       none exists, else a missing file raises ``FileNotFoundError`` naming
       ``python -m experiments.calibrate_cost``. ``force_calibration`` accepts a file from elsewhere.
-    - ``meter``: :class:`~envs.meters.Meter` settings in measured mode (default one timed run, no
+    - ``meter``: :class:`~envs.measure.meters.Meter` settings in measured mode (default one timed run, no
       warm-up, energy off: the timed run *is* the run that is scored).
     - ``reward``: :class:`~envs.rewards.RewardConfig` fields (form, lam, weights, budget, penalty, accuracy).
     - ``scorer``: :class:`~envs.tasks.scoring.Scorer` settings.
@@ -131,7 +131,7 @@ class PerInput(PruneEnv):
 
     def _make_probe_plan(self) -> Any:
         """The plan that runs only the probe's layers (for the cost of a probe that is not reused)."""
-        from envs.plan import LayerPlan, SparsityPlan
+        from envs.runtime.plan import LayerPlan, SparsityPlan
 
         s, k = self.spec_, self.probe.layers
         dense = SparsityPlan.dense(s).layers
@@ -172,7 +172,7 @@ class PerInput(PruneEnv):
         return self._obs.copy(), r, True, False, info  # type: ignore[union-attr]
 
     def step_plan(self, plan: Any, *, keep_open: bool = False) -> tuple[np.ndarray, float, bool, bool, dict]:
-        """Run an explicit :class:`~envs.plan.SparsityPlan` on the current input instead of an action.
+        """Run an explicit :class:`~envs.runtime.plan.SparsityPlan` on the current input instead of an action.
 
         For baselines and evaluation harnesses whose plans are not keep fractions (e.g. ShortGPT
         layer removal). The probe is reused when the plan runs the probe's layers densely; otherwise

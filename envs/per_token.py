@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from envs.base import PlanBuilder, PruneEnv, plan_summary, wall
-from envs.plan import layer_groups
-from envs.probe import OBS_CLIP
+from envs.observation import OBS_CLIP
 from envs.rewards import RewardConfig, reward, reward_range
+from envs.runtime.plan import layer_groups
 
 TOKEN_FEATURES = (
     "step",
@@ -35,7 +35,7 @@ class PerToken(PruneEnv):
     episode's cost: this environment is about decoding) and knows the dense model's greedy
     continuation of it (computed once per item, up to ``max_new_tokens`` tokens or EOS). Step ``t``
     feeds token ``x_t`` through the model under the action's plan, extending the KV cache (which
-    :class:`~envs.sparse_lm.KVCache` keeps consistent across plans: a skipped layer caches nothing
+    :class:`~envs.runtime.sparse_lm.KVCache` keeps consistent across plans: a skipped layer caches nothing
     for that token, a dropped KV head is masked), and compares the pruned model's prediction of the
     next token with the dense continuation. With ``feed="dense"`` (default, teacher forcing) ``x_t``
     is the dense continuation's token, so every step is scored against the same context; with

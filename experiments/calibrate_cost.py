@@ -1,7 +1,7 @@
 """Calibrate the cost model of a model on this device and check its drift.
 
 Measures a sample of sparsity plans per sequence-length bucket, fits the per-bucket latency/energy
-model (:class:`envs.cost_model.CostModel`), saves it as JSON (by default next to the model's other
+model (:class:`envs.measure.cost_model.CostModel`), saves it as JSON (by default next to the model's other
 caches, where ``cost: calibrated`` environments look for it), then measures fresh random plans and
 prints the model's error (MAPE).
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="smollm2-135m",
-        help="model name, folder or hub id (see envs.models.load_model); 'tiny-<family>' builds a tiny random "
+        help="model name, folder or hub id (see envs.runtime.models.load_model); 'tiny-<family>' builds a tiny random "
         "model for smoke tests",
     )
     p.add_argument("--seq-lens", type=int, nargs="+", default=[64, 256], help="one bucket per sequence length")
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_slm(name: str, device: str, threads: int) -> Any:
     """The model to calibrate: by name, or a tiny random one for ``tiny-<family>``."""
-    from envs.models import tiny_model
-    from envs.sparse_lm import SparseLM
+    from envs.runtime.models import tiny_model
+    from envs.runtime.sparse_lm import SparseLM
 
     if name.startswith("tiny-"):
         slm = SparseLM(tiny_model(name.removeprefix("tiny-"), seed=0), name=name, threads=threads)
@@ -76,8 +76,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
 
-    from envs.cost_model import CostModel, default_path
-    from envs.meters import Meter
+    from envs.measure.cost_model import CostModel, default_path
+    from envs.measure.meters import Meter
 
     slm = load_slm(args.model, args.device, args.threads)
     meter = Meter(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from envs.corpus import data_root, prepare_gensim
+from envs.data.corpus import data_root, prepare_gensim
 from envs.tasks.sources import BIGBENCH_TASKS, prepare_bigbench
 
 

@@ -44,7 +44,7 @@ from agents.baselines import (
     StaticImportance,
     StaticUniform,
 )
-from envs.tasks.pareto import interp_frontier, oracle_frontier, static_hull, upper_hull
+from agents.frontier import interp_frontier, oracle_frontier, static_hull, upper_hull
 from experiments.report import markdown_table
 
 SCORINGS = ("dense_relative", "raw")

@@ -24,9 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs.models import cache_root
-from envs.tasks import Scorer, load_mix
-from envs.tasks.pareto import (
+from agents.frontier import (
     auc,
     best_static,
     cv_two_level_rule,
@@ -34,6 +32,8 @@ from envs.tasks.pareto import (
     oracle_frontier,
     static_hull,
 )
+from envs.data.files import cache_root
+from envs.tasks import Scorer, load_mix
 from experiments.report import REPO_ROOT, markdown_table, write_section
 
 TITLE = "Oracle headroom (embedded model)"
@@ -59,7 +59,7 @@ def measure_costs(slm: Any, plans: list[Any], tokens: int, repeats: int) -> tupl
     each of ``repeats`` rounds times every plan (shuffled order) together with dense, and a
     plan's cost is the median over rounds of its p50 divided by that round's dense p50.
     """
-    from envs.meters import Meter
+    from envs.measure.meters import Meter
 
     meter = Meter(device="cpu", warmup=1, repeats=3, energy="estimate", memory=False)
     ids = torch.randint(0, slm.spec.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
@@ -78,7 +78,8 @@ def measure_costs(slm: Any, plans: list[Any], tokens: int, repeats: int) -> tupl
             dense_ms.append(lat[0] * 1e3)
     cost = np.median(ratios, axis=0)
     note = (
-        f"envs.meters.Meter p50 (3 repeats, 1 warm-up) of one {tokens}-token forward, each plan divided by dense "
+        f"envs.measure.meters.Meter p50 (3 repeats, 1 warm-up) of one {tokens}-token forward, each plan divided by "
+        "dense "
         f"timed in the same round, median over {repeats} interleaved rounds; dense p50 per round "
         f"{min(dense_ms):.0f}–{max(dense_ms):.0f} ms"
     )
@@ -97,8 +98,8 @@ def probe_entropy(slm: Any, ids: list[int], k: int) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Score the grid, compute the frontiers, write the table, the plot and the BENCHMARKS section."""
-    from envs.plan import LayerPlan, SparsityPlan
-    from envs.sparse_lm import SparseLM
+    from envs.runtime.plan import LayerPlan, SparsityPlan
+    from envs.runtime.sparse_lm import SparseLM
 
     t_start = time.perf_counter()
     slm = SparseLM.from_pretrained(args.model, threads=args.threads)

@@ -162,7 +162,7 @@ def write_benchmark_section(
 
 def _best_ppo(static: list[Any], runs: list[Any]) -> str | None:
     """The PPO controller furthest above the static hull at its own measured latency (dense-relative)."""
-    from envs.tasks.pareto import interp_frontier
+    from agents.frontier import interp_frontier
     from experiments import evaluate as ev
 
     if not runs:

@@ -1,6 +1,6 @@
 """Make a model pruning-ready: ``python -m experiments.prepare [key=value ...]`` (Hydra, ``conf/prepare.yaml``).
 
-Self-distils the model under plans sampled from PruneGym's plan space (see :mod:`envs.prepare`),
+Self-distils the model under plans sampled from PruneGym's plan space (see :mod:`envs.distill.training`),
 on text of the train split only (``text``, see :func:`training_text`), and writes
 ``<cache_root>/prepared/<name>/``: the weights (safetensors; by default the original weights for the
 dense plan plus ``adapted.safetensors`` for pruned layers), tokenizer, ``card.json`` and the
@@ -21,10 +21,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from envs.prepare import ChoiceItem, PrepareConfig, choice_items, prepare_model, text_sequences, write_prepared
-from envs.sparse_lm import SparseLM
+from envs.distill.training import ChoiceItem, PrepareConfig, choice_items, prepare_model, text_sequences, write_prepared
+from envs.runtime.sparse_lm import SparseLM
 
-# Keys of the run itself; everything else is a training hyper-parameter (envs.prepare.PrepareConfig).
+# Keys of the run itself; everything else is a training hyper-parameter (envs.distill.training.PrepareConfig).
 RUN_KEYS = {
     "model": "smollm2-135m",
     "name": None,
@@ -68,7 +68,7 @@ def training_text(sources: list[str] | str, news_docs: int | None = None) -> tup
     Raises:
         ValueError: An unknown or empty list of sources.
     """
-    from envs.corpus import natural_text
+    from envs.data.corpus import natural_text
 
     names = [sources] if isinstance(sources, str) else list(sources)
     bad = [n for n in names if n not in TEXT_SOURCES]
@@ -91,7 +91,7 @@ def training_text(sources: list[str] | str, news_docs: int | None = None) -> tup
     if "pydoc" in names:
         from pydoc_data.topics import topics
 
-        from envs.corpus import split_of
+        from envs.data.corpus import split_of
 
         ref = [t.strip() for _, t in sorted(topics.items()) if split_of(t.strip()) == "train"]
         docs += ref
@@ -184,7 +184,7 @@ def prepare(
     name = run["name"] or f"{base_name}-ready"
     if any(c in name for c in "/\\") or name.startswith("."):
         raise ValueError(f"prepare.name must be a plain folder name, got {name!r}")
-    from envs.models import cache_root
+    from envs.data.files import cache_root
 
     out_root = Path(run["out_root"]) if run["out_root"] else cache_root() / "prepared"
     ckpt = Path(run["checkpoint_dir"]) if run["checkpoint_dir"] else cache_root() / "prepare-checkpoints" / name
@@ -193,7 +193,7 @@ def prepare(
     base_hash = slm.weights_hash
     data: dict[str, Any]
     if train_sequences is None or eval_sequences is None:
-        from envs.corpus import natural_text
+        from envs.data.corpus import natural_text
 
         train_docs, described = training_text(run["text"], run["train_docs"])
         val_docs = natural_text("val")[: run["eval_docs"]]

@@ -10,15 +10,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from envs.models import tiny_model
-from envs.sparse_lm import SparseLM
+from envs.runtime.models import tiny_model
+from envs.runtime.sparse_lm import SparseLM
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
 
 
 def random_importance(spec, seed: int = 0):
     """A seeded random ordering, so tests exercise non-identity layouts."""
-    from envs.importance import Importance
+    from envs.runtime.importance import Importance
 
     g = torch.Generator().manual_seed(seed)
 

@@ -13,9 +13,9 @@ from agents.baselines import (
     StaticUniform,
 )
 from envs.base import PRESETS, PlanBuilder
-from envs.models import tiny_model
-from envs.plan import SparsityPlan, layer_groups
-from envs.sparse_lm import SparseLM
+from envs.runtime.models import tiny_model
+from envs.runtime.plan import SparsityPlan, layer_groups
+from envs.runtime.sparse_lm import SparseLM
 from tests.conftest import random_importance
 
 

@@ -1,10 +1,10 @@
-"""The summary maths and plot of ``experiments.bench_prepare`` (no model needed)."""
+"""The summary maths and plot of ``experiments.bench.prepare`` (no model needed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from experiments.bench_prepare import plot_curves, task_loss_at
+from experiments.bench.prepare import plot_curves, task_loss_at
 
 
 def test_task_loss_interpolates_from_the_dense_point_and_takes_the_best_family() -> None:
@@ -42,8 +42,8 @@ def test_per_token_decoding_on_a_two_set_model() -> None:
 
     import torch
 
-    from envs.sparse_lm import SparseLM
-    from experiments.bench_prepare import _decode_logprobs
+    from envs.runtime.sparse_lm import SparseLM
+    from experiments.bench.prepare import _decode_logprobs
     from tests.test_prepare import _peaked_tiny, _tokens
 
     slm = _peaked_tiny()
@@ -74,7 +74,7 @@ def test_per_token_decoding_on_a_two_set_model() -> None:
 
 
 def test_losses_and_text_are_described_from_the_card() -> None:
-    from experiments.bench_prepare import _losses_described, _text_described
+    from experiments.bench.prepare import _losses_described, _text_described
 
     old = {"steps": 10, "config": {"batch_size": 2, "seq_len": 8}, "data": {"train": "news"}}
     assert _losses_described(old) == "losses: token KL × 1; "  # cards from before choice distillation

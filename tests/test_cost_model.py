@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import random_importance
 
-from envs.cost_model import (
+from envs.measure.cost_model import (
     FEATURES,
     CalibratedCost,
     CalibrationMismatchError,
@@ -21,10 +21,10 @@ from envs.cost_model import (
     plan_features,
     random_plans,
 )
-from envs.meters import FakeClock, Meter, MixedSourceError
-from envs.models import tiny_model
-from envs.plan import SparsityPlan
-from envs.sparse_lm import SparseLM, torch_threads
+from envs.measure.meters import FakeClock, Meter, MixedSourceError
+from envs.runtime.models import tiny_model
+from envs.runtime.plan import SparsityPlan
+from envs.runtime.sparse_lm import SparseLM, torch_threads
 
 # Seconds per unit of each feature: intercept, layers, attn blocks, mlp blocks, gather blocks, GFLOPs x3.
 W_LAT = np.array([0.02, 0.004, 0.002, 0.001, 0.0005, 3.0, 5.0, 2.0])
@@ -232,7 +232,7 @@ def test_calibrate_cost_cli_smoke(tmp_path: Path, capsys):
 
 
 def test_fit_leaves_out_a_contention_spike():
-    from envs.cost_model import _fit_wls
+    from envs.measure.cost_model import _fit_wls
 
     rng = np.random.default_rng(0)
     X = np.column_stack([np.ones(30), rng.uniform(0, 1, (30, 3))])
@@ -246,7 +246,7 @@ def test_fit_leaves_out_a_contention_spike():
 
 
 def test_noisy_fit_keeps_prices_non_negative_and_predictions_monotone():
-    from envs.cost_model import _fit_wls
+    from envs.measure.cost_model import _fit_wls
 
     rng = np.random.default_rng(0)
     X = np.column_stack([np.ones(12), rng.integers(1, 30, 12), rng.random((12, 2)) * 5])

@@ -15,8 +15,8 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from envs.base import shared_lm
-from envs.cost_model import COST_MODEL_SCHEMA_VERSION, FEATURES, BucketFit, CostModel, package_versions
-from envs.meters import device_tag, threads_in_use
+from envs.measure.cost_model import COST_MODEL_SCHEMA_VERSION, FEATURES, BucketFit, CostModel, package_versions
+from envs.measure.meters import device_tag, threads_in_use
 
 MODEL = "tiny-llama"
 
@@ -360,7 +360,7 @@ def test_ten_thousand_random_steps_do_not_leak(cost_path):
 
 def test_probe_lens_log_likelihood():
     """The probe's log-likelihood equals the full LM head's on the probe state, and the subset lens is consistent."""
-    from envs.probe import Probe
+    from envs.observation import Probe
 
     slm = shared_lm(MODEL)
     ids = torch.tensor([[5, 17, 33, 40, 2, 60, 71]])

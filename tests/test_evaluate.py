@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from agents.baselines import Dense, StaticUniform
-from envs.tasks.pareto import interp_frontier, oracle_frontier
+from agents.frontier import interp_frontier, oracle_frontier
 from experiments import evaluate as ev
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from agents.controller import CARD_FILE, ONNX_FILE, Controller, ControllerError
-from envs.models import tiny_model
-from envs.sparse_lm import SparseLM
+from envs.runtime.models import tiny_model
+from envs.runtime.sparse_lm import SparseLM
 from tests.conftest import random_importance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,8 +258,8 @@ def test_controller_never_imports_ray(bandit_export):
         "import sys, numpy as np\n"
         "from agents.controller import Controller\n"
         "from agents.adaptive import adaptive_generate\n"
-        "from envs.models import tiny_model\n"
-        "from envs.sparse_lm import SparseLM\n"
+        "from envs.runtime.models import tiny_model\n"
+        "from envs.runtime.sparse_lm import SparseLM\n"
         "slm = SparseLM(tiny_model('llama', seed=0), name='tiny-llama')\n"
         f"c = Controller.from_pretrained({str(bandit_export)!r}, slm)\n"
         f"a = c.select_action(np.ones({OBS_DIM}, np.float32))\n"

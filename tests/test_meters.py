@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from envs.meters import (
+from envs.measure.meters import (
     CpuTimeEnergy,
     FakeClock,
     Measurement,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from envs.tasks.pareto import (
+from agents.frontier import (
     Rule,
     auc,
     best_static,

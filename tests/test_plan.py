@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from envs.importance import Importance
-from envs.plan import LayerPlan, ModelSpec, SparsityPlan, layer_groups, select_heads
+from envs.runtime.importance import Importance
+from envs.runtime.plan import LayerPlan, ModelSpec, SparsityPlan, layer_groups, select_heads
 
 SPEC = ModelSpec(num_layers=6, num_heads=6, num_kv_heads=2, head_dim=4, hidden_size=24, intermediate_size=40)
 

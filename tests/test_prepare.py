@@ -1,4 +1,4 @@
-"""Pruning-ready preparation (envs.prepare, experiments.prepare) on tiny models."""
+"""Pruning-ready preparation (envs.distill.training, experiments.prepare) on tiny models."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.models import load_model, tiny_model
-from envs.prepare import (
+from envs.distill.training import (
     LowRankDeltas,
     PlanDistribution,
     PlanSampler,
@@ -19,7 +18,8 @@ from envs.prepare import (
     save_checkpoint,
     step_rng,
 )
-from envs.sparse_lm import SparseLM
+from envs.runtime.models import load_model, tiny_model
+from envs.runtime.sparse_lm import SparseLM
 from experiments.prepare import prepare
 from tests.conftest import random_importance
 
@@ -359,7 +359,7 @@ def test_training_text_refuses_unknown_sources():
 
 
 def test_training_text_is_train_split_only():
-    from envs.corpus import natural_text
+    from envs.data.corpus import natural_text
     from envs.tasks import load_task
     from experiments.prepare import training_text
 
@@ -427,7 +427,7 @@ def test_original_dense_weights_keep_the_dense_model_exact(cache, method, lr):
 
 
 def test_adapted_weights_take_over_from_the_first_pruned_layer():
-    from envs.plan import SparsityPlan
+    from envs.runtime.plan import SparsityPlan
 
     slm = _peaked_tiny()
     g = torch.Generator().manual_seed(3)
@@ -482,7 +482,7 @@ def _choice_items(n: int, seed: int):
     Shared choices (as "positive" / "negative" are for every polarity item) give held-out items
     something in common with the training items.
     """
-    from envs.prepare import ChoiceItem
+    from envs.distill.training import ChoiceItem
 
     rng = np.random.default_rng(seed)
     pool = [(5,), (17, 3), (40, 41, 42), (77,), (60, 8)]
@@ -495,7 +495,7 @@ def _choice_items(n: int, seed: int):
 
 
 def test_choice_scores_equal_the_scorer_for_items_of_uneven_width():
-    from envs.prepare import choice_scores
+    from envs.distill.training import choice_scores
     from envs.tasks.scoring import choice_logliks
 
     slm = _peaked_tiny()
@@ -511,7 +511,7 @@ def test_choice_scores_equal_the_scorer_for_items_of_uneven_width():
 
 
 def test_choice_kl_is_zero_only_for_equal_softmaxes():
-    from envs.prepare import choice_kl
+    from envs.distill.training import choice_kl
 
     t = torch.tensor([-1.0, -2.0, -4.0])
     assert float(choice_kl(t, t)) == pytest.approx(0.0, abs=1e-7)

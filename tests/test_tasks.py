@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.corpus import split_of
+from envs.data.corpus import split_of
 from envs.tasks import MIXES, Item, TaskFormatError, load_mix, load_task, make_item, mix_spec, read_jsonl_task
 from envs.tasks.items import split_key
 

@@ -3,7 +3,7 @@
 Items come from BIG-bench task files, gensim's texts, seeded generators, a user's JSONL file or a
 Hugging Face dataset (:mod:`envs.tasks.sources`); workloads mix them (:mod:`envs.tasks.mixes`);
 :class:`Scorer` scores an item under a plan, raw and relative to the dense model
-(:mod:`envs.tasks.scoring`); :mod:`envs.tasks.pareto` holds the frontier maths of the headroom study.
+(:mod:`envs.tasks.scoring`); :mod:`agents.frontier` holds the frontier maths of the headroom study.
 """
 
 from envs.tasks.items import Item, TaskFormatError, make_item

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from envs.corpus import split_of
+from envs.data.corpus import split_of
 
 Kind = Literal["mc", "exact", "text"]
 KINDS: tuple[str, ...] = ("mc", "exact", "text")

@@ -291,7 +291,7 @@ def choice_logliks(
 
 def _expand_cache(cache: Any, n: int) -> Any:
     """A batch-``n`` view of a batch-1 KV cache (no copy), so ``n`` continuations share one prompt."""
-    from envs.sparse_lm import KVCache
+    from envs.runtime.sparse_lm import KVCache
 
     layers = [
         None if lc is None else dataclasses.replace(lc, k=lc.k.expand(n, -1, -1, -1), v=lc.v.expand(n, -1, -1, -1))
@@ -311,7 +311,7 @@ def score_items(
     """Score a batch of items under one plan.
 
     Args:
-        slm: The model (a :class:`~envs.sparse_lm.SparseLM` or anything with its forward API).
+        slm: The model (a :class:`~envs.runtime.sparse_lm.SparseLM` or anything with its forward API).
         items: Items to score.
         plan: The plan.
         scorer: Defaults to ``Scorer()``.

@@ -1,7 +1,7 @@
 """Where items come from: BIG-bench task files, gensim's texts, seeded generators, JSONL and the hub.
 
 Nothing here downloads at run time. ``python -m experiments.data`` builds the cache from PyPI
-packages (:func:`prepare_bigbench`, :func:`envs.corpus.prepare_gensim`); the generated tasks need
+packages (:func:`prepare_bigbench`, :func:`envs.data.corpus.prepare_gensim`); the generated tasks need
 no data at all, so tests and quick runs work on a bare machine.
 
 Task names (see :func:`load_task`):
@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from envs.corpus import PREP_COMMAND, SPLITS, data_root, split_of
+from envs.data.corpus import PREP_COMMAND, SPLITS, data_root, split_of
 from envs.tasks.items import Item, TaskFormatError, make_item, split_key
 
 BIGBENCH_VERSION = "1.0.0"
@@ -218,7 +218,7 @@ def _polarity_items() -> list[Item]:
 
 
 def _news_items(prompt_words: int = 48, cont_words: int = 16) -> list[Item]:
-    from envs.corpus import natural_text
+    from envs.data.corpus import natural_text
 
     items = []
     for doc in natural_text():

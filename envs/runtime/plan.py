@@ -1,9 +1,9 @@
 """Sparsity plans: which decoder layers run, which attention heads and how many MLP channels each keeps.
 
 A plan is a small immutable value. It says *what* runs, in the model's own numbering, and knows
-nothing about how :class:`envs.sparse_lm.SparseLM` executes it. Plans built from fractions or
+nothing about how :class:`envs.runtime.sparse_lm.SparseLM` executes it. Plans built from fractions or
 action vectors pick the most important layers, heads and channels from an
-:class:`envs.importance.Importance` ordering, so that "keep 60% of the MLP channels of layer 7"
+:class:`envs.runtime.importance.Importance` ordering, so that "keep 60% of the MLP channels of layer 7"
 keeps the channels that matter most.
 
 Heads are GQA-aware: query head ``h`` reads key/value head ``h // (num_heads // num_kv_heads)``.
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from envs.importance import Importance
+    from envs.runtime.importance import Importance
 
 PLAN_SCHEMA_VERSION = 1
 
@@ -89,7 +89,7 @@ class LayerPlan:
         mlp_channels: Number of MLP intermediate channels kept (the most important ones). Zero skips
             the MLP block.
         two_four: Run the MLP linears with 2:4 semi-structured sparse weights (NVIDIA GPUs, see
-            :mod:`envs.semistructured`). Only with the full MLP (``mlp_channels == intermediate_size``):
+            :mod:`envs.runtime.semistructured`). Only with the full MLP (``mlp_channels == intermediate_size``):
             the 2:4 weights are precomputed once for all channels, so they do not combine with slicing.
             Last and defaulted, so plans written before it existed still load (absent means ``False``).
     """

@@ -9,7 +9,7 @@ sparse tensor cores (Ampere, Ada, Hopper) then skip the zeros, through cuSPARSEL
   feature ``j`` over calibration tokens, so that a small weight on a loud input survives.
 
 The conversion is done **once per layer** by :class:`SemiStructured` and installed with
-:meth:`envs.sparse_lm.SparseLM.enable_two_four`; a plan then turns 2:4 on per layer with
+:meth:`envs.runtime.sparse_lm.SparseLM.enable_two_four`; a plan then turns 2:4 on per layer with
 ``LayerPlan.two_four`` and switching it between calls is a dictionary look-up, not a conversion.
 The model's dense weights are untouched, so dense and 2:4 plans run side by side (the price is the
 compressed copy: about 56% of the dense bytes of the converted linears in fp16).
@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 if TYPE_CHECKING:
-    from envs.plan import SparsityPlan
-    from envs.sparse_lm import SparseLM
+    from envs.runtime.plan import SparsityPlan
+    from envs.runtime.sparse_lm import SparseLM
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)
@@ -343,7 +343,7 @@ class SemiStructured:
         return tuple(sorted(self.weights))
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer ``i``'s weights by :class:`envs.sparse_lm._Block` field name.
+        """Layer ``i``'s weights by :class:`envs.runtime.sparse_lm._Block` field name.
 
         Raises:
             RuntimeError: Layer ``i`` was not prepared.
@@ -392,7 +392,7 @@ class SemiStructured:
         Args:
             slm: The model, on a CUDA device of compute capability >= 8.0 in fp16/bf16 (unless ``emulate``).
             method: ``"wanda"`` (needs ``sequences``, or a tokenizer and the news corpus for
-                :func:`envs.importance.calibration_sequences`), ``"magnitude"``, or ``"auto"``
+                :func:`envs.runtime.importance.calibration_sequences`), ``"magnitude"``, or ``"auto"``
                 (Wanda when ``sequences`` are given, else magnitude).
             sequences: Calibration token ids for Wanda.
             targets: ``("mlp",)`` (default) or ``("mlp", "attn")``.
@@ -420,7 +420,7 @@ class SemiStructured:
         meta: dict[str, Any] = {}
         if method == "wanda":
             if sequences is None:
-                from envs.importance import calibration_sequences
+                from envs.runtime.importance import calibration_sequences
 
                 sequences, meta["calibration"] = calibration_sequences(slm)
             sequences = list(sequences)
@@ -464,7 +464,7 @@ def two_four_plan(plan: SparsityPlan, layers: Iterable[int] | None = None) -> Sp
     Returns:
         A new plan; ``meta["two_four"]`` lists the layers with 2:4 on.
     """
-    from envs.plan import SparsityPlan
+    from envs.runtime.plan import SparsityPlan
 
     full = plan.spec.intermediate_size
     chosen = (

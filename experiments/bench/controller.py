@@ -1,4 +1,4 @@
-"""Benchmark of the standalone controller: ``python -m experiments.bench_controller``.
+"""Benchmark of the standalone controller: ``python -m experiments.bench.controller``.
 
 Measures, on this machine:
 
@@ -6,7 +6,7 @@ Measures, on this machine:
    RLlib's default size (two hidden layers of 256) with a Box action, a DQN policy, and the LinUCB
    bandit, each ``Controller.select_action`` on one observation (median and p95 over many calls);
 2. probe + decision as a fraction of a dense forward of the embedded model on a 256-token prompt:
-   :class:`envs.probe.Probe` (the first 2 layers densely plus the features) and one decision, against
+   :class:`envs.observation.Probe` (the first 2 layers densely plus the features) and one decision, against
    ``SparseLM.forward(ids, logits="last")`` with the dense plan, timed interleaved in one process.
 
 Policies have random weights (the decision time does not depend on their values). Writes the
@@ -54,7 +54,7 @@ def build_exports(slm, folder: Path, probe_kwargs: dict) -> dict[str, Path]:
 
     from agents.bandit import BanditController
     from agents.export import export_bandit, export_rllib_module
-    from envs.probe import Probe
+    from envs.observation import Probe
 
     probe = Probe(slm, probe_kwargs["probe_layers"], probe_kwargs["probe_dim"])
     obs = gym.spaces.Box(-10.0, 10.0, (probe.dim,), np.float32)
@@ -85,7 +85,7 @@ def build_exports(slm, folder: Path, probe_kwargs: dict) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the tables and write the BENCHMARKS.md section."""
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_controller", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.bench.controller", description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=5000, help="decisions timed per controller")
     p.add_argument("--forwards", type=int, default=15, help="dense forwards and probe runs timed")
     p.add_argument("--tokens", type=int, default=256, help="prompt length")
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from agents.controller import Controller
-    from envs.probe import Probe
-    from envs.sparse_lm import SparseLM
+    from envs.observation import Probe
+    from envs.runtime.sparse_lm import SparseLM
     from experiments.report import markdown_table, write_section
 
     slm = SparseLM.from_pretrained()
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         "bandit is a linear scorer over 10 presets. Target: <= 0.05 ms.\n\n"
         f"{table1}\n\n"
         f"Probe + decision as a fraction of a dense forward of the embedded SmolLM2-135M on a {args.tokens}-token "
-        f"prompt (`envs.probe.Probe` with k dense layers and 32 projected dims, the env default is k=2; one PPO "
+        f"prompt (`envs.observation.Probe` with k dense layers and 32 projected dims, the env default is k=2; one PPO "
         f"`select_plan`, {dec * 1e3:.3f} ms; medians of {args.forwards} runs interleaved with the dense forwards; "
         f"torch {torch.get_num_threads()} threads). Target: <= 3%. 'of dense' is the probe's whole time; 'extra' "
         "subtracts the "
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     print(body)
     if not args.no_write:
         given = sys.argv[1:] if argv is None else argv
-        cmd = " ".join(["python -m experiments.bench_controller", *given])
+        cmd = " ".join(["python -m experiments.bench.controller", *given])
         write_section("Standalone controller", cmd, body)
 
 

@@ -1,6 +1,6 @@
 """Training benchmark: time and memory per iteration of every algorithm on PerInput, and PPO vs the best static plan.
 
-``python -m experiments.bench_train`` (embedded SmolLM2-135M) or ``--quick`` (the tiny random model).
+``python -m experiments.bench.train`` (embedded SmolLM2-135M) or ``--quick`` (the tiny random model).
 
 - For each algorithm (PPO, APPO, IMPALA, SAC on ``PerInput``; DQN and LinUCB on ``PerInputDiscrete``)
   and each cost source (calibrated, measured): wall time per training iteration (64 one-step episodes)
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(body)
     if not args.no_write:
-        cmd = "python -m experiments.bench_train " + " ".join(sys.argv[1:] if argv is None else argv)
+        cmd = "python -m experiments.bench.train " + " ".join(sys.argv[1:] if argv is None else argv)
         write_section("Training", cmd.strip(), body)
 
 

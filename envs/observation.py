@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from envs.sparse_lm import KVCache, RunState, SparseLM
+    from envs.runtime.sparse_lm import KVCache, RunState, SparseLM
 
 OBS_CLIP = 10.0
 PROBE_VERSION = 1

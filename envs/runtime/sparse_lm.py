@@ -1,4 +1,4 @@
-"""SparseLM: run a causal LM under a :class:`~envs.plan.SparsityPlan`, doing really less work.
+"""SparseLM: run a causal LM under a :class:`~envs.runtime.plan.SparsityPlan`, doing really less work.
 
 Skipped layers are not run; dropped attention heads, KV groups and MLP channels are sliced out of
 the q/k/v/o and gate/up/down matmuls, so the FLOPs saved are FLOPs not spent. Nothing is masked
@@ -39,8 +39,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from envs.models import EMBEDDED_MODEL, LoadedModel, load_model, tensors_hash, weights_hash
-from envs.plan import LayerPlan, ModelSpec, SparsityPlan
+from envs.runtime.models import EMBEDDED_MODEL, LoadedModel, load_model, tensors_hash, weights_hash
+from envs.runtime.plan import LayerPlan, ModelSpec, SparsityPlan
 
 ADAPTABLE = ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w")  # weights an adapted set may replace
 Observer = Callable[[int, str, torch.Tensor], None]
@@ -231,9 +231,9 @@ class SparseLM:
         self._extract()
         self._weights_hash: str | None = None
         self._sel_cache: dict[tuple[int, LayerPlan], _Sel] = {}
-        self.semistructured: Any = None  # envs.semistructured.SemiStructured, set by enable_two_four
+        self.semistructured: Any = None  # envs.runtime.semistructured.SemiStructured, set by enable_two_four
         self.adapted: SparseLM | None = None  # the pruned layers' weight set, see set_adapted
-        from envs.importance import Importance
+        from envs.runtime.importance import Importance
 
         self.set_importance(importance if importance is not None else Importance.identity(self.spec))
 
@@ -248,7 +248,7 @@ class SparseLM:
         calibrate: bool = True,
         strategy: Literal["views", "gather"] = "views",
     ) -> SparseLM:
-        """Load a model by name (see :func:`envs.models.load_model`) with cached importance orderings.
+        """Load a model by name (see :func:`envs.runtime.models.load_model`) with cached importance orderings.
 
         The orderings come from a calibration pass over natural text (the train split of the news
         corpus) and are cached next to the model, keyed by its weights hash.
@@ -272,7 +272,7 @@ class SparseLM:
         if loaded.adapted is not None:
             slm.set_adapted(loaded.adapted)
         if calibrate:
-            from envs.importance import load_or_calibrate
+            from envs.runtime.importance import load_or_calibrate
 
             slm.set_importance(load_or_calibrate(slm))
         return slm
@@ -446,7 +446,7 @@ class SparseLM:
 
     @property
     def weights_hash(self) -> str:
-        """Hash of the model's weights (see :func:`envs.models.weights_hash`), computed once.
+        """Hash of the model's weights (see :func:`envs.runtime.models.weights_hash`), computed once.
 
         With an adapted weight set the hash covers both sets, so caches of pruned results never mix
         a prepared model with its base.
@@ -473,18 +473,18 @@ class SparseLM:
         """Prepare 2:4 semi-structured weights so that plans with ``two_four=True`` layers can run.
 
         Needs CUDA on compute capability >= 8.0 and fp16/bf16 weights; refused elsewhere (see
-        :func:`envs.semistructured.check_semistructured_support`). The sparse weights are built once
+        :func:`envs.runtime.semistructured.check_semistructured_support`). The sparse weights are built once
         here, so switching 2:4 on or off per call costs nothing but a dictionary look-up.
 
         Args:
-            semi: A prepared :class:`envs.semistructured.SemiStructured`; built from this model when ``None``.
-            **kwargs: Passed to :meth:`envs.semistructured.SemiStructured.from_model` (``method``,
+            semi: A prepared :class:`envs.runtime.semistructured.SemiStructured`; built from this model when ``None``.
+            **kwargs: Passed to :meth:`envs.runtime.semistructured.SemiStructured.from_model` (``method``,
                 ``sequences``, ``targets``, ``layers``, ``backend``).
 
         Returns:
-            The installed :class:`~envs.semistructured.SemiStructured`.
+            The installed :class:`~envs.runtime.semistructured.SemiStructured`.
         """
-        from envs.semistructured import SemiStructured
+        from envs.runtime.semistructured import SemiStructured
 
         if self.adapted is not None:
             raise ValueError(

@@ -1,6 +1,6 @@
 """Environment benchmark: env overhead over the bare pruned run, steps/s, and the probe's cost.
 
-Usage: ``python -m experiments.bench_envs [--items 6] [--repeats 3] [--steps 20] [--threads 1] [--model smollm2-135m]``.
+Usage: ``python -m experiments.bench.envs [--items 6] [--repeats 3] [--steps 20] [--threads 1] [--model smollm2-135m]``.
 
 One thread by default: on a shared 2-core machine a second PyTorch thread competes with every
 other process and makes timings swing several-fold (a 64-token forward of the embedded model took
@@ -34,7 +34,7 @@ import torch
 
 from experiments.report import markdown_table, time_round_robin, write_section
 
-COMMAND = "python -m experiments.bench_envs"
+COMMAND = "python -m experiments.bench.envs"
 MIX = {
     "gensim/polarity:2shot": 1.0,
     "gensim/news": 1.0,
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import envs  # noqa: F401  (registers the ids)
     from envs.base import shared_lm
-    from envs.cost_model import default_path
+    from envs.measure.cost_model import default_path
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")

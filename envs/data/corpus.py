@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from envs.models import cache_root
+from envs.data.files import cache_root
 
 GENSIM_VERSION = "4.4.0"
 GENSIM_FILES = {

@@ -10,7 +10,7 @@ run. This module does the same for PruneGym's own plan space:
   static and action plans skip); MLP-channel keep levels; whole-KV-group drops. With a single
   weight set (``dense_weights="adapted"``) a share of steps runs the dense plan so that the dense
   path stays anchored to the original model.
-- Each step runs the sampled plan *with gradients* through :class:`~envs.sparse_lm.SparseLM` built
+- Each step runs the sampled plan *with gradients* through :class:`~envs.runtime.sparse_lm.SparseLM` built
   with ``strategy="gather"`` (its kept rows are gathered from the real parameters, so gradients
   reach them) and minimises ``KL(teacher || student)`` over the logits, where the teacher is the
   original dense model; an optional language-model loss is added.
@@ -22,7 +22,7 @@ run. This module does the same for PruneGym's own plan space:
   are added to the extracted weights on the fly (:class:`LowRankDeltas`) and merged at the end.
 - ``dense_weights="original"`` (the default) keeps the original weights for the dense
   plan and trains the deltas into a second weight set that pruned layers run with
-  (:meth:`~envs.sparse_lm.SparseLM.set_adapted`): from the first layer a plan prunes, the adapted
+  (:meth:`~envs.runtime.sparse_lm.SparseLM.set_adapted`): from the first layer a plan prunes, the adapted
   weights take over, in training as at run time. The dense model is then exactly the original
   one, whatever the training text. ``"adapted"`` merges the deltas into the one weight set that
   every plan runs, and relies on the dense share of the steps to keep the dense path close.
@@ -49,8 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from envs.plan import LayerPlan, SparsityPlan, select_heads
-from envs.sparse_lm import ADAPTABLE, SparseLM
+from envs.runtime.plan import LayerPlan, SparsityPlan, select_heads
+from envs.runtime.sparse_lm import ADAPTABLE, SparseLM
 
 PLAN_FAMILIES = ("layers", "mlp", "kv")
 LAYER_CHOICES = ("depth", "importance", "mixed")
@@ -292,7 +292,7 @@ class PrepareConfig:
 class PlanSampler:
     """Draws plans from a :class:`PlanDistribution` for one model.
 
-    Plans use the model's importance orderings through :func:`envs.plan.select_heads` and the MLP
+    Plans use the model's importance orderings through :func:`envs.runtime.plan.select_heads` and the MLP
     channel count (SparseLM keeps the most important channels), so a sampled plan means the same
     thing as an agent's or a static plan with the same keep counts.
 
@@ -862,7 +862,7 @@ def prepare_model(
     Args:
         slm: The model to adapt; its importance orderings choose what plans keep and stay fixed.
             With ``dense_weights="original"`` its weights stay as they are and it receives the
-            adapted set (:meth:`~envs.sparse_lm.SparseLM.set_adapted`); with ``"adapted"`` its weights
+            adapted set (:meth:`~envs.runtime.sparse_lm.SparseLM.set_adapted`); with ``"adapted"`` its weights
             are modified in place. The teacher is the original dense model: the student's own dense
             plan with ``"original"``, a frozen copy with ``"adapted"``.
         train_sequences: Token sequences of one length (training text: the train split only).
@@ -977,7 +977,7 @@ def prepare_model(
                 "config": cfg.to_dict(),
                 "train_seconds": seconds,
                 "before": before,
-                "rng": "every random choice is a function of (seed, step): see envs.prepare.step_rng",
+                "rng": "every random choice is a function of (seed, step): see envs.distill.training.step_rng",
             },
         )
 
@@ -1078,7 +1078,7 @@ def _nullcontext() -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------- output
 def write_prepared(folder: str | Path, slm: SparseLM, card: dict[str, Any], *, importance: Any | None = None) -> Path:
-    """Write a prepared model folder that :func:`envs.models.load_model` loads by name.
+    """Write a prepared model folder that :func:`envs.runtime.models.load_model` loads by name.
 
     The folder holds ``config.json`` and ``model.safetensors`` (``save_pretrained``), the adapted
     weight set of pruned layers as ``adapted.safetensors`` (with ``dense_weights="original"``), the
@@ -1088,7 +1088,7 @@ def write_prepared(folder: str | Path, slm: SparseLM, card: dict[str, Any], *, i
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     slm.model.save_pretrained(str(folder), safe_serialization=True)
-    from envs.models import ADAPTED_FILE
+    from envs.runtime.models import ADAPTED_FILE
 
     if slm.adapted is not None:
         from safetensors.torch import save_file

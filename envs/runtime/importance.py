@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from envs.plan import ModelSpec
+from envs.runtime.plan import ModelSpec
 
 if TYPE_CHECKING:
-    from envs.sparse_lm import SparseLM
+    from envs.runtime.sparse_lm import SparseLM
 
 IMPORTANCE_VERSION = 1
 
@@ -166,7 +166,7 @@ def calibrate(slm: SparseLM, sequences: Sequence[torch.Tensor], *, text_id: str 
 
 def calibration_sequences(slm: SparseLM, *, max_docs: int = 64, max_len: int = 256) -> tuple[list[torch.Tensor], str]:
     """Token sequences from the train split of the natural-text corpus, and an id for them."""
-    from envs.corpus import natural_text
+    from envs.data.corpus import natural_text
 
     if slm.tokenizer is None:
         raise ValueError("calibration from text needs a tokenizer; pass token sequences to calibrate() instead")
@@ -179,7 +179,7 @@ def calibration_sequences(slm: SparseLM, *, max_docs: int = 64, max_len: int = 2
 
 def load_or_calibrate(slm: SparseLM) -> Importance:
     """The cached orderings for this model's weights, calibrating (and caching) if absent."""
-    from envs.models import cache_root
+    from envs.data.files import cache_root
 
     folder = Path(slm.cache_dir) if slm.cache_dir is not None else cache_root() / "importance"
     path = folder / f"importance-{slm.weights_hash}.json"

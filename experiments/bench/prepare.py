@@ -1,23 +1,23 @@
-"""Benchmarks of pruning-ready models (``envs.prepare``), written to ``BENCHMARKS.md``.
+"""Benchmarks of pruning-ready models (``envs.distill.training``), written to ``BENCHMARKS.md``.
 
 Two modes:
 
-- ``python -m experiments.bench_prepare curves --prepared NAME``: static curves of the base model
+- ``python -m experiments.bench.prepare curves --prepared NAME``: static curves of the base model
   and the prepared one side by side: NLL on val news text, top-1 agreement with the *original*
   dense model and KL to it, against FLOP cost (``SparsityPlan.cost_fraction``) and, where
-  ``envs.meters`` exists, measured latency. Summarises the static loss at 70% of dense cost
+  ``envs.measure.meters`` exists, measured latency. Summarises the static loss at 70% of dense cost
   (linear interpolation along each family's curve; the best family at that cost) and the dense
   model's change. With ``--tasks N`` it also scores N val task items under every plan of the
   ``--task-families``: task accuracy along the same curves, summarised the same way. Section
   "Pruning-ready models" (or "Pruning-ready models (NAME)"); plot ``reports/prepare_curves[_NAME].png``.
-- ``python -m experiments.bench_prepare methods --minutes M``: full fine-tuning vs LoRA, each run
+- ``python -m experiments.bench.prepare methods --minutes M``: full fine-tuning vs LoRA, each run
   for the same wall-clock budget from the same start, measuring the held-out pruned-plan KL drop
   per training minute. Section "Pruning-ready models: full fine-tuning vs LoRA".
-- ``python -m experiments.bench_prepare compare --prepared A B ...``: prepared models (other
+- ``python -m experiments.bench.prepare compare --prepared A B ...``: prepared models (other
   recipes, data, budgets) side by side: the goal's own figure (the best static family's
   dense-relative ΔNLL at 70% of dense cost, as a share of the original model's) and the dense
   model's drift on natural text and on task answers. Section "Pruning-ready models: recipes compared".
-- ``python -m experiments.bench_prepare mixing --prepared NAME``: per-token decoding where each
+- ``python -m experiments.bench.prepare mixing --prepared NAME``: per-token decoding where each
   token runs either the dense plan or a pruned one. On a two-set model (``dense_weights=original``)
   dense tokens write keys and values with the original weights and pruned tokens read them with
   the adapted ones, a mix preparation never trains; this measures what it costs. Section
@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs.plan import SparsityPlan
-from envs.prepare import PrepareConfig, evaluate_plans, teacher_logprobs, text_sequences
-from envs.sparse_lm import SparseLM
+from envs.distill.training import PrepareConfig, evaluate_plans, teacher_logprobs, text_sequences
+from envs.runtime.plan import SparsityPlan
+from envs.runtime.sparse_lm import SparseLM
 from experiments.report import REPO_ROOT, markdown_table, write_section
 
 THREADS = 2  # the reference machine has 2 cores; set deliberately so timings are comparable
@@ -79,9 +79,9 @@ def _interp_at(costs: list[float], values: list[float], target: float) -> float 
 
 
 def _latency(slm: SparseLM, plan: SparsityPlan, ids: torch.Tensor) -> float | None:
-    if importlib.util.find_spec("envs.meters") is None:
+    if importlib.util.find_spec("envs.measure.meters") is None:
         return None
-    from envs.meters import Meter
+    from envs.measure.meters import Meter
 
     def fn() -> None:
         slm.forward(ids, plan, logits="last")
@@ -93,7 +93,7 @@ def _latency(slm: SparseLM, plan: SparsityPlan, ids: torch.Tensor) -> float | No
 
 def _val_sequences(args: argparse.Namespace, base: SparseLM) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Held-out val news sequences (past the documents preparation evaluates on) and the original's log-probs."""
-    from envs.corpus import natural_text
+    from envs.data.corpus import natural_text
 
     docs = natural_text("val")[args.skip_docs : args.skip_docs + args.docs]
     seqs = text_sequences(base.tokenizer, docs, args.seq_len)[: args.sequences]
@@ -136,7 +136,7 @@ def compare(args: argparse.Namespace) -> None:
     """Prepared models side by side: static loss on natural text, dense drift on tasks (module docstring)."""
     from tqdm.auto import tqdm
 
-    from envs.models import EMBEDDED_MODEL
+    from envs.runtime.models import EMBEDDED_MODEL
     from envs.tasks import Scorer, load_mix
 
     torch.set_num_threads(args.threads)
@@ -232,13 +232,13 @@ def compare(args: argparse.Namespace) -> None:
         )
     )
     print(body)
-    cmd = "python -m experiments.bench_prepare " + " ".join(sys.argv[1:])
+    cmd = "python -m experiments.bench.prepare " + " ".join(sys.argv[1:])
     write_section("Pruning-ready models: recipes compared", cmd, body)
 
 
 def curves(args: argparse.Namespace) -> None:
     """Static curves before and after preparation (see the module docstring)."""
-    from envs.models import EMBEDDED_MODEL
+    from envs.runtime.models import EMBEDDED_MODEL
 
     torch.set_num_threads(args.threads)
     base = SparseLM.from_pretrained(EMBEDDED_MODEL)
@@ -252,7 +252,7 @@ def curves(args: argparse.Namespace) -> None:
         )
     seqs, reference = _val_sequences(args, base)
     plans = static_plans(base, base)
-    have_meter = args.latency and importlib.util.find_spec("envs.meters") is not None
+    have_meter = args.latency and importlib.util.find_spec("envs.measure.meters") is not None
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for tag, slm in (("original", base), ("prepared", ready)):
@@ -337,7 +337,8 @@ def curves(args: argparse.Namespace) -> None:
     )
     if have_meter:
         lines.append(
-            "Latency: `envs.meters.Meter` p50 of a 256-token forward (1 warm-up, 5 repeats), measured once per plan "
+            "Latency: `envs.measure.meters.Meter` p50 of a 256-token forward (1 warm-up, 5 repeats), measured once per "
+            "plan "
             "(it depends on the plan, not on the weights), on a shared, loaded machine: indicative only."
         )
     else:
@@ -386,7 +387,7 @@ def curves(args: argparse.Namespace) -> None:
     body += f"\n\n![static curves before and after preparation]({plot.as_posix()})"
     print(body)
     print(f"wrote {plot}")
-    cmd = "python -m experiments.bench_prepare " + " ".join(sys.argv[1:])
+    cmd = "python -m experiments.bench.prepare " + " ".join(sys.argv[1:])
     title = "Pruning-ready models" + ("" if args.prepared == DEFAULT_PREPARED else f" ({args.prepared})")
     write_section(title, cmd, body)
 
@@ -668,7 +669,8 @@ def methods(args: argparse.Namespace) -> None:
         "run one after the other on the same machine. "
         f"Held-out pruned KL: mean KL(original dense ‖ plan) over {args.plans} fixed sampled plans on "
         f"{args.sequences} × 256 val-split tokens. LoRA here is rank-16 deltas added to the extracted weights "
-        "(`envs.prepare.LowRankDeltas`), since SparseLM slices the weight tensors and would not see a peft wrapper.\n\n"
+        "(`envs.distill.training.LowRankDeltas`), since SparseLM slices the weight tensors and would not see a peft "
+        "wrapper.\n\n"
         + markdown_table(
             [
                 "method",
@@ -687,7 +689,7 @@ def methods(args: argparse.Namespace) -> None:
         + f"\n\nMore KL reduction per CPU-minute: **{winner}** (the default `method` in `conf/prepare.yaml`)."
     )
     print(body)
-    cmd = "python -m experiments.bench_prepare " + " ".join(sys.argv[1:])
+    cmd = "python -m experiments.bench.prepare " + " ".join(sys.argv[1:])
     write_section("Pruning-ready models: full fine-tuning vs LoRA", cmd, body)
 
 
@@ -706,7 +708,7 @@ def mixing(args: argparse.Namespace) -> None:
     """Per-token plan mixing on both models: KL to the original dense model (module docstring)."""
     from tqdm.auto import tqdm
 
-    from envs.models import EMBEDDED_MODEL
+    from envs.runtime.models import EMBEDDED_MODEL
 
     torch.set_num_threads(args.threads)
     base = SparseLM.from_pretrained(EMBEDDED_MODEL)
@@ -766,13 +768,13 @@ def mixing(args: argparse.Namespace) -> None:
         + markdown_table(["run", "tokens", "count", "KL original", "KL prepared", "÷ original"], rows)
     )
     print(body)
-    cmd = "python -m experiments.bench_prepare " + " ".join(sys.argv[1:])
+    cmd = "python -m experiments.bench.prepare " + " ".join(sys.argv[1:])
     write_section("Pruning-ready models: per-token plan mixing", cmd, body)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line."""
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_prepare", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench.prepare", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="mode", required=True)
     c = sub.add_parser("curves", help="static curves of the original and a prepared model")
     c.add_argument("--prepared", default=DEFAULT_PREPARED, help="name of the prepared model")

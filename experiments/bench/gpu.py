@@ -1,6 +1,6 @@
 """GPU benchmark: 2:4 sparsity, layer skipping and MLP slicing, per linear and end to end, with energy.
 
-Run on an NVIDIA GPU of compute capability >= 8.0 (``python -m experiments.bench_gpu --help``):
+Run on an NVIDIA GPU of compute capability >= 8.0 (``python -m experiments.bench.gpu --help``):
 
 1. **Per linear**: the MLP linears (gate/up ``[I, D]``, down ``[D, I]``) and the whole MLP block of
    SmolLM2-135M, Llama-3.2-1B and Llama-3.1-8B shapes, dense vs 2:4, at as many tokens as a prefill
@@ -12,7 +12,7 @@ Run on an NVIDIA GPU of compute capability >= 8.0 (``python -m experiments.bench
    FLOPs of the 2:4 plan (MLP slicing to half the channels, layer skipping to the same decoder-FLOP
    fraction), so the table compares ways of removing the same work.
 
-All timings go through :class:`envs.meters.Meter` on ``cuda`` (CUDA events with synchronisation,
+All timings go through :class:`envs.measure.meters.Meter` on ``cuda`` (CUDA events with synchronisation,
 NVML energy windows of at least ``--energy-window`` seconds, ``torch.cuda.max_memory_allocated``).
 Each configuration is measured ``--rounds`` times, the variants interleaved round-robin so that
 clock and temperature drift hit them alike; latency p50/p95 pool the rounds' samples and the energy
@@ -137,7 +137,7 @@ def measure_round_robin(
 
 def summarise(ms: Sequence[Any], queries: int) -> dict[str, Any]:
     """Pool a variant's rounds: latency over all samples, energy per query with its CV over rounds."""
-    from envs.meters import combine
+    from envs.measure.meters import combine
 
     pooled = combine(ms)
     energies = [m.energy_j / queries for m in ms if m.energy_j is not None]
@@ -167,7 +167,7 @@ def bench_linears(
     """Dense vs 2:4 for the MLP linears of ``model``'s shape and for the whole MLP block."""
     import torch.nn.functional as F
 
-    from envs.semistructured import _to_sparse, default_backend, prune_2_4
+    from envs.runtime.semistructured import _to_sparse, default_backend, prune_2_4
 
     cfg = CONFIGS[model]
     D, inter = cfg["hidden_size"], cfg["intermediate_size"]
@@ -222,7 +222,7 @@ def build_model(model: str, dtype: torch.dtype) -> Any:
     """A randomly initialised Llama of ``model``'s real configuration, on the GPU, wrapped in SparseLM."""
     import transformers as tf
 
-    from envs.sparse_lm import SparseLM
+    from envs.runtime.sparse_lm import SparseLM
 
     cfg = tf.LlamaConfig(**CONFIGS[model], max_position_embeddings=8192)
     cfg._attn_implementation = "sdpa"
@@ -234,7 +234,7 @@ def build_model(model: str, dtype: torch.dtype) -> Any:
 
 def e2e_plans(slm: Any) -> dict[str, Any]:
     """Dense, 2:4 MLPs everywhere, and layer skipping / MLP slicing sized to the 2:4 plan's ideal FLOPs."""
-    from envs.semistructured import two_four_plan
+    from envs.runtime.semistructured import two_four_plan
 
     dense = slm.dense_plan()
     p24 = two_four_plan(dense)
@@ -349,7 +349,7 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         "Models are **randomly initialised** from the real configurations of SmolLM2-135M, Llama-3.2-1B and "
         "Llama-3.1-8B (`LlamaConfig`; no weights downloaded): speed does not depend on weight values. 2:4 masks "
-        "are by magnitude here. Timings: CUDA events through `envs.meters.Meter(device='cuda')`, variants "
+        "are by magnitude here. Timings: CUDA events through `envs.measure.meters.Meter(device='cuda')`, variants "
         f"interleaved over {args.rounds} rounds of {args.repeats} timed calls after {args.warmup} warm-ups; "
         "p50/p95 pool the rounds. Energy: NVML counter windows of at least "
         f"{args.energy_window} s per round, per query (one prompt row); CV over the rounds; the 'energy source' "
@@ -450,7 +450,7 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(
-        prog="python -m experiments.bench_gpu",
+        prog="python -m experiments.bench.gpu",
         description="2:4 sparsity vs layer skipping vs MLP slicing on an NVIDIA GPU (compute capability >= 8.0): "
         "per-linear and end-to-end prefill latency, energy per query (NVML) and memory.",
     )
@@ -474,14 +474,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit status (2 when there is no suitable GPU)."""
     args = parse_args(argv)
-    from envs.semistructured import SemiStructuredUnsupported, check_semistructured_support
+    from envs.runtime.semistructured import SemiStructuredUnsupported, check_semistructured_support
 
     try:
         check_semistructured_support("cuda", torch.float16)
     except SemiStructuredUnsupported as exc:
-        print(f"experiments.bench_gpu: {exc}. Run it on a GPU machine.", file=sys.stderr)
+        print(f"experiments.bench.gpu: {exc}. Run it on a GPU machine.", file=sys.stderr)
         return 2
-    from envs.meters import Meter
+    from envs.measure.meters import Meter
 
     env = environment()
     print(json.dumps(env), flush=True)
@@ -508,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     body = render(data, args)
     from experiments.report import write_section
 
-    command = "python -m experiments.bench_gpu" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    command = "python -m experiments.bench.gpu" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
     path = write_section(SECTION, command, body, path=args.benchmarks)
     print(body)
     print(f"wrote {args.results} and the section '{SECTION}' of {path}")

@@ -2,7 +2,7 @@
 
 Measuring every plan the agent picks costs real time and is noisy; a calibrated model answers in
 microseconds and deterministically. :meth:`CostModel.fit` measures a sample of plans (a few
-anchors plus random ones from :func:`random_plans`) with a :class:`~envs.meters.Meter`, at each
+anchors plus random ones from :func:`random_plans`) with a :class:`~envs.measure.meters.Meter`, at each
 sequence length in ``seq_lens`` (one *bucket* per length), and fits, per bucket, a weighted linear
 least-squares model of latency and energy in the plan's features (:data:`FEATURES`):
 
@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from envs.meters import Meter, MixedSourceError, device_tag, threads_in_use
-from envs.plan import ModelSpec, SparsityPlan
+from envs.measure.meters import Meter, MixedSourceError, device_tag, threads_in_use
+from envs.runtime.plan import ModelSpec, SparsityPlan
 
 if TYPE_CHECKING:
-    from envs.sparse_lm import SparseLM
+    from envs.runtime.sparse_lm import SparseLM
 
 COST_MODEL_SCHEMA_VERSION = 1
 FEATURES = (
@@ -172,7 +172,7 @@ def default_path(slm: SparseLM, device: str = "cpu") -> Path:
 
     Under the model's cache folder (``slm.cache_dir``), else ``cache_root()/cost_models/<name>``.
     """
-    from envs.models import cache_root
+    from envs.data.files import cache_root
 
     folder = Path(slm.cache_dir) if slm.cache_dir else cache_root() / "cost_models" / slm.name.replace("/", "--")
     tag = hashlib.sha256(device_tag(device).encode()).hexdigest()[:8]
@@ -313,7 +313,7 @@ class CostModel:
             slm: The model, on the device to calibrate.
             seq_lens: One bucket per length (tokens per row).
             n_plans: Plans per bucket: the :func:`anchor_plans` plus random ones.
-            meter: A :class:`~envs.meters.Meter` (or anything with its ``measure``); default
+            meter: A :class:`~envs.measure.meters.Meter` (or anything with its ``measure``); default
                 ``Meter(device, warmup=1, repeats=5)``.
             seed: Seed for the random plans and token ids.
             logits: The forward's ``logits`` argument (the LM head's cost lands in the intercept).
@@ -711,7 +711,7 @@ class CostSource(ABC):
 
 
 class MeasuredCost(CostSource):
-    """Times the real run with a :class:`~envs.meters.Meter` (platform-dependent, noisy).
+    """Times the real run with a :class:`~envs.measure.meters.Meter` (platform-dependent, noisy).
 
     Args:
         meter: The meter.

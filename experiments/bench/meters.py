@@ -14,7 +14,7 @@ cores, and a calibration is only valid at the thread count it was made with.
 
 Example::
 
-    python -m experiments.bench_meters --n-plans 32 --drift-plans 50
+    python -m experiments.bench.meters --n-plans 32 --drift-plans 50
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _wall(fn: Any, n: int) -> np.ndarray:
 
 def overhead_rows(n: int) -> list[list[str]]:
     """Meter overhead around a no-op."""
-    from envs.meters import Meter
+    from envs.measure.meters import Meter
 
     def noop() -> None:
         return None
@@ -81,7 +81,7 @@ def overhead_rows(n: int) -> list[list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table, write the BENCHMARKS.md section."""
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_meters", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.bench.meters", description=__doc__.split("\n")[0])
     p.add_argument("--n-plans", type=int, default=32, help="calibration plans per bucket")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[64, 256], help="calibration buckets")
     p.add_argument("--drift-plans", type=int, default=50, help="fresh plans compared at --drift-seq-len")
@@ -94,9 +94,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     from tqdm import tqdm
 
-    from envs.cost_model import CalibratedCost, CostModel, random_plans
-    from envs.meters import Meter
-    from envs.sparse_lm import SparseLM
+    from envs.measure.cost_model import CalibratedCost, CostModel, random_plans
+    from envs.measure.meters import Meter
+    from envs.runtime.sparse_lm import SparseLM
     from experiments.report import markdown_table, write_section
 
     load0 = os.getloadavg()
@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} (other processes shared the 2 cores)."
     )
     if not args.no_write:
-        path = write_section(TITLE, "python -m experiments.bench_meters " + " ".join(argv or []), body)
+        path = write_section(TITLE, "python -m experiments.bench.meters " + " ".join(argv or []), body)
         print(f"\nwrote section '{TITLE}' of {path}")
     return {"rows": rows, "drift": drift, "fit_seconds": fit_s}
 

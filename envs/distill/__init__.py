@@ -1,0 +1,4 @@
+"""Making a model pruning-ready: self-distillation under sampled sparsity plans (``experiments.prepare``).
+
+Imports the runtime and the tasks, never the environments.
+"""
