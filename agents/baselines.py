@@ -1,7 +1,7 @@
 """Controllers: everything that chooses a plan for an input, behind one interface.
 
 A controller is a callable ``controller(obs, ctx) -> choice``: ``obs`` is the probe's observation
-of the input (:mod:`envs.observation`), ``ctx`` a :class:`Context` with the environment's plan builder
+of the input (:mod:`envs.observation`), ``ctx`` a :class:`Context` with the environment's interface
 and the item; the choice is a :class:`~envs.runtime.plan.SparsityPlan`. The evaluation harness runs the
 choice and measures it; controllers never see the answer, except :class:`Oracle`, which is the
 hindsight upper bound and says so.
@@ -20,7 +20,7 @@ Baselines:
   inputs get the cheap plan.
 - :class:`Oracle`: per-input hindsight choice from a table of measured scores.
 - :class:`PolicyController`: a trained policy (RLlib module, exported controller or bandit) acting
-  in the environment's action space.
+  in the environment's action space, read through the environment's interface.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from envs.runtime.plan import LayerPlan, SparsityPlan, select_heads
+from envs.runtime.plan import SparsityPlan, plan_from_counts
 
 
 @dataclass
@@ -39,18 +39,25 @@ class Context:
     """What a controller may know besides the observation.
 
     Attributes:
-        builder: The environment's :class:`envs.base.PlanBuilder` (action fractions → plan).
-        slm: The model (its spec and importance orderings).
+        interface: The environment's :class:`~envs.interface.Interface` (its observation and
+            action → plan mapping; the model is ``interface.slm``).
         item_index: Index of the input in the evaluation set (only the oracle uses it).
-        feature_names: Names of the observation's entries.
-        discrete_presets: The discrete variant's preset fraction triples, for discrete policies.
+        prompt_len: Tokens of the input's prompt (the action wall's FLOPs are counted over them).
     """
 
-    builder: Any
-    slm: Any
+    interface: Any
     item_index: int = -1
-    feature_names: Sequence[str] = ()
-    discrete_presets: np.ndarray | None = None
+    prompt_len: int = 0
+
+    @property
+    def slm(self) -> Any:
+        """The model."""
+        return self.interface.slm
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the observation's entries."""
+        return self.interface.feature_names
 
 
 class PlanController(Protocol):
@@ -66,10 +73,10 @@ class PlanController(Protocol):
 def fractions_plan(ctx: Context, fractions: Sequence[float] | np.ndarray) -> SparsityPlan:
     """The plan of one ``[layers, heads, mlp]`` triple applied to every group (or a full ``[G, 3]`` array)."""
     f = np.asarray(fractions, dtype=np.float64)
-    n_groups = len(ctx.builder.groups)
+    n_groups = len(ctx.interface.actions.groups)
     if f.shape == (3,):
         f = np.tile(f, (n_groups, 1))
-    return ctx.builder.plan(f.reshape(n_groups, 3))
+    return ctx.interface.actions.plan(f.reshape(n_groups, 3))
 
 
 @dataclass
@@ -141,50 +148,43 @@ class StaticImportance:
         if key in self._cache:
             return self._cache[key]
         spec, imp = slm.spec, slm.importance
-        dense = SparsityPlan.dense(spec)
-        full = dense.flops(self.seq_len)["total"]
+        L, full = spec.num_layers, SparsityPlan.dense(spec).flops(self.seq_len)["total"]
+        per_layer = [[i] for i in range(L)]  # counts per layer: (runs, query heads, MLP channels)
+
+        def plan(running: set[int], f: float) -> SparsityPlan:
+            nh, nc = max(1, round(f * spec.num_heads)), max(1, round(f * spec.intermediate_size))
+            counts = [c for i in range(L) for c in (int(i in running), nh, nc)]
+            return plan_from_counts(spec, imp, per_layer, counts, fixed_dense=fixed)
+
+        def cost(p: SparsityPlan) -> float:
+            return p.flops(self.seq_len)["total"] / full
+
         target_layers = 1.0 - (1.0 - self.budget) * self.layer_share
-        removable = [i for i in reversed(imp.layer_order) if i not in fixed]
-        layers = list(dense.layers)
-        off = LayerPlan(False, (), (), 0)
-        for i in removable:
-            trial = list(layers)
-            trial[i] = off
-            if SparsityPlan(spec, tuple(trial)).flops(self.seq_len)["total"] / full < target_layers - 1e-9:
+        running = set(range(L))
+        for i in [i for i in reversed(imp.layer_order) if i not in fixed]:
+            if cost(plan(running - {i}, 1.0)) < target_layers - 1e-9:
                 break
-            layers = trial
+            running.discard(i)
         # Trim heads and MLP of the running layers (same fraction) until the budget is met.
-        lo, hi = 0.0, 1.0
-        best = SparsityPlan(spec, tuple(layers))
-        if best.flops(self.seq_len)["total"] / full > self.budget:
+        best = plan(running, 1.0)
+        if cost(best) > self.budget:
+            lo, hi = 0.0, 1.0
             for _ in range(30):
                 mid = (lo + hi) / 2
-                plan = self._trim(spec, imp, layers, mid, fixed)
-                if plan.flops(self.seq_len)["total"] / full > self.budget:
+                trial = plan(running, mid)
+                if cost(trial) > self.budget:
                     hi = mid
                 else:
-                    lo, best = mid, plan
-            if best.flops(self.seq_len)["total"] / full > self.budget:
-                best = self._trim(spec, imp, layers, lo, fixed)
+                    lo, best = mid, trial
+            if cost(best) > self.budget:
+                best = plan(running, lo)
         best = SparsityPlan(best.spec, best.layers, {"kind": "static_importance", "budget": self.budget})
         self._cache[key] = best
         return best
 
-    @staticmethod
-    def _trim(spec: Any, imp: Any, layers: list[LayerPlan], f: float, fixed: frozenset[int]) -> SparsityPlan:
-        out = []
-        for i, lp in enumerate(layers):
-            if not lp.run or i in fixed:
-                out.append(lp)
-                continue
-            n_heads = max(1, round(f * spec.num_heads))
-            hp = select_heads(spec, imp.head_order[i], imp.kv_order[i], n_heads)
-            out.append(LayerPlan(True, hp.heads, hp.kv_heads, max(1, round(f * spec.intermediate_size))))
-        return SparsityPlan(spec, tuple(out))
-
     def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
         """The fixed plan."""
-        return self.plan_for(ctx.slm, sorted(getattr(ctx.builder, "fixed", ())))
+        return self.plan_for(ctx.slm, ctx.interface.actions.fixed_dense)
 
 
 @dataclass
@@ -280,25 +280,24 @@ class Oracle:
 
 @dataclass
 class PolicyController:
-    """A trained policy acting in the environment's action space.
+    """A trained policy acting in the environment's action space, its actions read as the environment reads them.
+
+    The action becomes a plan through the context's interface (:meth:`envs.interface.PerInputInterface.decide`,
+    or every group in turn for ``LayerByLayer``), so an action means here exactly what it meant in training.
 
     Args:
-        policy: ``obs -> action``: keep fractions (``3 * num_groups`` floats) for a continuous
-            policy, a preset index for a discrete one.
+        policy: ``obs -> action`` (keep fractions or a preset index).
         name: Display name.
-        discrete: Whether ``policy`` returns a preset index.
     """
 
     policy: Callable[[np.ndarray], Any]
     name: str = "Policy"
-    discrete: bool = False
 
     def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
-        """The plan of the policy's action."""
-        action = self.policy(np.asarray(obs, dtype=np.float32))
-        if self.discrete:
-            if ctx.discrete_presets is None:
-                raise ValueError(f"{self.name} is discrete but the context has no presets")
-            return fractions_plan(ctx, ctx.discrete_presets[int(np.asarray(action).reshape(()))])
-        f = np.clip(np.nan_to_num(np.asarray(action, dtype=np.float64), nan=1.0), 0.0, 1.0)
-        return fractions_plan(ctx, f)
+        """The plan of the policy's action(s)."""
+        iface = ctx.interface
+        obs = np.asarray(obs, dtype=np.float32)
+        if hasattr(iface, "decide_all"):  # LayerByLayer: one action per group, each seeing the ones before
+            probe_features = obs[-iface.probe.dim :] if iface.probe.dim else np.zeros(0, np.float32)
+            return iface.decide_all(self.policy, probe_features, ctx.prompt_len)[0]
+        return iface.decide(self.policy(obs), ctx.prompt_len)[0]

@@ -1,9 +1,14 @@
-"""Export a trained policy (an RLlib module or the LinUCB bandit) as a standalone controller folder.
+"""Export a trained policy (an RLlib module, the LinUCB bandit or any torch policy) as a standalone controller folder.
 
 The folder (see :mod:`agents.controller`) holds ``model.onnx``, ``model.safetensors``, ``card.json``
 and ``README.md``, optionally ``pareto.png``. It is written into a temporary folder next to the target
-and renamed into place at the end, so an interrupted export leaves no half folder (and, with
-``force``, the previous export stays until the new one is complete).
+and renamed into place at the end (:func:`envs.data.files.atomic_folder`), so an interrupted export
+leaves no half folder (and, with ``force``, the previous export stays until the new one is complete);
+temporary folders of exports that were killed are removed by the next export to the same place.
+
+The card's ``interface`` is the training environment's own description (``env.config()``), copied,
+never rebuilt from settings: the controller computes its observations and plans from exactly what
+the environment used. The export refuses a policy whose observation or action does not fit it.
 
 What the ONNX graph computes is the *environment* action the training stack evaluates with
 (:func:`agents.rllib.greedy_policy`): the module's deterministic inference (RLlib's
@@ -20,16 +25,11 @@ Nothing written is a pickle: ONNX (protobuf), safetensors, JSON and Markdown.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
 import json
-import os
-import platform
 import shutil
-import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from importlib import metadata
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,19 +43,19 @@ from agents.controller import (
     ONNX_FILE,
     README_FILE,
     WEIGHTS_FILE,
+    card_digest,
     importance_hash,
-    sha256_file,
 )
+from envs.data.files import atomic_folder, jsonable, sha256_file
+from envs.measure.meters import device_description, package_versions
 
 if TYPE_CHECKING:
-    import gymnasium as gym
-
     from agents.bandit import BanditController
     from envs.runtime.sparse_lm import SparseLM
 
 ONNX_OPSET = 17
 PARETO_FILE = "pareto.png"
-ENV_KINDS = {"PerInput": "per_input", "PerToken": "per_token", "LayerByLayer": "layer_by_layer"}
+ENV_CONFIG = "env_config.json"  # a training run's description of its environment (experiments.train)
 PACKAGES = (
     "prunegym",
     "torch",
@@ -185,127 +185,42 @@ def export_onnx(policy: torch.nn.Module, obs_dim: int, path: str | Path) -> dict
 
 
 # ---------------------------------------------------------------------------------------- cards
-def env_sections(
-    env_id: str,
-    env_kwargs: Mapping[str, Any],
-    slm: SparseLM,
-    observation_space: gym.Space,
-    action_space: gym.Space,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """The card's ``env``, ``observation`` and ``action`` sections for a PruneGym environment.
-
-    Mirrors how the environments build their observation (the probe for ``PerInput``) and their
-    plans (:class:`envs.base.PlanBuilder` over the action's layer groups), from the env's kwargs and
-    the model, without building the environment (which would need its items and cost model).
+def env_section(env_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's ``env`` section: the training environment's description, less its interface.
 
     Raises:
-        ValueError: An id that is not a PruneGym environment, or spaces that disagree with the settings.
+        ValueError: ``env_config`` is not an environment's :meth:`~envs.base.PruneEnv.config`.
     """
-    import gymnasium as gym
-
-    from envs.base import PRESETS, PlanBuilder
-    from envs.observation import Probe
-    from envs.runtime.plan import layer_groups
-
-    kw = dict(env_kwargs)
-    name, _, version = env_id.removeprefix("PruneGym/").rpartition("-v")
-    base = name.removesuffix("Measured").removesuffix("Discrete")
-    if base not in ENV_KINDS or not version.isdigit():
+    missing = [k for k in ("id", "env", "version", "interface", "model", "data") if k not in env_config]
+    if missing:
         raise ValueError(
-            f"{env_id!r} is not a PruneGym environment id (PruneGym/<Name>-vN with Name in {sorted(ENV_KINDS)})"
+            f"not an environment description (missing {missing}): pass env.unwrapped.config() of the environment "
+            "the policy was trained in (a training run writes it to env_config.json)"
         )
-    kind = ENV_KINDS[base]
-    L = slm.spec.num_layers
-    num_groups = int(kw.get("num_groups", 3))
-    presets = np.asarray(kw.get("presets") or PRESETS, dtype=np.float64).tolist()
-    probe_cfg = None
-    fixed: list[int] = []
-    if kind == "per_input":
-        probe = Probe(
-            slm,
-            int(kw.get("probe_layers", 2)),
-            int(kw.get("probe_dim", 32)),
-            int(kw.get("probe_seed", 0)),
-            int(kw.get("ll_positions", 16)),
-        )
-        probe_cfg = probe.config()
-        first = 0 if kw.get("probe_prunable", False) else probe.layers
-        fixed = list(range(first))
-        groups = [[first + i for i in g] for g in layer_groups(L - first, num_groups)]
-        features: list[str] | None = list(probe.feature_names)
-        description = f"probe features of the first {probe.layers} layers (envs.observation)"
-    elif kind == "per_token":
-        from envs.per_token import TOKEN_FEATURES
+    return {k: jsonable(v) for k, v in env_config.items() if k != "interface"}
 
-        groups = layer_groups(L, num_groups)
-        features = list(TOKEN_FEATURES)
-        description = "per-token decoding features (envs.per_token.TOKEN_FEATURES)"
-    else:
-        groups = layer_groups(L, num_groups)
-        features = None
-        description = "per-layer features (envs.layer_by_layer)"
-    obs_shape = [int(x) for x in observation_space.shape]
-    if features is not None and int(np.prod(obs_shape)) != len(features):
+
+def check_spaces(interface: Mapping[str, Any], obs_dim: int, action_kind: str, action_size: int) -> None:
+    """Refuse a policy whose observation or action does not fit the environment's interface.
+
+    Raises:
+        ValueError: Naming both sizes.
+    """
+    want_obs = int(np.prod(interface["observation"]["shape"]))
+    act = interface["action"]
+    if obs_dim != want_obs:
         raise ValueError(
-            f"the policy observes {obs_shape} values but {env_id} with these settings gives {len(features)} "
-            f"({features[:4]}...): pass the env kwargs the policy was trained with"
+            f"the policy observes {obs_dim} values but its environment gives {want_obs} "
+            f"({interface['observation']['features'][:4]}...): export it with the environment it was trained in"
         )
-    env = {
-        "id": env_id,
-        "name": name,
-        "version": int(version),
-        "kind": kind,
-        "measured": "Measured" in name or kw.get("cost") == "measured",
-        "kwargs": _jsonable(kw),
-    }
-    if kind == "per_token":
-        env["max_new_tokens"] = int(kw.get("max_new_tokens", 16))
-        env["feed"] = str(kw.get("feed", "dense"))
-    observation = {
-        "shape": obs_shape,
-        "dtype": "float32",
-        "low": float(np.min(observation_space.low)),
-        "high": float(np.max(observation_space.high)),
-        "features": features,
-        "description": description,
-        "probe": probe_cfg,
-        # The probe's features are fixed transforms (no fitted statistics); a policy that standardises
-        # its input carries that inside model.onnx (the bandit's mean/std).
-        "normalization": {"kind": "none (fixed transforms, clipped)", "clip": probe_cfg["clip"] if probe_cfg else None},
-    }
-    action: dict[str, Any] = {
-        "num_groups": num_groups,
-        "groups": groups,
-        "fixed_dense": fixed,
-        "presets": presets,
-        "budget": kw.get("budget"),
-        "fractions": "[layers, heads, mlp] keep fractions per group (envs.base.PlanBuilder)",
-    }
-    if isinstance(action_space, gym.spaces.Box):
-        if int(np.prod(action_space.shape)) != 3 * num_groups:
-            raise ValueError(
-                f"the policy's Box action has shape {action_space.shape}, but num_groups={num_groups} means "
-                f"{3 * num_groups} fractions: pass the env kwargs it was trained with"
-            )
-        action.update(
-            kind="box",
-            shape=[int(x) for x in action_space.shape],
-            low=np.asarray(action_space.low, dtype=np.float64).tolist(),
-            high=np.asarray(action_space.high, dtype=np.float64).tolist(),
+    if action_kind != act["kind"]:
+        raise ValueError(f"the policy's action is {action_kind}, its environment's is {act['kind']}")
+    size = int(act["n"]) if act["kind"] == "discrete" else int(np.prod(act["shape"]))
+    if action_size != size:
+        raise ValueError(
+            f"the policy has {action_size} {'actions' if action_kind == 'discrete' else 'action values'}, its "
+            f"environment {size}: export it with the environment it was trained in"
         )
-    elif isinstance(action_space, gym.spaces.Discrete):
-        if int(action_space.n) != len(presets):
-            raise ValueError(
-                f"the policy has {action_space.n} discrete actions, but the env has {len(presets)} presets: pass "
-                "the env kwargs (presets) it was trained with"
-            )
-        action.update(kind="discrete", n=int(action_space.n))
-        if action.get("budget") is None:  # a preset's plan does not depend on the prompt: store it
-            builder = PlanBuilder(slm, groups, fixed)
-            action["preset_plans"] = [builder.plan(np.tile(p, (num_groups, 1))).to_dict() for p in presets]
-    else:
-        raise ValueError(f"only Box and Discrete actions export, got {action_space}")
-    return env, observation, action
 
 
 def model_section(slm: SparseLM, model_id: str | None = None) -> dict[str, Any]:
@@ -315,31 +230,9 @@ def model_section(slm: SparseLM, model_id: str | None = None) -> dict[str, Any]:
         "weights_hash": slm.weights_hash,
         "spec": slm.spec.to_dict(),
         "importance_hash": importance_hash(slm.importance),
-        "importance_meta": _jsonable(getattr(slm.importance, "meta", {})),
+        "importance_meta": jsonable(getattr(slm.importance, "meta", {})),
         "dtype": str(next(iter(slm.model.parameters())).dtype).removeprefix("torch."),
     }
-
-
-def device_description() -> str:
-    """The machine a figure was measured on: CPU model and cores, or the CUDA device."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that made the export (absent ones are left out)."""
-    out: dict[str, str] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[name] = metadata.version(name)
-    return out
 
 
 def run_metrics(run_dir: str | Path | None) -> dict[str, Any]:
@@ -375,49 +268,29 @@ def run_metrics(run_dir: str | Path | None) -> dict[str, Any]:
     return out
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON-ready containers (dataclasses, numpy, OmegaConf nodes, tuples)."""
-    with contextlib.suppress(ImportError):
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            value = OmegaConf.to_container(value, resolve=True)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float | int | str | bool) or value is None:
-        return value
-    return str(value)
-
-
 # ---------------------------------------------------------------------------------------- README
 def render_readme(card: Mapping[str, Any], has_pareto: bool) -> str:
     """The model card (Markdown) for people: what it is, its metrics, how to use it."""
-    env, model, act, obs = card["env"], card["model"], card["action"], card["observation"]
+    env, model, iface = card["env"], card["model"], card["interface"]
+    act, obs = iface["action"], iface["observation"]
     m = card.get("metrics") or {}
+    kind = iface["kind"]
+    probe = obs.get("probe")
+    sees = f"probe of the prompt's first {probe['layers']} layers" if probe else "features of each decoding step"
+    acts = {"per_input": "on each input.", "layer_by_layer": "layer group by layer group.", "per_token": "per token."}
+    data = env.get("data") or {}
     lines = [
         "---",
         "library_name: prunegym",
         "tags: [prunegym, adaptive-pruning, reinforcement-learning, onnx]",
         "---",
         "",
-        f"# PruneGym controller: {card.get('algo', '?').upper()} on {env['id']}",
+        f"# PruneGym controller: {str(card.get('algo', '?')).upper()} on {env['id']}",
         "",
-        f"A pruning controller for `{model['id']}` (weights hash `{model['weights_hash']}`): from the "
-        + (
-            f"probe of the prompt's first {obs['probe']['layers']} layers"
-            if obs.get("probe")
-            else f"{env['kind'].replace('_', '-')} observations"
-        )
-        + " it chooses how much of the model runs "
-        + ("on each input." if env["kind"] == "per_input" else "at each decision."),
+        f"A pruning controller for `{model['id']}` (weights hash `{model['weights_hash']}`): from the {sees} "
+        f"it chooses how much of the model runs {acts.get(kind, '.')}",
+        "",
+        f"Trained on the `{data.get('split')}` split of `{data.get('task')}` ({data.get('items')} items).",
         "",
         "## Metrics",
         "",
@@ -435,19 +308,20 @@ def render_readme(card: Mapping[str, Any], has_pareto: bool) -> str:
         lines += ["No metrics were recorded with this export.", ""]
     if has_pareto:
         lines += [f"![accuracy against cost]({PARETO_FILE})", ""]
+    action = (
+        f"Box {act['shape']} keep fractions [layers, heads, mlp] for {len(act['groups'])} layer groups"
+        if act["kind"] == "box"
+        else f"one of {act['n']} preset plans (keep fractions in `card.json`, `interface.action.presets`)"
+    )
     lines += [
         "## Details",
         "",
-        f"- Environment: `{env['id']}` (version {env['version']}), settings in `card.json` (`env.kwargs`).",
-        f"- Observation: {int(np.prod(obs['shape']))} float32 values, {obs['description']}.",
-        "- Action: "
-        + (
-            f"Box {act['shape']} keep fractions [layers, heads, mlp] for {act['num_groups']} layer groups."
-            if act["kind"] == "box"
-            else f"one of {act['n']} preset plans (keep fractions in `card.json`, `action.presets`)."
-        ),
+        f"- Environment: `{env['id']}` (version {env['version']}), described in `card.json` (`env`, `interface`).",
+        f"- Observation: {int(np.prod(obs['shape']))} float32 values ({kind.replace('_', '-')} features).",
+        f"- Action: {action}" + (", one group per step." if act.get("per_group") else "."),
         f"- Trained and measured on: {card['device']['trained_on']}.",
-        f"- Files: `{ONNX_FILE}` (onnxruntime), `{WEIGHTS_FILE}` (policy weights), `{CARD_FILE}`; no pickle.",
+        f"- Files: `{ONNX_FILE}` (onnxruntime), `{WEIGHTS_FILE}` (policy weights), `{CARD_FILE}` (covered by its own "
+        "`card_sha256`); no pickle.",
         "",
         "## How to use",
         "",
@@ -477,35 +351,6 @@ def _fmt(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def atomic_folder(out: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """A temporary folder next to ``out`` that becomes ``out`` only when the block ends without error.
-
-    Raises:
-        FileExistsError: ``out`` exists and ``force`` is off.
-    """
-    out = Path(out).resolve()
-    if out.exists() and not force:
-        raise FileExistsError(
-            f"{out} already exists: pass force=True (--force) to replace it, or choose another folder"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_export(
     out: str | Path,
     *,
@@ -517,6 +362,8 @@ def write_export(
     force: bool = False,
 ) -> Path:
     """Write an export folder atomically: ONNX, safetensors, optional Pareto plot, README and card (last).
+
+    The card lists every other file with its sha256 and is itself covered by ``card_sha256``.
 
     Returns:
         The folder.
@@ -536,32 +383,79 @@ def write_export(
         card["files"] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file()
         }
+        card["card_sha256"] = card_digest(card)
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=1))
     return Path(out).resolve()
 
 
-def _base_card(
-    algo: str, env: dict, observation: dict, action: dict, model: dict, metrics: dict | None, trained_on: str | None
-) -> dict[str, Any]:
+def export_policy(
+    policy: torch.nn.Module,
+    out: str | Path,
+    *,
+    algo: str,
+    env_config: Mapping[str, Any],
+    slm: SparseLM,
+    tensors: Mapping[str, torch.Tensor],
+    policy_card: dict[str, Any],
+    action_kind: str,
+    action_size: int,
+    model_id: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    trained_on: str | None = None,
+    pareto: str | Path | None = None,
+    force: bool = False,
+) -> Path:
+    """Export a torch policy ``obs [batch, n] float32 -> env action`` trained where ``env_config`` describes.
+
+    Args:
+        policy: The module ONNX exports (it must return the environment's action: keep fractions in
+            the action's bounds, or preset indices).
+        out: Target folder (must not exist unless ``force``).
+        algo: Algorithm name for the card.
+        env_config: The training environment's ``env.unwrapped.config()``.
+        slm: The model it drives (its weights hash must be the one ``env_config`` names).
+        tensors: The policy's weights for ``model.safetensors``.
+        policy_card: The card's ``policy`` section.
+        action_kind: ``"box"`` or ``"discrete"`` (checked against the interface).
+        action_size: Number of action values (Box) or of actions (discrete).
+        model_id: Name for the card (default ``slm.name``).
+        metrics: The card's metrics (:func:`run_metrics`).
+        trained_on: Device description of the training run (default: this machine).
+        pareto: A Pareto plot to include.
+        force: Replace an existing folder.
+
+    Raises:
+        ValueError: The policy does not fit the environment, or ``slm`` is not the environment's model.
+    """
+    iface = jsonable(env_config["interface"])
+    obs_dim = int(np.prod(iface["observation"]["shape"]))
+    check_spaces(iface, obs_dim, action_kind, action_size)
+    env = env_section(env_config)
+    if env["model"].get("weights_hash") != slm.weights_hash:
+        raise ValueError(
+            f"the environment ran model weights {env['model'].get('weights_hash')}, the model given has "
+            f"{slm.weights_hash}: export with the model the policy was trained on"
+        )
     here = device_description()
-    return {
+    card = {
         "format": CARD_FORMAT,
         "schema_version": CARD_SCHEMA_VERSION,
         "algo": algo,
         "env": env,
-        "observation": observation,
-        "action": action,
-        "model": model,
+        "interface": iface,
+        "model": model_section(slm, model_id),
+        "policy": policy_card,
         "device": {
             "trained_on": trained_on or here,
             "measured_on": trained_on or here,
-            "cost": "measured" if env.get("measured") else "calibrated (cost model of the training device)",
+            "cost": env.get("cost"),
             "exported_on": here,
         },
-        "metrics": metrics or {},
-        "packages": package_versions(),
+        "metrics": jsonable(metrics or {}),
+        "packages": package_versions(PACKAGES),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+    return write_export(out, policy=policy, tensors=tensors, card=card, obs_dim=obs_dim, pareto=pareto, force=force)
 
 
 def export_rllib_module(
@@ -569,16 +463,11 @@ def export_rllib_module(
     out: str | Path,
     *,
     algo: str,
-    env_id: str,
-    env_kwargs: Mapping[str, Any],
+    env_config: Mapping[str, Any],
     slm: SparseLM,
-    model_id: str | None = None,
-    metrics: dict[str, Any] | None = None,
-    trained_on: str | None = None,
     normalize_actions: bool = True,
     clip_actions: bool = False,
-    pareto: str | Path | None = None,
-    force: bool = False,
+    **kwargs: Any,
 ) -> Path:
     """Export an RLlib RLModule (PPO, APPO, IMPALA, SAC, DQN) as a controller folder.
 
@@ -586,33 +475,24 @@ def export_rllib_module(
         module: The RLModule (e.g. ``RLModule.from_checkpoint(...)`` or ``algo.get_module()``).
         out: Target folder (must not exist unless ``force``).
         algo: Algorithm name for the card.
-        env_id: The env id it was trained on.
-        env_kwargs: The env's kwargs (as in the run's ``run_config.json``).
-        slm: The model it drives (weights hash, shape, probe).
-        model_id: Name for the card (default ``slm.name``).
-        metrics: The card's metrics (:func:`run_metrics`).
-        trained_on: Device description of the training run (default: this machine).
+        env_config: The training environment's ``env.unwrapped.config()``.
+        slm: The model it drives.
         normalize_actions: RLlib's ``normalize_actions`` of the training config.
         clip_actions: RLlib's ``clip_actions``.
-        pareto: A Pareto plot to include.
-        force: Replace an existing folder.
+        **kwargs: ``model_id``, ``metrics``, ``trained_on``, ``pareto``, ``force`` (see :func:`export_policy`).
     """
     import gymnasium as gym
 
     obs_space, act_space = module.observation_space, module.action_space
-    env, observation, action = env_sections(env_id, env_kwargs, slm, obs_space, act_space)
     kind = "box" if isinstance(act_space, gym.spaces.Box) else "discrete"
-    action.update(
-        normalize_actions=bool(normalize_actions),
-        clip_actions=bool(clip_actions),
-        deterministic=(
-            "RLlib to_deterministic() (Gaussian mean, unsquashed for SAC), clipped to [-1, 1], rescaled to [low, high]"
-            if kind == "box" and normalize_actions
-            else "RLlib to_deterministic() (arg-max)"
-            if kind == "discrete"
-            else "RLlib to_deterministic()"
-        ),
-    )
+    if not isinstance(act_space, gym.spaces.Box | gym.spaces.Discrete):
+        raise ValueError(f"only Box and Discrete actions export, got {act_space}")
+    size = int(act_space.n) if kind == "discrete" else int(np.prod(act_space.shape))
+    if int(np.prod(obs_space.shape)) != int(np.prod(env_config["interface"]["observation"]["shape"])):
+        raise ValueError(
+            f"the module observes {obs_space.shape}, its environment gives "
+            f"{env_config['interface']['observation']['shape']}: export it with the environment it was trained in"
+        )
     policy = RLlibPolicy(
         module,
         kind,
@@ -621,23 +501,34 @@ def export_rllib_module(
         normalize_actions=normalize_actions,
         clip_actions=clip_actions,
     )
-    model_config = getattr(module, "model_config", None)
-    card = _base_card(algo, env, observation, action, model_section(slm, model_id), metrics, trained_on)
-    card["policy"] = {
+    deterministic = (
+        "RLlib to_deterministic() (Gaussian mean, unsquashed for SAC), clipped to [-1, 1], rescaled to [low, high]"
+        if kind == "box" and normalize_actions
+        else "RLlib to_deterministic() (arg-max)"
+        if kind == "discrete"
+        else "RLlib to_deterministic()"
+    )
+    policy_card = {
         "type": "rllib",
         "module_class": f"{type(module).__module__}.{type(module).__qualname__}",
-        "model_config": _jsonable(model_config),
+        "model_config": jsonable(getattr(module, "model_config", None)),
+        "normalize_actions": bool(normalize_actions),
+        "clip_actions": bool(clip_actions),
+        "deterministic": deterministic,
         "weights": f"{WEIGHTS_FILE}: the RLModule's state_dict",
     }
     module.eval()
-    return write_export(
+    return export_policy(
+        policy,
         out,
-        policy=policy,
+        algo=algo,
+        env_config=env_config,
+        slm=slm,
         tensors=dict(module.state_dict()),
-        card=card,
-        obs_dim=int(np.prod(obs_space.shape)),
-        pareto=pareto,
-        force=force,
+        policy_card=policy_card,
+        action_kind=kind,
+        action_size=size,
+        **kwargs,
     )
 
 
@@ -645,51 +536,40 @@ def export_bandit(
     controller: BanditController,
     out: str | Path,
     *,
-    env_id: str,
-    env_kwargs: Mapping[str, Any],
+    env_config: Mapping[str, Any],
     slm: SparseLM,
-    model_id: str | None = None,
-    metrics: dict[str, Any] | None = None,
-    trained_on: str | None = None,
-    pareto: str | Path | None = None,
-    force: bool = False,
+    **kwargs: Any,
 ) -> Path:
     """Export the LinUCB/LinTS bandit's greedy policy (a linear scorer and an arg-max) as a controller folder."""
-    import gymnasium as gym
-
-    from envs.observation import OBS_CLIP
-
     d = controller.num_features
     betas = controller.betas()
     mean = controller.mean if controller.mean is not None else np.zeros(d)
     std = controller.std if controller.std is not None else np.ones(d)
-    obs_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(d,), dtype=np.float32)
-    act_space = gym.spaces.Discrete(controller.num_arms)
-    env, observation, action = env_sections(env_id, env_kwargs, slm, obs_space, act_space)
-    action["deterministic"] = "greedy: argmax_a beta_a . [(x - mean) / std, 1] (no exploration bonus)"
-    observation["normalization"] = {
-        "kind": "standardise (inside model.onnx), then a bias column",
-        "mean": np.asarray(mean).tolist(),
-        "std": np.asarray(std).tolist(),
-    }
-    card = _base_card(controller.policy, env, observation, action, model_section(slm, model_id), metrics, trained_on)
-    card["policy"] = {
+    policy_card = {
         "type": "linear-bandit",
         "policy": controller.policy,
         "alpha": controller.alpha,
         "l2_lambda": controller.l2_lambda,
         "samples": controller.samples,
+        "deterministic": "greedy: argmax_a beta_a . [(x - mean) / std, 1] (no exploration bonus)",
+        "normalization": {
+            "kind": "standardise (inside model.onnx), then a bias column",
+            "mean": np.asarray(mean, dtype=np.float64).tolist(),
+            "std": np.asarray(std, dtype=np.float64).tolist(),
+        },
         "weights": f"{WEIGHTS_FILE}: betas [arms, features + 1] (last column: intercept), mean, std",
     }
-    scorer = LinearArgmax(betas, mean, std)
-    return write_export(
+    return export_policy(
+        LinearArgmax(betas, mean, std),
         out,
-        policy=scorer,
+        algo=controller.policy,
+        env_config=env_config,
+        slm=slm,
         tensors={"betas": torch.as_tensor(betas), "mean": torch.as_tensor(mean), "std": torch.as_tensor(std)},
-        card=card,
-        obs_dim=d,
-        pareto=pareto,
-        force=force,
+        policy_card=policy_card,
+        action_kind="discrete",
+        action_size=controller.num_arms,
+        **kwargs,
     )
 
 
@@ -737,75 +617,97 @@ def resolve_source(source: str | Path) -> tuple[Path, Path | None]:
     return source, None
 
 
+def run_env_config(
+    run_dir: Path, run_cfg: Mapping[str, Any], loader: Callable[..., Any] | None = None
+) -> dict[str, Any]:
+    """The description of a run's training environment: its ``env_config.json``, else the environment rebuilt.
+
+    ``experiments.train`` writes ``env_config.json`` from the environment it trained in. For a run
+    without one, the environment is built again from ``run_config.json`` (its id, kwargs and train split).
+    """
+    path = run_dir / ENV_CONFIG
+    if path.is_file():
+        return json.loads(path.read_text())
+    env = run_cfg.get("env") or {}
+    if not env.get("id"):
+        raise ValueError(f"{run_dir} has neither {ENV_CONFIG} nor an env id in run_config.json: pass --env-id")
+    from envs import make_env
+
+    kwargs = {**dict(env.get("kwargs") or {}), "split": run_cfg.get("train_split", "train")}
+    made = (loader or make_env)(env["id"], **kwargs)
+    try:
+        return made.unwrapped.config()
+    finally:
+        made.close()
+
+
 def export_from_path(
     source: str | Path,
     out: str | Path,
     *,
     slm: SparseLM | None = None,
     algo: str | None = None,
-    env_id: str | None = None,
-    env_kwargs: Mapping[str, Any] | None = None,
+    env_config: Mapping[str, Any] | None = None,
     pareto: str | Path | None = None,
     trained_on: str | None = None,
     force: bool = False,
-    loader: Callable[[str, str], SparseLM] | None = None,
 ) -> Path:
     """Export a training run's latest checkpoint (or a given checkpoint) as a controller folder.
 
-    The run's ``run_config.json`` supplies the algorithm, env id and kwargs (arguments override it);
-    ``final.json`` / ``metrics.jsonl`` the metrics; a ``pareto*.png`` in the run directory the plot.
+    The run's ``env_config.json`` describes the environment (see :func:`run_env_config`);
+    ``run_config.json`` supplies the algorithm; ``final.json`` / ``metrics.jsonl`` the metrics; a
+    ``pareto*.png`` in the run directory the plot.
 
     Args:
         source: A run directory (``checkpoints/latest.json``) or a checkpoint folder (RLlib, or the
-            bandit's ``bandit.json``).
+            bandit's ``bandit.json``) inside one.
         out: The export folder.
-        slm: The model; loaded by name from the env kwargs (``model``, ``dtype``) when ``None``.
-        algo: Algorithm name, overriding the run's (needed without a run_config.json).
-        env_id: Env id, overriding the run's.
-        env_kwargs: Env kwargs, replacing the run's.
+        slm: The model; loaded by name from the environment's description when ``None``.
+        algo: Algorithm name, overriding the run's.
+        env_config: The environment's description, overriding the run's.
         pareto: A Pareto plot to include.
-        trained_on: Device description of the training machine (default: this machine).
+        trained_on: Device description of the training machine (default: the run's hardware).
         force: Replace an existing folder.
-        loader: ``(model, dtype) -> SparseLM`` (default :func:`envs.base.shared_lm`).
     """
     ckpt, run_dir = resolve_source(source)
     run_cfg: dict[str, Any] = {}
     if run_dir is not None:
         run_cfg = json.loads((run_dir / "run_config.json").read_text())
     algo = algo or (run_cfg.get("algo") or {}).get("name")
-    env_id = env_id or (run_cfg.get("env") or {}).get("id")
-    kwargs = dict(env_kwargs if env_kwargs is not None else (run_cfg.get("env") or {}).get("kwargs") or {})
     if (ckpt / "bandit.json").is_file():
         algo = algo or "linucb"
-    if not algo or not env_id:
-        raise ValueError(
-            f"cannot tell the algorithm and environment of {source}: it has no run_config.json; pass --algo and "
-            "--env-id (and --env-kwargs as JSON)"
-        )
+    if env_config is None:
+        if run_dir is None:
+            raise ValueError(
+                f"cannot tell which environment {source} was trained in: it is not inside a training run directory "
+                "(run_config.json); pass the environment's description (env_config)"
+            )
+        env_config = run_env_config(run_dir, run_cfg)
+    if not algo:
+        raise ValueError(f"cannot tell the algorithm of {source}: its run has no run_config.json; pass --algo")
     if slm is None:
         from envs.base import shared_lm
 
-        slm = (loader or shared_lm)(str(kwargs.get("model", "smollm2-135m")), str(kwargs.get("dtype", "float32")))
+        model = env_config["model"]
+        slm = shared_lm(str(model["name"]), str(model.get("dtype", "float32")))
     if pareto is None and run_dir is not None:
         found = sorted(run_dir.glob("pareto*.png"))
         pareto = found[0] if found else None
     hw = run_cfg.get("hardware") or {}
     trained_on = trained_on or hw.get("description") or hw.get("name")
-    metrics = run_metrics(run_dir)
-    common = dict(
-        env_id=env_id, env_kwargs=kwargs, slm=slm, metrics=metrics, trained_on=trained_on, pareto=pareto, force=force
+    common: dict[str, Any] = dict(
+        env_config=env_config, slm=slm, metrics=run_metrics(run_dir), trained_on=trained_on, pareto=pareto, force=force
     )
     if (ckpt / "bandit.json").is_file():
         from agents.bandit import BanditController
 
-        return export_bandit(BanditController.load(ckpt / "bandit.json"), out, **common)  # type: ignore[arg-type]
+        return export_bandit(BanditController.load(ckpt / "bandit.json"), out, **common)
     algo_cfg = run_cfg.get("algo") or {}
-    module = load_rllib_module(ckpt)
     return export_rllib_module(
-        module,
+        load_rllib_module(ckpt),
         out,
         algo=str(algo),
         normalize_actions=bool(algo_cfg.get("normalize_actions", True)),
         clip_actions=bool(algo_cfg.get("clip_actions", False)),
-        **common,  # type: ignore[arg-type]
+        **common,
     )

@@ -7,8 +7,8 @@ only names entry points (strings), so ``import envs`` does not load torch or a m
 | --- | --- | --- |
 | ``PruneGym/PerInput-v0`` / ``PerInputDiscrete-v0`` | :class:`envs.per_input.PerInput` | calibrated (deterministic) |
 | ``PruneGym/LayerByLayer-v0`` / ``LayerByLayerDiscrete-v0`` | :class:`envs.layer_by_layer.LayerByLayer` | calibrated |
-| ``PruneGym/PerToken-v0`` / ``PerTokenDiscrete-v0`` | :class:`envs.per_token.PerToken` | calibrated |
-| ``PruneGym/<Name>Measured-v0`` (each of the six) | the same, ``cost="measured"`` | wall clock, nondeterministic |
+| ``PruneGym/PerToken-v1`` / ``PerTokenDiscrete-v1`` | :class:`envs.per_token.PerToken` | calibrated |
+| ``PruneGym/<Name>Measured-vN`` (each of the six) | the same, ``cost="measured"`` | wall clock, nondeterministic |
 """
 
 from __future__ import annotations
@@ -21,17 +21,21 @@ ENVS: dict[str, str] = {
     "LayerByLayer": "envs.layer_by_layer:LayerByLayer",
     "PerToken": "envs.per_token:PerToken",
 }
+# A change to what an observation, action or reward means bumps the version (see each Version History).
+ENV_VERSIONS: dict[str, int] = {"PerInput": 0, "LayerByLayer": 0, "PerToken": 1}
 MAX_EPISODE_STEPS: dict[str, int | None] = {"PerInput": None, "LayerByLayer": None, "PerToken": None}
+
+
+def env_id(name: str, *, discrete: bool = False, measured: bool = False) -> str:
+    """The registered id of environment ``name`` (a key of :data:`ENVS`) and variant."""
+    if name not in ENVS:
+        raise ValueError(f"unknown PruneGym environment {name!r}; known: {sorted(ENVS)}")
+    return f"PruneGym/{name}{'Discrete' if discrete else ''}{'Measured' if measured else ''}-v{ENV_VERSIONS[name]}"
 
 
 def env_ids() -> list[str]:
     """Every registered PruneGym id."""
-    return [
-        f"PruneGym/{name}{variant}{cost}-v0"
-        for name in ENVS
-        for variant in ("", "Discrete")
-        for cost in ("", "Measured")
-    ]
+    return [env_id(name, discrete=d, measured=m) for name in ENVS for d in (False, True) for m in (False, True)]
 
 
 def _register() -> None:
@@ -41,13 +45,13 @@ def _register() -> None:
         return
 
     for name, entry in ENVS.items():
-        for variant, discrete in (("", False), ("Discrete", True)):
-            for cost, measured in (("", False), ("Measured", True)):
-                env_id = f"PruneGym/{name}{variant}{cost}-v0"
-                if env_id in registry:
+        for discrete in (False, True):
+            for measured in (False, True):
+                eid = env_id(name, discrete=discrete, measured=measured)
+                if eid in registry:
                     continue
                 register(
-                    id=env_id,
+                    id=eid,
                     entry_point=entry,
                     kwargs={"discrete": discrete, "cost": "measured" if measured else "calibrated"},
                     nondeterministic=measured,

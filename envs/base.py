@@ -1,31 +1,27 @@
-"""Machinery shared by the PruneGym environments: the model, the items, actions, plans, costs and scoring.
+"""Machinery shared by the PruneGym environments: the model, the items, costs and scoring.
 
 - One :class:`~envs.runtime.sparse_lm.SparseLM` per process and model (:func:`shared_lm`), so vector
   environments and several environments in one process never load copies.
 - Dense references (what the dense model says about an item, and in measured mode its measured
   latency) are computed once per item and process, at the first reset that draws the item.
-- Actions become plans through :func:`plan_from_fractions`, which caches plans by their integer
-  counts (the same counts give the same plan object, so :class:`SparseLM`'s per-layer weight views
-  are reused too).
+- What the agent sees and does is the environment's :class:`~envs.interface.Interface` (its
+  observation and :class:`~envs.action.ActionMap`); the spaces are built from it, and
+  :meth:`PruneEnv.config` describes it for export, evaluation and replay.
 - :class:`StagedScorer` is the task :class:`~envs.tasks.scoring.Scorer` with one change: when the
   environment has already run the prompt under the plan (continuing from the probe's state), the
   scorer reuses that run instead of starting again, so scoring adds only the short continuation
   forward the scorer needs anyway.
 
-Bad actions (the same for every environment): a continuous action is converted to float64; the
-wrong shape or any NaN raises :class:`ValueError` naming the expected shape; ``+-inf`` and values
-outside [0, 1] are clipped into [0, 1] (``info["action_clipped"]`` says so). A discrete action must be
-an integer in range, else :class:`ValueError`. Nothing is left pruned: plans are values passed to a
-functional model, and no environment keeps a plan between calls.
+Bad actions are refused or clipped the same way in every environment (:mod:`envs.action`). Nothing
+is left pruned: plans are values passed to a functional model, and no environment keeps a plan
+between calls.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,28 +29,19 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from envs.data.files import jsonable
+from envs.observation import OBS_CLIP
 from envs.rewards import RewardConfig
-from envs.runtime.plan import LayerPlan, SparsityPlan, select_heads
+from envs.runtime.plan import PlanBuilder, SparsityPlan
+from envs.runtime.sparse_lm import Prefill
 from envs.tasks.items import Item
 from envs.tasks.scoring import Scorer, _expand_cache
 
 if TYPE_CHECKING:
+    from envs.interface import Interface
     from envs.measure.cost_model import Cost, CostSource
-    from envs.runtime.sparse_lm import KVCache, SparseLM
+    from envs.runtime.sparse_lm import SparseLM
 
-# Preset actions of the discrete variants: (layers, heads, mlp) keep fractions applied to every group.
-PRESETS: tuple[tuple[float, float, float], ...] = (
-    (1.0, 1.0, 1.0),
-    (1.0, 1.0, 0.75),
-    (1.0, 0.75, 0.75),
-    (1.0, 0.5, 0.5),
-    (0.9, 1.0, 1.0),
-    (0.8, 1.0, 1.0),
-    (0.8, 0.75, 0.75),
-    (0.7, 1.0, 1.0),
-    (0.6, 1.0, 1.0),
-    (0.5, 0.5, 0.5),
-)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUICK_CALIBRATION = {"seq_lens": (1, 32, 128, 384), "n_plans": 16}  # covers decode steps and prompts
 
@@ -120,116 +107,7 @@ def clear_caches() -> None:
         _DENSE.clear()
 
 
-# ---------------------------------------------------------------------------------------- plans
-class PlanBuilder:
-    """Builds plans from keep fractions per layer group, with the probe layers held dense.
-
-    Args:
-        slm: The model (its spec and importance orderings).
-        groups: Layer groups the fractions apply to (lists of layer indices).
-        fixed_dense: Layers that always run densely (the probe's, unless they are prunable).
-    """
-
-    def __init__(self, slm: SparseLM, groups: Sequence[Sequence[int]], fixed_dense: Sequence[int] = ()) -> None:
-        self.slm, self.spec, self.imp = slm, slm.spec, slm.importance
-        self.groups = [list(g) for g in groups]
-        self.fixed = set(fixed_dense)
-        rank = {layer: r for r, layer in enumerate(self.imp.layer_order)}
-        self._by_importance = [sorted(g, key=rank.__getitem__) for g in self.groups]
-        s = self.spec
-        self._dense_layer = LayerPlan(
-            True, tuple(range(s.num_heads)), tuple(range(s.num_kv_heads)), s.intermediate_size
-        )
-        self._off = LayerPlan(False, (), (), 0)
-        self._layer_cache: dict[tuple[int, int, int], LayerPlan] = {}
-        self._plans: dict[tuple[int, ...], SparsityPlan] = {}
-        self._dense_flops: dict[int, float] = {}
-
-    def counts(self, fractions: np.ndarray) -> tuple[int, ...]:
-        """Integer counts (layers run, heads, MLP channels) per group that ``fractions`` (``[G, 3]``) mean."""
-        s = self.spec
-        out: list[int] = []
-        for g, (fl, fh, fm) in enumerate(np.asarray(fractions, dtype=np.float64).reshape(-1, 3)):
-            out += [round(fl * len(self.groups[g])), round(fh * s.num_heads), round(fm * s.intermediate_size)]
-        return tuple(out)
-
-    def _layer(self, i: int, nh: int, nc: int) -> LayerPlan:
-        key = (i, nh, nc)
-        lp = self._layer_cache.get(key)
-        if lp is None:
-            hp = select_heads(self.spec, self.imp.head_order[i], self.imp.kv_order[i], nh)
-            lp = LayerPlan(True, hp.heads if hp else (), hp.kv_heads if hp else (), nc)
-            self._layer_cache[key] = lp
-        return lp
-
-    def plan(self, fractions: np.ndarray) -> SparsityPlan:
-        """The plan for ``fractions`` (``[G, 3]`` or ``3 * G`` numbers in [0, 1])."""
-        key = self.counts(fractions)
-        plan = self._plans.get(key)
-        if plan is not None:
-            return plan
-        layers = [self._dense_layer] * self.spec.num_layers
-        for g, members in enumerate(self._by_importance):
-            n_run, nh, nc = key[3 * g : 3 * g + 3]
-            running = set(members[:n_run])
-            for i in members:
-                if i in self.fixed:
-                    continue
-                layers[i] = self._layer(i, nh, nc) if i in running else self._off
-        plan = SparsityPlan(self.spec, tuple(layers), {"kind": "env", "counts": list(key)})
-        if len(self._plans) > 20_000:
-            self._plans.clear()
-        self._plans[key] = plan
-        return plan
-
-    def flops_fraction(self, plan: SparsityPlan, seq_len: int, past_len: int = 0) -> float:
-        """Decoder FLOPs of ``plan`` relative to the dense plan."""
-        key = (seq_len, past_len)
-        dense = self._dense_flops.get(key)  # type: ignore[call-overload]
-        if dense is None:
-            dense = SparsityPlan.dense(self.spec).flops(seq_len, past_len)["total"]
-            self._dense_flops[key] = dense  # type: ignore[index]
-        return plan.flops(seq_len, past_len)["total"] / dense
-
-
-def wall(
-    fractions: np.ndarray, cost_of: Callable[[np.ndarray], float], budget: float | None
-) -> tuple[np.ndarray, bool]:
-    """AMC's action wall: scale ``fractions`` down until ``cost_of`` (a cost fraction) is <= ``budget``.
-
-    Returns the (possibly scaled) fractions and whether they were changed. When even all-zero
-    fractions exceed the budget (fixed dense layers cost more), the zeros are returned.
-    """
-    if budget is None or cost_of(fractions) <= budget:
-        return fractions, False
-    lo, hi = 0.0, 1.0
-    for _ in range(14):  # keep fractions become integer counts: 14 halvings are finer than any count
-        mid = (lo + hi) / 2
-        if cost_of(fractions * mid) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    return fractions * lo, True
-
-
 # ---------------------------------------------------------------------------------------- scoring
-@dataclass
-class Prefill:
-    """The prompt already run under ``plan``: the scorer continues from here.
-
-    Attributes:
-        prompt: Prompt token ids.
-        plan: The plan it ran under (identity-compared with the plan the scorer is given).
-        cache: KV cache after the prompt (length advanced).
-        first: Logits at the last prompt position, ``[1, V]``.
-    """
-
-    prompt: list[int]
-    plan: SparsityPlan
-    cache: KVCache
-    first: torch.Tensor
-
-
 class StagedScorer(Scorer):
     """A :class:`Scorer` that reuses a prompt already run by the environment (see :class:`Prefill`)."""
 
@@ -274,10 +152,6 @@ class PruneEnv(gym.Env):
         n_items: int | None = 64,
         data_seed: int = 0,
         max_prompt_tokens: int = 512,
-        num_groups: int = 3,
-        discrete: bool = False,
-        presets: Sequence[Sequence[float]] | None = None,
-        budget: float | None = None,
         cost: str = "calibrated",
         cost_model: Any = None,
         calibrate_cost: bool = False,
@@ -292,15 +166,13 @@ class PruneEnv(gym.Env):
         super().__init__()
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
-        if budget is not None and not (isinstance(budget, int | float) and 0.0 < budget <= 1.0):
-            raise ValueError(f"budget must be a cost fraction in (0, 1] or None, got {budget!r}")
         if cost not in ("measured", "calibrated"):
             raise ValueError(f"cost must be 'measured' or 'calibrated', got {cost!r}")
         self.render_mode = render_mode
         self.model_name, self.dtype_name = model, dtype
         self.slm = shared_lm(model, dtype, threads)
         self.spec_ = self.slm.spec
-        self.discrete, self.budget, self.cost_kind = bool(discrete), budget, cost
+        self.cost_kind = cost
         self.reward_cfg = RewardConfig.from_any(reward)
         self.scorer = StagedScorer(**dict(scorer or {}))
         if self.scorer.tokenizer is None and self.slm.tokenizer is None:
@@ -312,7 +184,14 @@ class PruneEnv(gym.Env):
                 f"no item of task {task!r} has a prompt of 1..{max_prompt_tokens} tokens; raise max_prompt_tokens"
             )
         self.task_name = task if isinstance(task, str) else "custom-mix"
-        self.presets = self._check_presets(presets, num_groups)
+        self._data = {
+            "task": task if isinstance(task, str) else dict(task),
+            "split": split,
+            "n_items": n_items,
+            "data_seed": int(data_seed),
+            "max_prompt_tokens": int(max_prompt_tokens),
+            "items": len(self.items),
+        }
         self.meter_cfg = {"warmup": 0, "repeats": 1, "energy": "off", "memory": False, **dict(meter or {})}
         self.cost_source = self._make_cost_source(cost_model, calibrate_cost, force_calibration)
         sc = self.scorer
@@ -320,16 +199,6 @@ class PruneEnv(gym.Env):
         self._last_render = ""
 
     # ------------------------------------------------------------------ setup helpers
-    def _check_presets(self, presets: Sequence[Sequence[float]] | None, num_groups: int) -> np.ndarray:
-        """Preset fraction triples as ``[n, 3]``."""
-        p = np.asarray(PRESETS if presets is None else presets, dtype=np.float64)
-        if p.ndim != 2 or p.shape[1] != 3 or len(p) < 2 or np.isnan(p).any() or (p < 0).any() or (p > 1).any():
-            raise ValueError(
-                "presets must be a list of at least two [layers, heads, mlp] keep-fraction triples in [0, 1], "
-                f"got {presets!r}"
-            )
-        return p
-
     def _make_cost_source(self, cost_model: Any, calibrate: bool, force: bool) -> CostSource:
         from envs.measure.cost_model import CostModel, default_path, make_cost_source
         from envs.measure.meters import Meter
@@ -356,42 +225,17 @@ class PruneEnv(gym.Env):
     def _meter(self) -> Any:
         return getattr(self.cost_source, "meter", None)
 
-    # ------------------------------------------------------------------ actions
-    def _fractions(self, action: Any, n_groups: int) -> tuple[np.ndarray, bool]:
-        """Validate an action and return keep fractions ``[n_groups, 3]`` and whether it was clipped."""
-        if self.discrete:
-            a = np.asarray(action)
-            whole = a.size == 1 and (
-                np.issubdtype(a.dtype, np.integer)
-                or (np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() and float(a.reshape(())).is_integer())
-            )
-            if not whole:
-                raise ValueError(
-                    f"a discrete action must be one integer in [0, {len(self.presets) - 1}], got {action!r}"
-                )
-            k = int(a.reshape(()))
-            if not 0 <= k < len(self.presets):
-                raise ValueError(f"discrete action must be in [0, {len(self.presets) - 1}], got {k}")
-            return np.tile(self.presets[k], (n_groups, 1)), False
-        shape = self.action_space.shape
-        try:
-            a = np.asarray(action, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(f"action must be numbers of shape {shape}, got {action!r}") from None
-        if a.shape != shape:
-            raise ValueError(
-                f"action must have shape {shape} (keep fractions [layers, heads, mlp] per layer group), "
-                f"got shape {a.shape}"
-            )
-        if np.isnan(a).any():
-            raise ValueError(f"action contains NaN at {np.flatnonzero(np.isnan(a)).tolist()}; actions must be numbers")
-        clipped = bool(((a < 0) | (a > 1)).any())
-        return np.clip(a, 0.0, 1.0).reshape(n_groups, 3), clipped
-
-    def _action_space(self, n_groups: int) -> gym.Space:
-        if self.discrete:
-            return gym.spaces.Discrete(len(self.presets))
-        return gym.spaces.Box(0.0, 1.0, shape=(3 * n_groups,), dtype=np.float32)
+    # ------------------------------------------------------------------ spaces
+    def _set_spaces(self, interface: Interface) -> None:
+        """The Gymnasium spaces of ``interface`` (the one description of observation and action)."""
+        acts = interface.actions
+        if acts.discrete:
+            self.action_space = gym.spaces.Discrete(acts.n)
+        else:
+            self.action_space = gym.spaces.Box(0.0, 1.0, shape=acts.shape, dtype=np.float32)
+        n = interface.observation_size
+        self.observation_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(n,), dtype=np.float32)
+        self.interface = interface
 
     # ------------------------------------------------------------------ items and references
     def _pick_item(self, options: dict[str, Any] | None) -> Item:
@@ -461,18 +305,57 @@ class PruneEnv(gym.Env):
             return None
         return self._last_render or "(no step yet)"
 
+    # ------------------------------------------------------------------ description
+    @property
+    def discrete(self) -> bool:
+        """Whether the action is a discrete preset."""
+        return self.interface.actions.discrete
+
+    @property
+    def budget(self) -> float | None:
+        """The action wall's FLOPs budget, or ``None``."""
+        return self.interface.actions.budget
+
+    @property
+    def presets(self) -> np.ndarray:
+        """The discrete presets (``[n, 3]`` keep fractions)."""
+        return self.interface.actions.presets
+
+    @property
+    def builder(self) -> PlanBuilder:
+        """Keep fractions -> plan (the interface's action map)."""
+        return self.interface.actions.builder
+
+    @property
+    def groups(self) -> list[list[int]]:
+        """The action's layer groups."""
+        return self.interface.actions.groups
+
+    @property
+    def num_groups(self) -> int:
+        """Number of layer groups."""
+        return len(self.groups)
+
     def config(self) -> dict[str, Any]:
-        """The settings a controller needs to see the same observations and actions (JSON-ready)."""
+        """This environment, completely and JSON-ready: what it is, what its agent sees and does, on what.
+
+        ``interface`` is the only thing an exported controller, ``adaptive_generate``, the evaluation
+        and replay rebuild observations and plans from (:meth:`envs.interface.Interface.from_config`).
+        """
+        from envs import ENV_VERSIONS
+
+        name = type(self).__name__
         return {
-            "env": type(self).__name__,
-            "model": self.model_name,
-            "dtype": self.dtype_name,
-            "weights_hash": self.slm.weights_hash,
-            "discrete": self.discrete,
-            "presets": self.presets.tolist(),
-            "budget": self.budget,
-            "cost": self.cost_kind,
+            "id": self.spec.id if self.spec is not None else None,
+            "env": name,
+            "kwargs": jsonable(dict(self.spec.kwargs) if self.spec is not None else {}),
+            "version": ENV_VERSIONS.get(name),
+            "interface": self.interface.config(),
+            "model": {"name": self.model_name, "dtype": self.dtype_name, "weights_hash": self.slm.weights_hash},
+            "data": dict(self._data),
+            "cost": {"kind": self.cost_kind, "source": self.cost_source.describe()},
             "reward": self.reward_cfg.to_dict(),
+            "scorer": self.scorer.config(),
         }
 
 
@@ -488,31 +371,6 @@ def plan_summary(plan: SparsityPlan) -> dict[str, Any]:
         "keep_mlp": keep["mlp"],
         "counts": list(plan.meta.get("counts", [])),
     }
-
-
-def run_rest(slm: SparseLM, probe: Any, plan: SparsityPlan, start: int, logits: Any = "last") -> Prefill:
-    """Finish the prompt under ``plan`` from the probe's state (layers ``start..L-1``), without touching the probe.
-
-    Returns a :class:`Prefill` the scorer continues from. Idempotent (the probe's state is copied),
-    so a meter may run it several times.
-    """
-    from envs.runtime.sparse_lm import KVCache
-
-    with torch.no_grad():
-        cache = KVCache(probe.cache.num_layers, 0, list(probe.cache.layers))
-        state = dataclasses.replace(probe.state, cache=cache)
-        slm.run_layers(state, plan, start)
-        out = slm.finish(state, logits)
-        cache.length = probe.prompt_len
-    return Prefill(probe.ids[0].tolist(), plan, cache, out.logits[0, -1:])
-
-
-def run_full(slm: SparseLM, ids: torch.Tensor, plan: SparsityPlan) -> Prefill:
-    """Run the prompt under ``plan`` from scratch (when the plan prunes the probe's layers)."""
-    with torch.no_grad():
-        cache = slm.new_cache()
-        out = slm.forward(ids, plan, cache=cache, logits="last")
-    return Prefill(ids[0].tolist(), plan, cache, out.logits[0, -1:])
 
 
 def finite(x: float | None) -> float | None:

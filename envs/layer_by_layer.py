@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 
-from envs.base import wall
-from envs.observation import OBS_CLIP
+from envs.action import LAYER_PRESETS
+from envs.interface import LayerByLayerInterface
+from envs.observation import LAYER_FEATURES
 from envs.per_input import PerInput
-from envs.rewards import RewardConfig
 
-# Per-layer presets of the discrete variant: (run, heads, mlp); "skip" last.
-LAYER_PRESETS: tuple[tuple[float, float, float], ...] = (
-    (1.0, 1.0, 1.0),
-    (1.0, 1.0, 0.5),
-    (1.0, 0.75, 0.75),
-    (1.0, 0.5, 1.0),
-    (1.0, 0.5, 0.5),
-    (1.0, 0.25, 0.25),
-    (0.0, 0.0, 0.0),
-)
-LAYER_FEATURES = (
-    "step",
-    "importance",
-    "flops_share",
-    "used",
-    "remaining_share",
-    "prev_layers",
-    "prev_heads",
-    "prev_mlp",
-    "budget",
-)
+__all__ = ["LAYER_FEATURES", "LAYER_PRESETS", "LayerByLayer"]
 
 
 class LayerByLayer(PerInput):
@@ -87,41 +65,13 @@ class LayerByLayer(PerInput):
     - v0: first version.
     """
 
-    def __init__(
-        self,
-        *,
-        num_groups: int | None = None,
-        presets: Sequence[Sequence[float]] | None = None,
-        reward: RewardConfig | Mapping[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        from envs.base import shared_lm
+    interface_class = LayerByLayerInterface
+    interface: LayerByLayerInterface
 
-        probe_layers = int(kwargs.get("probe_layers", 2))
-        if num_groups is None:
-            slm = shared_lm(kwargs.get("model", "smollm2-135m"), kwargs.get("dtype", "float32"), kwargs.get("threads"))
-            first = 0 if kwargs.get("probe_prunable", False) else probe_layers
-            num_groups = max(slm.spec.num_layers - first, 1)
-        super().__init__(
-            num_groups=num_groups,
-            presets=LAYER_PRESETS if presets is None else presets,
-            reward=reward,
-            **kwargs,
-        )
-        G, L = self.num_groups, self.spec_.num_layers
-        self.action_space = self._action_space(1)
-        n = len(LAYER_FEATURES) + self.probe.dim
-        self.observation_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(n,), dtype=np.float32)
-        scores = list(self.slm.importance.layer_scores)
-        if len(scores) != L:  # no calibration scores: fall back to the ordering's ranks
-            rank = {layer: r for r, layer in enumerate(self.slm.importance.layer_order)}
-            scores = [1.0 - rank[i] / L for i in range(L)]
-        top = max(max(scores), 1e-12)
-        self._importance = np.array([np.mean([scores[i] / top for i in g]) for g in self.groups], dtype=np.float64)
-        self._share = np.array([len(g) / L for g in self.groups], dtype=np.float64)
-        self._after = np.array([self._share[t + 1 :].sum() for t in range(G)], dtype=np.float64)
+    def __init__(self, *, num_groups: int | None = None, **kwargs: Any) -> None:
+        super().__init__(num_groups=num_groups, **kwargs)
         self._t = 0
-        self._fr = np.zeros((G, 3))
+        self._fr = np.zeros((self.num_groups, 3))
         self._any_clipped = self._any_walled = False
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
@@ -132,51 +82,30 @@ class LayerByLayer(PerInput):
         self._any_clipped = self._any_walled = False
         return self._layer_obs(), info
 
-    def _used(self, t: int) -> float:
-        """FLOPs fraction of the groups before ``t`` (later ones at zero), probe layers included."""
-        f = self._fr.copy()
-        f[t:] = 0.0
-        return self.builder.flops_fraction(self.builder.plan(f), self._probe_res.prompt_len)
-
     def _layer_obs(self) -> np.ndarray:
-        t = self._t
-        prev = self._fr[t - 1] if t > 0 else np.ones(3)
-        head = [
-            t / self.num_groups,
-            self._importance[t],
-            self._share[t],
-            self._used(t),
-            self._after[t],
-            *prev,
-            1.0 if self.budget is None else self.budget,
-        ]
-        return np.clip(np.concatenate([np.asarray(head, np.float32), self._obs]), -OBS_CLIP, OBS_CLIP).astype(
-            np.float32
-        )
+        return self.interface.step_observation(self._obs, self._t, self._fr, self._probe_res.prompt_len)  # type: ignore[arg-type]
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
-        """Set the current group's fractions; after the last group run, score and pay the reward."""
+        """Set the current group's fractions; after the last group run, score and pay the reward.
+
+        A step that raises (a bad action, an interrupted forward) leaves the episode where it was.
+        """
         if self._done or self._item is None:
             raise RuntimeError("the episode is over: call reset() before step()")
-        fr, clipped = self._fractions(action, 1)
-        t, P = self._t, self._probe_res.prompt_len
-
-        def cost_of(f: np.ndarray) -> float:
-            full = self._fr.copy()
-            full[t] = f[0]
-            full[t + 1 :] = 0.0
-            return self.builder.flops_fraction(self.builder.plan(full), P)
-
-        fr, walled = wall(fr, cost_of, self.budget)
-        self._fr[t] = fr[0]
-        self._any_clipped |= clipped
-        self._any_walled |= walled
-        self._t += 1
-        if self._t < self.num_groups:
-            self._last_render = f"item {self._item.id}: group {t} set to {np.round(fr[0], 3).tolist()}"
+        t = self._t
+        fr_t, clipped, walled = self.interface.step_fractions(action, t, self._fr, self._probe_res.prompt_len)
+        if t + 1 < self.num_groups:
+            self._fr[t] = fr_t
+            self._any_clipped |= clipped
+            self._any_walled |= walled
+            self._t = t + 1
+            self._last_render = f"item {self._item.id}: group {t} set to {np.round(fr_t, 3).tolist()}"
             info = {"group": t, "action_clipped": clipped, "wall_clipped": walled}
             return self._layer_obs(), 0.0, False, False, info
-        r, info = self._finish(self._fr, {"action_clipped": self._any_clipped, "wall_clipped": self._any_walled})
-        self._t = self.num_groups - 1  # the terminal observation describes the last group
-        obs = self._layer_obs()
+        fr = self._fr.copy()
+        fr[t] = fr_t
+        flags = {"action_clipped": self._any_clipped or clipped, "wall_clipped": self._any_walled or walled}
+        r, info = self._finish(self.interface.actions.plan(fr), fr, flags)  # the episode advances only if this returns
+        self._fr = fr
+        obs = self._layer_obs()  # the terminal observation describes the last group
         return obs, r, True, False, info

@@ -1,4 +1,13 @@
-"""The observation probe: run the first ``k`` decoder layers densely and describe the input from there.
+"""What the agents see: the probe of an input, the per-token decoding features and the per-layer features.
+
+Every observation is computed here, by the one code path the environments, exported controllers,
+:func:`agents.adaptive.adaptive_generate` and the evaluation share; none of it needs gymnasium.
+
+- :class:`Probe` (``PerInput``, ``LayerByLayer``): the first ``k`` layers of a prompt, described.
+- :class:`TokenObserver` (``PerToken``): features of the forward that predicted the current token.
+- :class:`LayerFeatures` (``LayerByLayer``): the layer group to decide next and what was decided so far.
+
+## The probe
 
 A controller must decide how much of the model to run *before* running it, so it looks at the
 input through a cheap probe: the embedding and the first ``k`` layers (dense), whose state is then
@@ -150,6 +159,31 @@ class Probe:
             "clip": OBS_CLIP,
         }
 
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], slm: SparseLM) -> Probe:
+        """The probe :meth:`config` describes, for ``slm``.
+
+        Raises:
+            ValueError: Another probe version, or a description that does not rebuild the same features.
+        """
+        if int(cfg.get("version", -1)) != PROBE_VERSION:
+            raise ValueError(
+                f"the probe is version {cfg.get('version')!r}, this PruneGym computes version {PROBE_VERSION}: "
+                "install the PruneGym version it was made with, or re-export"
+            )
+        probe = cls(
+            slm,
+            int(cfg["layers"]),
+            int(cfg["proj_dim"]),
+            int(cfg["proj_seed"]),
+            int(cfg["ll_positions"]),
+            None if cfg.get("lens_vocab") is None else int(cfg["lens_vocab"]),
+        )
+        if probe.config() != dict(cfg):
+            diff = sorted(k for k in set(cfg) | set(probe.config()) if cfg.get(k) != probe.config().get(k))
+            raise ValueError(f"the probe description differs from the probe it rebuilds for this model in {diff}")
+        return probe
+
     @torch.no_grad()
     def run(self, ids: torch.Tensor | list[int]) -> ProbeResult:
         """Probe a prompt (``[P]``, ``[1, P]`` or a list of ids)."""
@@ -210,5 +244,158 @@ class Probe:
             pooled = hf.mean(0)
             pooled = (pooled - pooled.mean()) / (pooled.std() + 1e-6)
             out = np.concatenate([out, (pooled @ self._proj).numpy().astype(np.float32)])
-        np.nan_to_num(out, copy=False, nan=0.0, posinf=OBS_CLIP, neginf=-OBS_CLIP)
-        return np.clip(out, -OBS_CLIP, OBS_CLIP).astype(np.float32)
+        return clip_features(out)
+
+
+# ---------------------------------------------------------------------------------------- per token
+TOKEN_FEATURES = (
+    "step",
+    "entropy",
+    "top1",
+    "margin",
+    "nll",
+    "hidden_norm",
+    "attn_norm",
+    "prev_flops",
+)
+TOKEN_VERSION = 2  # 1 had "prev_agree", which a deployed controller cannot know
+
+
+class TokenObserver:
+    """The features of :data:`TOKEN_FEATURES` for one decoding sequence.
+
+    Pass :meth:`hook` as the ``observer`` of every forward; :meth:`features` then describes the
+    distribution the last forward predicted (the current token's), at decoding step ``step``:
+    ``step / horizon``; entropy (over ``log(vocab)``), top-1 probability and top-1/top-2 margin;
+    the negative log-likelihood of the current token (over ``log(vocab)``); ``log1p`` of the RMS of
+    the last running layer's output at the last position and of the mean norm of its attention
+    heads' output; the FLOPs fraction of the plan that made the forward (1 for the dense prefill).
+
+    Args:
+        spec: The model's shape.
+        horizon: ``max_new_tokens`` of the environment (the step feature's scale).
+    """
+
+    def __init__(self, spec: Any, horizon: int) -> None:
+        self.spec, self.horizon = spec, int(horizon)
+        self._log_v = math.log(max(spec.vocab_size, 2))
+        self._signals: dict[str, torch.Tensor] = {}
+
+    @property
+    def dim(self) -> int:
+        """Length of the feature vector."""
+        return len(TOKEN_FEATURES)
+
+    def config(self) -> dict[str, Any]:
+        """What rebuilds the same features (saved with the env's description)."""
+        return {"version": TOKEN_VERSION, "features": list(TOKEN_FEATURES), "horizon": self.horizon, "clip": OBS_CLIP}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], spec: Any) -> TokenObserver:
+        """The observer :meth:`config` describes.
+
+        Raises:
+            ValueError: Another feature version.
+        """
+        if int(cfg.get("version", -1)) != TOKEN_VERSION or list(cfg.get("features", [])) != list(TOKEN_FEATURES):
+            raise ValueError(
+                f"per-token features of version {cfg.get('version')!r} ({cfg.get('features')}); this PruneGym computes "
+                f"version {TOKEN_VERSION} ({list(TOKEN_FEATURES)}): re-export the controller"
+            )
+        return cls(spec, int(cfg["horizon"]))
+
+    def reset(self) -> None:
+        """Forget the signals of the previous sequence."""
+        self._signals = {}
+
+    def hook(self, i: int, name: str, t: torch.Tensor) -> None:
+        """The forward's observer: keeps the last running layer's outputs (a reference, no work per layer)."""
+        if name in ("attn_heads", "layer_out"):
+            self._signals[name] = t
+
+    def features(self, logits: torch.Tensor, token: int, step: int, prev_flops: float) -> np.ndarray:
+        """The observation after the forward that gave ``logits`` (``[V]``) and chose ``token``."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        p = logp.exp()
+        top = torch.topk(p, 2).values
+        a, h = self._signals.get("attn_heads"), self._signals.get("layer_out")
+        attn = float(a.float().norm(dim=-1).mean()) / math.sqrt(self.spec.num_heads) if a is not None else 0.0
+        hid = float(h[0, -1].float().pow(2).mean().sqrt()) if h is not None else 0.0
+        feats = [
+            step / self.horizon,
+            float(-(p * logp).sum()) / self._log_v,
+            float(top[0]),
+            float(top[0] - top[1]),
+            float(-logp[token]) / self._log_v,
+            math.log1p(hid),
+            math.log1p(attn),
+            prev_flops,
+        ]
+        return clip_features(feats)
+
+
+def clip_features(values: Any) -> np.ndarray:
+    """float32, NaN as 0, clipped to ``[-OBS_CLIP, OBS_CLIP]``: the last transform of every observation."""
+    out = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=OBS_CLIP, neginf=-OBS_CLIP)
+    return np.clip(out, -OBS_CLIP, OBS_CLIP).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------- per layer
+LAYER_FEATURES = (
+    "step",
+    "importance",
+    "flops_share",
+    "used",
+    "remaining_share",
+    "prev_layers",
+    "prev_heads",
+    "prev_mlp",
+    "budget",
+)
+
+
+class LayerFeatures:
+    """The features of :data:`LAYER_FEATURES`, followed by the probe's, for ``LayerByLayer``'s step ``t``.
+
+    Step ``t / G``; the group's importance (its mean block influence from the model's importance
+    calibration, over the largest layer's; the ordering's ranks when there are no scores); its share
+    of the decoder's layers; the FLOPs fraction of the groups decided so far (probe layers included,
+    later groups off); the share of the groups after it; the previous step's three fractions (ones
+    at ``t = 0``); the budget (1 without one).
+
+    Args:
+        importance: The model's importance orderings (and scores).
+        num_layers: Decoder layers of the model.
+        groups: The layer groups, in decision order.
+    """
+
+    def __init__(self, importance: Any, num_layers: int, groups: list[list[int]]) -> None:
+        L = num_layers
+        scores = list(importance.layer_scores)
+        if len(scores) != L:  # no calibration scores: fall back to the ordering's ranks
+            rank = {layer: r for r, layer in enumerate(importance.layer_order)}
+            scores = [1.0 - rank[i] / L for i in range(L)]
+        top = max(max(scores), 1e-12)
+        G = len(groups)
+        self.groups = groups
+        self.importance = np.array([np.mean([scores[i] / top for i in g]) for g in groups], dtype=np.float64)
+        self.share = np.array([len(g) / L for g in groups], dtype=np.float64)
+        self.after = np.array([self.share[t + 1 :].sum() for t in range(G)], dtype=np.float64)
+
+    def features(
+        self, t: int, fractions: np.ndarray, used: float, budget: float | None, probe_features: np.ndarray
+    ) -> np.ndarray:
+        """The observation before deciding group ``t``, given the fractions decided so far (``[G, 3]``)."""
+        prev = fractions[t - 1] if t > 0 else np.ones(3)
+        head = [
+            t / len(self.groups),
+            self.importance[t],
+            self.share[t],
+            used,
+            self.after[t],
+            *prev,
+            1.0 if budget is None else budget,
+        ]
+        return np.clip(np.concatenate([np.asarray(head, np.float32), probe_features]), -OBS_CLIP, OBS_CLIP).astype(
+            np.float32
+        )

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 
-from envs.base import PlanBuilder, PruneEnv, finite, plan_summary, run_full, run_rest, wall
-from envs.observation import OBS_CLIP, Probe
+from envs.base import PruneEnv, finite, plan_summary
+from envs.interface import PerInputInterface
+from envs.observation import Probe
 from envs.rewards import RewardConfig, reward, reward_range
-from envs.runtime.plan import layer_groups
+from envs.runtime.plan import SparsityPlan
+from envs.runtime.sparse_lm import run_full, run_rest
+
+INTERFACE_ARGS = tuple(inspect.signature(PerInputInterface.build).parameters)[1:]  # after slm
 
 
 class PerInput(PruneEnv):
@@ -94,49 +98,24 @@ class PerInput(PruneEnv):
     - v0: first version.
     """
 
-    def __init__(
-        self,
-        *,
-        num_groups: int = 3,
-        probe_layers: int = 2,
-        probe_dim: int = 32,
-        probe_seed: int = 0,
-        ll_positions: int = 8,
-        lens_vocab: int | None = 2048,
-        probe_prunable: bool = False,
-        presets: Sequence[Sequence[float]] | None = None,
-        reward: RewardConfig | Mapping[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(num_groups=num_groups, presets=presets, reward=reward, **kwargs)
-        L = self.spec_.num_layers
-        self.probe = Probe(self.slm, probe_layers, probe_dim, probe_seed, ll_positions, lens_vocab)
-        k = self.probe.layers
-        self.probe_prunable = bool(probe_prunable)
-        first = 0 if self.probe_prunable else k
-        if not 1 <= num_groups <= L - first:
-            raise ValueError(f"num_groups must be in [1, {L - first}] (layers the action controls), got {num_groups}")
-        self.num_groups = int(num_groups)
-        self.groups = [[first + i for i in g] for g in layer_groups(L - first, num_groups)]
-        self.builder = PlanBuilder(self.slm, self.groups, () if self.probe_prunable else range(k))
-        self._probe_plan = self._make_probe_plan()
-        self.action_space = self._action_space(num_groups)
-        self.observation_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(self.probe.dim,), dtype=np.float32)
+    def __init__(self, *, reward: RewardConfig | Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        own = {k: kwargs.pop(k) for k in INTERFACE_ARGS if k in kwargs}  # the interface's; the rest is PruneEnv's
+        super().__init__(reward=reward, **kwargs)
+        self._set_spaces(self.interface_class.build(self.slm, **own))
         self.reward_range = reward_range(self.reward_cfg)
         self._item: Any = None
         self._probe_res: Any = None
         self._probe_cost: Any = None
         self._obs: np.ndarray | None = None
         self._done = True
+        self.last_plan: SparsityPlan | None = None
 
-    def _make_probe_plan(self) -> Any:
-        """The plan that runs only the probe's layers (for the cost of a probe that is not reused)."""
-        from envs.runtime.plan import LayerPlan, SparsityPlan
+    interface_class: type[PerInputInterface] = PerInputInterface
 
-        s, k = self.spec_, self.probe.layers
-        dense = SparsityPlan.dense(s).layers
-        off = LayerPlan(False, (), (), 0)
-        return SparsityPlan(s, tuple(dense[i] if i < k else off for i in range(s.num_layers)), {"kind": "probe"})
+    @property
+    def probe(self) -> Probe:
+        """The observation probe (the interface's)."""
+        return self.interface.probe
 
     # ------------------------------------------------------------------ episode
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
@@ -151,10 +130,12 @@ class PerInput(PruneEnv):
         self._dense_cost = self._dense_prefill_cost(item, t)
         if self.cost_kind == "measured":
             box: list[Any] = []
-            self._probe_cost = self.cost_source.cost(self._probe_plan, lambda: box.append(self.probe.run(t)), len(ids))
+            self._probe_cost = self.cost_source.cost(
+                self.interface.probe_plan, lambda: box.append(self.interface.observe(t)), len(ids)
+            )
             self._probe_res = box[-1]
         else:
-            self._probe_res = self.probe.run(t)
+            self._probe_res = self.interface.observe(t)
             self._probe_cost = None
         self._item, self._done = item, False
         self._obs = self._probe_res.features
@@ -165,10 +146,8 @@ class PerInput(PruneEnv):
         """Run the rest of the prompt under the action's plan, score the item, return the reward."""
         if self._done or self._item is None:
             raise RuntimeError("PerInput episodes last one step: call reset() before step()")
-        fr, clipped = self._fractions(action, self.num_groups)
-        P = self._probe_res.prompt_len
-        fr, walled = wall(fr, lambda f: self.builder.flops_fraction(self.builder.plan(f), P), self.budget)
-        r, info = self._finish(fr, {"action_clipped": clipped, "wall_clipped": walled})
+        plan, fr, clipped, walled = self.interface.decide(action, self._probe_res.prompt_len)
+        r, info = self._finish(plan, fr, {"action_clipped": clipped, "wall_clipped": walled})
         return self._obs.copy(), r, True, False, info  # type: ignore[union-attr]
 
     def step_plan(self, plan: Any, *, keep_open: bool = False) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -185,18 +164,21 @@ class PerInput(PruneEnv):
         """
         if self._done or self._item is None:
             raise RuntimeError("PerInput episodes last one step: call reset() before step_plan()")
-        plan = self.slm._check_plan(plan)
-        r, info = self._finish(None, {"action_clipped": False, "wall_clipped": False}, plan=plan)
+        plan = self.slm.check_plan(plan)
+        r, info = self._finish(plan, None, {"action_clipped": False, "wall_clipped": False})
         if keep_open:
             self._done = False
         return self._obs.copy(), r, True, False, info  # type: ignore[union-attr]
 
-    def _finish(self, fr: np.ndarray | None, extra: dict[str, Any], plan: Any = None) -> tuple[float, dict[str, Any]]:
-        """Finish the prompt under the plan of ``fr`` (``[G, 3]``) or ``plan``; score; build reward and info."""
-        plan = self.builder.plan(fr) if plan is None else plan
+    def close_episode(self) -> None:
+        """End the current episode without a step (harnesses that scored it with ``step_plan(keep_open=True)``)."""
+        self._done = True
+
+    def _finish(self, plan: SparsityPlan, fr: np.ndarray | None, extra: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """Finish the prompt under ``plan`` (of fractions ``fr``, when an action made it); score; reward and info."""
         P = self._probe_res.prompt_len
         k = self.probe.layers
-        reused = all(plan.layers[i] == self._probe_plan.layers[i] for i in range(k))  # probe layers run densely
+        reused = self.interface.reuses_probe(plan)
         probe = self._probe_res
         box: list[Any] = []
         if reused:
@@ -209,7 +191,7 @@ class PerInput(PruneEnv):
             run()
             cost = self.cost_source.cost(plan, None, P)
             if not reused:
-                cost = cost + self.cost_source.cost(self._probe_plan, None, P)
+                cost = cost + self.cost_source.cost(self.interface.probe_plan, None, P)
         self.scorer.prefill = box[-1]
         try:
             score = self.scorer.score(self.slm, self._item, plan, self._dense_ref)
@@ -238,13 +220,10 @@ class PerInput(PruneEnv):
             "reward_form": self.reward_cfg.form,
         }
         self._done = True
+        self.last_plan = plan
         self._last_render = (
             f"item {self._item.id} ({self._item.task}, {P} tokens)\nplan: {plan.describe()}\n"
             f"flops {flops_f:.0%}, latency {lat_f:.0%} of dense ({cost.source}), "
             f"accuracy {acc:.2f}, reward {r:+.3f}"
         )
         return float(r), info
-
-    def config(self) -> dict[str, Any]:
-        """Settings a controller needs, probe included (see :meth:`PruneEnv.config`)."""
-        return {**super().config(), "num_groups": self.num_groups, "groups": self.groups, "probe": self.probe.config()}

@@ -1,31 +1,20 @@
-"""``PruneGym/PerToken-v0``: choose the plan for each generated token."""
+"""``PruneGym/PerToken-v1``: choose the plan for each generated token."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 
-from envs.base import PlanBuilder, PruneEnv, plan_summary, wall
-from envs.observation import OBS_CLIP
+from envs.base import PruneEnv, plan_summary
+from envs.interface import PerTokenInterface
+from envs.observation import TOKEN_FEATURES
 from envs.rewards import RewardConfig, reward, reward_range
-from envs.runtime.plan import layer_groups
+from envs.runtime.plan import SparsityPlan
 
-TOKEN_FEATURES = (
-    "step",
-    "entropy",
-    "top1",
-    "margin",
-    "nll",
-    "hidden_norm",
-    "attn_norm",
-    "prev_flops",
-    "prev_agree",
-)
+__all__ = ["TOKEN_FEATURES", "PerToken"]
 
 
 class PerToken(PruneEnv):
@@ -43,24 +32,26 @@ class PerToken(PruneEnv):
 
     ## Action Space
 
-    Continuous (``PruneGym/PerToken-v0``): ``Box(0, 1, (3 * num_groups,), float32)``, keep fractions
+    Continuous (``PruneGym/PerToken-v1``): ``Box(0, 1, (3 * num_groups,), float32)``, keep fractions
     ``[layers, heads, mlp]`` per contiguous layer group, as in :class:`~envs.per_input.PerInput` but
     over all layers. Out-of-range values and ``+-inf`` are clipped; NaN or a wrong shape raise ``ValueError``.
 
-    Discrete (``PruneGym/PerTokenDiscrete-v0``): ``Discrete(len(presets))`` (default
-    :data:`envs.base.PRESETS`, dense first); out of range raises ``ValueError``.
+    Discrete (``PruneGym/PerTokenDiscrete-v1``): ``Discrete(len(presets))`` (default
+    :data:`envs.action.PRESETS`, dense first); out of range raises ``ValueError``. Bad actions are
+    refused or clipped as :mod:`envs.action` says.
 
     With ``budget``, the action wall scales the fractions so the token's decoder FLOPs are at most
     ``budget`` of dense.
 
     ## Observation Space
 
-    ``Box(-10, 10, (9,), float32)`` (:data:`TOKEN_FEATURES`): step ``t / max_new_tokens``; the entropy
-    (over ``log(vocab)``), top-1 probability and top-1/top-2 margin of the distribution that
-    predicted ``x_t`` (the previous forward's); the negative log-likelihood of ``x_t`` under it (over
-    ``log(vocab)``); ``log1p`` of the RMS of the last layer's output and of the mean norm of its
-    attention heads' output at the previous forward; the previous plan's FLOPs fraction; whether the
-    previous prediction agreed with the dense model (1 at ``t = 0``: the dense prefill made it).
+    ``Box(-10, 10, (8,), float32)`` (:data:`TOKEN_FEATURES`, computed by
+    :class:`envs.observation.TokenObserver`): step ``t / max_new_tokens``; the entropy (over
+    ``log(vocab)``), top-1 probability and top-1/top-2 margin of the distribution that predicted
+    ``x_t`` (the previous forward's); the negative log-likelihood of ``x_t`` under it (over
+    ``log(vocab)``); ``log1p`` of the RMS of the last running layer's output and of the mean norm of
+    its attention heads' output at the previous forward; the previous plan's FLOPs fraction (1 after
+    the dense prefill). Everything a deployed controller can compute from its own forwards.
 
     ## Rewards
 
@@ -86,8 +77,12 @@ class PerToken(PruneEnv):
 
     ## Version History
 
+    - v1: the observation no longer has ``prev_agree`` (whether the previous token agreed with the
+      dense model), which no deployed controller can know; it is 8 features long.
     - v0: first version.
     """
+
+    interface: PerTokenInterface
 
     def __init__(
         self,
@@ -95,40 +90,37 @@ class PerToken(PruneEnv):
         num_groups: int = 3,
         max_new_tokens: int = 16,
         feed: str = "dense",
+        discrete: bool = False,
         presets: Sequence[Sequence[float]] | None = None,
+        budget: float | None = None,
         reward: RewardConfig | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_groups=num_groups, presets=presets, reward=reward, **kwargs)
-        L = self.spec_.num_layers
-        if not 1 <= num_groups <= L:
-            raise ValueError(f"num_groups must be in [1, {L}], got {num_groups}")
-        if max_new_tokens < 2:
-            raise ValueError(
-                f"max_new_tokens must be >= 2 (one generated token is the dense prefill's), got {max_new_tokens}"
-            )
         if feed not in ("dense", "own"):
             raise ValueError(f"feed must be 'dense' (teacher forcing) or 'own' (free running), got {feed!r}")
-        self.num_groups, self.max_new_tokens, self.feed = int(num_groups), int(max_new_tokens), feed
-        self.groups = layer_groups(L, num_groups)
-        self.builder = PlanBuilder(self.slm, self.groups)
-        self.action_space = self._action_space(num_groups)
-        self.observation_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(len(TOKEN_FEATURES),), dtype=np.float32)
+        super().__init__(reward=reward, **kwargs)
+        self._set_spaces(
+            PerTokenInterface.build(
+                self.slm,
+                num_groups=num_groups,
+                max_new_tokens=max_new_tokens,
+                discrete=discrete,
+                presets=presets,
+                budget=budget,
+            )
+        )
+        self.max_new_tokens, self.feed = self.interface.horizon, feed
         self.reward_range = reward_range(self.reward_cfg)
-        self._log_v = math.log(max(self.spec_.vocab_size, 2))
-        self._eos = getattr(self.scorer._tok(self.slm), "eos_token_id", None)
+        self._eos = getattr(self.scorer.tokenizer_of(self.slm), "eos_token_id", None)
         self._dense_plan = self.slm.dense_plan()
         self._done = True
-        self._signals: dict[str, torch.Tensor] = {}
+        self._tokens = self.interface.observer()
+        self.last_plan: SparsityPlan | None = None
 
     # ------------------------------------------------------------------ helpers
-    def _observe(self, i: int, name: str, t: torch.Tensor) -> None:
-        if name in ("attn_heads", "layer_out"):
-            self._signals[name] = t  # the last layer's wins: a reference, no work per layer
-
     def _forward(self, token: int, plan: Any, cache: Any) -> Any:
         ids = torch.tensor([[token]], device=self.slm.device)
-        return self.slm.forward(ids, plan, cache=cache, logits="last", observer=self._observe)
+        return self.slm.forward(ids, plan, cache=cache, logits="last", observer=self._tokens.hook)
 
     def _dense_reference(self, prompt: list[int]) -> dict[str, Any]:
         """Dense greedy continuation (and, when measured, the dense step cost at each position)."""
@@ -155,27 +147,6 @@ class PerToken(PruneEnv):
                 tokens.append(int(box[-1].logits[0, -1].argmax()))
         return {"tokens": tokens, "costs": costs}
 
-    def _token_obs(self, logits: torch.Tensor, token: int, prev_flops: float, prev_agree: float) -> np.ndarray:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        p = logp.exp()
-        top = torch.topk(p, 2).values
-        a, h = self._signals.get("attn_heads"), self._signals.get("layer_out")
-        attn = float(a.float().norm(dim=-1).mean()) / math.sqrt(self.spec_.num_heads) if a is not None else 0.0
-        hid = float(h[0, -1].float().pow(2).mean().sqrt()) if h is not None else 0.0
-        feats = [
-            self._t / self.max_new_tokens,
-            float(-(p * logp).sum()) / self._log_v,
-            float(top[0]),
-            float(top[0] - top[1]),
-            float(-logp[token]) / self._log_v,
-            math.log1p(hid),
-            math.log1p(attn),
-            prev_flops,
-            prev_agree,
-        ]
-        out = np.nan_to_num(np.asarray(feats, dtype=np.float32), nan=0.0, posinf=OBS_CLIP, neginf=-OBS_CLIP)
-        return np.clip(out, -OBS_CLIP, OBS_CLIP).astype(np.float32)
-
     # ------------------------------------------------------------------ episode
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         """Draw an item, run its prompt densely, and observe the first generated token."""
@@ -184,21 +155,21 @@ class PerToken(PruneEnv):
         prompt = self._prompt_ids(item)
         self._ref = self._dense_cached(f"token_ref:{self.max_new_tokens}", item, lambda: self._dense_reference(prompt))
         self._cache = self.slm.new_cache()
-        self._signals = {}
+        self._tokens.reset()
         with torch.no_grad():
             out = self.slm.forward(
                 torch.tensor([prompt], device=self.slm.device),
                 self._dense_plan,
                 cache=self._cache,
                 logits="last",
-                observer=self._observe,
+                observer=self._tokens.hook,
             )
         self._item, self._P, self._t, self._done = item, len(prompt), 0, False
         self._n_steps = min(len(self._ref["tokens"]) - 1, self.max_new_tokens)
         self._token = self._ref["tokens"][0]
         self._dense_step = None if self.cost_kind == "measured" else self.cost_source.cost(self._dense_plan, None, 1)
         self._totals = {"agree": 0.0, "latency_s": 0.0, "dense_latency_s": 0.0, "flops": 0.0, "steps": 0}
-        self._obs = self._token_obs(out.logits[0, -1], self._token, 1.0, 1.0)
+        self._obs = self._tokens.features(out.logits[0, -1], self._token, 0, 1.0)
         self._last_render = f"item {item.id} ({item.task}, {len(prompt)} tokens): prefilled densely"
         return self._obs.copy(), {"item_id": item.id, "task": item.task, "prompt_tokens": len(prompt)}
 
@@ -206,10 +177,8 @@ class PerToken(PruneEnv):
         """Feed the current token under the action's plan; reward its agreement and cost."""
         if self._done:
             raise RuntimeError("the episode is over: call reset() before step()")
-        fr, clipped = self._fractions(action, self.num_groups)
         past = self._P + self._t
-        fr, walled = wall(fr, lambda f: self.builder.flops_fraction(self.builder.plan(f), 1, past), self.budget)
-        plan = self.builder.plan(fr)
+        plan, fr, clipped, walled = self.interface.decide(action, past)
         cache, snap, box = self._cache, self._cache.snapshot(), []
 
         def run() -> None:
@@ -246,7 +215,8 @@ class PerToken(PruneEnv):
             done = pred == self._eos or self._t >= self.max_new_tokens
             self._token = pred
         self._done = done
-        self._obs = self._token_obs(logits, self._token, flops_f, agree)
+        self._obs = self._tokens.features(logits, self._token, self._t, flops_f)
+        self.last_plan = plan
         n = tot["steps"]
         info = {
             "item_id": self._item.id,
@@ -272,14 +242,3 @@ class PerToken(PruneEnv):
             f"{'agrees' if agree else 'differs'} (pred {pred}, dense {info['dense_token']}), reward {r:+.4f}"
         )
         return self._obs.copy(), float(r), bool(done), False, info
-
-    def config(self) -> dict[str, Any]:
-        """Settings a controller needs (see :meth:`PruneEnv.config`)."""
-        return {
-            **super().config(),
-            "num_groups": self.num_groups,
-            "groups": self.groups,
-            "max_new_tokens": self.max_new_tokens,
-            "feed": self.feed,
-            "features": list(TOKEN_FEATURES),
-        }

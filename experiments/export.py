@@ -1,9 +1,10 @@
 """Export a trained controller: ``python -m experiments.export <run dir or checkpoint> --out <folder>``.
 
-Reads the run's ``run_config.json`` (algorithm, env id and kwargs), its latest checkpoint (an RLlib
-checkpoint or the bandit's ``bandit.json``), ``final.json`` / ``metrics.jsonl`` (metrics) and a
-``pareto*.png`` if present, loads the model the env names (for its weights hash and the probe), and
-writes ``model.onnx``, ``model.safetensors``, ``card.json`` and ``README.md`` atomically (see
+Reads the run's ``env_config.json`` (the training environment's own description: what the policy
+observes and how its actions become plans), ``run_config.json`` (the algorithm), its latest
+checkpoint (an RLlib checkpoint or the bandit's ``bandit.json``), ``final.json`` / ``metrics.jsonl``
+(metrics) and a ``pareto*.png`` if present, loads the model the environment ran, and writes
+``model.onnx``, ``model.safetensors``, ``card.json`` and ``README.md`` atomically (see
 :mod:`agents.export`). Load the result with ``agents.controller.Controller.from_pretrained``.
 """
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -25,8 +27,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("source", help="a training run directory (uses checkpoints/latest.json) or a checkpoint folder")
     p.add_argument("--out", required=True, help="the export folder to create (must not exist unless --force)")
     p.add_argument("--algo", help="algorithm name, when the source has no run_config.json (ppo, sac, dqn, linucb...)")
-    p.add_argument("--env-id", help="env id, when the source has no run_config.json (e.g. PruneGym/PerInput-v0)")
-    p.add_argument("--env-kwargs", help="env kwargs as JSON, overriding the run's (e.g. '{\"num_groups\": 3}')")
+    p.add_argument(
+        "--env-config",
+        help="the training environment's description (a JSON file of env.unwrapped.config()), when the source is "
+        "not inside a training run directory",
+    )
     p.add_argument("--pareto", help="a Pareto plot (PNG) to include in the model card")
     p.add_argument("--trained-on", help="description of the device the policy was trained and measured on")
     p.add_argument("--force", action="store_true", help="replace an existing export folder")
@@ -39,13 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agents.controller import Controller
     from agents.export import export_from_path
 
-    kwargs = json.loads(args.env_kwargs) if args.env_kwargs else None
+    env_config = json.loads(Path(args.env_config).read_text()) if args.env_config else None
     out = export_from_path(
         args.source,
         args.out,
         algo=args.algo,
-        env_id=args.env_id,
-        env_kwargs=kwargs,
+        env_config=env_config,
         pareto=args.pareto,
         trained_on=args.trained_on,
         force=args.force,

@@ -34,9 +34,11 @@ from agents.frontier import (
 )
 from envs.data.files import cache_root
 from envs.tasks import Scorer, load_mix
-from experiments.report import REPO_ROOT, markdown_table, write_section
+from experiments.bench.harness import Benchmark
+from experiments.report import REPO_ROOT, markdown_table
 
 TITLE = "Oracle headroom (embedded model)"
+BENCH = Benchmark("experiments.headroom", __doc__, threads=1, threads_help="more threads thrash on a shared machine")
 # (layers, heads, mlp) keep fractions; heads 2/3 drops one of the three KV groups of SmolLM2-135M.
 GRID: tuple[tuple[float, float, float], ...] = (
     (1.0, 1.0, 1.0), (1.0, 1.0, 0.75), (1.0, 1.0, 0.5), (1.0, 2 / 3, 1.0), (1.0, 2 / 3, 0.75), (1.0, 2 / 3, 0.5),
@@ -198,8 +200,9 @@ def _report(
 
     stem = "headroom" if args.model == "smollm2-135m" else f"headroom_{Path(args.model).name}"
     png = Path(args.png) if args.png else REPO_ROOT / "reports" / f"{stem}.png"
-    png.parent.mkdir(parents=True, exist_ok=True)
-    _plot(png, cost, raw, rel, curves)
+    if not args.no_write:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        _plot(png, cost, raw, rel, curves)
     minutes = (time.perf_counter() - t_start) / 60
     body = (
         f"Mix `{args.mix}`, {args.split} split, {len(items)} items ({_count_tasks(items)}); {len(plans)} static plans "
@@ -214,11 +217,7 @@ def _report(
         f"{task_table}\n\nInputs that keep full dense-relative credit under every plan at ≤ 0.75 cost: "
         f"{easy.sum()} of {len(items)}; probe entropy (low = confident) predicts them with AUC {probe_auc:.2f}.\n"
     )
-    print(body)
-    if not args.no_write:
-        cmd = "python -m experiments.headroom " + " ".join(args.argv)
-        title = TITLE if args.model == "smollm2-135m" else f"Oracle headroom ({args.model})"
-        write_section(title, cmd.strip(), body)
+    BENCH.publish(args, TITLE if args.model == "smollm2-135m" else f"Oracle headroom ({args.model})", body)
     return {"cost": cost, "raw": raw, "rel": rel, "feature": feat, "curves": curves}
 
 
@@ -282,13 +281,7 @@ def _plot(path: Path, cost: np.ndarray, raw: np.ndarray, rel: np.ndarray, curves
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
-    import sys
-
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.headroom",
-        description="Oracle headroom study: accuracy vs measured cost of static plans, their hull, the per-input "
-        "oracle and a cross-validated probe rule, on a workload mix of the embedded model.",
-    )
+    parser = BENCH.parser()
     parser.add_argument(
         "--model", default="smollm2-135m", help="model name or folder, e.g. a prepared smollm2-135m-ready"
     )
@@ -299,20 +292,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plans", type=int, default=None, help=f"use only the first N of the {len(GRID)} grid plans")
     parser.add_argument("--probe-layers", type=int, default=4, help="dense layers run before the probe (default: 4)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per plan for the cost (default: 7)")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default: 1; more threads thrash on a shared machine)"
-    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the mix sampling and the CV folds")
     parser.add_argument(
-        "--png", default=None, help="where the plot goes (default reports/headroom.png, or headroom_<model>.png)"
+        "--png",
+        default=None,
+        help="where the plot goes (default reports/headroom.png, or headroom_<model>.png; none with --no-write)",
     )
     parser.add_argument(
         "--rescore", action="store_true", help="recompute the score matrix even if one is cached for these inputs"
     )
-    parser.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    run(args)
+    run(BENCH.parse(parser, argv))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
    weight, each for a bounded time, and the LinUCB bandit on the discrete variant;
 3. exports every controller (ONNX + card) and loads it back without Ray;
 4. evaluates them, the static sweep, the static convex hull, the hindsight oracle and the entropy
-   heuristic on held-out inputs with *measured* latency (:mod:`experiments.evaluate`);
+   heuristic on held-out inputs with *measured* latency (:mod:`agents.evaluation`);
 5. prints the headline table, saves the Pareto plot, and writes everything to the run directory.
 """
 
@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
+
+from experiments import cli
 
 log = logging.getLogger("prunegym.main")
 
@@ -59,11 +60,11 @@ def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: fl
 
 def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Run the main job into ``out``; returns the headline rows and summaries."""
-    from agents.baselines import PolicyController
+    from agents import evaluation as ev
     from agents.controller import Controller
     from agents.export import export_from_path
     from envs.base import shared_lm
-    from experiments import evaluate as ev
+    from experiments import report
     from experiments.train import train
 
     t_start = time.perf_counter()
@@ -104,8 +105,9 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     trained = []
     for algo, name, folder in exported:
         ctrl = Controller.from_pretrained(folder, slm=slm)
-        pc = PolicyController(ctrl.select_action, name=name, discrete=algo == "linucb")
-        trained.append((pc, "PPO (adaptive)" if algo == "ppo" else "LinUCB bandit (adaptive)"))
+        trained.append(
+            (ev.ExportedController(ctrl, env, name), "PPO (adaptive)" if algo == "ppo" else "LinUCB bandit (adaptive)")
+        )
     # The entropy heuristic's thresholds are quantiles of the probe's entropy (no labels involved).
     rules = ev.entropy_rules(ev.probe_observations(env, n), env.probe.feature_names)
     trained += [(rule, "EntropyThreshold") for rule in rules]
@@ -115,12 +117,12 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     for run in ctrl_runs:
         families.setdefault(run.family, []).append(run)
     rows = ev.headline(static, families, tuple(cfg.eval.targets), n_boot=int(cfg.eval.bootstrap), seed=int(cfg.seed))
-    plot = ev.pareto_plot(static, families, out / "pareto.png")
+    plot = report.pareto_plot(static, families, out / "pareto.png")
     t_total = time.perf_counter() - t_start
 
     # ---- report
     all_runs = static + [r for fam in families.values() for r in fam]
-    head = ev.headline_markdown(rows)
+    head = report.headline_markdown(rows)
     md = [
         f"# Main job: adaptive vs static pruning on {cfg.model.name}",
         f"Task mix `{cfg.task.name}`; controllers trained on the train split with calibrated cost, evaluated on "
@@ -128,11 +130,11 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         f"total {t_total / 60:.1f} min.",
         head,
         f"![Pareto]({plot.name})",
-        "## Every controller\n\n" + ev.summary_table(all_runs),
-        "## Per task (dense-relative)\n\n" + ev.per_task_table(all_runs),
+        "## Every controller\n\n" + report.summary_table(all_runs),
+        "## Per task (dense-relative)\n\n" + report.per_task_table(all_runs),
     ]
     text = "\n\n".join(md) + "\n"
-    ev.save_results(out, all_runs, rows, text)
+    report.save_results(out, all_runs, rows, text)
     (out / "training.json").write_text(json.dumps(training, indent=1, default=float))
     if cfg.get("benchmarks"):
         write_benchmark_section(out, "python -m experiments.main")
@@ -162,14 +164,14 @@ def write_benchmark_section(
 
 def _best_ppo(static: list[Any], runs: list[Any]) -> str | None:
     """The PPO controller furthest above the static hull at its own measured latency (dense-relative)."""
+    from agents import evaluation as ev
     from agents.frontier import interp_frontier
-    from experiments import evaluate as ev
 
     if not runs:
         return None
     import numpy as np
 
-    hx, hy = ev._hull(static, "dense_relative", np.arange(len(static[0].raw)))
+    hx, hy = ev.hull_curve(static, "dense_relative", np.arange(len(static[0].raw)))
 
     def margin(r: Any) -> float:
         h = interp_frontier(hx, hy, [r.lat.mean()])[0]
@@ -178,7 +180,7 @@ def _best_ppo(static: list[Any], runs: list[Any]) -> str | None:
     return max(runs, key=margin).name
 
 
-@hydra.main(config_path="../conf", config_name="main", version_base=None)
+@cli.hydra_main(config_name="main")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     from hydra.core.hydra_config import HydraConfig

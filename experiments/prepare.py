@@ -1,10 +1,15 @@
 """Make a model pruning-ready: ``python -m experiments.prepare [key=value ...]`` (Hydra, ``conf/prepare.yaml``).
 
-Self-distils the model under plans sampled from PruneGym's plan space (see :mod:`envs.distill.training`),
+Self-distils the model under plans sampled from PruneGym's plan space (see :mod:`envs.distill`),
 on text of the train split only (``text``, see :func:`training_text`), and writes
 ``<cache_root>/prepared/<name>/``: the weights (safetensors; by default the original weights for the
 dense plan plus ``adapted.safetensors`` for pruned layers), tokenizer, ``card.json`` and the
 importance orderings used in training. Every environment then selects it with ``model=<name>``.
+
+``model=`` takes a model name (``tiny-llama``, ``smollm2-135m``, a folder, a prepared name, a hub
+id) or an option of the ``conf/model`` group (``tiny_llama``, ``smollm2_135m_ready``): the group is
+in ``conf/prepare.yaml``'s defaults list, and :func:`main` rewrites ``model=<name>`` that is no
+option into ``model.name=<name>`` before Hydra parses the command line (:func:`model_overrides`).
 
 ``prepare(cfg)`` is the plain function behind the entry point; tests call it with a tiny model
 and token sequences (``slm=``, ``train_sequences=``, ``eval_sequences=``).
@@ -13,18 +18,25 @@ and token sequences (``slm=``, ``train_sequences=``, ``eval_sequences=``).
 from __future__ import annotations
 
 import hashlib
+import re
+import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from envs.distill.training import ChoiceItem, PrepareConfig, choice_items, prepare_model, text_sequences, write_prepared
+from envs.distill.config import PrepareConfig
+from envs.distill.data import ChoiceItem, choice_items, text_sequences
+from envs.distill.training import prepare_model, write_prepared
 from envs.runtime.sparse_lm import SparseLM
+from experiments import cli
 
-# Keys of the run itself; everything else is a training hyper-parameter (envs.distill.training.PrepareConfig).
+MODEL_GROUP = Path(__file__).resolve().parents[1] / "conf" / "model"  # the conf/model config group
+
+# Keys of the run itself; everything else is a training hyper-parameter (envs.distill.config.PrepareConfig).
 RUN_KEYS = {
     "model": "smollm2-135m",
     "name": None,
@@ -42,6 +54,84 @@ RUN_KEYS = {
     "eval_seq_len": 256,
     "eval_sequences": 8,
 }
+
+
+def model_options() -> dict[str, str]:
+    """The ``conf/model`` group: each option (file stem, e.g. ``tiny_llama``) and the model name it selects."""
+    out: dict[str, str] = {}
+    for path in sorted(MODEL_GROUP.glob("*.yaml")):
+        name = OmegaConf.load(path).get("name")
+        if isinstance(name, str) and name:
+            out[path.stem] = name
+    return out
+
+
+def model_name(value: Any) -> str:
+    """The model name that ``prepare.model`` means.
+
+    ``value`` is what the config holds: the ``conf/model`` group's mapping (``{"name": ...}``) or,
+    from Python callers, a plain string. A string that is an option of the group (``tiny_llama``)
+    means that option's name (``tiny-llama``); any other string is the name itself (``tiny-llama``,
+    ``smollm2-135m``, a folder, a prepared name, a hub id), resolved later by
+    :func:`envs.runtime.models.load_model`.
+
+    Raises:
+        ValueError: Neither a non-empty string nor a mapping with just ``name``.
+    """
+    if isinstance(value, Mapping):
+        extra = sorted(set(value) - {"name"})
+        if extra:
+            raise ValueError(f"prepare.model takes only a name, got the keys {extra}; set model=<name>")
+        value = value.get("name")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(
+            "prepare.model must name a model: model=tiny-llama, smollm2-135m, a folder, a prepared name, "
+            f"or a conf/model option ({', '.join(model_options())}); got {value!r}"
+        )
+    return model_options().get(value, value)
+
+
+_SWEEP = re.compile(r"[()\[\]{}*?]")  # Hydra sweep or glob syntax: left for Hydra to parse
+
+
+def model_overrides(args: Sequence[str]) -> list[str]:
+    """Rewrite the command line's ``model=<name>`` so that Hydra accepts any model name.
+
+    ``model`` is a config group (``conf/model``) in ``conf/prepare.yaml``'s defaults list, so
+    Hydra takes ``model=X`` as the choice of an option and fails for anything else (``tiny-llama``,
+    a folder). An ``X`` that is an option is left alone; otherwise the argument becomes
+    ``model.name=X``, each comma-separated option in it (a multirun) replaced by its name. Every
+    other argument is returned unchanged.
+    """
+    options = model_options()
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if key != "model" or not eq or value in options or _SWEEP.search(value):
+            out.append(arg)
+            continue
+        names = [options.get(v, v) for v in value.split(",")]
+        out.append("model.name=" + ",".join(names))
+    return out
+
+
+def load_base(name: str, threads: int) -> SparseLM:
+    """The base model ``name`` with its importance orderings (calibrated and cached on first use).
+
+    Raises:
+        envs.runtime.models.UnknownModelError: No loader knows ``name``; the message lists what ``model=`` takes.
+    """
+    from envs.data.files import cache_root
+    from envs.runtime.models import UnknownModelError
+
+    try:
+        return SparseLM.from_pretrained(name, threads=threads)
+    except UnknownModelError:
+        raise UnknownModelError(
+            f"unknown model {name!r}: model= takes tiny-<family> (e.g. tiny-llama), smollm2-135m, a conf/model "
+            f"option ({', '.join(model_options())}), a folder holding config.json, the name of a prepared model "
+            f"in {cache_root() / 'prepared'}, or a hub id cached locally"
+        ) from None
 
 
 TEXT_SOURCES = ("news", "polarity", "pydoc", "tasks")
@@ -109,6 +199,19 @@ def training_text(sources: list[str] | str, news_docs: int | None = None) -> tup
     return docs, "; ".join(parts)
 
 
+def output_name(name: Any, base_model: str) -> str:
+    """The prepared folder's name: ``name``, or ``<base model>-ready`` (the last part of a folder or hub id).
+
+    Raises:
+        ValueError: ``name`` is no plain folder name (it is looked up by name under ``<cache_root>/prepared``).
+    """
+    if name is None:
+        name = f"{Path(base_model.rstrip('/')).name}-ready"
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name.startswith((".", "~")):
+        raise ValueError(f"prepare.name must be a plain folder name (no '/', not starting with '.'), got {name!r}")
+    return name
+
+
 def split_config(cfg: DictConfig | dict[str, Any]) -> tuple[dict[str, Any], PrepareConfig]:
     """Separate run settings from training hyper-parameters and validate both.
 
@@ -119,6 +222,9 @@ def split_config(cfg: DictConfig | dict[str, Any]) -> tuple[dict[str, Any], Prep
     assert isinstance(data, dict)
     data.pop("hydra", None)
     run = {k: data.pop(k, v) for k, v in RUN_KEYS.items()}
+    run["model"] = model_name(run["model"])
+    if run["name"] is not None:
+        output_name(run["name"], run["model"])
     for k in ("threads", "eval_docs", "eval_seq_len", "eval_sequences", "eval_choice_items", "choice_train_items"):
         if k == "choice_train_items" and run[k] is None:
             continue
@@ -181,15 +287,13 @@ def prepare(
     # Two intra-op threads: the reference machine has 2 cores; more threads than cores only thrash.
     torch.set_num_threads(run["threads"])
     base_name = run["model"] if slm is None else slm.name
-    name = run["name"] or f"{base_name}-ready"
-    if any(c in name for c in "/\\") or name.startswith("."):
-        raise ValueError(f"prepare.name must be a plain folder name, got {name!r}")
+    name = output_name(run["name"], base_name)
     from envs.data.files import cache_root
 
     out_root = Path(run["out_root"]) if run["out_root"] else cache_root() / "prepared"
     ckpt = Path(run["checkpoint_dir"]) if run["checkpoint_dir"] else cache_root() / "prepare-checkpoints" / name
     if slm is None:
-        slm = SparseLM.from_pretrained(run["model"], threads=run["threads"])
+        slm = load_base(run["model"], run["threads"])
     base_hash = slm.weights_hash
     data: dict[str, Any]
     if train_sequences is None or eval_sequences is None:
@@ -239,6 +343,7 @@ def prepare(
         "method": tcfg.method,
         "dense_weights": tcfg.dense_weights,
         "steps": result.steps,
+        "start_step": result.start_step,
         "stopped_by": result.stopped_by,
         "train_seconds_this_run": round(result.train_seconds, 1),
         "train_seconds": round(result.train_seconds_total, 1),
@@ -265,10 +370,22 @@ def prepare(
     return {**card, "weights_hash": slm.weights_hash, "folder": str(folder)}
 
 
-@hydra.main(config_path="../conf", config_name="prepare", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
-    prepare(cfg)
+@cli.hydra_main(config_name="prepare")
+def hydra_main(cfg: DictConfig) -> None:
+    """Hydra entry point: a bad setting or an unknown model ends the run with one line, before any training.
+
+    The settings and the base model are checked first; :func:`experiments.cli.hydra_main` turns their
+    errors (and any later configuration error) into ``error: <message>`` and exit status 2.
+    """
+    run, _ = split_config(cfg)
+    slm = load_base(run["model"], run["threads"])
+    prepare(cfg, slm=slm)
+
+
+def main() -> None:
+    """``python -m experiments.prepare``: :func:`hydra_main` after :func:`model_overrides` on the command line."""
+    sys.argv[1:] = model_overrides(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

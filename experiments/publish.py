@@ -7,8 +7,8 @@ files that would be uploaded into ``OUTDIR``.
 
 Before anything is pushed, the folder is checked: its card and file hashes must verify
 (:func:`agents.controller.read_card` / :func:`~agents.controller.verify_files`), and no file may be
-a pickle (``.pkl``/``.pickle``/``.pt``/``.pth``/``.bin``/``.ckpt`` with pickle or zip-pickle
-content, or any file starting with a pickle protocol header).
+a pickle, whatever its name: a stream of any pickle protocol (0 to 5), or a zip, tar, gzip, bz2 or
+xz container holding one (``torch.save``, joblib). The card must verify and list every file.
 """
 
 from __future__ import annotations
@@ -25,26 +25,73 @@ from typing import Any
 
 from agents.controller import read_card, sha256_file, verify_files
 
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib")
+MAX_NESTING = 3  # archives inside compressed files inside archives: deeper than any real checkpoint format
 
 
 class PublishError(ValueError):
     """The folder cannot be published as it is; the message says why."""
 
 
-def is_pickle(path: Path) -> bool:
-    """Whether ``path`` holds a pickle: a pickle protocol header, or a torch zip archive with ``data.pkl``."""
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return True
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        if head[:1] in (b"(", b"}", b"]", b"c"):  # protocol 0/1 opcodes
-            return True
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                return any(n.endswith(".pkl") for n in zf.namelist())
+def _parses_as_pickle(data: bytes) -> bool:
+    """Whether ``data`` is a complete pickle stream of any protocol (0-5), by walking its opcodes.
+
+    Nothing is unpickled: :func:`pickletools.genops` only reads the opcodes. A stream counts when
+    it parses to its STOP opcode; text and binary formats that are not pickles stop at the first
+    byte that is no opcode.
+    """
+    import io
+    import pickletools
+
+    if not data:
+        return False
+    try:
+        for op, _, _ in pickletools.genops(io.BytesIO(data)):
+            if op.name == "STOP":
+                return True
+    except Exception:  # noqa: BLE001 - any parse failure means: not a pickle
+        return False
     return False
+
+
+def _holds_pickle(data: bytes, depth: int = 0) -> bool:
+    """Whether ``data`` is a pickle, or a zip / gzip / bz2 / xz / tar container holding one (torch.save, joblib)."""
+    import bz2
+    import gzip
+    import io
+    import lzma
+    import tarfile
+
+    if _parses_as_pickle(data):
+        return True
+    if depth >= MAX_NESTING:
+        return False
+    if data[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                return any(_holds_pickle(zf.read(n), depth + 1) for n in zf.namelist() if not n.endswith("/"))
+        except (zipfile.BadZipFile, OSError, RuntimeError):
+            return False
+    for magic, opener in ((b"\x1f\x8b", gzip.decompress), (b"BZh", bz2.decompress), (b"\xfd7zXZ", lzma.decompress)):
+        if data.startswith(magic):
+            try:
+                return _holds_pickle(opener(data), depth + 1)
+            except (OSError, EOFError, ValueError, lzma.LZMAError):
+                return False
+    if len(data) > 262 and data[257:262] == b"ustar":
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+                for m in tf.getmembers():
+                    f = tf.extractfile(m) if m.isfile() else None
+                    if f is not None and _holds_pickle(f.read(), depth + 1):
+                        return True
+        except tarfile.TarError:
+            return False
+    return False
+
+
+def is_pickle(path: Path) -> bool:
+    """Whether ``path`` holds a pickle, judged by content, not name: any protocol, bare or inside an archive."""
+    return _holds_pickle(Path(path).read_bytes())
 
 
 def check_folder(folder: str | Path) -> list[dict[str, Any]]:
@@ -56,22 +103,19 @@ def check_folder(folder: str | Path) -> list[dict[str, Any]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise PublishError(f"{folder} is not a folder: pass the folder written by `python -m experiments.export`")
-    try:
-        card = read_card(folder)
-        verify_files(folder, card)
-    except ValueError as exc:
-        raise PublishError(f"refusing to publish {folder}: {exc}") from None
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
     pickles = [str(p.relative_to(folder)) for p in files if is_pickle(p)]
     if pickles:
         raise PublishError(
             f"refusing to publish {folder}: {pickles} are pickles, which run code when loaded. Publish only what "
             "`python -m experiments.export` writes (ONNX, safetensors, JSON, Markdown)"
         )
+    try:
+        card = read_card(folder)
+        verify_files(folder, card)  # refuses files the card does not list
+    except ValueError as exc:
+        raise PublishError(f"refusing to publish {folder}: {exc}") from None
+    files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
     return [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files]
 
 

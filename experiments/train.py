@@ -15,34 +15,118 @@ checkpoint interval is lost). ``algo=linucb`` trains the mabwiser contextual ban
 
 Multirun (``-m algo=ppo,appo,sac,linucb seed=0,1,2``) uses Hydra's basic launcher: jobs run one after
 another in this process, each starting and shutting down its own Ray.
+
+Budgets (``stop.*``, ``eval.episodes``, ``checkpoint.*``) are checked before anything is built. A run
+stopped with SIGTERM or SIGINT shuts its Ray down and removes Ray's temp dir; one killed with SIGKILL
+cannot, so every run first stops what the private Rays of dead runs left behind
+(:func:`clean_orphaned_ray`), and never touches a Ray session whose driver is alive or not ours.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from agents.export import ENV_CONFIG
 from agents.rllib import WORKER_ENV_VARS, check_compatible, env_catalog, make_env
+from envs.data.files import Checkpoints, atomic_write_json, atomic_write_text, clean_leftovers
+from experiments.cli import hydra_main
 
 log = logging.getLogger("prunegym.train")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
+CHECKPOINT_PREFIX = "iter_"
+RAY_TMP_ROOT = Path("/tmp")
+RAY_TMP_PREFIX = "ray"
+DRIVER_MARKER = "prunegym-driver.json"  # in a run's own Ray temp dir: which process started that Ray
+
+
+# ------------------------------------------------------------------------------------------ budgets
+# (key, type, smallest allowed value, whether null is allowed, what the key means)
+BUDGETS: tuple[tuple[str, type, float, bool, str], ...] = (
+    ("stop.iterations", int, 1, True, "training iterations"),
+    ("stop.env_steps", int, 1, True, "sampled env steps"),
+    ("stop.time_s", float, 0.0, True, "seconds of training"),
+    ("eval.episodes", int, 1, False, "held-out episodes after training"),
+    ("checkpoint.every", int, 0, False, "iterations between checkpoints (0: none)"),
+    ("checkpoint.keep", int, 1, False, "checkpoints kept"),
+)
+
+
+def check_budgets(cfg: DictConfig) -> tuple[int | None, int | None, float | None]:
+    """Refuse budgets that cannot be meant (zero or negative, not numbers) before anything is built.
+
+    ``stop.*`` may be null (no limit of that kind) but at least one must be set; ``stop.time_s``
+    must be above 0, every other budget at least its minimum (``checkpoint.every=0`` turns checkpoints off).
+
+    Returns:
+        ``(iterations, env_steps, time_s)``, each ``None`` where unlimited.
+
+    Raises:
+        ValueError: A budget is out of range or not a number; the message names the key and the fix.
+    """
+    values: dict[str, float | None] = {}
+    for key, kind, low, nullable, meaning in BUDGETS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            if not nullable:
+                raise ValueError(f"{key} is not set: give {key}=<{kind.__name__}> ({meaning})")
+            values[key] = None
+            continue
+        number = _number(value, kind)
+        if number is None:
+            raise ValueError(f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}: set {key}=<n>")
+        strict = key == "stop.time_s"
+        if number < low or (strict and number <= low):
+            bound = f"> {low:g}" if strict else f">= {low:g}"
+            unset = f", or {key}=null for no limit of that kind" if nullable else ""
+            raise ValueError(
+                f"{key}={value!r} is out of range: {meaning} must be {bound}; set {key}=<n {bound}>{unset}"
+            )
+        values[key] = number
+    limits = (values["stop.iterations"], values["stop.env_steps"], values["stop.time_s"])
+    if all(v is None for v in limits):
+        raise ValueError("no training budget: set stop.iterations=<n>, stop.env_steps=<n> or stop.time_s=<seconds>")
+    iters, steps, secs = limits
+    return (
+        None if iters is None else int(iters),
+        None if steps is None else int(steps),
+        None if secs is None else float(secs),
+    )
+
+
+def _number(value: Any, kind: type) -> float | None:
+    """``value`` as an int (``kind is int``, integral values only) or float; ``None`` if it is neither."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number):
+        return None
+    if kind is int:
+        return int(number) if number.is_integer() else None
+    return number
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -115,7 +199,8 @@ class RunLogger:
                     continue
                 if int(row.get("iteration", 0)) <= start_iter:
                     self.rows.append(row)
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        # Atomic: a kill while the files are rewritten leaves the old ones, not an empty one.
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
         self._write_csv()
         self.wandb = _start_wandb(run_dir, logger_cfg, config) if logger_cfg else None
 
@@ -123,12 +208,11 @@ class RunLogger:
         keys: list[str] = []
         for row in self.rows:
             keys += [k for k in row if k not in keys]
-        tmp = self.csv.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.csv)
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.csv, buf.getvalue())
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one iteration's row everywhere."""
@@ -196,7 +280,12 @@ def ray_session(cluster: Mapping[str, Any], run_dir: Path) -> Iterator[bool]:
 
     Workers get ``OMP_NUM_THREADS=1`` (and friends) through ``runtime_env``. The temp dir is a short
     ``/tmp/rayXXXX`` folder by default: Ray's unix sockets live under it and their paths must stay
-    under ~107 characters, which a run directory under the repository easily exceeds.
+    under ~107 characters, which a run directory under the repository easily exceeds. That folder
+    holds a marker naming this process, so that a later run can tell it was left by a dead driver
+    (:func:`clean_orphaned_ray`); on the way out, whatever still runs from it is stopped and it is removed.
+
+    While the session is open, SIGTERM and SIGINT end the run through the ``finally`` blocks (Ray shut
+    down, temp dir removed) instead of killing the process where it stands (:func:`exit_on_signals`).
     """
     import ray
 
@@ -206,51 +295,225 @@ def ray_session(cluster: Mapping[str, Any], run_dir: Path) -> Iterator[bool]:
     runtime_env = dict(cluster.get("runtime_env") or {})
     runtime_env["env_vars"] = {**WORKER_ENV_VARS, **dict(runtime_env.get("env_vars") or {})}
     address = cluster.get("address")
-    own_tmp: str | None = None
+    own_tmp: Path | None = None
     kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": bool(cluster.get("log_to_driver", False))}
-    if address:
-        kwargs["address"] = str(address)
-    else:
-        tmp = cluster.get("temp_dir")
-        if not tmp:
-            tmp = own_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-        kwargs.update(num_cpus=int(cluster.get("num_cpus") or 2), include_dashboard=False, _temp_dir=str(tmp))
-    ray.init(**kwargs)
+    with exit_on_signals() as rearm:
+        try:
+            if address:
+                check_reachable(str(address))
+                kwargs["address"] = str(address)
+            else:
+                tmp = cluster.get("temp_dir")
+                if not tmp:
+                    own_tmp = Path(tempfile.mkdtemp(prefix=RAY_TMP_PREFIX, dir=RAY_TMP_ROOT))
+                    _write_driver_marker(own_tmp, run_dir)
+                    tmp = str(own_tmp)
+                kwargs.update(num_cpus=int(cluster.get("num_cpus") or 2), include_dashboard=False, _temp_dir=str(tmp))
+            ray.init(**kwargs)
+            rearm()  # ray.init installs its own SIGTERM handlers (one aborts the process); ours again
+            yield True
+        finally:
+            ray.shutdown()
+            if own_tmp is not None:
+                stop_processes_naming(own_tmp)  # anything ray.shutdown missed (a kill during ray.init)
+                shutil.rmtree(own_tmp, ignore_errors=True)
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Refuse a ``host:port`` (or ``ray://host:port``) address that nothing listens on, in seconds.
+
+    Without this, ``ray.init`` retries an unreachable GCS for many minutes. ``auto`` and addresses
+    without a port are left to Ray.
+
+    Raises:
+        ValueError: Nothing accepts a connection at ``address``; the message says how to start a head.
+    """
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
     try:
-        yield True
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except OSError as err:
+        raise ValueError(
+            f"cluster.address={address}: no Ray head answers there ({err.strerror or err}); start one with "
+            f"`ray start --head --port={port}` on {host}, or set cluster.address to a running head "
+            "(cluster=local starts a private Ray instead)"
+        ) from None
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread by SIGTERM / SIGINT while a Ray session is open (exit status 128 + signal)."""
+
+
+@contextlib.contextmanager
+def exit_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[Any]:
+    """Turn ``signals`` into :class:`Terminated` in the main thread, so that every ``finally`` runs.
+
+    The first signal raises; a second one while cleaning up gets the default action (kill), which
+    leaves what :func:`clean_orphaned_ray` tidies on the next run. The previous handlers come back
+    on exit. Outside the main thread (signal handlers cannot be set there) this does nothing.
+
+    Yields:
+        A function that installs the handlers again (after a library replaced them).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def handler(signum: int, frame: Any) -> None:
+        for sig in signals:
+            signal.signal(sig, signal.SIG_DFL)
+        log.warning("%s received: shutting Ray down", signal.Signals(signum).name)
+        raise Terminated(128 + signum)
+
+    def arm() -> None:
+        for sig in signals:
+            signal.signal(sig, handler)
+
+    arm()
+    try:
+        yield arm
     finally:
-        ray.shutdown()
-        if own_tmp:
-            shutil.rmtree(own_tmp, ignore_errors=True)
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _write_driver_marker(temp_dir: Path, run_dir: Path) -> None:
+    import psutil
+
+    me = psutil.Process()
+    atomic_write_json(
+        temp_dir / DRIVER_MARKER,
+        {"pid": me.pid, "create_time": me.create_time(), "run_dir": str(run_dir), "uid": os.getuid()},
+    )
+
+
+def _driver_alive(record: Mapping[str, Any]) -> bool:
+    """Whether the process a marker names still runs (the same process: pid and start time match)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int(record["pid"]))
+        return abs(proc.create_time() - float(record["create_time"])) < 1.0
+    except (psutil.NoSuchProcess, KeyError, TypeError, ValueError):
+        return False
+    except psutil.AccessDenied:  # someone else's process: alive, and not ours to judge
+        return True
+
+
+def stop_processes_naming(folder: str | Path, timeout: float = 10.0) -> list[int]:
+    """Stop (SIGTERM, then SIGKILL after ``timeout``) this user's processes whose command line names ``folder``.
+
+    Ray's raylet, GCS server, agents and workers all carry their session's temp dir in their
+    arguments, so this stops exactly one Ray instance, never another one (unlike ``ray stop``).
+
+    Returns:
+        The pids that were stopped.
+    """
+    import psutil
+
+    needle = str(Path(folder))
+    me, uid = os.getpid(), os.getuid()
+    procs = []
+    for proc in psutil.process_iter(["pid", "cmdline", "uids"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+            uids = proc.info["uids"]
+            if proc.pid != me and (uids is None or uids.real == uid) and any(needle in arg for arg in cmdline):
+                procs.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    return [p.pid for p in procs]
+
+
+def clean_orphaned_ray(root: str | Path = RAY_TMP_ROOT) -> list[Path]:
+    """Stop the processes and remove the temp dirs of private Rays whose training driver died.
+
+    Only folders ``<root>/ray*`` that hold this module's driver marker, belong to this user, and
+    whose driver process is gone are touched: a live run's Ray, a test fixture's, ``ray start``'s or
+    another user's are left alone. A driver killed with SIGKILL cannot clean up after itself; this
+    is what the next run does instead.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    for folder in sorted(Path(root).glob(f"{RAY_TMP_PREFIX}*")):
+        marker = folder / DRIVER_MARKER
+        try:
+            if not marker.is_file() or folder.stat().st_uid != os.getuid():
+                continue
+            record = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if not isinstance(record, dict) or _driver_alive(record):
+            continue
+        pids = stop_processes_naming(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info(
+            "removed the Ray temp dir %s of a dead run (pid %s); stopped %d processes",
+            folder,
+            record.get("pid"),
+            len(pids),
+        )
+        removed.append(folder)
+    return removed
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?:tmp|old)-\d+-[0-9a-f]+$")
+
+
+def checkpoints(run_dir: Path, keep: int = 2) -> Checkpoints:
+    """The run's checkpoints: ``checkpoints/iter_NNNNNN`` folders and the ``latest.json`` pointer."""
+    return Checkpoints(run_dir / CHECKPOINTS, prefix=CHECKPOINT_PREFIX, keep=keep)
+
+
 def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The record of the newest complete checkpoint (``checkpoints/latest.json``), or ``None``."""
-    path = run_dir / CHECKPOINTS / LATEST
-    if not path.is_file():
+    """The record of the newest complete checkpoint (``checkpoints/latest.json``), or ``None``.
+
+    The record holds ``folder``, ``iteration`` and ``env_steps``.
+    """
+    record = checkpoints(run_dir).latest()
+    if record is None:
         return None
-    record = json.loads(path.read_text())
-    return record if (run_dir / CHECKPOINTS / record["folder"]).is_dir() else None
+    if "iteration" not in record:  # a pointer written by Checkpoints alone
+        record["iteration"] = int(record["step"])
+    return record
 
 
 def save_checkpoint(trainer: Any, run_dir: Path, iteration: int, keep: int) -> Path:
-    """Save into ``checkpoints/iter_NNNNNN`` then point ``latest.json`` at it (atomically); prune old ones."""
-    root = run_dir / CHECKPOINTS
-    root.mkdir(exist_ok=True)
-    name = f"iter_{iteration:06d}"
-    folder = root / name
-    if folder.exists():
-        shutil.rmtree(folder)
-    trainer.save(folder)
-    record = {"folder": name, "iteration": iteration, "env_steps": trainer.env_steps, "time": time.time()}
-    tmp = root / (LATEST + ".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, root / LATEST)
-    olds = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name != name)
-    for old in olds[: max(0, len(olds) - max(0, keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
-    return folder
+    """Save into ``checkpoints/iter_NNNNNN``, then point ``latest.json`` at it, then prune old ones.
+
+    The folder is written under a temporary name and renamed when complete, and the pointer is
+    replaced atomically after that (:class:`envs.data.files.Checkpoints`): a kill at any point
+    leaves ``latest.json`` naming the previous complete checkpoint or this one.
+    """
+    return checkpoints(run_dir, keep).save(iteration, trainer.save, iteration=iteration, env_steps=trainer.env_steps)
+
+
+def clean_run_leftovers(run_dir: Path) -> list[Path]:
+    """Remove the temporary files and folders that writers killed mid-write left in the run directory."""
+    removed: list[Path] = []
+    for folder in (run_dir, run_dir / CHECKPOINTS):
+        if not folder.is_dir():
+            continue
+        targets = {m.group("target") for p in folder.iterdir() if (m := _LEFTOVER.match(p.name))}
+        for target in sorted(targets):
+            removed += clean_leftovers(folder / target)
+    return removed
 
 
 def _check_resume_config(run_dir: Path, config: dict[str, Any]) -> None:
@@ -297,12 +560,13 @@ def _nanmean(values: list[float]) -> float:
 
 
 # ------------------------------------------------------------------------------------------ train
-def _make_trainer(cfg: DictConfig, env_id: str, kwargs: dict[str, Any], probe_env: Any, info_keys: dict[str, str]):
+def _make_trainer(
+    cfg: DictConfig, env_id: str, kwargs: dict[str, Any], probe_env: Any, info_keys: dict[str, str], train_env: Any
+):
     algo = str(cfg.algo.name)
     if algo == "linucb":
         from agents.bandit import BanditTrainer
 
-        train_env = make_env(env_id, {**kwargs, "split": cfg.train_split})
         return BanditTrainer(
             train_env, OmegaConf.to_container(cfg.algo, resolve=True), seed=int(cfg.seed), info_keys=info_keys
         )  # type: ignore[arg-type]
@@ -357,16 +621,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train ``cfg.algo`` on ``cfg.env``; returns the final metrics (last iteration and held-out evaluation).
 
     Raises:
+        ValueError: A budget is out of range (before anything is built), or the run cannot resume.
         agents.rllib.IncompatibleEnvError: The algorithm cannot take the env's action space (before Ray starts).
     """
     import torch
 
+    limits = check_budgets(cfg)  # before anything is built or started
     run_dir = resolve_run_dir(cfg)
     env_id, kwargs = env_settings(cfg)
     info_keys = {k: str(v) for k, v in (cfg.get("info_keys") or {"accuracy": "accuracy", "cost": "cost"}).items()}
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
     config["env"] = {"id": env_id, "kwargs": kwargs}
+    clean_orphaned_ray()  # what the private Rays of runs killed with SIGKILL left behind
 
     # Threads of this process (driver, local learner): OMP for libraries that read it at start, torch explicitly.
     threads_before = torch.get_num_threads()
@@ -383,21 +650,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
         record = latest_checkpoint(run_dir) if cfg.resume else None
         if cfg.resume:
             _check_resume_config(run_dir, config)
+            clean_run_leftovers(run_dir)
             if record is None:
                 log.warning("resume=true but %s has no checkpoint yet: starting from scratch", run_dir)
-        (run_dir / "run_config.json").write_text(json.dumps(config, indent=1, default=str))
+        atomic_write_json(run_dir / "run_config.json", config, default=str)
+        # What the policy is trained in, as the environment describes itself: export copies it into the card.
+        train_env = make_env(env_id, {**kwargs, "split": cfg.train_split})
+        atomic_write_json(run_dir / ENV_CONFIG, train_env.unwrapped.config(), default=str)
         start_iter = int(record["iteration"]) if record else 0
-        stop = cfg.stop
-        max_iters = int(stop.iterations) if stop.get("iterations") else None
-        max_steps = int(stop.env_steps) if stop.get("env_steps") else None
-        max_time = float(stop.time_s) if stop.get("time_s") else None
-        if max_iters is None and max_steps is None and max_time is None:
-            raise ValueError("set a budget: stop.iterations, stop.env_steps or stop.time_s")
+        max_iters, max_steps, max_time = limits
 
         needs_ray = str(cfg.algo.name) != "linucb"
         session = ray_session(cfg.cluster, run_dir) if needs_ray else contextlib.nullcontext()
         with session:
-            trainer = _make_trainer(cfg, env_id, kwargs, eval_env, info_keys)
+            trainer = _make_trainer(cfg, env_id, kwargs, eval_env, info_keys, train_env)
+            if str(cfg.algo.name) != "linucb":
+                train_env.close()  # RLlib's env runners hold their own environments
             try:
                 if record:
                     trainer.restore(run_dir / CHECKPOINTS / record["folder"])
@@ -405,7 +673,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                         "resumed from %s (iteration %d, %d env steps)", record["folder"], start_iter, trainer.env_steps
                     )
                 logger = RunLogger(run_dir, cfg.get("logger"), config, start_iter)
-                iteration = _loop(cfg, trainer, logger, run_dir, start_iter, (max_iters, max_steps, max_time))
+                iteration = _loop(cfg, trainer, logger, run_dir, start_iter, limits)
                 held_out = evaluate(eval_env, trainer.policy(), int(cfg.eval.episodes), int(cfg.eval.seed), info_keys)
                 last = logger.rows[-1] if logger.rows else {}
             finally:
@@ -422,7 +690,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "eval": held_out,
             "train": {k: v for k, v in last.items() if k != "iteration"},
         }
-        (run_dir / "final.json").write_text(json.dumps(final, indent=1))
+        atomic_write_json(run_dir / "final.json", final)
         metrics = {f"train/{k}": float(v) for k, v in final["train"].items() if _finite(v)}
         metrics.update({f"eval/{k}": float(v) for k, v in held_out.items() if _finite(v)})
         metrics["iterations"] = float(iteration)
@@ -444,7 +712,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.set_num_threads(threads_before)
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base=None)
+@hydra_main(config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the held-out reward (for sweepers that optimise it)."""
     metrics = train(cfg)

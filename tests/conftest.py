@@ -10,10 +10,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from envs.measure.cost_model import COST_MODEL_SCHEMA_VERSION, FEATURES, BucketFit, CostModel
+from envs.measure.meters import device_tag, package_versions, threads_in_use
 from envs.runtime.models import tiny_model
 from envs.runtime.sparse_lm import SparseLM
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
+MODEL = "tiny-llama"  # the tiny environments' model (envs.base.shared_lm)
 
 
 def random_importance(spec, seed: int = 0):
@@ -64,3 +67,54 @@ def smollm() -> SparseLM:
         if os.environ.get("CI"):  # CI installs it: a missing model there is a failure, not a skip
             raise
         pytest.skip(f"embedded model not available: {exc}")
+
+
+# ---------------------------------------------------------------------------------------- tiny environments
+def synthetic_cost_model(slm) -> CostModel:
+    """A deterministic calibration for the tiny model: 0.1 ms fixed + 10 ms per GFLOP, energy 10x."""
+    meta = {
+        "schema_version": COST_MODEL_SCHEMA_VERSION,
+        "device": device_tag("cpu"),
+        "device_kind": "cpu",
+        "threads": threads_in_use(),
+        "model": slm.name,
+        "weights_hash": slm.weights_hash,
+        "dtype": "float32",
+        "spec": slm.spec.to_dict(),
+        "packages": package_versions(),
+        "energy_source": "estimated",
+        "features": list(FEATURES),
+        "seq_lens": [1, 128],
+    }
+    coef = [1e-4, 1e-5, 5e-6, 5e-6, 0.0, 1e-2, 1e-2, 1e-2]
+    buckets = {t: BucketFit(t, coef, [10 * c for c in coef], 16, 0.0, 0.0, 0.0) for t in meta["seq_lens"]}
+    return CostModel(meta, buckets, [])
+
+
+@pytest.fixture(scope="session")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine run ~10x faster on one thread (no spinning pool)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def cost_path(one_thread, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("cost") / "tiny.json"
+    from envs.base import shared_lm
+
+    synthetic_cost_model(shared_lm(MODEL)).save(path)
+    return str(path)
+
+
+def tiny_kwargs(env_id: str, cost_path: str, **over) -> dict:
+    kw = {"model": MODEL, "n_items": 6, "cost_model": cost_path}
+    if "PerToken" in env_id:
+        kw |= {"num_groups": 2, "max_new_tokens": 4}
+    elif "LayerByLayer" in env_id:
+        kw |= {"probe_layers": 1, "probe_dim": 4}
+    else:
+        kw |= {"probe_layers": 1, "probe_dim": 4, "num_groups": 2}
+    return kw | over

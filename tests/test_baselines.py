@@ -12,9 +12,10 @@ from agents.baselines import (
     StaticMix,
     StaticUniform,
 )
-from envs.base import PRESETS, PlanBuilder
+from envs.action import PRESETS
+from envs.interface import PerInputInterface
 from envs.runtime.models import tiny_model
-from envs.runtime.plan import SparsityPlan, layer_groups
+from envs.runtime.plan import SparsityPlan
 from envs.runtime.sparse_lm import SparseLM
 from tests.conftest import random_importance
 
@@ -23,18 +24,18 @@ from tests.conftest import random_importance
 def ctx() -> Context:
     slm = SparseLM(tiny_model("llama", num_layers=10), name="tiny-10")
     slm.set_importance(random_importance(slm.spec, seed=2))
-    groups = [[2 + i for i in g] for g in layer_groups(8, 2)]
-    builder = PlanBuilder(slm, groups, fixed_dense=range(2))
-    return Context(builder, slm, feature_names=("log_len", "entropy"), discrete_presets=np.asarray(PRESETS))
+    iface = PerInputInterface.build(slm, num_groups=2, probe_layers=2, probe_dim=0)
+    return Context(iface, prompt_len=16)
 
 
-OBS = np.zeros(2, dtype=np.float32)
+OBS = np.zeros(10, dtype=np.float32)
+ENTROPY = 1  # index of the probe's entropy feature
 
 
 def test_dense_and_uniform(ctx):
     assert Dense()(OBS, ctx).is_dense
     plan = StaticUniform(layers=0.5, mlp=0.5)(OBS, ctx)
-    assert plan == ctx.builder.plan(np.tile([0.5, 1.0, 0.5], (2, 1)))
+    assert plan == ctx.interface.actions.plan(np.tile([0.5, 1.0, 0.5], (2, 1)))
     assert all(plan.layers[i].run and plan.layers[i].mlp_channels == 64 for i in (0, 1))  # probe layers dense
     with pytest.raises(ValueError, match=r"StaticUniform.mlp must be in \[0, 1\]"):
         StaticUniform(mlp=1.5)
@@ -81,8 +82,8 @@ def test_random_plan_uses_candidates(ctx):
 
 def test_entropy_threshold(ctx):
     rule = EntropyThreshold(0.5, StaticUniform(layers=0.5), Dense())
-    assert rule(np.array([0.0, 0.2], np.float32), ctx).layers_run == 6
-    assert rule(np.array([0.0, 0.9], np.float32), ctx).is_dense
+    assert rule(np.where(np.arange(10) == ENTROPY, 0.2, 0.0).astype(np.float32), ctx).layers_run == 6
+    assert rule(np.where(np.arange(10) == ENTROPY, 0.9, 0.0).astype(np.float32), ctx).is_dense
     with pytest.raises(ValueError, match="no feature 'margin'"):
         EntropyThreshold(0.5, Dense(), Dense(), feature="margin")(OBS, ctx)
 
@@ -90,14 +91,18 @@ def test_entropy_threshold(ctx):
 def test_oracle_follows_choices(ctx):
     cands = [Dense(), StaticUniform(layers=0.5)]
     oracle = Oracle(cands, np.array([1, 0]))
-    ctx1 = Context(ctx.builder, ctx.slm, item_index=0)
+    ctx1 = Context(ctx.interface, item_index=0)
     assert oracle(OBS, ctx1).layers_run == 6
     with pytest.raises(ValueError, match="choices for 2 items"):
-        oracle(OBS, Context(ctx.builder, ctx.slm, item_index=5))
+        oracle(OBS, Context(ctx.interface, item_index=5))
 
 
 def test_policy_controller(ctx):
     cont = PolicyController(lambda obs: np.array([0.5, 1, 1, 1, 1, 1]), name="p")
     assert cont(OBS, ctx).layers_run == 8
-    disc = PolicyController(lambda obs: 9, name="d", discrete=True)
-    assert disc(OBS, ctx) == ctx.builder.plan(np.tile(PRESETS[9], (2, 1)))
+    discrete = PerInputInterface.build(ctx.slm, num_groups=2, probe_layers=2, probe_dim=0, discrete=True)
+    disc = PolicyController(lambda obs: 9, name="d")
+    dctx = Context(discrete, prompt_len=16)
+    assert disc(OBS, dctx) == discrete.actions.plan(np.tile(PRESETS[9], (2, 1)))
+    with pytest.raises(ValueError, match=r"action must have shape \(6,\)"):
+        disc(OBS, ctx)  # a preset index is not a Box action: refused as the environment refuses it

@@ -15,58 +15,13 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 from envs.base import shared_lm
-from envs.measure.cost_model import COST_MODEL_SCHEMA_VERSION, FEATURES, BucketFit, CostModel, package_versions
-from envs.measure.meters import device_tag, threads_in_use
-
-MODEL = "tiny-llama"
-
-
-def synthetic_cost_model(slm) -> CostModel:
-    """A deterministic calibration for the tiny model: 0.1 ms fixed + 10 ms per GFLOP, energy 10x."""
-    meta = {
-        "schema_version": COST_MODEL_SCHEMA_VERSION,
-        "device": device_tag("cpu"),
-        "device_kind": "cpu",
-        "threads": threads_in_use(),
-        "model": slm.name,
-        "weights_hash": slm.weights_hash,
-        "dtype": "float32",
-        "spec": slm.spec.to_dict(),
-        "packages": package_versions(),
-        "energy_source": "estimated",
-        "features": list(FEATURES),
-        "seq_lens": [1, 128],
-    }
-    coef = [1e-4, 1e-5, 5e-6, 5e-6, 0.0, 1e-2, 1e-2, 1e-2]
-    buckets = {t: BucketFit(t, coef, [10 * c for c in coef], 16, 0.0, 0.0, 0.0) for t in meta["seq_lens"]}
-    return CostModel(meta, buckets, [])
+from tests.conftest import MODEL, synthetic_cost_model, tiny_kwargs  # noqa: F401  (fixtures: cost_path)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread_here(one_thread):
     """Tiny matmuls on a shared 2-core machine run ~10x faster on one thread (no spinning pool)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def cost_path(one_thread, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("cost") / "tiny.json"
-    synthetic_cost_model(shared_lm(MODEL)).save(path)
-    return str(path)
-
-
-def tiny_kwargs(env_id: str, cost_path: str, **over) -> dict:
-    kw = {"model": MODEL, "n_items": 6, "cost_model": cost_path}
-    if "PerToken" in env_id:
-        kw |= {"num_groups": 2, "max_new_tokens": 4}
-    elif "LayerByLayer" in env_id:
-        kw |= {"probe_layers": 1, "probe_dim": 4}
-    else:
-        kw |= {"probe_layers": 1, "probe_dim": 4, "num_groups": 2}
-    return kw | over
 
 
 def test_every_id_is_registered_once_with_the_right_flags():
@@ -113,7 +68,7 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize("name", ["PerInput", "LayerByLayer", "PerToken", "PerInputDiscrete"])
 def test_seeded_runs_repeat_exactly_in_calibrated_mode(name, cost_path):
-    env_id = f"PruneGym/{name}-v0"
+    env_id = envs.env_id(name.removesuffix("Discrete"), discrete=name.endswith("Discrete"))
     a = _rollout(gym.make(env_id, **tiny_kwargs(env_id, cost_path)), seed=7)
     b = _rollout(gym.make(env_id, **tiny_kwargs(env_id, cost_path)), seed=7)
     assert len(a) == len(b)
@@ -125,7 +80,7 @@ def test_seeded_runs_repeat_exactly_in_calibrated_mode(name, cost_path):
 
 @pytest.mark.parametrize("name", ["PerInput", "LayerByLayer", "PerToken"])
 def test_sync_vector_env(name, cost_path):
-    env_id = f"PruneGym/{name}-v0"
+    env_id = envs.env_id(name.removesuffix("Discrete"), discrete=name.endswith("Discrete"))
     vec = gym.vector.SyncVectorEnv([lambda: gym.make(env_id, **tiny_kwargs(env_id, cost_path)) for _ in range(3)])
     obs, _ = vec.reset(seed=3)
     assert obs.shape == (3, *vec.single_observation_space.shape)
@@ -145,7 +100,7 @@ def _dense_logits(slm):
 
 @pytest.mark.parametrize("name", ["PerInput", "LayerByLayer", "PerToken"])
 def test_bad_actions(name, cost_path):
-    env_id = f"PruneGym/{name}-v0"
+    env_id = envs.env_id(name.removesuffix("Discrete"), discrete=name.endswith("Discrete"))
     env = gym.make(env_id, **tiny_kwargs(env_id, cost_path)).unwrapped
     before = _dense_logits(env.slm)
     n = env.action_space.shape[0]
@@ -207,7 +162,7 @@ def test_probe_prunable_reruns_and_pays_twice(cost_path):
 
 def test_budget_wall_keeps_flops_within_budget(cost_path):
     for name in ("PerInput", "PerToken", "LayerByLayer"):
-        env_id = f"PruneGym/{name}-v0"
+        env_id = envs.env_id(name.removesuffix("Discrete"), discrete=name.endswith("Discrete"))
         env = gym.make(env_id, **tiny_kwargs(env_id, cost_path, budget=0.6)).unwrapped
         env.reset(seed=1)
         done = False
@@ -219,7 +174,7 @@ def test_budget_wall_keeps_flops_within_budget(cost_path):
 
 def test_per_token_dense_plan_follows_the_dense_continuation(cost_path):
     """A dense plan every step must reproduce the dense greedy continuation (KV cache consistent)."""
-    env = gym.make("PruneGym/PerToken-v0", **tiny_kwargs("PerToken", cost_path, max_new_tokens=6)).unwrapped
+    env = gym.make("PruneGym/PerToken-v1", **tiny_kwargs("PerToken", cost_path, max_new_tokens=6)).unwrapped
     for seed in range(3):
         env.reset(seed=seed)
         done, agrees = False, []
@@ -240,7 +195,7 @@ def test_per_token_dense_plan_follows_the_dense_continuation(cost_path):
 
 
 def test_per_token_free_running(cost_path):
-    env = gym.make("PruneGym/PerToken-v0", **tiny_kwargs("PerToken", cost_path, feed="own")).unwrapped
+    env = gym.make("PruneGym/PerToken-v1", **tiny_kwargs("PerToken", cost_path, feed="own")).unwrapped
     env.reset(seed=0)
     done, n = False, 0
     while not done:
@@ -322,11 +277,16 @@ def test_conf_env_files_build(cost_path):
 def test_probe_config_is_reproducible(cost_path):
     a = gym.make("PruneGym/PerInput-v0", **tiny_kwargs("PerInput", cost_path)).unwrapped
     cfg = a.config()
-    assert cfg["probe"]["feature_names"][:3] == ["log_len", "entropy", "top1"]
-    assert len(cfg["probe"]["feature_names"]) == a.observation_space.shape[0]
+    probe = cfg["interface"]["observation"]["probe"]
+    assert probe["feature_names"][:3] == ["log_len", "entropy", "top1"]
+    assert len(probe["feature_names"]) == a.observation_space.shape[0]
     import json
 
+    from envs.interface import Interface
+
     json.dumps(cfg)
+    again = Interface.from_config(json.loads(json.dumps(cfg["interface"])), a.slm)
+    assert again.config() == cfg["interface"]
 
 
 def _rss() -> int:

@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 
+from agents import evaluation as ev
 from agents.baselines import Dense, StaticUniform
 from agents.frontier import interp_frontier, oracle_frontier
-from experiments import evaluate as ev
+from experiments import evaluate as cli
+from experiments import report
 
 
 def fake_run(name, rel, lat, family="static"):
@@ -55,7 +57,7 @@ def test_headline_static_family_cannot_beat_hull_and_oracle_closes_gap():
     assert by[("dense_relative", "oracle (hindsight)")]["accuracy"] >= hull
     ci = by[("dense_relative", "static hull (StaticMix)")]["ci95"]
     assert ci[0] <= hull <= ci[1]
-    md = ev.headline_markdown(rows)
+    md = report.headline_markdown(rows)
     assert "static hull" in md and "oracle" in md
 
 
@@ -63,7 +65,7 @@ def test_headline_marks_unreached_targets():
     static = [fake_run("a", [1, 1, 0, 1], 1.0), fake_run("b", [1, 0, 0, 1], 0.9)]
     rows = ev.headline(static, {}, targets=(0.7,), n_boot=20)
     assert all(not np.isfinite(r["accuracy"]) for r in rows)
-    assert "not reached" in ev.headline_markdown(rows)
+    assert "not reached" in report.headline_markdown(rows)
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +101,17 @@ def test_static_table_matches_live_runs(tiny_env):
 def test_outputs_written(tmp_path, tiny_env):
     runs, _ = ev.static_table(tiny_env, [Dense(), StaticUniform(layers=0.5)], 2)
     rows = ev.headline(runs, {}, targets=(0.7,), n_boot=10)
-    ev.save_results(tmp_path, runs, rows, "x")
+    report.save_results(tmp_path, runs, rows, "x")
     assert (tmp_path / "results.json").is_file() and (tmp_path / "per_input.csv").read_text().count("\n") == 5
-    ev.pareto_plot(runs, {}, tmp_path / "p.png")
+    report.pareto_plot(runs, {}, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
 def test_parse_controller_errors(tiny_env):
     with pytest.raises(ValueError, match="unknown controller"):
-        ev.parse_controller("nonsense", tiny_env)
+        cli.parse_controller("nonsense", tiny_env)
     with pytest.raises(ValueError, match="bad controller spec"):
-        ev.parse_controller("static:1,2", tiny_env)
+        cli.parse_controller("static:1,2", tiny_env)
 
 
 def test_sweep_interleaves_controllers_with_the_same_results(tiny_env):

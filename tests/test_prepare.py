@@ -1,4 +1,4 @@
-"""Pruning-ready preparation (envs.distill.training, experiments.prepare) on tiny models."""
+"""Pruning-ready preparation (envs.distill, experiments.prepare) on tiny models."""
 
 from __future__ import annotations
 
@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from envs.distill.training import (
-    LowRankDeltas,
-    PlanDistribution,
-    PlanSampler,
-    PrepareConfig,
-    load_checkpoint,
-    prepare_model,
-    save_checkpoint,
-    step_rng,
-)
+from envs.distill.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from envs.distill.config import PlanDistribution, PrepareConfig
+from envs.distill.lora import LowRankDeltas
+from envs.distill.sampler import PlanSampler, step_rng
+from envs.distill.training import prepare_model
 from envs.runtime.models import load_model, tiny_model
 from envs.runtime.sparse_lm import SparseLM
 from experiments.prepare import prepare
@@ -208,7 +203,7 @@ def test_time_budget_counts_the_training_before_a_resume(cache, tmp_path):
     train, held = _tokens(8, 0), _tokens(2, 9)
     cfg = {**BASE, "checkpoint_every": 1, "eval_plans": 1, "checkpoint_dir": str(tmp_path / "ck"), "name": "a"}
     prepare({**cfg, "max_steps": 2}, slm=_peaked_tiny(), train_sequences=train, eval_sequences=held)
-    state_file = tmp_path / "ck" / "state.json"
+    state_file = latest_checkpoint(tmp_path / "ck") / "state.json"
     state = json.loads(state_file.read_text())
     assert state["step"] == 2
     # Trained for the whole budget before the interruption: the resumed run adds no step.
@@ -482,7 +477,7 @@ def _choice_items(n: int, seed: int):
     Shared choices (as "positive" / "negative" are for every polarity item) give held-out items
     something in common with the training items.
     """
-    from envs.distill.training import ChoiceItem
+    from envs.distill.data import ChoiceItem
 
     rng = np.random.default_rng(seed)
     pool = [(5,), (17, 3), (40, 41, 42), (77,), (60, 8)]
@@ -495,7 +490,7 @@ def _choice_items(n: int, seed: int):
 
 
 def test_choice_scores_equal_the_scorer_for_items_of_uneven_width():
-    from envs.distill.training import choice_scores
+    from envs.distill.losses import choice_scores
     from envs.tasks.scoring import choice_logliks
 
     slm = _peaked_tiny()
@@ -511,7 +506,7 @@ def test_choice_scores_equal_the_scorer_for_items_of_uneven_width():
 
 
 def test_choice_kl_is_zero_only_for_equal_softmaxes():
-    from envs.distill.training import choice_kl
+    from envs.distill.losses import choice_kl
 
     t = torch.tensor([-1.0, -2.0, -4.0])
     assert float(choice_kl(t, t)) == pytest.approx(0.0, abs=1e-7)

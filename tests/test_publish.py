@@ -10,16 +10,15 @@ import pytest
 import torch
 
 from agents.controller import CARD_FILE, sha256_file
-from envs.runtime.models import tiny_model
-from envs.runtime.sparse_lm import SparseLM
 from experiments.publish import PublishError, is_pickle, main, publish
 from tests.test_export import export_bandit_to
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
-    slm = SparseLM(tiny_model("llama", seed=0), name="tiny-llama")
-    return export_bandit_to(tmp_path_factory.mktemp("pub") / "ctl", slm)
+def export(tmp_path_factory, cost_path) -> Path:
+    from envs.base import shared_lm
+
+    return export_bandit_to(tmp_path_factory.mktemp("pub") / "ctl", shared_lm("tiny-llama"), cost_path)
 
 
 def test_dry_run_writes_what_would_be_uploaded(tmp_path, export, capsys):
@@ -76,3 +75,31 @@ def test_no_token_gives_a_clear_error(export, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", no_network)
     with pytest.raises(PublishError, match="no Hugging Face token.*HF_TOKEN"):
         publish(export, "someone/x")
+
+
+def test_pickles_are_recognised_by_content_in_every_protocol(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+    import pickle
+    import tarfile
+    import zipfile
+
+    payload = {"weights": [1.0, 2.0], "name": "x"}
+    found = []
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1):
+        data = pickle.dumps(payload, protocol=proto)
+        for i, wrap in enumerate((lambda d: d, gzip.compress, bz2.compress, lzma.compress)):
+            path = tmp_path / f"notes-{proto}-{i}.txt"  # an innocent name: content decides
+            path.write_bytes(wrap(data))
+            found.append(is_pickle(path))
+        with zipfile.ZipFile(tmp_path / f"bundle-{proto}.safetensors", "w") as zf:
+            zf.writestr("archive/data.bin", data)
+        found.append(is_pickle(tmp_path / f"bundle-{proto}.safetensors"))
+    with tarfile.open(tmp_path / "t.tar", "w") as tf:
+        tf.add(tmp_path / "notes-0-0.txt", arcname="inner")
+    found.append(is_pickle(tmp_path / "t.tar"))
+    assert all(found) and len(found) == 6 * 5 + 1
+    for text, name in ((b'{"a": 1}', "c.json"), (b"# title\n\nbody.\n", "r.md"), (b"(not a pickle", "n.txt")):
+        (tmp_path / name).write_bytes(text)
+        assert not is_pickle(tmp_path / name)

@@ -210,7 +210,7 @@ def test_emulated_two_four_on_some_layers_with_attention(tiny_llama):
     torch.testing.assert_close(tiny_llama.forward(ids, plan).logits, _hf_logits(ref, ids), rtol=1e-4, atol=1e-4)
     # with pruned heads the attention runs the sliced dense weights; the MLP stays 2:4
     heads = two_four_plan(tiny_llama.uniform_plan(heads=0.5))
-    sel = tiny_llama._select(0, heads.layers[0])
+    sel = tiny_llama.select_weights(0, heads.layers[0])
     assert sel.up_w is semi.weights[0]["up_w"] and sel.q_w is not semi.weights[0]["q_w"]
     tiny_llama.disable_two_four()
     with pytest.raises(RuntimeError, match="enable_two_four"):
@@ -362,8 +362,8 @@ def test_gpu_switching_per_call_costs_no_conversion(monkeypatch):
         for p in plans:
             slm.forward(ids, p, logits="last")
     assert calls["n"] == 0
-    assert slm._select(1, plans[2].layers[1]).down_w is semi.weights[1]["down_w"]
-    assert slm._select(0, plans[2].layers[0]).down_w is slm.blocks[0].down_w
+    assert slm.select_weights(1, plans[2].layers[1]).down_w is semi.weights[1]["down_w"]
+    assert slm.select_weights(0, plans[2].layers[0]).down_w is slm.blocks[0].down_w
 
 
 @pytest.mark.gpu

@@ -67,7 +67,7 @@ def test_skipped_layers_and_blocks_do_no_work(tiny_llama):
 
 def test_views_have_no_copy(tiny_llama):
     plan = tiny_llama.uniform_plan(heads=0.5, mlp=0.5)
-    sel = tiny_llama._select(0, plan.layers[0])
+    sel = tiny_llama.select_weights(0, plan.layers[0])
     perm = tiny_llama._perm[0]
     assert sel.q_w.data_ptr() == perm["q_w"].data_ptr()
     assert sel.down_w.data_ptr() == perm["down_w"].data_ptr()

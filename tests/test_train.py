@@ -137,6 +137,13 @@ def test_ppo_trains_one_iteration(tmp_path, ray_cluster):
     assert ray_cluster.is_initialized()  # a Ray train() did not start is left running
 
 
+def test_smoke_experiment_trains(tmp_path, ray_cluster):
+    """The README's ``experiment=smoke``: the tiny env as a whole (its num_groups fit the tiny model)."""
+    metrics = train(cfg_for("experiment=smoke", "stop.iterations=1", "eval.episodes=4", f"run_dir={tmp_path}"))
+    _check_run(tmp_path, metrics, 1)
+    assert json.loads((tmp_path / "run_config.json").read_text())["env"]["kwargs"]["model"] == "tiny-llama"
+
+
 SLOW_PAIRS = [
     ("ppo", "PruneGym/PerInputDiscrete-v0"),
     ("appo", "PruneGym/PerInput-v0"),

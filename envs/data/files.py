@@ -46,6 +46,29 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON-ready containers (for cards and descriptions).
+
+    Mappings and sequences recursively (OmegaConf nodes too); dataclasses as dicts; numpy arrays
+    and scalars as lists and numbers; anything else (a cost-model object, a tokenizer) by its type
+    name, ``"<TypeName>"``.
+    """
+    import dataclasses
+    from collections.abc import Mapping, Sequence
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping) or hasattr(value, "items") and callable(value.items):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy arrays and scalars
+        return jsonable(value.tolist())
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return f"<{type(value).__name__}>"
+
+
 # ---------------------------------------------------------------------------------------- temp names
 def _temp_name(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -41,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from envs.measure.meters import Meter, MixedSourceError, device_tag, threads_in_use
+from envs.measure.meters import Meter, MixedSourceError, device_tag, package_versions, threads_in_use
 from envs.runtime.plan import ModelSpec, SparsityPlan
 
 if TYPE_CHECKING:
@@ -141,19 +140,6 @@ def anchor_plans(spec: ModelSpec, importance: Any) -> list[SparsityPlan]:
 
 
 # ---------------------------------------------------------------------------------------- identity
-def package_versions() -> dict[str, str]:
-    """Versions of the packages a timing depends on."""
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "numpy", "prunegym"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not-installed"
-    return out
-
-
 def _device_kind(device: str) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
@@ -709,6 +695,10 @@ class CostSource(ABC):
     def cost(self, plan: SparsityPlan, run_fn: Callable[[], Any] | None, seq_len: int) -> Cost:
         """The cost of ``plan`` over ``seq_len`` tokens; ``run_fn`` runs it (measured sources call it)."""
 
+    def describe(self) -> dict[str, Any]:
+        """What the costs come from (JSON-ready), for an environment's description."""
+        return {"kind": self.kind}
+
 
 class MeasuredCost(CostSource):
     """Times the real run with a :class:`~envs.measure.meters.Meter` (platform-dependent, noisy).
@@ -739,6 +729,12 @@ class CalibratedCost(CostSource):
 
     def __init__(self, cost_model: CostModel) -> None:
         self.cost_model = cost_model
+
+    def describe(self) -> dict[str, Any]:
+        """The cost model's identity: its device, model, weights hash and fit date."""
+        meta = self.cost_model.meta
+        keep = ("device", "device_kind", "model", "weights_hash", "threads", "created")
+        return {"kind": self.kind, **{k: meta[k] for k in keep if k in meta}}
 
     def cost(self, plan: SparsityPlan, run_fn: Callable[[], Any] | None, seq_len: int) -> Cost:
         """Predict the cost of ``plan``; ``run_fn`` is ignored."""

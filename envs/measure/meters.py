@@ -73,6 +73,31 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown-cpu"
 
 
+def device_description() -> str:
+    """The machine a figure was measured on, for people: the CUDA device, else the CPU model and core count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
+
+
+TIMING_PACKAGES = ("torch", "transformers", "numpy", "prunegym")
+
+
+def package_versions(names: Sequence[str] = TIMING_PACKAGES) -> dict[str, str]:
+    """Versions of ``names`` and of Python (``"not-installed"`` for an absent package)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in names:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not-installed"
+    return out
+
+
 def device_tag(device: str = "cpu") -> str:
     """A string naming the hardware a figure was measured on, e.g. ``"cpu:Intel(R) Xeon(R) ..."``.
 

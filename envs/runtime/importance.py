@@ -85,11 +85,9 @@ class Importance:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"version": IMPORTANCE_VERSION, **asdict(self)}))
-        tmp.replace(path)
+        from envs.data.files import atomic_write_json
+
+        atomic_write_json(path, {"version": IMPORTANCE_VERSION, **asdict(self)}, indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> Importance:
@@ -164,33 +162,75 @@ def calibrate(slm: SparseLM, sequences: Sequence[torch.Tensor], *, text_id: str 
     )
 
 
-def calibration_sequences(slm: SparseLM, *, max_docs: int = 64, max_len: int = 256) -> tuple[list[torch.Tensor], str]:
-    """Token sequences from the train split of the natural-text corpus, and an id for them."""
+CALIBRATION_DOCS, CALIBRATION_LEN = 64, 256
+
+
+def calibration_text(max_docs: int = CALIBRATION_DOCS, max_len: int = CALIBRATION_LEN) -> tuple[list[str], str]:
+    """The calibration documents (train split of the natural-text corpus) and an id naming them exactly."""
     from envs.data.corpus import natural_text
 
+    docs = natural_text("train")[:max_docs]
+    digest = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:12]
+    return docs, f"news-train:{len(docs)}docs:{max_len}tok:{digest}"
+
+
+def calibration_sequences(
+    slm: SparseLM, *, max_docs: int = CALIBRATION_DOCS, max_len: int = CALIBRATION_LEN
+) -> tuple[list[torch.Tensor], str]:
+    """Token sequences of :func:`calibration_text` for ``slm``, and the text's id."""
     if slm.tokenizer is None:
         raise ValueError("calibration from text needs a tokenizer; pass token sequences to calibrate() instead")
-    docs = natural_text("train")[:max_docs]
+    docs, text_id = calibration_text(max_docs, max_len)
     seqs = [torch.tensor(slm.tokenizer(doc)["input_ids"][:max_len]) for doc in docs]
-    seqs = [x for x in seqs if x.numel() > 1]
-    digest = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:12]
-    return seqs, f"news-train:{len(seqs)}x{max_len}:{digest}"
+    return [x for x in seqs if x.numel() > 1], text_id
+
+
+def _checked(imp: Importance, slm: SparseLM) -> Importance:
+    imp.check(slm.spec)
+    return imp
+
+
+def importance_files(slm: SparseLM, text_id: str) -> tuple[Path | None, list[Path]]:
+    """Where the orderings of ``slm`` are looked for: ``(pinned, cached)``.
+
+    ``pinned`` is ``importance-<weights hash>.json`` in the model's own folder (a prepared model
+    writes the orderings it was trained with there; they take precedence). ``cached`` are the
+    calibration caches keyed by the weights hash *and* the calibration text, in the model's cache
+    folder and then under :func:`~envs.data.files.cache_root` (used when the model folder is
+    read-only).
+    """
+    from envs.data.files import cache_root
+
+    digest = hashlib.sha256(text_id.encode()).hexdigest()[:12]
+    name = f"importance-{slm.weights_hash}-{digest}.json"
+    folder = Path(slm.cache_dir) if slm.cache_dir is not None else None
+    pinned = folder / f"importance-{slm.weights_hash}.json" if folder is not None else None
+    cached = ([folder / name] if folder is not None else []) + [cache_root() / "importance" / name]
+    return pinned, cached
 
 
 def load_or_calibrate(slm: SparseLM) -> Importance:
-    """The cached orderings for this model's weights, calibrating (and caching) if absent."""
-    from envs.data.files import cache_root
+    """The orderings for this model's weights and calibration text, calibrating (and caching) if absent.
 
-    folder = Path(slm.cache_dir) if slm.cache_dir is not None else cache_root() / "importance"
-    path = folder / f"importance-{slm.weights_hash}.json"
-    if path.is_file():
-        imp = Importance.load(path)
-        imp.check(slm.spec)
-        return imp
-    seqs, text_id = calibration_sequences(slm)
+    A pinned file in the model's folder wins (see :func:`importance_files`); otherwise the cache is
+    keyed by the weights hash and the calibration text, so a change to either recalibrates. A cache
+    written under the PruneGym root because the model folder was read-only is found there again.
+    """
+    folder = Path(slm.cache_dir) if slm.cache_dir is not None else None
+    pinned = folder / f"importance-{slm.weights_hash}.json" if folder is not None else None
+    if pinned is not None and pinned.is_file():  # before reading any calibration text: a prepared model needs none
+        return _checked(Importance.load(pinned), slm)
+    _, text_id = calibration_text()
+    _, cached = importance_files(slm, text_id)
+    for path in cached:
+        if path.is_file():
+            return _checked(Importance.load(path), slm)
+    seqs, _ = calibration_sequences(slm)
     imp = calibrate(slm, seqs, text_id=text_id)
-    try:
-        imp.save(path)
-    except OSError:  # a read-only model folder: cache under the PruneGym root instead
-        imp.save(cache_root() / "importance" / path.name)
+    for path in cached:
+        try:
+            imp.save(path)
+            break
+        except OSError:  # a read-only model folder: cache under the PruneGym root instead
+            continue
     return imp

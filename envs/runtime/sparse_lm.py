@@ -11,7 +11,7 @@ channels by importance. The plans built from fractions keep a prefix of that ord
 weights are plain slicing views (no copy on the hot path; ``torch.nn.functional.linear`` takes a
 view with a leading-dimension stride directly). A hand-written plan whose kept set is not a prefix
 falls back to ``index_select`` on that copy. The alternative, gathering rows from the original
-weights on every call (``strategy="gather"``), is measured against it in ``experiments.bench``;
+weights on every call (``strategy="gather"``), is measured against it in ``experiments.bench.sparse_lm``;
 the views won, so they are the default. Dense sub-blocks use the original weights, so the dense
 plan reproduces the untouched model exactly. The price is one extra copy of the decoder weights
 in memory (about 0.4 GiB for the embedded 135M model in fp32).
@@ -456,6 +456,10 @@ class SparseLM:
             self._weights_hash = h if self.adapted is None else tensors_hash(self.adapted_tensors(), prefix=h)
         return self._weights_hash
 
+    def weights_changed(self) -> None:
+        """Say that the weights were changed in place (training): :attr:`weights_hash` is computed again."""
+        self._weights_hash = None
+
     @property
     def device(self) -> torch.device:
         """Where the weights live."""
@@ -503,12 +507,21 @@ class SparseLM:
         self._sel_cache.clear()
 
     # ------------------------------------------------------------------ selection
-    def _select(self, i: int, lp: LayerPlan) -> _Sel:
-        key = (i, lp)
+    def select_weights(self, i: int, layer_plan: LayerPlan) -> _Sel:
+        """The weights layer ``i`` runs with under ``layer_plan``: the kept heads' projections and MLP channels.
+
+        With ``strategy="views"`` they are prefix views of the importance-ordered copy, built once
+        per (layer, layer plan) and cached, so switching back to a plan seen before costs a dict
+        lookup; with ``"gather"`` they are gathered from the original weights on every call. Where the
+        layer plan asks for 2:4 (:meth:`enable_two_four`), the prepared 2:4 weights take their place. This
+        choice is what running a different plan adds before the matmuls start, so
+        ``experiments.bench.sparse_lm`` times it as the plan-switching cost.
+        """
+        key = (i, layer_plan)
         sel = self._sel_cache.get(key)
         if sel is not None:
             return sel
-        sel = self._build_sel(i, lp)
+        sel = self._build_sel(i, layer_plan)
         if self.strategy == "views":  # views cost no memory; gathered copies are rebuilt per call
             if len(self._sel_cache) > 4096:
                 self._sel_cache.clear()
@@ -672,7 +685,7 @@ class SparseLM:
             if observer is not None:
                 observer(i, "layer_in", h)
             eng = self.adapted if state.adapted and self.adapted is not None else self
-            sel = eng._select(i, lp)
+            sel = eng.select_weights(i, lp)
             b = eng.blocks[i]
             if sel.n_heads:
                 h = h + self._attention(i, b, sel, b.attn_norm(h), state, observer)
@@ -823,7 +836,7 @@ class SparseLM:
                 parameters only through dense sub-blocks or with ``strategy="gather"``; the
                 importance-ordered copy used by ``"views"`` is not a parameter.
         """
-        plan = self._check_plan(plan)
+        plan = self.check_plan(plan)
         if cache is None and use_cache:
             cache = self.new_cache()
         snap = cache.snapshot() if cache is not None else None
@@ -842,7 +855,13 @@ class SparseLM:
 
     __call__ = forward
 
-    def _check_plan(self, plan: SparsityPlan | None) -> SparsityPlan:
+    def check_plan(self, plan: SparsityPlan | None) -> SparsityPlan:
+        """``plan`` (the dense plan for ``None``), refused when it is not a plan for this model's shape.
+
+        Raises:
+            TypeError: Not a :class:`SparsityPlan`.
+            ValueError: A plan for another model shape.
+        """
         if plan is None:
             return self.dense_plan()
         if not isinstance(plan, SparsityPlan):
@@ -909,7 +928,7 @@ class SparseLM:
         """
         import copy
 
-        plan = self._check_plan(plan)
+        plan = self.check_plan(plan)
         ref = copy.deepcopy(self.model)
         twin = SparseLM.__new__(SparseLM)
         twin.model, twin.family = ref, self.family
@@ -999,3 +1018,45 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------------- staged prompts
+@dataclass
+class Prefill:
+    """A prompt already run under ``plan``: scoring or decoding continues from here.
+
+    Attributes:
+        prompt: Prompt token ids.
+        plan: The plan it ran under (identity-compared with the plan the scorer is given).
+        cache: KV cache after the prompt (length advanced).
+        first: Logits at the last prompt position, ``[1, V]``.
+    """
+
+    prompt: list[int]
+    plan: SparsityPlan
+    cache: KVCache
+    first: torch.Tensor
+
+
+def run_rest(slm: SparseLM, probe: Any, plan: SparsityPlan, start: int, logits: LogitsSpec = "last") -> Prefill:
+    """Finish the prompt under ``plan`` from the probe's state (layers ``start..L-1``), without touching the probe.
+
+    ``probe`` is a :class:`envs.observation.ProbeResult` (its ``ids``, ``state``, ``cache`` and
+    ``prompt_len``). Returns a :class:`Prefill` the scorer or a decoder continues from. Idempotent
+    (the probe's state is copied), so a meter may run it several times.
+    """
+    with torch.no_grad():
+        cache = KVCache(probe.cache.num_layers, 0, list(probe.cache.layers))
+        state = replace(probe.state, cache=cache)
+        slm.run_layers(state, plan, start)
+        out = slm.finish(state, logits)
+        cache.length = probe.prompt_len
+    return Prefill(probe.ids[0].tolist(), plan, cache, out.logits[0, -1:])
+
+
+def run_full(slm: SparseLM, ids: torch.Tensor, plan: SparsityPlan) -> Prefill:
+    """Run the prompt under ``plan`` from scratch (when the plan prunes the probe's layers)."""
+    with torch.no_grad():
+        cache = slm.new_cache()
+        out = slm.forward(ids, plan, cache=cache, logits="last")
+    return Prefill(ids[0].tolist(), plan, cache, out.logits[0, -1:])

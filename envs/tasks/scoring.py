@@ -88,8 +88,25 @@ class Scorer:
         self.tokenizer = tokenizer
         self._enc_cache: dict[tuple[int, str], list[int]] = {}
 
+    def config(self) -> dict[str, Any]:
+        """The scoring settings (JSON-ready; the tokenizer override is named by its class only)."""
+        return {
+            "mc_norm": self.mc_norm,
+            "mc_metric": self.mc_metric,
+            "exact_method": self.exact_method,
+            "max_new_tokens": self.max_new_tokens,
+            "relative": self.relative,
+            "share_prefix": self.share_prefix,
+            "tokenizer": None if self.tokenizer is None else type(self.tokenizer).__name__,
+        }
+
     # ------------------------------------------------------------------ tokens
-    def _tok(self, slm: Any) -> Any:
+    def tokenizer_of(self, slm: Any) -> Any:
+        """The tokenizer items are encoded with: the override, else the model's.
+
+        Raises:
+            ValueError: Neither has one.
+        """
         tok = self.tokenizer if self.tokenizer is not None else getattr(slm, "tokenizer", None)
         if tok is None:
             raise ValueError("this model has no tokenizer: pass Scorer(tokenizer=...)")
@@ -97,7 +114,7 @@ class Scorer:
 
     def encode(self, slm: Any, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens (memoised)."""
-        tok = self._tok(slm)
+        tok = self.tokenizer_of(slm)
         key = (id(tok), text)
         ids = self._enc_cache.get(key)
         if ids is None:
@@ -108,10 +125,10 @@ class Scorer:
         return ids
 
     def _decode(self, slm: Any, ids: Sequence[int]) -> str:
-        return self._tok(slm).decode(list(ids))
+        return self.tokenizer_of(slm).decode(list(ids))
 
     def _eos(self, slm: Any) -> int | None:
-        return getattr(self._tok(slm), "eos_token_id", None)
+        return getattr(self.tokenizer_of(slm), "eos_token_id", None)
 
     def _prompt(self, slm: Any, item: Item) -> list[int]:
         ids = self.encode(slm, item.prompt)

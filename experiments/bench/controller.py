@@ -15,114 +15,129 @@ Policies have random weights (the decision time does not depend on their values)
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from experiments.bench.harness import Benchmark, summarize, time_calls
 
-def timings(fn: Callable[[], object], n: int, warmup: int = 20) -> list[float]:
-    """Wall-clock seconds of ``n`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+BENCH = Benchmark("experiments.bench.controller", __doc__, threads=True)
+TITLE = "Standalone controller"
+MODEL = "smollm2-135m"  # the embedded model
+PROBE = {"num_groups": 3, "probe_layers": 2, "probe_dim": 32}
+WARMUP = 20  # untimed decisions before the timed ones
+
+
+def environments(model: str, threads: int | None) -> dict[str, dict[str, Any]]:
+    """The PerInput environments the controllers are exported for: their spaces and descriptions.
+
+    The measured-cost variants: they need no calibration file, and no decision depends on the cost
+    source.
+
+    Args:
+        model: The model the environments run.
+        threads: Torch intra-op threads (``None`` leaves the setting alone).
+
+    Returns:
+        Under ``"box"`` and ``"discrete"``: ``observation_space``, ``action_space``, ``config``
+        (``env.unwrapped.config()``, what an export records) and ``slm`` (the environment's model).
+    """
+    import envs
+
+    out = {}
+    for kind, discrete in (("box", False), ("discrete", True)):
+        env = envs.make_env(
+            envs.env_id("PerInput", discrete=discrete, measured=True), model=model, n_items=8, threads=threads, **PROBE
+        )
+        u = env.unwrapped
+        out[kind] = {
+            "observation_space": env.observation_space,
+            "action_space": env.action_space,
+            "config": u.config(),
+            "slm": u.slm,
+        }
+        env.close()
     return out
 
 
-def p95(values: list[float]) -> float:
-    """95th percentile."""
-    return float(np.percentile(values, 95))
+def build_exports(slm: Any, folder: Path, spaces: dict[str, dict[str, Any]]) -> dict[str, Path]:
+    """Export a PPO (Box), a DQN (Discrete) and a LinUCB controller with random weights into ``folder``.
 
-
-def build_exports(slm, folder: Path, probe_kwargs: dict) -> dict[str, Path]:
-    """Export a PPO (Box), a DQN (Discrete) and a LinUCB controller for ``slm`` into ``folder``."""
-    import gymnasium as gym
+    Args:
+        slm: The model the environments run (the exports are checked against its weights hash).
+        folder: Where the controller folders go (``ppo``, ``dqn``, ``linucb``).
+        spaces: :func:`environments`.
+    """
     from ray.rllib.algorithms.dqn import DQNConfig
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
     from agents.bandit import BanditController
     from agents.export import export_bandit, export_rllib_module
-    from envs.observation import Probe
 
-    probe = Probe(slm, probe_kwargs["probe_layers"], probe_kwargs["probe_dim"])
-    obs = gym.spaces.Box(-10.0, 10.0, (probe.dim,), np.float32)
-    g = probe_kwargs["num_groups"]
     out = {}
-    for name, cfg_cls, space, env_id in (
-        ("ppo", PPOConfig, gym.spaces.Box(0.0, 1.0, (3 * g,), np.float32), "PruneGym/PerInput-v0"),
-        ("dqn", DQNConfig, gym.spaces.Discrete(10), "PruneGym/PerInputDiscrete-v0"),
-    ):
+    for name, cfg_cls, kind in (("ppo", PPOConfig, "box"), ("dqn", DQNConfig, "discrete")):
+        env = spaces[kind]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cfg = cfg_cls().environment(observation_space=obs, action_space=space)
+            cfg = cfg_cls().environment(observation_space=env["observation_space"], action_space=env["action_space"])
             module = (
                 cfg.rl_module(model_config=DefaultModelConfig(fcnet_hiddens=[256, 256])).get_rl_module_spec().build()
             )
-        out[name] = export_rllib_module(
-            module, folder / name, algo=name, env_id=env_id, env_kwargs=probe_kwargs, slm=slm
-        )
+        out[name] = export_rllib_module(module, folder / name, algo=name, env_config=env["config"], slm=slm)
+    discrete = spaces["discrete"]
+    dim = int(np.prod(discrete["observation_space"].shape))
+    arms = int(discrete["action_space"].n)
     rng = np.random.default_rng(0)
-    bandit = BanditController(10, probe.dim)
-    x = rng.standard_normal((256, probe.dim))
-    bandit.fit(x, rng.integers(0, 10, 256), rng.standard_normal(256))
-    out["linucb"] = export_bandit(
-        bandit, folder / "linucb", env_id="PruneGym/PerInputDiscrete-v0", env_kwargs=probe_kwargs, slm=slm
-    )
+    bandit = BanditController(arms, dim)
+    bandit.fit(rng.standard_normal((256, dim)), rng.integers(0, arms, 256), rng.standard_normal(256))
+    out["linucb"] = export_bandit(bandit, folder / "linucb", env_config=discrete["config"], slm=slm)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the tables and write the BENCHMARKS.md section."""
-    p = argparse.ArgumentParser(prog="python -m experiments.bench.controller", description=__doc__.split("\n\n")[0])
+    p = BENCH.parser()
     p.add_argument("--calls", type=int, default=5000, help="decisions timed per controller")
     p.add_argument("--forwards", type=int, default=15, help="dense forwards and probe runs timed")
     p.add_argument("--tokens", type=int, default=256, help="prompt length")
-    p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = p.parse_args(argv)
+    args = BENCH.parse(p, argv)
+    if min(args.calls, args.forwards, args.tokens) < 1:
+        p.error("--calls, --forwards and --tokens must be >= 1")
 
     from agents.controller import Controller
     from envs.observation import Probe
-    from envs.runtime.sparse_lm import SparseLM
-    from experiments.report import markdown_table, write_section
+    from experiments.report import markdown_table
 
-    slm = SparseLM.from_pretrained()
-    probe_kwargs = {"model": "smollm2-135m", "num_groups": 3, "probe_layers": 2, "probe_dim": 32}
+    spaces = environments(MODEL, args.threads)
+    slm = spaces["box"]["slm"]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build_exports(slm, Path(tmp), probe_kwargs)
+        paths = build_exports(slm, Path(tmp), spaces)
         ctls = {name: Controller.from_pretrained(path, slm) for name, path in paths.items()}
         obs = rng.standard_normal(ctls["ppo"].observation_size).astype(np.float32)
         rows = []
-        decision = {}
         for name, ctl in ctls.items():
-            t = timings(lambda ctl=ctl: ctl.select_action(obs), args.calls)
-            decision[name] = statistics.median(t)
+            t = summarize(time_calls(lambda ctl=ctl: ctl.select_action(obs), args.calls, warmup=WARMUP))
             rows.append(
                 [
                     name,
-                    ctl.card["action"]["kind"],
-                    f"{statistics.median(t) * 1e3:.4f}",
-                    f"{p95(t) * 1e3:.4f}",
-                    "yes" if statistics.median(t) <= 5e-5 else "no",
+                    ctl.action_kind,
+                    f"{t.p50 * 1e3:.4f}",
+                    f"{t.p95 * 1e3:.4f}",
+                    "yes" if t.p50 <= 5e-5 else "no",
                 ]
             )
         table1 = markdown_table(["controller", "action", "median ms", "p95 ms", "<= 0.05 ms"], rows)
 
         ids = torch.randint(0, slm.spec.vocab_size, (1, args.tokens))
         ctl = ctls["ppo"]
-        probes = {k: Probe(slm, k, 32) for k in (0, 1, 2)}
+        probes = {k: Probe(slm, k, PROBE["probe_dim"]) for k in (0, 1, 2)}
         dense_plan = slm.dense_plan()
 
         def layers_only(k: int) -> None:
@@ -149,13 +164,13 @@ def main(argv: list[str] | None = None) -> None:
                     layers_only(k)
                     layer_t[k].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                ctl.select_plan(res.features, slm, seq_len=args.tokens)
+                ctl.select_plan(res.features, slm, prompt_len=args.tokens)
                 decide_t.append(time.perf_counter() - t0)
-    dense = statistics.median(dense_t)
-    dec = statistics.median(decide_t)
+    dense = summarize(dense_t).p50
+    dec = summarize(decide_t).p50
     rows2 = [["dense forward (logits at the last position)", f"{dense * 1e3:.1f}", "100%", "", ""]]
     for k in probes:
-        pm, lm = statistics.median(probe_t[k]), statistics.median(layer_t[k])
+        pm, lm = summarize(probe_t[k]).p50, summarize(layer_t[k]).p50
         rows2.append(
             [
                 f"probe k={k} + decision",
@@ -165,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{(max(pm - lm, 0.0) + dec) / dense:.2%}",
             ]
         )
-    frac = (statistics.median(probe_t[2]) + dec) / dense
+    frac = (summarize(probe_t[2]).p50 + dec) / dense
     table2 = markdown_table(
         [
             f"SmolLM2-135M, {args.tokens} tokens",
@@ -178,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     body = (
         f"Decision time of exported controllers (`Controller.select_action` on one observation of "
-        f"{ctls['ppo'].observation_size} probe features; onnxruntime, 1 intra-op thread; {args.calls} calls after 20 "
-        "warm-up). PPO and DQN have RLlib's default policy size (2 x 256 hidden units, random weights); the "
+        f"{ctls['ppo'].observation_size} probe features; onnxruntime, 1 intra-op thread; {args.calls} calls after "
+        f"{WARMUP} warm-up). PPO and DQN have RLlib's default policy size (2 x 256 hidden units, random weights); the "
         "bandit is a linear scorer over 10 presets. Target: <= 0.05 ms.\n\n"
         f"{table1}\n\n"
         f"Probe + decision as a fraction of a dense forward of the embedded SmolLM2-135M on a {args.tokens}-token "
@@ -191,11 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         f"features and the decision. Probe k=2 + decision: {frac:.2%} of dense.\n\n"
         f"{table2}\n"
     )
-    print(body)
-    if not args.no_write:
-        given = sys.argv[1:] if argv is None else argv
-        cmd = " ".join(["python -m experiments.bench.controller", *given])
-        write_section("Standalone controller", cmd, body)
+    BENCH.publish(args, TITLE, body)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,7 @@ Three figures, on the embedded model and a mix of real and generated tasks:
 
 from __future__ import annotations
 
-import argparse
 import random
-import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,9 +29,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.report import markdown_table, time_round_robin, write_section
+from experiments.bench.harness import Benchmark, summarize, time_round_robin
+from experiments.report import markdown_table
 
-COMMAND = "python -m experiments.bench.envs"
+BENCH = Benchmark(
+    "experiments.bench.envs",
+    __doc__,
+    threads=1,
+    threads_help="a second thread competes with every other process on a shared 2-core machine",
+)
+TITLE = "Environments"
 MIX = {
     "gensim/polarity:2shot": 1.0,
     "gensim/news": 1.0,
@@ -47,10 +51,6 @@ ACTIONS = {
     "uniform 0.75": [0.75] * 9,
     "skip late layers": [1, 1, 1, 1, 0.75, 0.75, 0.5, 0.75, 0.5],
 }
-
-
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
 
 
 def overhead(
@@ -85,14 +85,14 @@ def overhead(
             }
             with torch.no_grad():
                 t = time_round_robin(fns, 1, repeats, rng)
-            env_med = statistics.median(t["env"])
+            env_med = summarize(t["env"]).p50
             for k in ("scorer", "forward"):
-                r = env_med / statistics.median(t[k])
+                r = env_med / summarize(t[k]).p50
                 ratios[k].append(r)
                 per_plan[name][k].append(r)
-            ratios["step_vs_scorer"].append(statistics.median(step_times[1:]) / statistics.median(t["scorer"]))
+            ratios["step_vs_scorer"].append(summarize(step_times[1:]).p50 / summarize(t["scorer"]).p50)
     rows = [
-        [name, f"{statistics.median(v['scorer']):.3f}", f"{statistics.median(v['forward']):.3f}"]
+        [name, f"{summarize(v['scorer']).p50:.3f}", f"{summarize(v['forward']).p50:.3f}"]
         for name, v in per_plan.items()
     ]
     return rows, ratios
@@ -120,7 +120,7 @@ def steps_per_second(make: Callable[[], Any], steps: int, seed: int = 0) -> tupl
         times.append(time.perf_counter() - t0)
     env.close()
     total = sum(times)
-    return len(times) / total, episodes / total, _pct(times, 95)
+    return len(times) / total, episodes / total, summarize(times).p95
 
 
 def probe_cost(env: Any, n_items: int, repeats: int, rng: random.Random) -> list[float]:
@@ -138,27 +138,25 @@ def probe_cost(env: Any, n_items: int, repeats: int, rng: random.Random) -> list
                 repeats,
                 rng,
             )
-        out.append(statistics.median(t["probe"]) / statistics.median(t["dense"]))
+        out.append(summarize(t["probe"]).p50 / summarize(t["dense"]).p50)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the tables and write the BENCHMARKS.md section."""
+    p = BENCH.parser()
+    p.add_argument("--model", default="smollm2-135m", help="model name, folder or hub id (default: embedded)")
+    p.add_argument("--items", type=int, default=6, help="items for the overhead and probe figures")
+    p.add_argument("--repeats", type=int, default=3, help="round-robin repeats per (item, plan) and per probe item")
+    p.add_argument("--steps", type=int, default=20, help="random steps per environment for steps/s")
+    p.add_argument("--cost-model", default=None, help="calibration file (default: the device's, else a quick fit)")
+    args = BENCH.parse(p, argv)
+
     import gymnasium as gym
 
-    import envs  # noqa: F401  (registers the ids)
+    import envs  # registers the ids
     from envs.base import shared_lm
     from envs.measure.cost_model import default_path
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--items", type=int, default=6, help="items for the overhead and probe figures")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20, help="random steps per environment for steps/s")
-    p.add_argument("--threads", type=int, default=1, help="PyTorch intra-op threads")
-    p.add_argument("--cost-model", default=None, help="calibration file (default: the device's, else a quick fit)")
-    p.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
-    args = p.parse_args(argv)
 
     slm = shared_lm(args.model, threads=args.threads)
     path = Path(args.cost_model) if args.cost_model else default_path(slm, str(slm.device))
@@ -177,24 +175,24 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(0)
 
     t0 = time.perf_counter()
-    env = gym.make("PruneGym/PerInput-v0", **common).unwrapped
+    env = gym.make(envs.env_id("PerInput"), **common).unwrapped
     print(f"env ready in {time.perf_counter() - t0:.1f}s ({len(env.items)} items); {note}", flush=True)
     plan_rows, ratios = overhead(env, args.items, args.repeats, rng)
     probe = probe_cost(env, args.items, args.repeats, rng)
     print("overhead done", flush=True)
 
     rates = []
-    for name in (
-        "PerInput",
-        "PerInputDiscrete",
-        "LayerByLayer",
-        "LayerByLayerDiscrete",
-        "PerToken",
-        "PerTokenDiscrete",
+    for name, discrete in (
+        ("PerInput", False),
+        ("PerInput", True),
+        ("LayerByLayer", False),
+        ("LayerByLayer", True),
+        ("PerToken", False),
+        ("PerToken", True),
     ):
-        row = [f"`PruneGym/{name}-v0`"]
+        row = [f"`{envs.env_id(name, discrete=discrete)}`"]
         for measured in (False, True):
-            env_id = f"PruneGym/{name}{'Measured' if measured else ''}-v0"
+            env_id = envs.env_id(name, discrete=discrete, measured=measured)
             kw = dict(common, n_items=8)
             rate, eps, p95 = steps_per_second(lambda env_id=env_id, kw=kw: gym.make(env_id, **kw), args.steps)
             row += [f"{rate:.1f}", f"{eps:.2f}", f"{p95 * 1e3:.0f}"]
@@ -204,30 +202,19 @@ def main(argv: list[str] | None = None) -> None:
     summary = markdown_table(
         ["figure", "median", "p95", "n"],
         [
-            [
-                "PerInput reset+step / bare scorer (prompt + continuation forward, same plan)",
-                f"{statistics.median(ratios['scorer']):.3f}",
-                f"{_pct(ratios['scorer'], 95):.3f}",
-                len(ratios["scorer"]),
-            ],
-            [
-                "PerInput reset+step / bare prompt forward alone (scoring needs a second, continuation forward)",
-                f"{statistics.median(ratios['forward']):.3f}",
-                f"{_pct(ratios['forward'], 95):.3f}",
-                len(ratios["forward"]),
-            ],
-            [
-                "PerInput step alone (the probe's layers reused) / bare scorer",
-                f"{statistics.median(ratios['step_vs_scorer']):.3f}",
-                f"{_pct(ratios['step_vs_scorer'], 95):.3f}",
-                len(ratios["step_vs_scorer"]),
-            ],
-            [
-                f"probe ({env.probe.layers} layers + features) / dense prompt forward",
-                f"{statistics.median(probe):.3f}",
-                f"{_pct(probe, 95):.3f}",
-                len(probe),
-            ],
+            [label, f"{s.p50:.3f}", f"{s.p95:.3f}", s.n]
+            for label, s in (
+                (
+                    "PerInput reset+step / bare scorer (prompt + continuation forward, same plan)",
+                    summarize(ratios["scorer"]),
+                ),
+                (
+                    "PerInput reset+step / bare prompt forward alone (scoring needs a second, continuation forward)",
+                    summarize(ratios["forward"]),
+                ),
+                ("PerInput step alone (the probe's layers reused) / bare scorer", summarize(ratios["step_vs_scorer"])),
+                (f"probe ({env.probe.layers} layers + features) / dense prompt forward", summarize(probe)),
+            )
         ],
     )
     per_plan = markdown_table(["plan (PerInput action)", "env / bare scorer", "env / bare forward"], plan_rows)
@@ -255,9 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         "comparable figure); the measured variants time one run per step (default meter settings):\n\n"
         f"{rate_table}\n"
     )
-    print(body)
-    if not args.no_write:
-        write_section("Environments", COMMAND + " " + " ".join(argv if argv is not None else sys.argv[1:]), body)
+    BENCH.publish(args, TITLE, body)
 
 
 if __name__ == "__main__":

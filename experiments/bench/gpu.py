@@ -29,7 +29,6 @@ import argparse
 import gc
 import json
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -39,7 +38,10 @@ from typing import Any
 
 import torch
 
+from experiments.bench.harness import Benchmark
+
 SECTION = "GPU: 2:4 sparsity, layer skipping and MLP slicing"
+BENCH = Benchmark("experiments.bench.gpu", __doc__, output_aliases=("--benchmarks",))
 DEFAULT_RESULTS = Path("outputs") / "bench_gpu" / "results.json"
 
 # Real configurations (public config.json values); the benchmark initialises them randomly.
@@ -448,12 +450,8 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
 
 # ---------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options."""
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.bench.gpu",
-        description="2:4 sparsity vs layer skipping vs MLP slicing on an NVIDIA GPU (compute capability >= 8.0): "
-        "per-linear and end-to-end prefill latency, energy per query (NVML) and memory.",
-    )
+    """Command-line options; ``args.command`` is the command line that made the run."""
+    p = BENCH.parser()
     p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), help="model shapes")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="weight dtypes")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32], help="prefill batch sizes")
@@ -466,9 +464,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--backend", choices=["cusparselt", "cutlass"], default=None, help="2:4 kernel (default: auto)")
     p.add_argument("--attn", action="store_true", help="also convert the attention projections to 2:4")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSON file the results merge into")
-    p.add_argument("--benchmarks", type=Path, default=None, help="markdown file to write (default: BENCHMARKS.md)")
-    p.add_argument("--no-write", action="store_true", help="print only; do not write results or BENCHMARKS.md")
-    return p.parse_args(argv)
+    return BENCH.parse(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -502,16 +498,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "e2e" in args.parts:
                 rows += bench_e2e(model, dt, args.batches, args.seq, meter, args.rounds, args.backend, targets)
                 _free()
-    if args.no_write:
-        return 0
-    data = merge(args.results, env, rows)
-    body = render(data, args)
-    from experiments.report import write_section
-
-    command = "python -m experiments.bench.gpu" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
-    path = write_section(SECTION, command, body, path=args.benchmarks)
-    print(body)
-    print(f"wrote {args.results} and the section '{SECTION}' of {path}")
+    # --no-write: this run's rows alone; otherwise everything merged into the results file so far.
+    data = {"environment": env, "rows": rows} if args.no_write else merge(args.results, env, rows)
+    BENCH.publish(args, SECTION, render(data, args))
+    if not args.no_write:
+        print(f"merged the results into {args.results}")
     return 0
 
 

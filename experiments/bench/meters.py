@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Sequence
@@ -27,18 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from experiments.bench.harness import Benchmark, summarize, time_calls
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TITLE = "Meters and cost model"
-
-
-def _wall(fn: Any, n: int) -> np.ndarray:
-    out = np.empty(n)
-    for i in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out[i] = time.perf_counter() - t0
-    return out
+BENCH = Benchmark(
+    "experiments.bench.meters", __doc__, threads=2, threads_help="deliberately 2, the cores of the reference machine"
+)
 
 
 def overhead_rows(n: int) -> list[list[str]]:
@@ -50,29 +45,22 @@ def overhead_rows(n: int) -> list[list[str]]:
 
     rows = []
     m_off = Meter("cpu", warmup=2, repeats=5, energy="off", memory=False)
-    timed = np.array([m_off.measure(noop).latency_p50_s for _ in range(n)])
-    rows.append(
-        [
-            "timed call of a no-op (timer overhead)",
-            f"{np.median(timed) * 1e9:.0f} ns",
-            f"{np.percentile(timed, 95) * 1e9:.0f} ns",
-            n,
-        ]
-    )
+    timed = summarize([m_off.measure(noop).latency_p50_s for _ in range(n)])
+    rows.append(["timed call of a no-op (timer overhead)", f"{timed.p50 * 1e9:.0f} ns", f"{timed.p95 * 1e9:.0f} ns", n])
     for label, meter in (
         ("measure(no-op), energy off, memory off (2+5 calls)", m_off),
         ("measure(no-op), energy off, memory on", Meter("cpu", warmup=2, repeats=5, energy="off")),
     ):
-        w = _wall(lambda meter=meter: meter.measure(noop), n)
-        rows.append([label, f"{np.median(w) * 1e6:.1f} µs", f"{np.percentile(w, 95) * 1e6:.1f} µs", n])
+        w = summarize(time_calls(lambda meter=meter: meter.measure(noop), n))
+        rows.append([label, f"{w.p50 * 1e6:.1f} µs", f"{w.p95 * 1e6:.1f} µs", n])
     m_e = Meter("cpu", warmup=2, repeats=5, energy="auto")
     k = max(n // 20, 5)
-    w = _wall(lambda: m_e.measure(noop), k)
+    w = summarize(time_calls(lambda: m_e.measure(noop), k))
     rows.append(
         [
             f"measure(no-op), energy {m_e.describe()['energy_meter']} ({m_e.energy_window_s * 1e3:.0f} ms window)",
-            f"{np.median(w) * 1e3:.1f} ms",
-            f"{np.percentile(w, 95) * 1e3:.1f} ms",
+            f"{w.p50 * 1e3:.1f} ms",
+            f"{w.p95 * 1e3:.1f} ms",
             k,
         ]
     )
@@ -81,23 +69,21 @@ def overhead_rows(n: int) -> list[list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table, write the BENCHMARKS.md section."""
-    p = argparse.ArgumentParser(prog="python -m experiments.bench.meters", description=__doc__.split("\n")[0])
+    p = BENCH.parser()
     p.add_argument("--n-plans", type=int, default=32, help="calibration plans per bucket")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[64, 256], help="calibration buckets")
     p.add_argument("--drift-plans", type=int, default=50, help="fresh plans compared at --drift-seq-len")
     p.add_argument("--drift-seq-len", type=int, default=256, help="tokens for the calibrated-vs-measured check")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per plan")
     p.add_argument("--overhead-calls", type=int, default=200, help="measure() calls for the overhead rows")
-    p.add_argument("--threads", type=int, default=2, help="PyTorch threads (deliberately 2: the 2-core machine)")
-    p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = p.parse_args(argv)
+    args = BENCH.parse(p, argv)
 
     from tqdm import tqdm
 
     from envs.measure.cost_model import CalibratedCost, CostModel, random_plans
     from envs.measure.meters import Meter
     from envs.runtime.sparse_lm import SparseLM
-    from experiments.report import markdown_table, write_section
+    from experiments.report import markdown_table
 
     load0 = os.getloadavg()
     rows = overhead_rows(args.overhead_calls)
@@ -125,8 +111,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     ids = torch.randint(slm.spec.vocab_size, (1, args.drift_seq_len), generator=torch.Generator().manual_seed(1))
     calibrated = CalibratedCost(cm)
-    t_pred = _wall(lambda: calibrated.cost(plan, None, args.drift_seq_len), 200)
-    t_meas = _wall(lambda: meter.measure(lambda: slm.forward(ids, plan, logits="last")), 3)
+    t_pred = summarize(time_calls(lambda: calibrated.cost(plan, None, args.drift_seq_len), 200))
+    t_meas = summarize(time_calls(lambda: meter.measure(lambda: slm.forward(ids, plan, logits="last")), 3))
+    measured = summarize(meas)
     # the thread count a CPU timing depends on, side by side on the dense plan
     dense = slm.dense_plan()
     by_threads = {}
@@ -150,13 +137,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ["... absolute % error, median / p95 / max", f"{drift['median_ape']:.1f} %", f"{drift['p95_ape']:.1f} %"
          f" (max {drift['max_ape']:.1f} %)", drift["n"]],
         ["... mean signed error (predicted - measured) / measured", f"{drift['bias']:+.1f} %", "", drift["n"]],
-        [f"measured latency of those plans ({T} tokens)", f"{np.median(meas) * 1e3:.0f} ms",
-         f"{np.percentile(meas, 95) * 1e3:.0f} ms", drift["n"]],
+        [f"measured latency of those plans ({T} tokens)", f"{measured.p50 * 1e3:.0f} ms",
+         f"{measured.p95 * 1e3:.0f} ms", drift["n"]],
         ["drift measurements still noisy (CV > 0.1) after 2 attempts", f"{drift['noisy_fraction']:.0%}", "",
          drift["n"]],
-        ["calibrated cost(): one prediction", f"{np.median(t_pred) * 1e6:.0f} µs",
-         f"{np.percentile(t_pred, 95) * 1e6:.0f} µs", 200],
-        ["measured cost: one Meter.measure of a plan (1+5 calls + energy window)", f"{np.median(t_meas):.2f} s", "", 3],
+        ["calibrated cost(): one prediction", f"{t_pred.p50 * 1e6:.0f} µs", f"{t_pred.p95 * 1e6:.0f} µs", t_pred.n],
+        ["measured cost: one Meter.measure of a plan (1+5 calls + energy window)", f"{t_meas.p50:.2f} s", "",
+         t_meas.n],
     ]  # fmt: skip
     for n_threads, m in by_threads.items():
         rows.append([f"dense forward, {args.drift_seq_len} tokens, {n_threads} thread(s)",
@@ -169,8 +156,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             [f"calibrated vs {src} energy at {T} tokens: MAPE", f"{drift['energy_mape']:.1f} %", "", drift["n"]]
         )
     table = markdown_table(["what", "median", "p95", "n"], rows)
-    print()
-    print(table)
     body = (
         f"{table}\n\n"
         f"Model: embedded SmolLM2-135M, fp32, `SparseLM(threads={args.threads})`, chosen deliberately: a "
@@ -185,9 +170,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"Load average (1/5/15 min) before: {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, after: "
         f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} (other processes shared the 2 cores)."
     )
-    if not args.no_write:
-        path = write_section(TITLE, "python -m experiments.bench.meters " + " ".join(argv or []), body)
-        print(f"\nwrote section '{TITLE}' of {path}")
+    print()
+    BENCH.publish(args, TITLE, body)
     return {"rows": rows, "drift": drift, "fit_seconds": fit_s}
 
 

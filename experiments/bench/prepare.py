@@ -1,4 +1,4 @@
-"""Benchmarks of pruning-ready models (``envs.distill.training``), written to ``BENCHMARKS.md``.
+"""Benchmarks of pruning-ready models (``envs.distill``), written to ``BENCHMARKS.md``.
 
 Two modes:
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,12 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs.distill.training import PrepareConfig, evaluate_plans, teacher_logprobs, text_sequences
+from envs.distill.config import PrepareConfig
+from envs.distill.data import text_sequences
+from envs.distill.evaluation import evaluate_plans, teacher_logprobs
 from envs.runtime.plan import SparsityPlan
 from envs.runtime.sparse_lm import SparseLM
-from experiments.report import REPO_ROOT, markdown_table, write_section
+from experiments.bench.harness import Benchmark
+from experiments.report import REPO_ROOT, markdown_table
 
 THREADS = 2  # the reference machine has 2 cores; set deliberately so timings are comparable
+BENCH = Benchmark("experiments.bench.prepare", __doc__, threads=THREADS, threads_help="1 on a loaded machine")
 LEVELS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
 TASK_FAMILIES = ("layers", "mlp", "mixed")  # the families whose curves reach 70% of dense cost
 DEFAULT_PREPARED = "smollm2-135m-ready"  # what `python -m experiments.prepare` writes
@@ -231,9 +234,7 @@ def compare(args: argparse.Namespace) -> None:
             rows,
         )
     )
-    print(body)
-    cmd = "python -m experiments.bench.prepare " + " ".join(sys.argv[1:])
-    write_section("Pruning-ready models: recipes compared", cmd, body)
+    BENCH.publish(args, "Pruning-ready models: recipes compared", body)
 
 
 def curves(args: argparse.Namespace) -> None:
@@ -383,13 +384,12 @@ def curves(args: argparse.Namespace) -> None:
     # The default preparation owns the main section and plot; other prepared models get one each.
     suffix = "" if args.prepared == DEFAULT_PREPARED else f"_{args.prepared}"
     plot = Path("reports") / f"prepare_curves{suffix}.png"
-    plot_curves(rows, task_curves, args.target, REPO_ROOT / plot, f"Static curves of `{args.prepared}`")
     body += f"\n\n![static curves before and after preparation]({plot.as_posix()})"
-    print(body)
-    print(f"wrote {plot}")
-    cmd = "python -m experiments.bench.prepare " + " ".join(sys.argv[1:])
     title = "Pruning-ready models" + ("" if args.prepared == DEFAULT_PREPARED else f" ({args.prepared})")
-    write_section(title, cmd, body)
+    BENCH.publish(args, title, body)
+    if not args.no_write:
+        plot_curves(rows, task_curves, args.target, REPO_ROOT / plot, f"Static curves of `{args.prepared}`")
+        print(f"wrote {plot}")
 
 
 def _text_described(card: dict[str, Any]) -> str:
@@ -669,7 +669,7 @@ def methods(args: argparse.Namespace) -> None:
         "run one after the other on the same machine. "
         f"Held-out pruned KL: mean KL(original dense ‖ plan) over {args.plans} fixed sampled plans on "
         f"{args.sequences} × 256 val-split tokens. LoRA here is rank-16 deltas added to the extracted weights "
-        "(`envs.distill.training.LowRankDeltas`), since SparseLM slices the weight tensors and would not see a peft "
+        "(`envs.distill.lora.LowRankDeltas`), since SparseLM slices the weight tensors and would not see a peft "
         "wrapper.\n\n"
         + markdown_table(
             [
@@ -688,9 +688,7 @@ def methods(args: argparse.Namespace) -> None:
         )
         + f"\n\nMore KL reduction per CPU-minute: **{winner}** (the default `method` in `conf/prepare.yaml`)."
     )
-    print(body)
-    cmd = "python -m experiments.bench.prepare " + " ".join(sys.argv[1:])
-    write_section("Pruning-ready models: full fine-tuning vs LoRA", cmd, body)
+    BENCH.publish(args, "Pruning-ready models: full fine-tuning vs LoRA", body)
 
 
 def _decode_logprobs(slm: SparseLM, ids: torch.Tensor, prefix: int, plans: list[SparsityPlan]) -> torch.Tensor:
@@ -767,16 +765,14 @@ def mixing(args: argparse.Namespace) -> None:
         f"{r_all:.2f} when every token is pruned.\n\n"
         + markdown_table(["run", "tokens", "count", "KL original", "KL prepared", "÷ original"], rows)
     )
-    print(body)
-    cmd = "python -m experiments.bench.prepare " + " ".join(sys.argv[1:])
-    write_section("Pruning-ready models: per-token plan mixing", cmd, body)
+    BENCH.publish(args, "Pruning-ready models: per-token plan mixing", body)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line."""
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench.prepare", description=__doc__.splitlines()[0])
+    """Command line: one subcommand per section (see the module docstring)."""
+    ap = BENCH.parser(subcommands=True)
     sub = ap.add_subparsers(dest="mode", required=True)
-    c = sub.add_parser("curves", help="static curves of the original and a prepared model")
+    c = BENCH.subcommand(sub, "curves", help="static curves of the original and a prepared model")
     c.add_argument("--prepared", default=DEFAULT_PREPARED, help="name of the prepared model")
     c.add_argument("--tasks", type=int, default=0, help="task items for accuracy (0: skip)")
     c.add_argument("--mix", default="mc", help="task mix for --tasks")
@@ -788,35 +784,33 @@ def main(argv: list[str] | None = None) -> None:
         help="families scored on the task items (each plan costs a pass over them on both models)",
     )
     c.add_argument("--no-latency", dest="latency", action="store_false", help="FLOP cost only")
-    r = sub.add_parser("compare", help="prepared models side by side: static loss and dense drift")
+    r = BENCH.subcommand(sub, "compare", help="prepared models side by side: static loss and dense drift")
     r.add_argument("--prepared", nargs="+", required=True, help="names of prepared models")
     r.add_argument("--tasks", type=int, default=400, help="task items for the dense drift")
     r.add_argument("--mix", default="mc", help="task mix")
-    x = sub.add_parser("mixing", help="per-token decoding mixing dense and pruned tokens, on both models")
+    x = BENCH.subcommand(sub, "mixing", help="per-token decoding mixing dense and pruned tokens, on both models")
     x.add_argument("--prepared", default=DEFAULT_PREPARED, help="name of the prepared model")
     x.add_argument("--family", default="mlp", choices=FAMILIES, help="static family of the pruned tokens' plan")
     x.add_argument("--level", type=float, default=0.6, help=f"its keep level ({LEVELS}; heads: 0.33, 0.67)")
     x.add_argument("--share", type=float, default=0.5, help="probability that a token of the mixed run is pruned")
     x.add_argument("--prefix", type=int, default=32, help="tokens prefilled densely before decoding")
     x.add_argument("--seed", type=int, default=0, help="seed of which tokens the mixed run prunes")
-    m = sub.add_parser("methods", help="full fine-tuning vs LoRA for the same time")
-    m.add_argument("--minutes", type=float, default=3.0)
-    m.add_argument("--lr-full", type=float, default=5e-5)
-    m.add_argument("--lr-lora", type=float, default=5e-4)
-    m.add_argument("--sequences", type=int, default=4)
-    m.add_argument("--plans", type=int, default=6)
+    m = BENCH.subcommand(sub, "methods", help="full fine-tuning vs LoRA for the same time")
+    m.add_argument("--minutes", type=float, default=3.0, help="wall-clock training budget of each method")
+    m.add_argument("--lr-full", type=float, default=5e-5, help="learning rate of full fine-tuning")
+    m.add_argument("--lr-lora", type=float, default=5e-4, help="learning rate of LoRA")
+    m.add_argument("--sequences", type=int, default=4, help="held-out sequences of the pruned-plan KL")
+    m.add_argument("--plans", type=int, default=6, help="fixed sampled plans of the pruned-plan KL")
     for p in (c, r, x):
         p.add_argument("--docs", type=int, default=20, help="val-split documents to read")
         p.add_argument(
             "--skip-docs", type=int, default=12, help="val documents skipped (the ones prepare evaluates on)"
         )
-        p.add_argument("--sequences", type=int, default=4)
-        p.add_argument("--seq-len", type=int, default=256)
+        p.add_argument("--sequences", type=int, default=4, help="val sequences evaluated (at most)")
+        p.add_argument("--seq-len", type=int, default=256, help="tokens per val sequence")
     for p in (c, r):
         p.add_argument("--target", type=float, default=0.7, help="cost fraction of the summary")
-    for p in (c, m, r, x):
-        p.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads (1 on a loaded machine)")
-    args = ap.parse_args(argv)
+    args = BENCH.parse(ap, argv)
     if args.mode == "mixing" and not (0.0 < args.share < 1.0 and 0 < args.prefix < args.seq_len):
         ap.error("mixing needs 0 < --share < 1 and 0 < --prefix < --seq-len")
     {"curves": curves, "methods": methods, "compare": compare, "mixing": mixing}[args.mode](args)

@@ -1,6 +1,6 @@
 """SparseLM benchmark: latency of sliced plans vs dense, realised vs ideal speedup, NLL, switching cost.
 
-Usage: ``python -m experiments.bench [--quick] [--lengths 64 256 1024] [--repeats 7]``.
+Usage: ``python -m experiments.bench.sparse_lm [--quick] [--lengths 64 256 1024] [--repeats 7]``.
 
 Plans are timed round-robin (every repeat runs every plan once, in a shuffled order), so a burst
 of load from elsewhere on a shared machine hits all plans alike and the ratios stay fair.
@@ -8,10 +8,7 @@ of load from elsewhere on a shared machine hits all plans alike and the ratios s
 
 from __future__ import annotations
 
-import argparse
 import random
-import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +18,11 @@ from tqdm import tqdm
 from envs.data.corpus import natural_text
 from envs.runtime.plan import SparsityPlan
 from envs.runtime.sparse_lm import SparseLM
-from experiments.report import REPO_ROOT, markdown_table, time_round_robin, write_section
+from experiments.bench.harness import Benchmark, summarize, time_round_robin
+from experiments.report import REPO_ROOT, markdown_table
 
-COMMAND = "python -m experiments.bench"
+BENCH = Benchmark("experiments.bench.sparse_lm", __doc__, threads=2)
+TITLE = "SparseLM: sliced execution"
 
 
 def bench_plans(slm: SparseLM) -> dict[str, SparsityPlan]:
@@ -43,11 +42,6 @@ def bench_plans(slm: SparseLM) -> dict[str, SparsityPlan]:
     }
 
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
 def ideal_speedup(plan: SparsityPlan, seq_len: int, past: int = 0) -> float:
     """Dense decoder FLOPs over the plan's: the speedup if time followed FLOPs exactly."""
     dense = SparsityPlan.dense(plan.spec).flops(seq_len, past)["total"]
@@ -56,18 +50,21 @@ def ideal_speedup(plan: SparsityPlan, seq_len: int, past: int = 0) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the tables, write BENCHMARKS.md and a plot."""
-    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
+    p = BENCH.parser()
     p.add_argument("--model", default="smollm2-135m", help="model name, folder or hub id (default: embedded)")
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024], help="prefill lengths to time")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds per plan (median and p95 over these)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads for the forward")
     p.add_argument("--nll-docs", type=int, default=24, help="val news documents for the NLL column")
-    p.add_argument("--quick", action="store_true", help="smoke run: 64 tokens, 2 repeats, 4 docs, no BENCHMARKS.md")
-    p.add_argument("--output", type=Path, default=None, help="write the section to this file instead of BENCHMARKS.md")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 64 tokens, 2 repeats, 4 docs; writes no plot, and no section unless --output is given",
+    )
+    args = BENCH.parse(p, argv)
     if args.quick:
         args.lengths, args.repeats, args.warmup, args.nll_docs = [64], 2, 1, 4
+        args.no_write = args.no_write or args.output is None
     if any(n < 2 for n in args.lengths) or args.repeats < 1:
         p.error("lengths must be >= 2 and repeats >= 1")
 
@@ -84,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         fns = {name: (lambda pl=pl, ids=ids: slm(ids, pl, logits="last")) for name, pl in plans.items()}
         times = time_round_robin(fns, args.warmup, args.repeats)
         for name, ts in times.items():
-            results[(name, n)] = (statistics.median(ts), _pct(ts, 0.95))
+            s = summarize(ts)
+            results[(name, n)] = (s.p50, s.p95)
     # One decode step after a 256-token prompt (cache prepared outside the timing).
     prompt = torch.randint(100, vocab, (1, 256))
     nxt = torch.randint(100, vocab, (1, 1))
@@ -101,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         {n: (lambda n=n, pl=pl: decode(n, pl)) for n, pl in plans.items()}, args.warmup, args.repeats * 5
     )
     for name, ts in dec.items():
-        results[(name, 0)] = (statistics.median(ts), _pct(ts, 0.95))
+        s = summarize(ts)
+        results[(name, 0)] = (s.p50, s.p95)
 
     # NLL on val news text (the calibration used the train split).
     docs = natural_text("val")[: args.nll_docs]
@@ -126,14 +125,14 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         for i, lp in enumerate(pl.layers):
             if lp.run:
-                slm._select(i, lp)
+                slm.select_weights(i, lp)
         t_cold.append(time.perf_counter() - t)
     t_warm = []
     for pl in fresh * 5:
         t = time.perf_counter()
         for i, lp in enumerate(pl.layers):
             if lp.run:
-                slm._select(i, lp)
+                slm.select_weights(i, lp)
         t_warm.append(time.perf_counter() - t)
 
     # Views (importance-ordered copy) vs gathering from the original weights per call.
@@ -170,23 +169,16 @@ def main(argv: list[str] | None = None) -> None:
     sw = markdown_table(
         ["switching", "median ms", "p95 ms", "% of a dense forward"],
         [
-            [
-                "new plan (build slices for all layers)",
-                f"{statistics.median(t_cold) * 1e3:.3f}",
-                f"{_pct(t_cold, 0.95) * 1e3:.3f}",
-                f"{statistics.median(t_cold) / dense256:.2%}",
-            ],
-            [
-                "known plan (cached slices)",
-                f"{statistics.median(t_warm) * 1e3:.3f}",
-                f"{_pct(t_warm, 0.95) * 1e3:.3f}",
-                f"{statistics.median(t_warm) / dense256:.2%}",
-            ],
+            [label, f"{s.p50 * 1e3:.3f}", f"{s.p95 * 1e3:.3f}", f"{s.p50 / dense256:.2%}"]
+            for label, s in (
+                ("new plan (build slices for all layers)", summarize(t_cold)),
+                ("known plan (cached slices)", summarize(t_warm)),
+            )
         ],
     )
     strat_rows = []
     for k in strat_plans:
-        v, g = statistics.median(st[f"views|{k}"]), statistics.median(st[f"gather|{k}"])
+        v, g = summarize(st[f"views|{k}"]).p50, summarize(st[f"gather|{k}"]).p50
         strat_rows.append([k, f"{v * 1e3:.1f}", f"{g * 1e3:.1f}", f"{g / v:.2f}×"])
     strat = markdown_table(["plan (256 tokens)", "views p50 ms", "gather p50 ms", "gather ÷ views"], strat_rows)
     ref_len = 256 if 256 in args.lengths else args.lengths[-1]
@@ -201,18 +193,12 @@ def main(argv: list[str] | None = None) -> None:
         f"Slicing strategy, importance-ordered copy with prefix views vs gathering rows from the original "
         f"weights on every call:\n\n{strat}\n\n![realised vs ideal speedup](reports/bench_sparse_lm.png)\n"
     )
-    print(body)
-    _plot(plans, results, args.lengths, REPO_ROOT / "reports" / "bench_sparse_lm.png" if not args.quick else None)
-    if not args.quick or args.output:
-        out = write_section(
-            "SparseLM: sliced execution", COMMAND + (" " + " ".join(argv or sys.argv[1:])).rstrip(), body, args.output
-        )
-        print(f"wrote {out}")
+    BENCH.publish(args, TITLE, body)
+    if not (args.quick or args.no_write):
+        _plot(plans, results, args.lengths, REPO_ROOT / "reports" / "bench_sparse_lm.png")
 
 
-def _plot(plans: dict[str, SparsityPlan], results: dict, lengths: list[int], path: Path | None) -> None:
-    if path is None:
-        return
+def _plot(plans: dict[str, SparsityPlan], results: dict, lengths: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import threading
 import time
@@ -27,8 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from experiments.report import markdown_table, write_section
+from experiments.bench.harness import Benchmark, summarize
+from experiments.report import markdown_table
 
+BENCH = Benchmark("experiments.bench.train", __doc__)
+TITLE = "Training"
 ALGOS = (("ppo", ""), ("appo", ""), ("impala", ""), ("sac", ""), ("dqn", "Discrete"), ("linucb", "Discrete"))
 
 
@@ -102,15 +104,15 @@ def time_algorithms(args: argparse.Namespace, root: Path) -> list[list[Any]]:
                 train(cfg)
                 total = time.perf_counter() - t0
             rows_ = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            times = np.array([r["iter_time_s"] for r in rows_[1:]] or [rows_[0]["iter_time_s"]])
+            times = summarize([r["iter_time_s"] for r in rows_[1:]] or [rows_[0]["iter_time_s"]])
             rows.append(
                 [
                     algo,
                     f"PerInput{variant}",
                     cost,
-                    len(times),
-                    f"{np.median(times):.2f}",
-                    f"{np.percentile(times, 95):.2f}",
+                    times.n,
+                    f"{times.p50:.2f}",
+                    f"{times.p95:.2f}",
                     f"{rows_[0]['iter_time_s']:.2f}",
                     f"{mem.peak / 2**20:.0f}",
                     f"{total:.0f}",
@@ -166,13 +168,14 @@ def ppo_to_static(args: argparse.Namespace, root: Path, target: float) -> dict[s
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the tables and write the BENCHMARKS.md section."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = BENCH.parser()
     parser.add_argument("--quick", action="store_true", help="the tiny random model (seconds per algorithm)")
     parser.add_argument("--iters", type=int, default=4, help="training iterations per algorithm and cost")
-    parser.add_argument("--static-episodes", type=int, default=64)
+    parser.add_argument(
+        "--static-episodes", type=int, default=64, help="training-split episodes per preset for the best static plan"
+    )
     parser.add_argument("--ppo-time", type=float, default=120.0, help="seconds PPO may train to reach the target")
-    parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
-    args = parser.parse_args(argv)
+    args = BENCH.parse(parser, argv)
     import ray
 
     from agents.rllib import WORKER_ENV_VARS
@@ -222,10 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.static_episodes} training-split inputs (all presets: {', '.join(f'{m:.3f}' for m in static_means)}). "
         f"{verdict} Greedy PPO on held-out inputs after training: reward {ppo['eval_reward']:.4f}.\n"
     )
-    print(body)
-    if not args.no_write:
-        cmd = "python -m experiments.bench.train " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_section("Training", cmd.strip(), body)
+    BENCH.publish(args, TITLE, body)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,406 @@
+"""Evaluating controllers on held-out inputs: runs, the static sweep, the hull, the oracle and the headline.
+
+Every controller runs live on every input of a ``PruneGym/PerInput`` environment (``cost="measured"``
+for the headline): the probe, the decision and the rest of the model are timed on this machine, and
+the item is scored against its dense reference. The static sweep is a table of every candidate plan
+on every input; the static convex hull (the best random mixture of two static plans) and the
+per-input hindsight oracle come from that table.
+
+The headline compares, at fixed fractions of dense latency, each controller family's accuracy with
+the static hull's, matched in measured latency: a controller family (e.g. a policy trained at
+several reward weights) reaches a latency by mixing its two nearest operating points, exactly as
+the hull mixes static plans. A point is "matched" when a real operating point lies within ±2% of
+the target; otherwise the interpolated value is marked. Confidence intervals (95%) are paired
+bootstraps over inputs.
+
+An exported controller is evaluated through :class:`ExportedController`, which decides with the
+controller's own interface (rebuilt from its card) and refuses an environment whose observation
+differs from the one the controller was trained on. ``python -m experiments.evaluate`` is the
+command line over this module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from agents.baselines import (
+    Context,
+    Dense,
+    EntropyThreshold,
+    PlanController,
+    StaticImportance,
+    StaticUniform,
+)
+from agents.frontier import interp_frontier, oracle_frontier, static_hull, upper_hull
+
+SCORINGS = ("dense_relative", "raw")
+DEFAULT_TARGETS = (0.70, 0.85)
+MATCH_TOL = 0.02
+
+
+# ---------------------------------------------------------------------------------------- running
+def evaluation_env(
+    *,
+    model: str = "smollm2-135m",
+    task: str = "mc",
+    split: str = "test",
+    n_items: int | None = 48,
+    env_kwargs: Mapping[str, Any] | None = None,
+    cost: str = "measured",
+) -> Any:
+    """A ``PerInput`` environment over a held-out split (unwrapped); measured cost unless told otherwise.
+
+    ``cost="calibrated"`` makes an evaluation exactly reproducible (for tests and audits); the
+    headline figures use ``"measured"``.
+    """
+    from envs import env_id, make_env
+
+    kwargs = {
+        "model": model,
+        "task": task,
+        "split": split,
+        "n_items": n_items,
+        **dict(env_kwargs or {}),
+        "cost": cost,
+    }
+    return make_env(env_id("PerInput"), **kwargs).unwrapped
+
+
+def context(env: Any, item_index: int = -1, prompt_len: int = 0) -> Context:
+    """The controller context of ``env`` for input ``item_index`` (a prompt of ``prompt_len`` tokens)."""
+    return Context(env.interface, item_index=item_index, prompt_len=prompt_len)
+
+
+def probe_kwargs(interface: Mapping[str, Any]) -> dict[str, Any]:
+    """``PerInput`` arguments that give the probe an interface description names (to evaluate its controller)."""
+    obs = interface["observation"]
+    probe = obs.get("probe")
+    if probe is None:
+        raise ValueError(
+            f"a {interface.get('kind')} controller observes decoding, not a probe of the prompt: it is evaluated "
+            "while generating (agents.adaptive.adaptive_generate), not on PerInput"
+        )
+    return {
+        "probe_layers": int(probe["layers"]),
+        "probe_dim": int(probe["proj_dim"]),
+        "probe_seed": int(probe["proj_seed"]),
+        "ll_positions": int(probe["ll_positions"]),
+        "lens_vocab": probe["lens_vocab"],
+        "probe_prunable": bool(obs.get("probe_prunable", False)),
+    }
+
+
+@dataclass
+class ExportedController:
+    """An exported :class:`~agents.controller.Controller` as a plan controller of the evaluation.
+
+    It decides with its own interface (rebuilt from its card: its action map, and for
+    ``LayerByLayer`` controllers the per-group decisions), from the evaluation environment's probe
+    observation, which must be the probe it was trained on.
+
+    Args:
+        controller: The loaded controller.
+        env: The evaluation environment (``PerInput``, unwrapped).
+        name: Display name.
+
+    Raises:
+        ValueError: A per-token controller, or an environment whose probe differs from the controller's.
+    """
+
+    controller: Any
+    env: Any
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        mine = self.controller.interface(self.env.slm)
+        if self.controller.env_kind not in ("per_input", "layer_by_layer"):
+            probe_kwargs(mine.config())  # raises with the explanation
+        theirs = self.env.interface.observation_config()
+        if mine.observation_config() != theirs:
+            raise ValueError(
+                f"{self.controller} observes the probe {mine.observation_config()}, the evaluation environment "
+                f"computes {theirs}: build the environment with probe_kwargs(card['interface'])"
+            )
+        self.name = self.name or str(self.controller.card.get("algo"))
+
+    def __call__(self, obs: np.ndarray, ctx: Context) -> Any:
+        """The controller's plan for this input."""
+        return self.controller.select_plan(obs, ctx.slm, prompt_len=ctx.prompt_len)
+
+
+@dataclass
+class Run:
+    """One controller's per-input results.
+
+    Attributes:
+        name: Controller name.
+        family: Group of operating points that may be mixed (a policy at several reward weights).
+        raw: Raw task score per input.
+        rel: Dense-relative score per input.
+        lat: Measured latency relative to the dense model on the same input.
+        latency_s: Measured latency in seconds (probe + decision + rest).
+        flops: Decoder FLOPs fraction.
+        tasks: Task of each input.
+        decision_s: Time the controller took to decide, per input.
+        extra: Anything else (energy, source).
+    """
+
+    name: str
+    family: str
+    raw: np.ndarray
+    rel: np.ndarray
+    lat: np.ndarray
+    latency_s: np.ndarray
+    flops: np.ndarray
+    tasks: list[str]
+    decision_s: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Means and latency percentiles."""
+        return {
+            "name": self.name,
+            "family": self.family,
+            "n": len(self.raw),
+            "accuracy_raw": float(self.raw.mean()),
+            "accuracy_dense_relative": float(self.rel.mean()),
+            "latency_fraction": float(self.lat.mean()),
+            "latency_p50_ms": float(np.median(self.latency_s) * 1e3),
+            "latency_p95_ms": float(np.percentile(self.latency_s, 95) * 1e3),
+            "flops_fraction": float(self.flops.mean()),
+            "decision_ms": float(np.median(self.decision_s) * 1e3),
+            **self.extra,
+        }
+
+
+def run_controller(env: Any, controller: PlanController, n: int, family: str | None = None, desc: str = "") -> Run:
+    """Run ``controller`` live on the first ``n`` inputs of ``env``."""
+    cols: dict[str, list[Any]] = {k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok")}
+    for i in tqdm(range(n), desc=desc or controller.name, leave=False):
+        obs, info = env.reset(options={"item": i})
+        t0 = time.perf_counter()
+        plan = controller(obs, context(env, i, info["prompt_tokens"]))
+        dec = time.perf_counter() - t0
+        _, _, _, _, info = env.step_plan(plan)
+        _collect(cols, info, dec)
+    return _run(controller.name, family or controller.name, cols)
+
+
+def _collect(cols: dict[str, list[Any]], info: Mapping[str, Any], dec: float) -> None:
+    cols["raw"].append(info["accuracy_raw"])
+    cols["rel"].append(info["accuracy_dense_relative"])
+    cols["lat"].append(info["latency_fraction"])
+    cols["lat_s"].append(info["latency_s"] + dec)
+    cols["flops"].append(info["flops_fraction"])
+    cols["task"].append(info["task"])
+    cols["dec"].append(dec)
+    cols["en"].append(info.get("energy_source"))
+    cols["tok"].append(info.get("prompt_tokens", 0))
+
+
+def _run(name: str, family: str, cols: dict[str, list[Any]]) -> Run:
+    lat_s = np.array(cols["lat_s"], dtype=np.float64)
+    return Run(
+        name,
+        family,
+        np.array(cols["raw"], dtype=np.float64),
+        np.array(cols["rel"], dtype=np.float64),
+        np.array(cols["lat"], dtype=np.float64),
+        lat_s,
+        np.array(cols["flops"], dtype=np.float64),
+        list(cols["task"]),
+        np.array(cols["dec"], dtype=np.float64),
+        {
+            "throughput_tok_s": float(np.sum(cols["tok"]) / max(lat_s.sum(), 1e-12)),
+            "energy_source": sorted({str(e) for e in cols["en"]}),
+        },
+    )
+
+
+def sweep(
+    env: Any,
+    candidates: Sequence[PlanController],
+    n: int,
+    controllers: Sequence[tuple[PlanController, str]] = (),
+    seed: int = 0,
+) -> tuple[list[Run], list[Run], np.ndarray]:
+    """Static candidates and controllers on every input, interleaved, sharing one probe per input.
+
+    For each input, every static plan and every controller runs back to back, in an order shuffled
+    per input, so slow drifts of the machine (other load, clocks) hit them alike instead of
+    favouring whichever was measured in a quieter phase.
+
+    Returns:
+        The static runs, the controller runs (in the order given) and the observations.
+    """
+    everyone: list[tuple[PlanController, str]] = [(c, "static") for c in candidates] + list(controllers)
+    cols = [{k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok")} for _ in everyone]
+    rng = np.random.default_rng(seed)
+    obs_all = []
+    for i in tqdm(range(n), desc="static sweep and controllers"):
+        obs, info = env.reset(options={"item": i})
+        obs_all.append(obs)
+        ctx = context(env, i, info["prompt_tokens"])
+        for j in rng.permutation(len(everyone)):
+            t0 = time.perf_counter()
+            plan = everyone[j][0](obs, ctx)
+            dec = time.perf_counter() - t0
+            _, _, _, _, info = env.step_plan(plan, keep_open=True)
+            _collect(cols[j], info, dec)
+        env.close_episode()
+    runs = [_run(c.name, fam, col) for (c, fam), col in zip(everyone, cols, strict=True)]
+    return runs[: len(candidates)], runs[len(candidates) :], np.array(obs_all)
+
+
+def static_table(env: Any, candidates: Sequence[PlanController], n: int) -> tuple[list[Run], np.ndarray]:
+    """Every candidate on every input, sharing one probe per input; returns runs and observations."""
+    static, _, obs = sweep(env, candidates, n)
+    return static, obs
+
+
+def default_candidates(budgets: Sequence[float] = (0.9, 0.8, 0.7, 0.6, 0.5)) -> list[PlanController]:
+    """The static sweep: uniform fractions of each kind and ShortGPT-style plans at FLOPs budgets."""
+    out: list[PlanController] = [Dense()]
+    for f in (0.9, 0.8, 0.7, 0.6, 0.5):
+        out.append(StaticUniform(layers=f))
+    for f in (0.75, 0.5):
+        out.append(StaticUniform(mlp=f))
+    out.append(StaticUniform(heads=2 / 3))
+    out.append(StaticUniform(heads=2 / 3, mlp=0.75))
+    for f in (0.9, 0.8):
+        out.append(StaticUniform(layers=f, mlp=0.75))
+    for b in budgets:
+        out.append(StaticImportance(budget=b))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- study
+def run_scores(run: Run, scoring: str) -> np.ndarray:
+    """A run's per-input accuracy under ``scoring`` (``"dense_relative"`` or ``"raw"``)."""
+    return run.rel if scoring == "dense_relative" else run.raw
+
+
+def family_frontier(runs: Sequence[Run], scoring: str, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Upper hull of a family's operating points (mean latency fraction, mean accuracy)."""
+    idx = np.arange(len(runs[0].raw)) if idx is None else idx
+    x = np.array([r.lat[idx].mean() for r in runs])
+    y = np.array([run_scores(r, scoring)[idx].mean() for r in runs])
+    return upper_hull(x, y)
+
+
+def oracle_curve(static: Sequence[Run], scoring: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The per-input hindsight oracle's frontier over the static runs, on inputs ``idx``."""
+    acc = np.stack([run_scores(r, scoring)[idx] for r in static], axis=1)
+    cost = np.array([r.lat[idx].mean() for r in static])
+    return oracle_frontier(acc, cost)
+
+
+def hull_curve(static: Sequence[Run], scoring: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The static convex hull (best mixture of two static plans) over the static runs, on inputs ``idx``."""
+    acc = np.stack([run_scores(r, scoring)[idx] for r in static], axis=1)
+    cost = np.array([r.lat[idx].mean() for r in static])
+    return static_hull(acc, cost)
+
+
+def headline(
+    static: Sequence[Run],
+    families: Mapping[str, Sequence[Run]],
+    targets: Sequence[float] = DEFAULT_TARGETS,
+    *,
+    n_boot: int = 500,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Accuracy at each target latency: static hull, oracle and every controller family, with 95% CIs.
+
+    Returns one row per (scoring, target, family) with the point estimate, CI, the difference to
+    the hull (paired bootstrap CI), the share of the hull-to-oracle gap closed, and whether a real
+    operating point of the family lies within ±2% of the target latency.
+    """
+    n = len(static[0].raw)
+    rng = np.random.default_rng(seed)
+    boots = [rng.integers(0, n, n) for _ in range(n_boot)]
+    full = np.arange(n)
+    rows = []
+    for scoring in SCORINGS:
+        for t in targets:
+
+            def at(
+                fam: Sequence[Run] | None, idx: np.ndarray, what: str, scoring: str = scoring, t: float = t
+            ) -> float:
+                if what == "hull":
+                    fx, fy = hull_curve(static, scoring, idx)
+                elif what == "oracle":
+                    fx, fy = oracle_curve(static, scoring, idx)
+                else:
+                    fx, fy = family_frontier(fam, scoring, idx)  # type: ignore[arg-type]
+                return float(interp_frontier(fx, fy, [t])[0])
+
+            hull_pt = at(None, full, "hull")
+            oracle_pt = at(None, full, "oracle")
+            hull_b = np.array([at(None, b, "hull") for b in boots])
+            oracle_b = np.array([at(None, b, "oracle") for b in boots])
+            entries: list[tuple[str, float, np.ndarray, bool]] = [
+                ("static hull (StaticMix)", hull_pt, hull_b, _matched(static, t)),
+                ("oracle (hindsight)", oracle_pt, oracle_b, True),
+            ]
+            for name, fam in families.items():
+                pt = at(fam, full, "family")
+                fb = np.array([at(fam, b, "family") for b in boots])
+                entries.append((name, pt, fb, _matched(fam, t)))
+            for name, pt, pb, matched in entries:
+                diff = pb - hull_b
+                gap = oracle_pt - hull_pt
+                rows.append(
+                    {
+                        "scoring": scoring,
+                        "target_latency": t,
+                        "controller": name,
+                        "accuracy": pt,
+                        "ci95": _ci(pb),
+                        "vs_hull": pt - hull_pt,
+                        "vs_hull_ci95": _ci(diff),
+                        "gap_closed": (pt - hull_pt) / gap if np.isfinite(pt) and gap > 1e-9 else float("nan"),
+                        "matched": matched,
+                    }
+                )
+    return rows
+
+
+def _matched(runs: Sequence[Run], t: float) -> bool:
+    return any(abs(r.lat.mean() - t) <= MATCH_TOL for r in runs)
+
+
+def _ci(values: np.ndarray) -> list[float]:
+    v = values[np.isfinite(values)]
+    if len(v) < 10:
+        return [float("nan"), float("nan")]
+    return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+
+
+def probe_observations(env: Any, n: int) -> np.ndarray:
+    """The probe's observation of each of the first ``n`` inputs (no plan runs, nothing is scored)."""
+    out = []
+    for i in range(n):
+        obs, _ = env.reset(options={"item": i})
+        out.append(obs)
+        env.close_episode()
+    return np.array(out)
+
+
+def entropy_rules(obs: np.ndarray, feature_names: Sequence[str]) -> list[PlanController]:
+    """EntropyThreshold heuristics: dense for uncertain inputs, a cheaper static plan for confident ones.
+
+    The thresholds are quantiles of the entropy feature, a hand-set rule (not fitted on scores).
+    """
+    names = list(feature_names)
+    if "entropy" not in names:
+        return []
+    ent = obs[:, names.index("entropy")]
+    cheap = StaticUniform(layers=0.6)
+    return [EntropyThreshold(float(np.quantile(ent, q)), cheap, Dense()) for q in (0.25, 0.5, 0.75)]
