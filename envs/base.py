@@ -35,7 +35,7 @@ from envs.rewards import RewardConfig
 from envs.runtime.plan import PlanBuilder, SparsityPlan
 from envs.runtime.sparse_lm import Prefill
 from envs.tasks.items import Item
-from envs.tasks.scoring import Scorer, _expand_cache
+from envs.tasks.scoring import Scorer
 
 if TYPE_CHECKING:
     from envs.interface import Interface
@@ -127,7 +127,7 @@ class StagedScorer(Scorer):
         with torch.no_grad():
             if width > 0:
                 x = torch.tensor([c[:f] + [0] * (width - f) for c, f in zip(conts, feed, strict=True)])
-                cache = _expand_cache(pre.cache, len(conts))  # a new cache object: the prefill stays reusable
+                cache = pre.cache.expanded(len(conts))  # a new cache object: the prefill stays reusable
                 rest = slm.forward(x.to(slm.device), plan, cache=cache, logits="all").logits
             rows = [pre.first if f == 0 else torch.cat([pre.first, rest[i, :f]]) for i, f in enumerate(feed)]  # type: ignore[index]
         return [torch.log_softmax(r.float(), dim=-1) for r in rows]

@@ -348,13 +348,13 @@ def test_gpu_switching_per_call_costs_no_conversion(monkeypatch):
     slm = _gpu_slm(torch.float16, layers=3)
     semi = slm.enable_two_four()
     calls = {"n": 0}
-    real = ss._to_sparse
+    real = ss.to_sparse
 
     def counting(w, backend):
         calls["n"] += 1
         return real(w, backend)
 
-    monkeypatch.setattr(ss, "_to_sparse", counting)
+    monkeypatch.setattr(ss, "to_sparse", counting)
     monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda *a, **k: pytest.fail("converted per call"))
     ids = torch.randint(0, 256, (1, 16), device="cuda")
     plans = [slm.dense_plan(), two_four_plan(slm.dense_plan()), two_four_plan(slm.dense_plan(), layers=[1])]

@@ -289,7 +289,7 @@ def _weight_names(targets: Sequence[str]) -> tuple[str, ...]:
     return (MLP_WEIGHTS if "mlp" in targets else ()) + (ATTN_WEIGHTS if "attn" in targets else ())
 
 
-def _to_sparse(w: torch.Tensor, backend: Backend) -> torch.Tensor:
+def to_sparse(w: torch.Tensor, backend: Backend) -> torch.Tensor:
     """Compress one pruned weight with ``backend`` (cuSPARSELt through the public entry point)."""
     from torch.sparse import SparseSemiStructuredTensorCUTLASS, to_sparse_semi_structured
 
@@ -436,7 +436,7 @@ class SemiStructured:
         if emulate:
             weights = pruned
         else:
-            weights = {i: {k: _to_sparse(w, backend) for k, w in d.items()} for i, d in pruned.items()}
+            weights = {i: {k: to_sparse(w, backend) for k, w in d.items()} for i, d in pruned.items()}
             torch.cuda.synchronize(w0.device)
         semi = cls(
             weights=weights,

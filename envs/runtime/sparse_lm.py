@@ -62,17 +62,23 @@ def _apply_rope(
 
 # ---------------------------------------------------------------------------------------- weights
 @dataclass
-class _Block:
-    """One decoder layer's weights in a family-independent form (views of the model's tensors)."""
+class _QKV:
+    """Query, key and value projections of one layer: weights and (optional) biases."""
 
-    attn_norm: torch.nn.Module
-    mlp_norm: torch.nn.Module
     q_w: torch.Tensor
     q_b: torch.Tensor | None
     k_w: torch.Tensor
     k_b: torch.Tensor | None
     v_w: torch.Tensor
     v_b: torch.Tensor | None
+
+
+@dataclass
+class _Block(_QKV):
+    """One decoder layer's weights in a family-independent form (views of the model's tensors)."""
+
+    attn_norm: torch.nn.Module
+    mlp_norm: torch.nn.Module
     o_w: torch.Tensor  # [D, H*d]
     o_b: torch.Tensor | None
     gate_w: torch.Tensor | None  # [I, D]; None for non-gated MLPs (GPT-2)
@@ -86,17 +92,11 @@ class _Block:
 
 
 @dataclass
-class _Sel:
+class _Sel(_QKV):
     """The weights one layer plan runs with (views or gathered copies)."""
 
     n_heads: int
     n_kv: int
-    q_w: torch.Tensor
-    q_b: torch.Tensor | None
-    k_w: torch.Tensor
-    k_b: torch.Tensor | None
-    v_w: torch.Tensor
-    v_b: torch.Tensor | None
     o_w: torch.Tensor
     kv_ids: torch.Tensor  # kept KV heads, model numbering, in the order the projection emits them
     head_kv: torch.Tensor | None  # per kept query head, index into the kept KV heads; None = uniform GQA
@@ -156,6 +156,14 @@ class KVCache:
     def restore(self, snap: tuple[int, list[_LayerCache | None]]) -> None:
         """Roll back to a :meth:`snapshot`."""
         self.length, self.layers = snap[0], list(snap[1])
+
+    def expanded(self, n: int) -> KVCache:
+        """A batch-``n`` view of this batch-1 cache (no copy), so ``n`` continuations share one prompt."""
+        layers = [
+            None if lc is None else replace(lc, k=lc.k.expand(n, -1, -1, -1), v=lc.v.expand(n, -1, -1, -1))
+            for lc in self.layers
+        ]
+        return KVCache(self.num_layers, self.length, layers)
 
     def layer_tokens(self, layer: int) -> int:
         """How many tokens layer ``layer`` has cached."""
@@ -292,24 +300,24 @@ class SparseLM:
                 bq, bk, bv = layer.attn.c_attn.bias.split(D)
                 blocks.append(
                     _Block(
-                        layer.ln_1,
-                        layer.ln_2,
-                        wq,
-                        bq,
-                        wk,
-                        bk,
-                        wv,
-                        bv,
-                        layer.attn.c_proj.weight.t(),
-                        layer.attn.c_proj.bias,
-                        None,
-                        None,
-                        layer.mlp.c_fc.weight.t(),
-                        layer.mlp.c_fc.bias,
-                        layer.mlp.c_proj.weight.t(),
-                        layer.mlp.c_proj.bias,
-                        layer.mlp.act,
-                        1.0 / math.sqrt(d),
+                        attn_norm=layer.ln_1,
+                        mlp_norm=layer.ln_2,
+                        q_w=wq,
+                        q_b=bq,
+                        k_w=wk,
+                        k_b=bk,
+                        v_w=wv,
+                        v_b=bv,
+                        o_w=layer.attn.c_proj.weight.t(),
+                        o_b=layer.attn.c_proj.bias,
+                        gate_w=None,
+                        gate_b=None,
+                        up_w=layer.mlp.c_fc.weight.t(),
+                        up_b=layer.mlp.c_fc.bias,
+                        down_w=layer.mlp.c_proj.weight.t(),
+                        down_b=layer.mlp.c_proj.bias,
+                        act=layer.mlp.act,
+                        scaling=1.0 / math.sqrt(d),
                     )
                 )
             I = blocks[0].up_w.shape[0]
@@ -323,24 +331,24 @@ class SparseLM:
                 a, p = layer.self_attn, layer.mlp
                 blocks.append(
                     _Block(
-                        layer.input_layernorm,
-                        layer.post_attention_layernorm,
-                        a.q_proj.weight,
-                        a.q_proj.bias,
-                        a.k_proj.weight,
-                        a.k_proj.bias,
-                        a.v_proj.weight,
-                        a.v_proj.bias,
-                        a.o_proj.weight,
-                        a.o_proj.bias,
-                        p.gate_proj.weight,
-                        p.gate_proj.bias,
-                        p.up_proj.weight,
-                        p.up_proj.bias,
-                        p.down_proj.weight,
-                        p.down_proj.bias,
-                        p.act_fn,
-                        a.scaling,
+                        attn_norm=layer.input_layernorm,
+                        mlp_norm=layer.post_attention_layernorm,
+                        q_w=a.q_proj.weight,
+                        q_b=a.q_proj.bias,
+                        k_w=a.k_proj.weight,
+                        k_b=a.k_proj.bias,
+                        v_w=a.v_proj.weight,
+                        v_b=a.v_proj.bias,
+                        o_w=a.o_proj.weight,
+                        o_b=a.o_proj.bias,
+                        gate_w=p.gate_proj.weight,
+                        gate_b=p.gate_proj.bias,
+                        up_w=p.up_proj.weight,
+                        up_b=p.up_proj.bias,
+                        down_w=p.down_proj.weight,
+                        down_b=p.down_proj.bias,
+                        act=p.act_fn,
+                        scaling=a.scaling,
                     )
                 )
             d = blocks[0].q_w.shape[0] // cfg.num_attention_heads

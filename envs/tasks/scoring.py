@@ -24,7 +24,6 @@ pass is done once per item with :meth:`Scorer.dense_reference` and passed back i
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -289,7 +288,7 @@ def continuation_logprobs(
             rest = None
             if width > 0:
                 x = torch.tensor([c[:f] + [0] * (width - f) for c, f in zip(conts, feed, strict=True)])
-                rest = slm.forward(x, plan, cache=_expand_cache(cache, len(conts)), logits="all", grad=grad).logits
+                rest = slm.forward(x, plan, cache=cache.expanded(len(conts)), logits="all", grad=grad).logits
             rows = [first if f == 0 else torch.cat([first, rest[i, :f]]) for i, f in enumerate(feed)]  # type: ignore[index]
         else:
             x = torch.tensor([prompt + c[:f] + [0] * (width - f) for c, f in zip(conts, feed, strict=True)])
@@ -304,17 +303,6 @@ def choice_logliks(
     """Summed log-likelihood of each continuation after ``prompt``, ``[len(conts)]``: what the mc scorer ranks."""
     lps = continuation_logprobs(slm, prompt, conts, plan, share_prefix=share_prefix, grad=grad)
     return torch.stack([lp.gather(-1, torch.tensor(c)[:, None]).sum() for lp, c in zip(lps, conts, strict=True)])
-
-
-def _expand_cache(cache: Any, n: int) -> Any:
-    """A batch-``n`` view of a batch-1 KV cache (no copy), so ``n`` continuations share one prompt."""
-    from envs.runtime.sparse_lm import KVCache
-
-    layers = [
-        None if lc is None else dataclasses.replace(lc, k=lc.k.expand(n, -1, -1, -1), v=lc.v.expand(n, -1, -1, -1))
-        for lc in cache.layers
-    ]
-    return KVCache(cache.num_layers, cache.length, layers)
 
 
 def score_items(

@@ -169,7 +169,7 @@ def bench_linears(
     """Dense vs 2:4 for the MLP linears of ``model``'s shape and for the whole MLP block."""
     import torch.nn.functional as F
 
-    from envs.runtime.semistructured import _to_sparse, default_backend, prune_2_4
+    from envs.runtime.semistructured import default_backend, prune_2_4, to_sparse
 
     cfg = CONFIGS[model]
     D, inter = cfg["hidden_size"], cfg["intermediate_size"]
@@ -181,7 +181,7 @@ def bench_linears(
         "up": torch.randn(inter, D, device="cuda", dtype=dtype, generator=g) * 0.02,
         "down": torch.randn(D, inter, device="cuda", dtype=dtype, generator=g) * 0.02,
     }
-    sp = {k: _to_sparse(prune_2_4(v), backend) for k, v in w.items()}
+    sp = {k: to_sparse(prune_2_4(v), backend) for k, v in w.items()}
     rows = []
     for n in token_counts:
         x = torch.randn(n, D, device="cuda", dtype=dtype, generator=g)
