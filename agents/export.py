@@ -651,6 +651,8 @@ def export_from_path(
     pareto: str | Path | None = None,
     trained_on: str | None = None,
     force: bool = False,
+    claims_dataset: str | Path | None = None,
+    claims_split: str | None = None,
 ) -> Path:
     """Export a training run's latest checkpoint (or a given checkpoint) as a controller folder.
 
@@ -668,6 +670,10 @@ def export_from_path(
         pareto: A Pareto plot to include.
         trained_on: Device description of the training machine (default: the run's hardware).
         force: Replace an existing folder.
+        claims_dataset: A replay dataset: the card then states, as ``metrics.claims``, what the
+            controller reaches on its recorded inputs (:func:`agents.validation.replay_claims`), for
+            ``python -m experiments.validate`` to check live.
+        claims_split: The split's recording inside ``claims_dataset`` (a folder of several).
     """
     ckpt, run_dir = resolve_source(source)
     run_cfg: dict[str, Any] = {}
@@ -695,19 +701,33 @@ def export_from_path(
         pareto = found[0] if found else None
     hw = run_cfg.get("hardware") or {}
     trained_on = trained_on or hw.get("description") or hw.get("name")
-    common: dict[str, Any] = dict(
-        env_config=env_config, slm=slm, metrics=run_metrics(run_dir), trained_on=trained_on, pareto=pareto, force=force
-    )
-    if (ckpt / "bandit.json").is_file():
-        from agents.bandit import BanditController
-
-        return export_bandit(BanditController.load(ckpt / "bandit.json"), out, **common)
+    metrics = run_metrics(run_dir)
+    common: dict[str, Any] = dict(env_config=env_config, slm=slm, metrics=metrics, trained_on=trained_on, pareto=pareto)
     algo_cfg = run_cfg.get("algo") or {}
-    return export_rllib_module(
-        load_rllib_module(ckpt),
-        out,
-        algo=str(algo),
-        normalize_actions=bool(algo_cfg.get("normalize_actions", True)),
-        clip_actions=bool(algo_cfg.get("clip_actions", False)),
-        **common,
-    )
+
+    def write(target: Path, replace: bool) -> Path:
+        if (ckpt / "bandit.json").is_file():
+            from agents.bandit import BanditController
+
+            return export_bandit(BanditController.load(ckpt / "bandit.json"), target, force=replace, **common)
+        return export_rllib_module(
+            load_rllib_module(ckpt),
+            target,
+            algo=str(algo),
+            normalize_actions=bool(algo_cfg.get("normalize_actions", True)),
+            clip_actions=bool(algo_cfg.get("clip_actions", False)),
+            force=replace,
+            **common,
+        )
+
+    if claims_dataset is not None:
+        import tempfile
+
+        from agents.controller import Controller
+        from agents.validation import replay_claims
+
+        with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as scratch:
+            ctl = Controller.from_pretrained(write(Path(scratch) / "controller", False), slm)
+            claims = replay_claims(ctl, claims_dataset, split=claims_split)
+        metrics["claims"] = {**claims, "dataset_path": str(claims_dataset), "split": claims_split}
+    return write(Path(out), force)

@@ -9,6 +9,7 @@ only names entry points (strings), so ``import envs`` does not load torch or a m
 | ``PruneGym/LayerByLayer-v0`` / ``LayerByLayerDiscrete-v0`` | :class:`envs.layer_by_layer.LayerByLayer` | calibrated |
 | ``PruneGym/PerToken-v1`` / ``PerTokenDiscrete-v1`` | :class:`envs.per_token.PerToken` | calibrated |
 | ``PruneGym/<Name>Measured-vN`` (each of the six) | the same, ``cost="measured"`` | wall clock, nondeterministic |
+| ``PruneGym/PerInputDiscreteReplay-v0`` / ``LayerByLayerDiscreteReplay-v0`` | :class:`envs.replay.Replay` | recorded |
 """
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ ENVS: dict[str, str] = {
 # A change to what an observation, action or reward means bumps the version (see each Version History).
 ENV_VERSIONS: dict[str, int] = {"PerInput": 0, "LayerByLayer": 0, "PerToken": 1}
 MAX_EPISODE_STEPS: dict[str, int | None] = {"PerInput": None, "LayerByLayer": None, "PerToken": None}
+
+
+# Replay twins (envs/replay.py): the recorded discrete variant of an environment, replayed by look-up.
+REPLAYS: dict[str, str] = {"PerInput": "envs.replay:Replay", "LayerByLayer": "envs.replay:Replay"}
+REPLAY_VERSION = 0
+
+
+def replay_id(name: str) -> str:
+    """The registered id of the replay twin of environment ``name``'s discrete variant."""
+    if name not in REPLAYS:
+        raise ValueError(f"no replay twin of {name!r}; twins exist for {sorted(REPLAYS)}")
+    return f"PruneGym/{name}DiscreteReplay-v{REPLAY_VERSION}"
 
 
 def env_id(name: str, *, discrete: bool = False, measured: bool = False) -> str:
@@ -58,6 +71,12 @@ def _register() -> None:
                     max_episode_steps=MAX_EPISODE_STEPS[name],
                     disable_env_checker=False,
                 )
+    for name, entry in REPLAYS.items():
+        rid = replay_id(name)
+        if rid not in registry:
+            register(
+                id=rid, entry_point=entry, kwargs={"kind": name}, nondeterministic=False, disable_env_checker=False
+            )
 
 
 def make_env(env: str | Mapping[str, Any], **kwargs: Any) -> Any:

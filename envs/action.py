@@ -100,6 +100,44 @@ def _real_array(action: Any) -> np.ndarray | None:
     return raw.astype(np.float64)
 
 
+def discrete_action(action: Any, n: int) -> int:
+    """The index a discrete action names: one integer (or integral float) in ``[0, n)``.
+
+    Raises:
+        ValueError: Anything else (booleans, strings, NaN, out of range).
+    """
+    a = _real_array(action)
+    whole = a is not None and a.size == 1 and bool(np.isfinite(a).all()) and float(a.reshape(())).is_integer()
+    if not whole:
+        raise ValueError(f"a discrete action must be one integer in [0, {n - 1}], got {action!r}")
+    k = int(a.reshape(()))  # type: ignore[union-attr]
+    if not 0 <= k < n:
+        raise ValueError(f"discrete action must be in [0, {n - 1}], got {k}")
+    return k
+
+
+def box_action(action: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, bool]:
+    """A continuous action as float64 of ``shape``, clipped into [0, 1], and whether it was clipped.
+
+    Raises:
+        ValueError: Not real numbers of that shape, or NaN.
+    """
+    a = _real_array(action)
+    if a is None:
+        raise ValueError(
+            f"action must be real numbers of shape {shape} (keep fractions [layers, heads, mlp] per layer "
+            f"group), got {action!r}"
+        )
+    if a.shape != shape:
+        raise ValueError(
+            f"action must have shape {shape} (keep fractions [layers, heads, mlp] per layer group), got shape {a.shape}"
+        )
+    if np.isnan(a).any():
+        raise ValueError(f"action contains NaN at {np.flatnonzero(np.isnan(a)).tolist()}; actions must be numbers")
+    clipped = bool(((a < 0) | (a > 1)).any())
+    return np.clip(a, 0.0, 1.0), clipped
+
+
 class ActionMap:
     """An environment's action and how it becomes a :class:`~envs.runtime.plan.SparsityPlan`.
 
@@ -206,22 +244,8 @@ class ActionMap:
         """
         if self.discrete:
             return np.tile(self.presets[self.preset_index(action)], (self.width, 1)), False
-        shape = self.shape
-        a = _real_array(action)
-        if a is None:
-            raise ValueError(
-                f"action must be real numbers of shape {shape} (keep fractions [layers, heads, mlp] per layer "
-                f"group), got {action!r}"
-            )
-        if a.shape != shape:
-            raise ValueError(
-                f"action must have shape {shape} (keep fractions [layers, heads, mlp] per layer group), "
-                f"got shape {a.shape}"
-            )
-        if np.isnan(a).any():
-            raise ValueError(f"action contains NaN at {np.flatnonzero(np.isnan(a)).tolist()}; actions must be numbers")
-        clipped = bool(((a < 0) | (a > 1)).any())
-        return np.clip(a, 0.0, 1.0).reshape(self.width, 3), clipped
+        a, clipped = box_action(action, self.shape)
+        return a.reshape(self.width, 3), clipped
 
     def preset_index(self, action: Any) -> int:
         """The preset a discrete action names.
@@ -229,14 +253,7 @@ class ActionMap:
         Raises:
             ValueError: Not one integer in ``[0, n)``.
         """
-        a = _real_array(action)
-        whole = a is not None and a.size == 1 and bool(np.isfinite(a).all()) and float(a.reshape(())).is_integer()
-        if not whole:
-            raise ValueError(f"a discrete action must be one integer in [0, {self.n - 1}], got {action!r}")
-        k = int(a.reshape(()))  # type: ignore[union-attr]
-        if not 0 <= k < self.n:
-            raise ValueError(f"discrete action must be in [0, {self.n - 1}], got {k}")
-        return k
+        return discrete_action(action, self.n)
 
     def plan(self, fractions: np.ndarray) -> SparsityPlan:
         """The plan of keep fractions for every group (``[len(groups), 3]``)."""

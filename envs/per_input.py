@@ -117,6 +117,17 @@ class PerInput(PruneEnv):
         """The observation probe (the interface's)."""
         return self.interface.probe
 
+    @property
+    def probe_features(self) -> np.ndarray:
+        """The probe's features of the current input (a copy).
+
+        Raises:
+            RuntimeError: No input was drawn yet.
+        """
+        if self._probe_res is None:
+            raise RuntimeError("call reset() first: no input has been probed")
+        return self._probe_res.features.copy()
+
     # ------------------------------------------------------------------ episode
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         """Draw an item, compute its dense reference (once per item), run the probe."""

@@ -35,6 +35,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pareto", help="a Pareto plot (PNG) to include in the model card")
     p.add_argument("--trained-on", help="description of the device the policy was trained and measured on")
     p.add_argument("--force", action="store_true", help="replace an existing export folder")
+    p.add_argument(
+        "--claims",
+        metavar="DATASET",
+        help="a replay dataset (python -m experiments.record): the card states what the controller reaches on its "
+        "recorded inputs, for python -m experiments.validate to check live",
+    )
+    p.add_argument("--claims-split", help="the split's recording inside --claims, for a folder of several")
     return p.parse_args(argv)
 
 
@@ -53,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pareto=args.pareto,
         trained_on=args.trained_on,
         force=args.force,
+        claims_dataset=args.claims,
+        claims_split=args.claims_split,
     )
     ctl = Controller.from_pretrained(out)
     print(f"exported {ctl} to {out}")
