@@ -39,6 +39,11 @@ def replay_id(name: str) -> str:
     return f"PruneGym/{name}DiscreteReplay-v{REPLAY_VERSION}"
 
 
+def replay_ids() -> list[str]:
+    """Every registered replay twin's id."""
+    return [replay_id(name) for name in REPLAYS]
+
+
 def env_id(name: str, *, discrete: bool = False, measured: bool = False) -> str:
     """The registered id of environment ``name`` (a key of :data:`ENVS`) and variant."""
     if name not in ENVS:

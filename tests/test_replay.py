@@ -199,3 +199,14 @@ def test_shards_fan_out_over_ray_workers(per_input_data, tmp_path, cost_path):
     out = recording(record_cfg(tmp_path / "ray", "tiny_discrete", cost_path, "workers=2", "cluster.num_cpus=2"))
     a, b = ReplayData.load(out), ReplayData.load(per_input_data)
     assert a.item_ids == b.item_ids and np.array_equal(a.rel, b.rel) and np.array_equal(a.obs, b.obs)
+
+
+def test_the_replay_env_config_builds_with_a_dataset(per_input_data):
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose("train", overrides=["env=per_input_replay", f"env.kwargs.dataset={per_input_data}"])
+    env = envs.make_env(OmegaConf.to_container(cfg.env, resolve=True))
+    env.reset(seed=0)
+    _, r, done, _, _ = env.step(env.action_space.sample())
+    assert done and np.isfinite(r)
