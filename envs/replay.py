@@ -73,6 +73,7 @@ class Replay(gym.Env):
     - ``allow_mixed_machines``: replay shards recorded on different machine kinds.
     - ``kind``: the recorded environment the caller expects (``"PerInput"`` or ``"LayerByLayer"``).
     - ``render_mode``: ``"ansi"`` or ``None``.
+    - ``threads``: accepted and unused (no model runs), so the training layer's settings apply unchanged.
 
     ## Version History
 
@@ -92,8 +93,10 @@ class Replay(gym.Env):
         allow_mixed_machines: bool = False,
         kind: str | None = None,
         render_mode: str | None = None,
+        threads: int | None = None,
     ) -> None:
         super().__init__()
+        del threads  # no model runs here; accepted so that training settings apply to a twin unchanged
         if latency not in LATENCIES:
             raise ValueError(f"latency must be one of {LATENCIES}, got {latency!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
