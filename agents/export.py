@@ -726,6 +726,7 @@ def export_from_path(
         from agents.controller import Controller
         from agents.validation import replay_claims
 
+        Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as scratch:
             ctl = Controller.from_pretrained(write(Path(scratch) / "controller", False), slm)
             claims = replay_claims(ctl, claims_dataset, split=claims_split)

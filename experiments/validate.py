@@ -3,7 +3,8 @@
 Re-runs an exported controller on the live environment, with measured latency, on the inputs of the
 replay dataset its claims were made on (:func:`agents.validation.validate_live`), and checks the
 claimed figures: mean dense-relative accuracy within ``--accuracy-tol`` (default 0.02) and mean
-latency fraction within ``--latency-tol`` (default 5%, relative). The claims are the card's
+latency fraction within ``--latency-tol`` (default 5%, relative; judged only on the machine kind the
+recording was made on, where a latency fraction means the same thing). The claims are the card's
 (``metrics.claims``, written by ``python -m experiments.export --claims DATASET``) or a leaderboard
 entry's (``--leaderboard leaderboard/results.csv`` validates every entry, or those ``--only`` names).
 
@@ -50,6 +51,7 @@ def validate_one(
     from agents.controller import Controller
     from agents.validation import check_claims, validate_live
     from envs.base import shared_lm
+    from envs.measure.meters import device_description
 
     ctl = Controller.from_pretrained(controller_dir)
     claims = claims or (ctl.card.get("metrics") or {}).get("claims")
@@ -65,7 +67,13 @@ def validate_one(
     slm = shared_lm(ctl.model_id)
     ctl.interface(slm)  # refuses a model of other weights
     measured = validate_live(ctl, dataset, split=split or claims.get("split"), repeats=repeats)
-    check = check_claims(claims, measured, accuracy_tol=accuracy_tol, latency_tol=latency_tol)
+    recorded_on = (claims.get("dataset") or measured["dataset"]).get("machine")
+    here = device_description()
+    comparable = recorded_on in (None, here)
+    check = check_claims(
+        claims, measured, accuracy_tol=accuracy_tol, latency_tol=latency_tol, latency_comparable=comparable
+    )
+    check["machines"] = {"claimed_on": recorded_on, "validated_on": here}
     return {"controller": str(controller_dir), "dataset": str(dataset), "inputs": measured["inputs"], **check}
 
 
@@ -79,7 +87,8 @@ def render(results: Sequence[dict[str, Any]]) -> str:
                 r.get("name") or Path(r["controller"]).name,
                 r["inputs"],
                 f"{a['claimed']:.3f} / {a['measured']:.3f} ({a['difference']:+.3f})",
-                f"{lat['claimed']:.3f} / {lat['measured']:.3f} ({lat['relative_difference']:+.1%})",
+                f"{lat['claimed']:.3f} / {lat['measured']:.3f} ({lat['relative_difference']:+.1%})"
+                + ("" if r.get("latency_comparable", True) else " — another machine kind: not judged"),
                 "holds" if r["ok"] else "**does not hold**",
             ]
         )
