@@ -51,6 +51,10 @@ TINY_TRAIN = "model=tiny_llama env.kwargs.num_groups=2 eval.episodes=2 stop.iter
 TINY_PREP = "model=tiny_llama seq_len=32 eval_docs=1 eval_sequences=1 eval_seq_len=32 eval_plans=2 progress=false"
 SMALL_PREP = "seq_len=32 eval_docs=1 eval_sequences=1 eval_seq_len=32 eval_plans=2 progress=false"
 SMOKE_MAIN = "--config-name main_smoke"
+TINY_RECORD = (
+    "model=tiny_llama task=generated env.kwargs.num_groups=2 env.kwargs.probe_layers=1 env.kwargs.probe_dim=4 "
+    "repeats=3 shard_size=4 hardware.env_threads=1"
+)
 FILL = {"<cores>": "2", "<head ip>": "127.0.0.1", "<date>": "$SWEEP_DATE"}
 
 
@@ -145,6 +149,27 @@ TABLE: list[Run | Skip] = [
         "--prepared $TAG-ready --docs 1 --sequences 1 --seq-len 32 --prefix 8"),
     Run("python -m experiments.headroom --model smollm2-135m-ready",
         "--model $TAG-ready --limit 4 --plans 3 --repeats 1 --no-write --png headroom_ready.png"),
+    # Replay: record the tiny model, train on its twin, export with claims, validate live
+    Run("python -m experiments.record env=per_input_discrete task=mc split=train n_items=256",
+        f"{TINY_RECORD} n_items=8 out=rec/train"),
+    Run("python -m experiments.record env=per_input_discrete task=mc split=test n_items=240",
+        f"{TINY_RECORD} n_items=6 out=rec/test"),
+    Run("python -m experiments.train env=per_input_replay env.kwargs.dataset=outputs/record/PerInput-smollm2-135m algo=dqn",  # noqa: E501
+        "env.kwargs.dataset=rec stop.iterations=1 eval.episodes=2 hydra.run.dir=outputs/train/replay-run"),
+    Run("python -m experiments.export outputs/train/<run> --out my-replay-controller --claims outputs/record/PerInput-smollm2-135m --claims-split test",  # noqa: E501
+        "--claims rec", fill={"<run>": "replay-run"}),
+    Run("python -m experiments.train -m experiment=replay env=per_input_replay env.kwargs.dataset=outputs/record/PerInput-smollm2-135m algo=ppo,appo,impala,sac,dqn,linucb seed=0,1,2,3,4 hydra.sweep.dir=multirun/replay",  # noqa: E501
+        "env.kwargs.dataset=rec algo=linucb,dqn seed=0,1 stop.env_steps=256 eval.episodes=4 cluster.envs_per_runner=8"),
+    Run("python -m experiments.compare multirun/replay"),
+    Run("python -m experiments.bench.replay comparison --dataset outputs/record/PerInput-smollm2-135m",
+        "--dataset rec --algos linucb --seeds 2 --env-steps 256 --repeats 1 --no-write eval.episodes=4"),
+    Run("python -m experiments.bench.replay steps --dataset outputs/record/PerInput-smollm2-135m",
+        "--dataset rec --rounds 1 --replay-steps 200 --live-steps 2 --no-write"),
+    Run("python -m experiments.bench.replay record --dataset outputs/record/PerInput-smollm2-135m",
+        "--dataset rec --items 1 --no-write"),
+    # six recorded inputs of a tiny model: a wider latency bound than the leaderboard's (32 inputs, default bound)
+    Run("python -m experiments.validate my-replay-controller", "--repeats 3 --latency-tol 0.25"),
+    Run("python -m experiments.validate --leaderboard leaderboard/results.csv --only tiny", cwd="repo"),
     # Beyond one machine: a head on 127.0.0.1, then a run that joins it
     Run("ray start --head --port=6379 --num-cpus=<cores>",
         "--port=$RAY_PORT --node-ip-address=127.0.0.1 --temp-dir=$RAY_TMP --include-dashboard=false "

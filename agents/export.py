@@ -671,7 +671,7 @@ def export_from_path(
         trained_on: Device description of the training machine (default: the run's hardware).
         force: Replace an existing folder.
         claims_dataset: A replay dataset: the card then states, as ``metrics.claims``, what the
-            controller reaches on its recorded inputs (:func:`agents.validation.replay_claims`), for
+            controller reaches on its recorded inputs (:func:`agents.validation.claims_for`), for
             ``python -m experiments.validate`` to check live.
         claims_split: The split's recording inside ``claims_dataset`` (a folder of several).
     """
@@ -724,11 +724,11 @@ def export_from_path(
         import tempfile
 
         from agents.controller import Controller
-        from agents.validation import replay_claims
+        from agents.validation import claims_for
 
         Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as scratch:
             ctl = Controller.from_pretrained(write(Path(scratch) / "controller", False), slm)
-            claims = replay_claims(ctl, claims_dataset, split=claims_split)
+            claims = claims_for(ctl, claims_dataset, split=claims_split)
         metrics["claims"] = {**claims, "dataset_path": str(claims_dataset), "split": claims_split}
     return write(Path(out), force)

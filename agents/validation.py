@@ -8,6 +8,8 @@
   item scored against its dense reference, and the latency measured as ``repeats`` rounds that time
   the dense prompt and the controller's pipeline (probe + rest) in a shuffled order, per input
   ``median(pipeline) / median(dense)``.
+- :func:`claims_for` picks the first for discrete controllers and measures the second for
+  continuous ones (their plans were never recorded).
 - :func:`check_claims` compares the two: mean dense-relative accuracy within ``accuracy_tol``
   (absolute) and mean latency fraction within ``latency_tol`` (relative).
 """
@@ -76,6 +78,20 @@ def replay_claims(controller: Any, dataset: str | Path, *, split: str | None = N
         "scoring": "dense_relative",
         "latency": "median of measured rounds, dense timed in the same rounds",
     }
+
+
+def claims_for(controller: Any, dataset: str | Path, *, split: str | None = None, repeats: int = 5) -> dict[str, Any]:
+    """The claims of ``controller`` on ``dataset``: replayed when its actions are discrete presets, else live.
+
+    A discrete controller's paths were all recorded, so its claims are looked up
+    (:func:`replay_claims`). A continuous one chooses plans no recording holds: its claims are
+    measured live on the recorded inputs (:func:`validate_live`), on this machine.
+    """
+    if controller.action_kind == "discrete":
+        return {**replay_claims(controller, dataset, split=split), "source": "replay"}
+    measured = validate_live(controller, dataset, split=split, repeats=repeats)
+    measured.pop("per_input", None)
+    return {**measured, "source": "live", "scoring": "dense_relative", "latency": "median of measured rounds"}
 
 
 def dataset_identity(card: Mapping[str, Any]) -> dict[str, Any]:

@@ -106,6 +106,11 @@ def discrete_action(action: Any, n: int) -> int:
     Raises:
         ValueError: Anything else (booleans, strings, NaN, out of range).
     """
+    if type(action) is int or (isinstance(action, np.integer) and not isinstance(action, np.bool_)):
+        k = int(action)  # the common case (a sampled or argmax action), without an array round trip
+        if not 0 <= k < n:
+            raise ValueError(f"discrete action must be in [0, {n - 1}], got {k}")
+        return k
     a = _real_array(action)
     whole = a is not None and a.size == 1 and bool(np.isfinite(a).all()) and float(a.reshape(())).is_integer()
     if not whole:

@@ -126,7 +126,7 @@ class Replay(gym.Env):
         self._row = 0  # the path number so far (a prefix padded with action 0)
         self._t = 0
         self._done = True
-        self._last = ""
+        self._last: tuple[int, dict[str, Any] | None, float] | None = None  # what render() shows, built on demand
 
     def config(self) -> dict[str, Any]:
         """The twin's description: the recorded environment's (``interface`` included) and the replay settings."""
@@ -156,7 +156,7 @@ class Replay(gym.Env):
             self._item = int(self.np_random.integers(self.n_inputs))
         self._row, self._t, self._done = 0, 0, False
         i = self._item
-        self._last = f"recorded input {self.data.item_ids[i]} ({self.data.tasks[i]})"
+        self._last = (i, None, 0.0)
         return self.data.obs[i, 0, 0].copy(), {"item_id": self.data.item_ids[i], "task": self.data.tasks[i]}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -196,7 +196,7 @@ class Replay(gym.Env):
             "path": self._path(row),
             "reward_form": self.reward_cfg.form,
         }
-        self._last = f"{self._last}: path {info['path']}, accuracy {acc:.2f}, latency {lat:.0%}, reward {r:+.3f}"
+        self._last = (i, info, float(r))
         return self.data.obs[i, row, steps - 1].copy(), float(r), True, False, info
 
     def _path(self, row: int) -> list[int]:
@@ -208,4 +208,15 @@ class Replay(gym.Env):
 
     def render(self) -> str | None:
         """The last step as text (``render_mode="ansi"``)."""
-        return self._last if self.render_mode == "ansi" else None
+        if self.render_mode != "ansi":
+            return None
+        if self._last is None:
+            return ""
+        i, info, r = self._last
+        text = f"recorded input {self.data.item_ids[i]} ({self.data.tasks[i]})"
+        if info is not None:
+            text += (
+                f": path {info['path']}, accuracy {info['accuracy']:.2f}, latency {info['latency_fraction']:.0%}, "
+                f"reward {r:+.3f}"
+            )
+        return text

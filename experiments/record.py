@@ -114,6 +114,7 @@ def recording(cfg: DictConfig) -> Path:
         "shards": [],
     }
     done: dict[int, dict[str, Any]] = {}
+    elapsed_before = 0.0  # seconds spent recording by earlier (resumed) runs into the same out
     if (out / "card.json").is_file():
         old = read_card(out)
         if not cfg.resume:
@@ -124,6 +125,7 @@ def recording(cfg: DictConfig) -> Path:
         if differ:
             raise ValueError(f"resume=true, but {differ} differ from the dataset in {out}: record into another out=")
         card["created"] = old.get("created", card["created"])
+        elapsed_before = float(old.get("elapsed_s") or 0.0)
         done = {int(s["index"]): s for s in old.get("shards", []) if (out / s["file"]).is_file()}
     card["shards"] = [done[k] for k in sorted(done)]
     todo = [(k, items) for k, items in enumerate(_shards(n_inputs, int(cfg.shard_size))) if k not in done]
@@ -134,9 +136,11 @@ def recording(cfg: DictConfig) -> Path:
     for entry in _run_shards(cfg, todo, args, budget_s, t0):
         done[int(entry["index"])] = entry
         card["shards"] = [done[k] for k in sorted(done)]
+        card["elapsed_s"] = elapsed_before + time.perf_counter() - t0
         write_card(out, card)
         bar.update()
     bar.close()
+    card["elapsed_s"] = elapsed_before + time.perf_counter() - t0
     write_card(out, card)
     inputs = sum(len(s["inputs"]) for s in card["shards"])
     minutes = (time.perf_counter() - t0) / 60

@@ -63,7 +63,8 @@ def validate_one(
     if dataset is None:
         if not claims.get("dataset_path"):
             raise ValueError("the claims name no dataset folder: pass --dataset DIR")
-        dataset = _resolve(str(claims["dataset_path"]), REPO)
+        given = Path(str(claims["dataset_path"]))  # as the export was given it: from there, else from the repository
+        dataset = given if given.is_absolute() or given.exists() else REPO / given
     slm = shared_lm(ctl.model_id)
     ctl.interface(slm)  # refuses a model of other weights
     measured = validate_live(ctl, dataset, split=split or claims.get("split"), repeats=repeats)

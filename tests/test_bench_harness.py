@@ -178,7 +178,7 @@ def test_every_benchmark_builds_its_parser_through_the_harness(name, monkeypatch
     out = capsys.readouterr().out
     assert out.startswith(f"usage: python -m {name}")
     assert mod.BENCH.description and mod.BENCH.description in " ".join(out.split())
-    if name != "experiments.bench.prepare":  # its shared options follow a subcommand (tested below)
+    if name not in SUBCOMMANDS:  # their shared options follow a subcommand (tested below)
         assert "--no-write" in out and "--output FILE" in out
 
 
@@ -186,13 +186,18 @@ def test_benchmark_modules_are_found():
     assert {"experiments.bench.sparse_lm", "experiments.bench.prepare", "experiments.bench.gpu"} <= set(BENCH_MODULES)
 
 
-@pytest.mark.parametrize("mode", ["curves", "compare", "methods", "mixing"])
-def test_prepare_subcommands_take_the_shared_options(mode, capsys):
-    from experiments.bench import prepare
+SUBCOMMANDS = {
+    "experiments.bench.prepare": ["curves", "compare", "methods", "mixing"],
+    "experiments.bench.replay": ["steps", "record", "comparison"],
+}
 
+
+@pytest.mark.parametrize("name,mode", [(n, m) for n, modes in SUBCOMMANDS.items() for m in modes])
+def test_subcommands_take_the_shared_options(name, mode, capsys):
+    mod = importlib.import_module(name)
     with pytest.raises(SystemExit) as exc:
-        prepare.main([mode, "--help"])
+        mod.main([mode, "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"usage: python -m experiments.bench.prepare {mode}")
+    assert out.startswith(f"usage: python -m {name} {mode}")
     assert "--no-write" in out and "--output FILE" in out and "--threads N" in out

@@ -258,9 +258,8 @@ def test_render_ansi_shows_the_plan(cost_path):
 
 
 def test_conf_env_files_build(cost_path):
-    from omegaconf import OmegaConf
-
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     conf = Path(__file__).resolve().parent.parent / "conf"
     files = sorted((conf / "env").glob("*.yaml"))

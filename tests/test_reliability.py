@@ -36,6 +36,8 @@ def hostile_actions(space: gym.Space, rng: np.random.Generator) -> list[tuple[ob
             (n, REFUSED),
             (-1, REFUSED),
             (10**20, REFUSED),
+            (np.int64(n), REFUSED),
+            (np.int64(-1), REFUSED),
             (1.5, REFUSED),
             (float("nan"), REFUSED),
             (float("inf"), REFUSED),
@@ -48,6 +50,7 @@ def hostile_actions(space: gym.Space, rng: np.random.Generator) -> list[tuple[ob
             (object(), REFUSED),
             (np.array([[1]]), CLIPPED),  # one integer, whatever its array shape: accepted as that preset
             (float(n - 1), CLIPPED),  # an integral float names a preset
+            (np.uint8(0), CLIPPED),  # any NumPy integer type
         ]
     shape = space.shape
     size = int(np.prod(shape))
