@@ -168,8 +168,12 @@ TABLE: list[Run | Skip] = [
     Run("python -m experiments.bench.replay record --dataset outputs/record/PerInput-smollm2-135m",
         "--dataset rec --items 1 --no-write"),
     # six recorded inputs of a tiny model: a wider latency bound than the leaderboard's (32 inputs, default bound)
-    Run("python -m experiments.validate my-replay-controller", "--repeats 3 --latency-tol 0.25"),
-    Run("python -m experiments.validate --leaderboard leaderboard/results.csv --only tiny", cwd="repo"),
+    Run("python -m experiments.validate my-replay-controller", "--repeats 3 --latency-tol 0.5"),
+    # the tiny model's latency is mostly per-call overhead, which swings with load on a shared CI machine more
+    # than the 5% bound; CI checks its accuracy exactly and its latency loosely (tests/test_leaderboard.py, slow,
+    # holds the embedded entries to 5%)
+    Run("python -m experiments.validate --leaderboard leaderboard/results.csv --only tiny",
+        "--repeats 9 --latency-tol 0.25", cwd="repo"),
     # Beyond one machine: a head on 127.0.0.1, then a run that joins it
     Run("ray start --head --port=6379 --num-cpus=<cores>",
         "--port=$RAY_PORT --node-ip-address=127.0.0.1 --temp-dir=$RAY_TMP --include-dashboard=false "

@@ -115,6 +115,7 @@ def recording(cfg: DictConfig) -> Path:
     }
     done: dict[int, dict[str, Any]] = {}
     elapsed_before = 0.0  # seconds spent recording by earlier (resumed) runs into the same out
+    timed_before = 0  # inputs those runs recorded (a run before elapsed_s was kept counts in neither)
     if (out / "card.json").is_file():
         old = read_card(out)
         if not cfg.resume:
@@ -126,6 +127,7 @@ def recording(cfg: DictConfig) -> Path:
             raise ValueError(f"resume=true, but {differ} differ from the dataset in {out}: record into another out=")
         card["created"] = old.get("created", card["created"])
         elapsed_before = float(old.get("elapsed_s") or 0.0)
+        timed_before = int(old.get("elapsed_inputs") or 0)
         done = {int(s["index"]): s for s in old.get("shards", []) if (out / s["file"]).is_file()}
     card["shards"] = [done[k] for k in sorted(done)]
     todo = [(k, items) for k, items in enumerate(_shards(n_inputs, int(cfg.shard_size))) if k not in done]
@@ -133,14 +135,16 @@ def recording(cfg: DictConfig) -> Path:
     t0 = time.perf_counter()
     args = (env_id, kwargs, str(out), int(cfg.repeats), int(cfg.seed))
     bar = tqdm(total=len(todo), desc=f"recording {name} {cfg.split} ({paths} paths per input)", unit="shard")
+    timed = timed_before
     for entry in _run_shards(cfg, todo, args, budget_s, t0):
         done[int(entry["index"])] = entry
         card["shards"] = [done[k] for k in sorted(done)]
-        card["elapsed_s"] = elapsed_before + time.perf_counter() - t0
+        timed += len(entry["inputs"])
+        card["elapsed_s"], card["elapsed_inputs"] = elapsed_before + time.perf_counter() - t0, timed
         write_card(out, card)
         bar.update()
     bar.close()
-    card["elapsed_s"] = elapsed_before + time.perf_counter() - t0
+    card["elapsed_s"], card["elapsed_inputs"] = elapsed_before + time.perf_counter() - t0, timed
     write_card(out, card)
     inputs = sum(len(s["inputs"]) for s in card["shards"])
     minutes = (time.perf_counter() - t0) / 60

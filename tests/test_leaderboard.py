@@ -45,3 +45,12 @@ def test_embedded_entries_hold_live(row):
     from experiments.validate import main
 
     assert main(["--leaderboard", str(ROOT / "leaderboard" / "results.csv"), "--only", row["name"]]) == 0
+
+
+def test_controllers_readme_lists_every_folder_with_its_claims():
+    text = (ROOT / "controllers" / "README.md").read_text()
+    for folder in sorted(p for p in (ROOT / "controllers").iterdir() if p.is_dir()):
+        claims = Controller.from_pretrained(folder).card["metrics"]["claims"]
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{folder.name}` |")), None)
+        assert row is not None, f"controllers/README.md does not list {folder.name}"
+        assert f"{claims['accuracy']:.3f} / {claims['latency_fraction']:.3f} on {claims['inputs']} " in row

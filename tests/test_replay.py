@@ -175,6 +175,8 @@ def test_resume_after_an_interrupted_recording_completes_the_same_dataset(
     a, b = ReplayData.load(out), ReplayData.load(per_input_data)
     assert a.item_ids == b.item_ids and np.array_equal(a.rel, b.rel) and np.array_equal(a.latency, b.latency)
     assert np.array_equal(a.obs, b.obs)
+    card = json.loads((out / "card.json").read_text())
+    assert card["elapsed_inputs"] == a.n_inputs and card["elapsed_s"] > 0  # both runs' time, every input counted
     with pytest.raises(ValueError, match="differ from the dataset"):
         recording(record_cfg(out, "tiny_discrete", cost_path, "resume=true", "repeats=3"))
 

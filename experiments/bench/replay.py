@@ -157,15 +157,15 @@ def run_record(args: argparse.Namespace) -> None:
     for split, c in cards:
         inputs = sum(len(sh["inputs"]) for sh in c["shards"])
         size = sum(int(sh["bytes"]) for sh in c["shards"])
-        elapsed = c.get("elapsed_s")
-        rate = f"{60.0 * inputs * c['paths_per_input'] / elapsed:,.1f}" if elapsed else "— (not on the card)"
+        elapsed, timed = c.get("elapsed_s"), c.get("elapsed_inputs")
+        rate = f"{60.0 * timed * c['paths_per_input'] / elapsed:,.1f}" if elapsed and timed else "—"
         rows.append(
             [
                 split,
                 f"{inputs}/{c['inputs_planned']}",
                 c["paths_per_input"],
                 c["repeats"],
-                f"{elapsed / 60:.1f}" if elapsed else "—",
+                f"{elapsed / 60:.1f} ({timed} inputs)" if elapsed and timed else "—",
                 rate,
                 f"{size / 1e6:.3f}",
                 f"{size / max(inputs, 1) / 1e3:.2f}",
@@ -178,7 +178,7 @@ def run_record(args: argparse.Namespace) -> None:
             "inputs recorded/planned",
             "paths",
             "repeats",
-            "recording min",
+            "recording min (inputs timed)",
             "inputs × actions / min",
             "MB on disk",
             "kB / input",
@@ -187,8 +187,9 @@ def run_record(args: argparse.Namespace) -> None:
         rows,
     )
     body = (
-        f"{fresh}\n\nThe dataset `{args.dataset}` as recorded (`experiments.record`, its card's `elapsed_s`; shards "
-        f"in Parquet):\n\n{table}"
+        f"{fresh}\n\nThe dataset `{args.dataset}` as recorded (`experiments.record`; wall time from its card's "
+        f"`elapsed_s` over the `elapsed_inputs` it covers, everything after the first environment was built; — "
+        f"where the card does not time the recording; shards in Parquet):\n\n{table}"
     )
     BENCH.publish(args, "Replay: recording cost", body)
 
