@@ -338,6 +338,8 @@ def compare(
             "runs": len(rs),
             "seeds": sorted(int(r["seed"]) for r in rs),
             "env_steps_per_run": sorted({int(r["env_steps"]) for r in rs}),
+            # the budget asked for (stop.env_steps); runs overshoot it by up to one iteration's steps
+            "env_step_budget": sorted({int((r.get("budget") or {}).get("env_steps") or r["env_steps"]) for r in rs}),
             "tuning_trials": sorted({int(r.get("tuning_trials", 1)) for r in rs}),
             "eval_split": sorted({str(r.get("eval_split")) for r in rs}),
             "per_run": [
@@ -349,7 +351,7 @@ def compare(
             point, lo, hi = iqm_with_ci([float(r["eval"].get(m, float("nan"))) for r in rs], reps=reps)
             entry[m] = {"iqm": point, "ci95": [lo, hi]}
         summary["algorithms"][key] = entry
-    budgets = {(tuple(e["env_steps_per_run"]), tuple(e["tuning_trials"])) for e in summary["algorithms"].values()}
+    budgets = {(tuple(e["env_step_budget"]), tuple(e["tuning_trials"])) for e in summary["algorithms"].values()}
     summary["equal_budget"] = len(budgets) == 1
     summary["best"] = best_run(summary["algorithms"])
     summary["references"] = references_for(runs, base=REPO_ROOT) if references else []
@@ -406,8 +408,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
     headers = ["algorithm", "runs (seeds)", "env steps / run", "tuning trials", "reward", "accuracy", "cost"]
     splits = sorted({s for e in summary["algorithms"].values() for s in e["eval_split"]})
     budget = (
-        "Equal budget: every algorithm trained for the same env steps per run with the same number of "
-        "hyperparameter settings tried (tuning trials)."
+        "Equal budget: every algorithm had the same env-step budget per run (`stop.env_steps`; a run stops "
+        "at the first iteration past it, so the steps reached differ by at most one iteration) with the same "
+        "number of hyperparameter settings tried (tuning trials)."
         if summary["equal_budget"]
         else "**Budgets differ between algorithms** (env steps per run or tuning trials): the comparison is not "
         "at equal budget."

@@ -130,3 +130,13 @@ def test_stratified_bootstrap_per_task():
     assert lo <= point <= hi
     with pytest.raises(ValueError, match="runs, tasks"):
         stratified_bootstrap_ci(np.array([1.0, 2.0]))
+
+
+def test_equal_budget_is_the_budget_asked_for_not_the_overshoot(tmp_path):
+    for name, steps in (("a", 100352), ("b", 100032)):
+        fake_run(tmp_path / name, name, 0, 0.5, steps=steps)
+        final = json.loads((tmp_path / name / "final.json").read_text())
+        final["budget"] = {"env_steps": 100000}
+        (tmp_path / name / "final.json").write_text(json.dumps(final))
+    summary = compare(tmp_path, reps=100)
+    assert summary["equal_budget"] is True and "Equal budget" in summary["markdown"]

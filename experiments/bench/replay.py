@@ -41,7 +41,7 @@ BENCH = Benchmark(
     "experiments.bench.replay",
     __doc__,
     threads=1,
-    threads_help="the goal is steps/s on one core; the live env's LLM forward gets this many threads",
+    threads_help="this process's; a live env takes the LLM threads its recording was made with",
 )
 ALGOS = ("ppo", "appo", "impala", "sac", "dqn", "linucb")
 STEPS_GOAL = 20_000  # replay steps/s on one core (issue goal)
@@ -82,7 +82,7 @@ def run_steps(args: argparse.Namespace) -> None:
     card = read_card(folder)
     twin = replay_id(card["env"]["env"])
     replay = gym.make(twin, dataset=str(folder), latency="median", disable_env_checker=True)
-    live_kwargs = {**card["env_kwargs"], "cost": "calibrated", "threads": args.threads}
+    live_kwargs = {**card["env_kwargs"], "cost": "calibrated"}  # as recorded, LLM threads included
     live = make_env(card["env_id"], **live_kwargs)
     replay.reset(seed=args.seed)
     live.reset(seed=args.seed)
@@ -109,7 +109,8 @@ def run_steps(args: argparse.Namespace) -> None:
         f"`{card['env_id']}` on `{model}` ({card['env_kwargs'].get('task')} mix, {card['env_kwargs'].get('split')} "
         f"split, {len(card['shards'])} shards) against its twin `{twin}` "
         f"(median latency). Each step is a one-step episode (`reset` + random `step`); {args.rounds} interleaved "
-        f"rounds of {args.replay_steps} replay and {args.live_steps} live steps; torch threads {args.threads}.\n\n"
+        f"rounds of {args.replay_steps} replay and {args.live_steps} live steps. The twin runs no torch (one "
+        f"Python thread); the live env has the recording's settings (LLM threads {live_kwargs.get('threads')}).\n\n"
         + markdown_table(["env", "steps timed", "steps/s (median of rounds)", "p50 µs/step", "p95 µs/step"], rows)
         + f"\n\nReplay is **{ratio.p50:,.0f}×** the live env's steps/s (median over rounds, p95 {ratio.p95:,.0f}×). "
         f"Goal ≥ {STEPS_GOAL:,} replay steps/s on one core: {goal}."
@@ -119,14 +120,10 @@ def run_steps(args: argparse.Namespace) -> None:
 
 def run_record(args: argparse.Namespace) -> None:
     """A fresh recording of a few inputs, per input; and the dataset card's own figures."""
-    import torch
-
     from envs import make_env
     from envs.data.records import read_card
     from envs.record import check_recordable, record_input
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rows = []
     cards = []
     for split in args.splits:
@@ -136,7 +133,7 @@ def run_record(args: argparse.Namespace) -> None:
     if not cards:
         raise SystemExit(f"no recording under {args.dataset} (looked for {', '.join(args.splits)})")
     split, card = cards[0]
-    env = make_env(card["env_id"], **{**card["env_kwargs"], "threads": args.threads})
+    env = make_env(card["env_id"], **card["env_kwargs"])  # as recorded, LLM threads included
     try:
         paths = check_recordable(env.unwrapped)
         record_input(env.unwrapped, 0, repeats=1, seed=0)  # warm
@@ -150,7 +147,8 @@ def run_record(args: argparse.Namespace) -> None:
     s = summarize(per_input)
     fresh = (
         f"Fresh recording here: {args.items} inputs of `{card['env_id']}` on `{card['env']['model']['name']}` "
-        f"({paths} paths per input, {card['repeats']} timed repeats each, threads {args.threads}, model loaded): "
+        f"({paths} paths per input, {card['repeats']} timed repeats each, LLM threads "
+        f"{card['env_kwargs'].get('threads')}, model loaded): "
         f"median {s.p50:.2f} s per input (p95 {s.p95:.2f} s), **{60.0 * paths / s.p50:,.1f} inputs × actions per "
         f"minute**."
     )
