@@ -172,7 +172,7 @@ def replay_rewards(data: Any, reward_cfg: Any, latency: str = "calibrated") -> n
     if latency == "calibrated":
         lat = data.latency
     else:
-        lat = np.median(data.latency_s, axis=2) / np.median(data.dense_latency_s, axis=2)
+        lat = data.median_latency
     out = np.empty(acc.shape)
     for i in range(acc.shape[0]):
         for p in range(acc.shape[1]):

@@ -119,7 +119,7 @@ class Replay(gym.Env):
         dim = int(np.prod(iface["observation"]["shape"]))
         self.observation_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(dim,), dtype=np.float32)
         self._accuracy = self.data.rel if self.reward_cfg.accuracy == "dense_relative" else self.data.raw
-        self._median = np.median(self.data.latency_s, axis=2) / np.median(self.data.dense_latency_s, axis=2)
+        self._median = self.data.median_latency
         self._ids = {item: i for i, item in enumerate(self.data.item_ids)}
         self._n = self.data.n_actions
         self._item = -1
@@ -193,18 +193,11 @@ class Replay(gym.Env):
             "latency_fraction": lat,
             "energy_fraction": en_f,
             "latency_source": self.latency,
-            "path": self._path(row),
+            "path": self.data.path(row),
             "reward_form": self.reward_cfg.form,
         }
         self._last = (i, info, float(r))
         return self.data.obs[i, row, steps - 1].copy(), float(r), True, False, info
-
-    def _path(self, row: int) -> list[int]:
-        out = []
-        for _ in range(self.data.steps):
-            row, a = divmod(row, self._n)
-            out.append(a)
-        return out[::-1]
 
     def render(self) -> str | None:
         """The last step as text (``render_mode="ansi"``)."""

@@ -211,7 +211,7 @@ def replay_references(setting: Mapping[str, Any], *, base: Path | None = None, s
     if test.latency == "calibrated":
         cost = test.data.latency
     else:  # the ceiling's expectation: "sample" draws one round, its mean over rounds is near the median's
-        cost = np.median(test.data.latency_s, axis=2) / np.median(test.data.dense_latency_s, axis=2)
+        cost = test.data.median_latency
     index = {item: i for i, item in enumerate(test.data.item_ids)}
     episodes = int(setting.get("eval_episodes") or 0)
     draws = np.asarray(
@@ -221,7 +221,6 @@ def replay_references(setting: Mapping[str, Any], *, base: Path | None = None, s
         dtype=np.int64,
     )
     obs_train, obs_test = train.data.obs[:, 0, 0], test.data.obs[:, 0, 0]
-    steps = test.data.steps
 
     def figures(rows: np.ndarray) -> dict[str, Any]:
         c = learnable_ceiling(obs_train, r_train, obs_test[rows], r_test[rows], seed=seed)
@@ -238,10 +237,10 @@ def replay_references(setting: Mapping[str, Any], *, base: Path | None = None, s
             }
 
         return {
-            "best_static": {**pick(np.full(len(rows), best)), "path": _path(best, test.data.n_actions, steps)},
+            "best_static": {**pick(np.full(len(rows), best)), "path": test.data.path(best)},
             "best_static_train_chosen": {
                 **pick(np.full(len(rows), chosen)),
-                "path": _path(chosen, test.data.n_actions, steps),
+                "path": test.data.path(chosen),
             },
             "learnable": {"reward": c.learnable, "model": c.model, "cv_reward": c.cv_reward},
             "oracle": pick(hindsight),
@@ -258,15 +257,6 @@ def replay_references(setting: Mapping[str, Any], *, base: Path | None = None, s
     }
     out["statement"] = reference_statement(out)
     return out
-
-
-def _path(number: int, n_actions: int, steps: int) -> list[int]:
-    """The actions of path ``number`` (its digits in base ``n_actions``, first step first)."""
-    out = []
-    for _ in range(steps):
-        number, a = divmod(number, n_actions)
-        out.append(int(a))
-    return out[::-1]
 
 
 def reference_statement(ref: Mapping[str, Any]) -> str:

@@ -22,6 +22,7 @@ the mismatch and the command that rebuilds it.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -152,6 +153,19 @@ class ReplayData:
     def n_paths(self) -> int:
         """Action paths per input."""
         return self.n_actions**self.steps
+
+    @functools.cached_property
+    def median_latency(self) -> np.ndarray:
+        """``[inputs, paths]``: median measured latency over the dense prompt's median, from the same rounds."""
+        return np.median(self.latency_s, axis=2) / np.median(self.dense_latency_s, axis=2)
+
+    def path(self, number: int) -> list[int]:
+        """The actions of path ``number``, first step first (the inverse of :meth:`path_index`)."""
+        out = []
+        for _ in range(self.steps):
+            number, a = divmod(int(number), self.n_actions)
+            out.append(a)
+        return out[::-1]
 
     def path_index(self, path: Iterable[int]) -> int:
         """The row number of a (possibly partial) path; missing steps count as action 0."""
