@@ -111,6 +111,9 @@ TABLE: list[Run | Skip] = [
     Run("make lint", cwd="repo"),
     Run("make bench", "ARGS=--quick", cwd="repo"),
     Run("python -m experiments.bench"),  # lists the benchmarks (runs nothing)
+    # Which channels: a tiny predictor, then the rules benchmark on it
+    Run("python -m experiments.predictor", "model=tiny-llama rank=4 max_tokens=512 val_tokens=128 name=$TAG-r4"),
+    Run("python -m experiments.bench.activation", "--quick --model tiny-llama --predictor $TAG-r4"),
     Skip("make smoke", "the target that runs this table (.ci/run calls it): running it here would recurse",
          "tests/test_readme.py::test_smoke_runs_the_readme_commands"),
     Run("make main", f"ARGS=\"{SMOKE_MAIN} hydra.run.dir=$SCRATCH/outputs/main/$MAIN_RUN 'ppo.lams=[0.25]'\"",
@@ -274,9 +277,9 @@ def _restore(before: dict[Path, bytes], readme: str) -> None:
 
 
 def _cleanup(vars_: dict[str, str], keep: bool) -> None:
-    """Remove what the short forms left in shared places (prepared models, their checkpoints) and $SCRATCH."""
+    """Remove what the short forms left in shared places (prepared models, checkpoints, predictors) and $SCRATCH."""
     cache = Path(os.environ.get("PRUNEGYM_CACHE", Path.home() / ".cache" / "prunegym"))
-    for sub in ("prepared", "prepare-checkpoints"):
+    for sub in ("prepared", "prepare-checkpoints", "predictors"):
         for path in sorted((cache / sub).glob(f"{vars_['TAG']}-*")):
             shutil.rmtree(path, ignore_errors=True)
     if keep:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from envs.data.files import sha256_file
+from envs.data.files import card_digest, sha256_file
 
 if TYPE_CHECKING:
     from envs.interface import Interface
@@ -81,13 +81,6 @@ def importance_hash(importance: Any) -> str:
         "mlp_order": [list(x) for x in importance.mlp_order],
     }
     return hashlib.sha256(json.dumps(data, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
-def card_digest(card: Mapping[str, Any]) -> str:
-    """The sha256 a card records as ``card_sha256``: of its canonical JSON without that field."""
-    body = {k: v for k, v in card.items() if k != "card_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def read_card(path: str | Path) -> dict[str, Any]:
@@ -197,6 +190,17 @@ def check_model(card: Mapping[str, Any], slm: SparseLM) -> None:
     spec = card["model"].get("spec")
     if spec is not None and dict(spec) != slm.spec.to_dict():
         raise ControllerError(f"the card's model shape {spec} differs from the model's {slm.spec.to_dict()}")
+    want_pred = (card["model"].get("predictor") or {}).get("card_sha256")
+    if want_pred:
+        got_pred = getattr(getattr(slm, "predictor", None), "card", {}).get("card_sha256")
+        if got_pred != want_pred:
+            name = card["model"]["predictor"].get("name")
+            has = "no predictor" if got_pred is None else f"another ({got_pred[:12]})"
+            raise ControllerError(
+                f"this controller runs the `predicted` MLP rule with the channel predictor {name!r} (card "
+                f"{want_pred[:12]}), but the model has {has}: "
+                f"load it with slm.set_predictor(envs.runtime.predictor.load_predictor({name!r}, slm))"
+            )
     want_imp = card["model"].get("importance_hash")
     if want_imp and want_imp != importance_hash(slm.importance):
         warnings.warn(

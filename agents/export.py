@@ -224,8 +224,8 @@ def check_spaces(interface: Mapping[str, Any], obs_dim: int, action_kind: str, a
 
 
 def model_section(slm: SparseLM, model_id: str | None = None) -> dict[str, Any]:
-    """The card's ``model`` section: id, weights hash, shape and importance ordering hash."""
-    return {
+    """The card's ``model`` section: id, weights hash, shape, importance ordering hash (and channel predictor)."""
+    out = {
         "id": model_id or slm.name,
         "weights_hash": slm.weights_hash,
         "spec": slm.spec.to_dict(),
@@ -233,6 +233,10 @@ def model_section(slm: SparseLM, model_id: str | None = None) -> dict[str, Any]:
         "importance_meta": jsonable(getattr(slm.importance, "meta", {})),
         "dtype": str(next(iter(slm.model.parameters())).dtype).removeprefix("torch."),
     }
+    predictor = getattr(slm, "predictor", None)
+    if predictor is not None:  # the `predicted` rule's channel predictor, identified by its card's hash
+        out["predictor"] = {"name": slm.predictor_name, "card_sha256": predictor.card.get("card_sha256")}
+    return out
 
 
 def run_metrics(run_dir: str | Path | None) -> dict[str, Any]:

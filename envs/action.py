@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.runtime.plan import PlanBuilder, SparsityPlan
+from envs.runtime.plan import MLP_RULES, PlanBuilder, SparsityPlan
 
 # Preset actions of the discrete variants: (layers, heads, mlp) keep fractions applied to every group.
 PRESETS: tuple[tuple[float, float, float], ...] = (
@@ -154,6 +154,11 @@ class ActionMap:
         presets: The discrete presets (``[n, 3]``).
         budget: The action wall's FLOPs budget (fraction of dense) or ``None``.
         per_group: Each action sets one group's triple (LayerByLayer) instead of every group's.
+        mlp_rules: Which MLP channels run (:data:`envs.runtime.plan.MLP_RULES`). One rule: every plan
+            uses it. Several: the agent chooses one per decision and group. A discrete action then
+            names a (preset, rule) pair, ``index = preset * len(mlp_rules) + rule``; a continuous one
+            gains a fourth entry per group, ``[layers, heads, mlp, rule]``, whose value in [0, 1]
+            picks ``mlp_rules[min(int(value * len(mlp_rules)), len(mlp_rules) - 1)]``.
     """
 
     def __init__(
@@ -166,7 +171,16 @@ class ActionMap:
         presets: Sequence[Sequence[float]] | np.ndarray = PRESETS,
         budget: float | None = None,
         per_group: bool = False,
+        mlp_rules: Sequence[str] = ("static",),
     ) -> None:
+        rules = tuple(mlp_rules) if not isinstance(mlp_rules, str) else (mlp_rules,)
+        if not rules or len(set(rules)) != len(rules) or any(r not in MLP_RULES for r in rules):
+            raise ValueError(f"mlp_rules must be distinct rules from {MLP_RULES}, got {mlp_rules!r}")
+        if "predicted" in rules and getattr(slm, "predictor", None) is None:
+            raise ValueError(
+                "mlp_rules includes 'predicted', but the model has no channel predictor: train one with "
+                "`python -m experiments.predictor model=<model>` and pass predictor=<name>"
+            )
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float)):
             raise ValueError(f"budget must be a cost fraction in (0, 1] or None, got {budget!r}")
         if budget is not None and not 0.0 < float(budget) <= 1.0:
@@ -179,6 +193,14 @@ class ActionMap:
         self.budget = None if budget is None else float(budget)
         self.per_group = bool(per_group)
         self.width = 1 if self.per_group else len(self.groups)  # groups one action sets
+        self.mlp_rules = rules
+        self.chooses_rule = len(rules) > 1
+        if self.per_group and self.chooses_rule:
+            raise ValueError(
+                f"mlp_rules={list(rules)}: an environment that decides one layer group per step runs one MLP rule "
+                "(pass a single rule)"
+            )
+        self.cols = 4 if self.chooses_rule else 3  # entries per group of a continuous action
 
     # ------------------------------------------------------------------ description
     @property
@@ -188,13 +210,13 @@ class ActionMap:
 
     @property
     def n(self) -> int:
-        """Number of discrete actions (presets)."""
-        return len(self.presets)
+        """Number of discrete actions (presets, times the rules when the agent chooses one)."""
+        return len(self.presets) * len(self.mlp_rules)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Shape of a continuous action: three keep fractions per group it sets."""
-        return (3 * self.width,)
+        """Shape of a continuous action: three keep fractions per group it sets (and a rule, when chosen)."""
+        return (self.cols * self.width,)
 
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild this map for the same model (JSON-ready)."""
@@ -211,7 +233,8 @@ class ActionMap:
             "budget": self.budget,
             "per_group": self.per_group,
             "fractions": "[layers, heads, mlp] keep fractions per group (envs.runtime.plan.plan_from_counts)",
-        }
+        } | ({} if self.mlp_rules == ("static",) else {"mlp_rules": list(self.mlp_rules)})  # default left out:
+        # descriptions written before rules existed stay equal to today's
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], slm: Any) -> ActionMap:
@@ -238,6 +261,7 @@ class ActionMap:
             presets=cfg["presets"],
             budget=cfg.get("budget"),
             per_group=bool(cfg.get("per_group", False)),
+            mlp_rules=tuple(cfg.get("mlp_rules", ("static",))),
         )
 
     # ------------------------------------------------------------------ actions
@@ -247,10 +271,25 @@ class ActionMap:
         Raises:
             ValueError: An action that is not one (see the module docstring); the message says what is expected.
         """
+        fr, _, clipped = self.fractions_and_rules(action)
+        return fr, clipped
+
+    def fractions_and_rules(self, action: Any) -> tuple[np.ndarray, tuple[str, ...], bool]:
+        """Validate one action: its keep fractions (``[width, 3]``), MLP rules (one per group it sets), clipped.
+
+        Raises:
+            ValueError: An action that is not one (see the module docstring).
+        """
+        R = len(self.mlp_rules)
         if self.discrete:
-            return np.tile(self.presets[self.preset_index(action)], (self.width, 1)), False
+            k = discrete_action(action, self.n)
+            return np.tile(self.presets[k // R], (self.width, 1)), (self.mlp_rules[k % R],) * self.width, False
         a, clipped = box_action(action, self.shape)
-        return a.reshape(self.width, 3), clipped
+        a = a.reshape(self.width, self.cols)
+        if not self.chooses_rule:
+            return a, (self.mlp_rules[0],) * self.width, clipped
+        rules = tuple(self.mlp_rules[min(int(v * R), R - 1)] for v in a[:, 3])
+        return a[:, :3].copy(), rules, clipped
 
     def preset_index(self, action: Any) -> int:
         """The preset a discrete action names.
@@ -258,22 +297,38 @@ class ActionMap:
         Raises:
             ValueError: Not one integer in ``[0, n)``.
         """
-        return discrete_action(action, self.n)
+        return discrete_action(action, self.n) // len(self.mlp_rules)
 
-    def plan(self, fractions: np.ndarray) -> SparsityPlan:
-        """The plan of keep fractions for every group (``[len(groups), 3]``)."""
-        return self.builder.plan(fractions)
+    def group_rules(self, rules: Sequence[str] | None) -> tuple[str, ...] | None:
+        """Every group's rule for a whole-plan decision (``None`` for the all-static default)."""
+        if rules is None:
+            rules = (self.mlp_rules[0],) * len(self.groups)
+        rules = tuple(rules)
+        if len(rules) == 1 and len(self.groups) > 1:
+            rules *= len(self.groups)
+        return None if all(r == "static" for r in rules) else rules
+
+    def plan(self, fractions: np.ndarray, rules: Sequence[str] | None = None) -> SparsityPlan:
+        """The plan of keep fractions for every group (``[len(groups), 3]``) with their MLP ``rules``.
+
+        ``rules=None`` means this map's single rule (its first) in every group.
+        """
+        return self.builder.plan(fractions, self.group_rules(rules))
 
     def flops_fraction(self, plan: SparsityPlan, seq_len: int, past_len: int = 0) -> float:
         """Decoder FLOPs of ``plan`` relative to dense."""
         return self.builder.flops_fraction(plan, seq_len, past_len)
 
-    def walled(self, fractions: np.ndarray, seq_len: int, past_len: int = 0) -> tuple[np.ndarray, bool]:
+    def walled(
+        self, fractions: np.ndarray, seq_len: int, past_len: int = 0, rules: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, bool]:
         """Whole-plan fractions after the action wall (``budget``) for ``seq_len`` tokens after ``past_len``."""
-        return action_wall(fractions, lambda f: self.flops_fraction(self.plan(f), seq_len, past_len), self.budget)
+        return action_wall(
+            fractions, lambda f: self.flops_fraction(self.plan(f, rules), seq_len, past_len), self.budget
+        )
 
     def decide(self, action: Any, seq_len: int, past_len: int = 0) -> tuple[SparsityPlan, np.ndarray, bool, bool]:
         """A whole-plan action -> ``(plan, fractions, clipped, walled)``, exactly as the environment steps it."""
-        fr, clipped = self.fractions(action)
-        fr, walled = self.walled(fr, seq_len, past_len)
-        return self.plan(fr), fr, clipped, walled
+        fr, rules, clipped = self.fractions_and_rules(action)
+        fr, walled = self.walled(fr, seq_len, past_len, rules)
+        return self.plan(fr, rules), fr, clipped, walled

@@ -161,6 +161,7 @@ class PruneEnv(gym.Env):
         scorer: Mapping[str, Any] | None = None,
         dtype: str = "float32",
         threads: int | None = None,
+        predictor: str | None = None,
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
@@ -171,6 +172,12 @@ class PruneEnv(gym.Env):
         self.render_mode = render_mode
         self.model_name, self.dtype_name = model, dtype
         self.slm = shared_lm(model, dtype, threads)
+        if predictor is not None:
+            with _LOCK:
+                if self.slm.predictor_name != predictor:
+                    from envs.runtime.predictor import load_predictor
+
+                    self.slm.set_predictor(load_predictor(predictor, self.slm), name=predictor)
         self.spec_ = self.slm.spec
         self.cost_kind = cost
         self.reward_cfg = RewardConfig.from_any(reward)
@@ -351,7 +358,8 @@ class PruneEnv(gym.Env):
             "kwargs": jsonable(dict(self.spec.kwargs) if self.spec is not None else {}),
             "version": ENV_VERSIONS.get(name),
             "interface": self.interface.config(),
-            "model": {"name": self.model_name, "dtype": self.dtype_name, "weights_hash": self.slm.weights_hash},
+            "model": {"name": self.model_name, "dtype": self.dtype_name, "weights_hash": self.slm.weights_hash}
+            | ({"predictor": self.slm.predictor_name} if self.slm.predictor is not None else {}),
             "data": dict(self._data),
             "cost": {"kind": self.cost_kind, "source": self.cost_source.describe()},
             "reward": self.reward_cfg.to_dict(),

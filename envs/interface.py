@@ -154,6 +154,7 @@ class PerInputInterface(Interface):
         discrete: bool = False,
         presets: Sequence[Sequence[float]] | None = None,
         budget: float | None = None,
+        mlp_rules: Sequence[str] = ("static",),
     ) -> PerInputInterface:
         """The interface of ``PerInput`` (or ``LayerByLayer``) with these arguments (see the environment's docstring).
 
@@ -173,6 +174,7 @@ class PerInputInterface(Interface):
             presets=cls.DEFAULT_PRESETS if presets is None else presets,
             budget=budget,
             per_group=cls.PER_GROUP,
+            mlp_rules=mlp_rules,
         )
         return cls(slm, actions, probe, probe_prunable)
 
@@ -320,6 +322,7 @@ class PerTokenInterface(Interface):
         discrete: bool = False,
         presets: Sequence[Sequence[float]] | None = None,
         budget: float | None = None,
+        mlp_rules: Sequence[str] = ("static",),
     ) -> PerTokenInterface:
         """The interface of ``PerToken`` with these arguments."""
         L = slm.spec.num_layers
@@ -336,6 +339,7 @@ class PerTokenInterface(Interface):
             discrete=discrete,
             presets=PRESETS if presets is None else presets,
             budget=budget,
+            mlp_rules=mlp_rules,
         )
         return cls(slm, actions, int(max_new_tokens))
 

@@ -59,6 +59,8 @@ class LayerByLayer(PerInput):
 
     Those of :class:`~envs.per_input.PerInput`, except ``num_groups``: ``None`` (default) gives one
     group per layer after the probe; an integer groups them contiguously.
+    ``mlp_rules`` takes one rule only (every plan runs it): one step decides one group, and a rule
+    chosen per step is not built.
 
     ## Version History
 

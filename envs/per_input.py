@@ -82,6 +82,12 @@ class PerInput(PruneEnv):
       probe layers always run densely and are reused.
     - ``discrete``, ``presets``: the discrete variant.
     - ``budget``: action-wall budget (FLOPs fraction) or ``None``.
+    - ``mlp_rules``: which MLP channels run (:data:`envs.runtime.plan.MLP_RULES`; default ``["static"]``).
+      One rule: every plan uses it. Several: the agent also picks the rule per group
+      (:class:`envs.action.ActionMap`: a discrete action names a (preset, rule) pair, a continuous one has
+      ``[layers, heads, mlp, rule]`` per group).
+    - ``predictor``: a channel predictor's name or folder (``python -m experiments.predictor``), needed
+      by the ``predicted`` rule.
     - ``cost``: ``"calibrated"`` (deterministic) or ``"measured"`` (wall clock; registered nondeterministic).
     - ``cost_model``: a calibration file or :class:`~envs.measure.cost_model.CostModel` (default: the device's
       file at :func:`envs.measure.cost_model.default_path`); ``calibrate_cost=True`` fits a quick one there if

@@ -71,8 +71,8 @@ class PerToken(PruneEnv):
 
     Those of :class:`~envs.per_input.PerInput` that are not about the probe (``model``, ``task``,
     ``split``, ``n_items``, ``data_seed``, ``max_prompt_tokens``, ``num_groups``, ``discrete``,
-    ``presets``, ``budget``, ``cost``, ``cost_model``, ``calibrate_cost``, ``force_calibration``,
-    ``meter``, ``reward``, ``scorer``, ``dtype``, ``threads``, ``render_mode``), plus
+    ``presets``, ``budget``, ``mlp_rules``, ``predictor``, ``cost``, ``cost_model``, ``calibrate_cost``,
+    ``force_calibration``, ``meter``, ``reward``, ``scorer``, ``dtype``, ``threads``, ``render_mode``), plus
     ``max_new_tokens`` (16) and ``feed`` (``"dense"`` or ``"own"``).
 
     ## Version History
@@ -93,6 +93,7 @@ class PerToken(PruneEnv):
         discrete: bool = False,
         presets: Sequence[Sequence[float]] | None = None,
         budget: float | None = None,
+        mlp_rules: Sequence[str] = ("static",),
         reward: RewardConfig | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -107,6 +108,7 @@ class PerToken(PruneEnv):
                 discrete=discrete,
                 presets=presets,
                 budget=budget,
+                mlp_rules=mlp_rules,
             )
         )
         self.max_new_tokens, self.feed = self.interface.horizon, feed

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +233,28 @@ class Checkpoints:
         olds = sorted(p for p in self.root.glob(f"{self.prefix}*") if p.is_dir() and p.name != newest)
         for old in olds[: max(0, len(olds) - (self.keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def card_digest(card: Mapping[str, Any]) -> str:
+    """The sha256 a card records as ``card_sha256``: of its canonical JSON without that field.
+
+    Controller cards (:mod:`agents.controller`) and channel-predictor cards
+    (:mod:`envs.runtime.predictor`) are covered by it alike.
+    """
+    body = {k: v for k, v in card.items() if k != "card_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def versions_of(names: Sequence[str]) -> dict[str, str]:
+    """Versions of the packages ``names`` and of Python (``"not-installed"`` for an absent package), for cards."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in names:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not-installed"
+    return out

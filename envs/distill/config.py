@@ -55,6 +55,9 @@ class PlanDistribution:
         kv_shared_prob: Probability that, when the ``"kv"`` family is active, every running layer
             keeps the same number of KV groups (a static-like plan, as a head keep fraction in an
             action builds); otherwise each layer draws with ``kv_drop_prob``.
+        mlp_rules: Which channels a pruned MLP keeps (:data:`envs.runtime.plan.MLP_RULES`); with
+            several, each plan draws one for all its layers, so a prepared model is trained for the
+            rules it will run. ``predicted`` needs a channel predictor on the model.
     """
 
     families: tuple[str, ...] = PLAN_FAMILIES
@@ -66,6 +69,7 @@ class PlanDistribution:
     mlp_shared_prob: float = 0.8
     kv_drop_prob: float = 0.3
     kv_shared_prob: float = 0.5
+    mlp_rules: tuple[str, ...] = ("static",)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "plan") -> PlanDistribution:
@@ -113,12 +117,22 @@ class PlanDistribution:
         }
         if fam and rates["family_prob"] == 0.0:
             raise ValueError(f"{where}.family_prob must be > 0 when families are sampled")
-        return cls(families=fam, layer_choice=choice, mlp_levels=levels, **rates)
+        from envs.runtime.plan import MLP_RULES
+
+        rules = data.get("mlp_rules", cls.mlp_rules)
+        rules = (rules,) if isinstance(rules, str) else tuple(str(r) for r in rules)
+        if not rules or len(set(rules)) != len(rules) or any(r not in MLP_RULES for r in rules):
+            raise ValueError(f"{where}.mlp_rules must be distinct rules from {list(MLP_RULES)}, got {list(rules)}")
+        return cls(families=fam, layer_choice=choice, mlp_levels=levels, mlp_rules=rules, **rates)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form for JSON."""
         d = asdict(self)
         d["families"], d["mlp_levels"] = list(self.families), list(self.mlp_levels)
+        if self.mlp_rules == ("static",):  # the default is left out, so older cards and checkpoints hash alike
+            del d["mlp_rules"]
+        else:
+            d["mlp_rules"] = list(self.mlp_rules)
         return d
 
 

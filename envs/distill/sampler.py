@@ -37,25 +37,35 @@ class PlanSampler:
     """
 
     def __init__(self, slm: SparseLM, dist: PlanDistribution) -> None:
+        if "predicted" in dist.mlp_rules and getattr(slm, "predictor", None) is None:
+            raise ValueError(
+                "plan.mlp_rules includes 'predicted', but the model has no channel predictor: train one with "
+                "`python -m experiments.predictor` and load it on the model first"
+            )
         self.spec = slm.spec
         self.importance = slm.importance
         self.dist = dist
         L = self.spec.num_layers
         self.layer_rates = np.array([dist.layer_rate_max * i / max(L - 1, 1) for i in range(L)])
         self.groups = [[i] for i in range(L)]  # one group per layer: counts are per layer
-        self._layers: dict[tuple[int, bool, int, int], LayerPlan] = {}
+        self._layers: dict[tuple[int, bool, int, int, str], LayerPlan] = {}
 
-    def _layer(self, i: int, run: bool, n_heads: int, n_channels: int) -> LayerPlan:
+    def _layer(self, i: int, run: bool, n_heads: int, n_channels: int, rule: str = "static") -> LayerPlan:
         """The memoised :func:`envs.runtime.plan.layer_plan` (a few hundred distinct layers at most)."""
-        key = (i, run, n_heads, n_channels) if run else (i, False, 0, 0)
+        key = (i, run, n_heads, n_channels, rule) if run else (i, False, 0, 0, "static")
         lp = self._layers.get(key)
         if lp is None:
-            lp = self._layers[key] = layer_plan(self.spec, self.importance, i, run, n_heads, n_channels)
+            lp = self._layers[key] = layer_plan(self.spec, self.importance, i, run, n_heads, n_channels, rule)
         return lp
 
-    def _plan(self, counts: list[int], families: list[str]) -> SparsityPlan:
-        meta = {"kind": "prepare", "families": families}
-        return plan_from_counts(self.spec, self.importance, self.groups, counts, meta=meta, layer=self._layer)
+    def _plan(self, counts: list[int], families: list[str], rule: str = "static") -> SparsityPlan:
+        meta: dict[str, Any] = {"kind": "prepare", "families": families}
+        if rule != "static":
+            meta["mlp_rule"] = rule
+        rules = None if rule == "static" else [rule] * len(self.groups)
+        return plan_from_counts(
+            self.spec, self.importance, self.groups, counts, meta=meta, layer=self._layer, rules=rules
+        )
 
     def sample(self, rng: np.random.Generator) -> SparsityPlan:
         """One plan (the dense plan with probability ``dense_prob``).
@@ -83,7 +93,10 @@ class PlanSampler:
                 drop[int(self.importance.layer_order[0])] = False
             run = ~drop
         mlp = np.full(s.num_layers, s.intermediate_size)
+        rule = d.mlp_rules[0]
         if "mlp" in active:
+            if len(d.mlp_rules) > 1:  # drawn only then, so a one-rule distribution draws as before
+                rule = d.mlp_rules[int(rng.integers(len(d.mlp_rules)))]
             if rng.random() < d.mlp_shared_prob:
                 mlp[:] = round(float(rng.choice(d.mlp_levels)) * s.intermediate_size)
             else:
@@ -101,7 +114,7 @@ class PlanSampler:
                 groups = int(rng.integers(1, s.num_kv_heads))
             heads = s.num_heads if groups is None else groups * s.group_size
             counts += [1, heads, int(mlp[i])]
-        return self._plan(counts, active)
+        return self._plan(counts, active, rule)
 
     def summary(self, n: int = 200, seed: int = 0) -> dict[str, Any]:
         """Empirical statistics of ``n`` draws (for the card)."""

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from envs.measure.meters import Meter, MixedSourceError, device_tag, package_versions, threads_in_use
-from envs.runtime.plan import ModelSpec, SparsityPlan
+from envs.runtime.plan import ModelSpec, SparsityPlan, mlp_flops
 
 if TYPE_CHECKING:
     from envs.runtime.sparse_lm import SparseLM
@@ -64,11 +64,15 @@ class CalibrationMismatchError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- features
-def plan_features(plan: SparsityPlan, seq_len: int, past_len: int = 0) -> np.ndarray:
+def plan_features(plan: SparsityPlan, seq_len: int, past_len: int = 0, predictor_flops: float = 0.0) -> np.ndarray:
     """The cost features of ``plan`` for ``seq_len`` new tokens (see :data:`FEATURES`).
 
     FLOPs follow :meth:`SparsityPlan.flops`, split into projections and scores
-    (``attn_proj + attn_score == flops()["attention"]``), in GFLOPs.
+    (``attn_proj + attn_score == flops()["attention"]``), in GFLOPs; the MLP's are
+    :func:`envs.runtime.plan.mlp_flops`, per-token rules' selection (and ``predictor_flops`` per
+    token and ``predicted`` layer) included. The fit has no separate term for a rule's gather
+    overhead: the calibration sample has only static plans, so a rule's calibrated cost is its
+    FLOPs at the static rate (the measured cost times the real run).
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -90,7 +94,7 @@ def plan_features(plan: SparsityPlan, seq_len: int, past_len: int = 0) -> np.nda
             mlp_b += 1
         proj += 2 * seq_len * D * d * (2 * h + 2 * kv)
         score += 2 * 2 * seq_len * ctx * d * h
-        mlp += 2 * 3 * seq_len * D * lp.mlp_channels
+        mlp += mlp_flops(s, lp, seq_len, predictor_flops)
     return np.array([1.0, layers, attn, mlp_b, gather, proj / 1e9, score / 1e9, mlp / 1e9], dtype=np.float64)
 
 
@@ -397,8 +401,11 @@ class CostModel:
         return cls(meta, buckets, samples)
 
     # ------------------------------------------------------------------ predict
-    def predict(self, plan: SparsityPlan, seq_len: int) -> CostEstimate:
+    def predict(self, plan: SparsityPlan, seq_len: int, predictor_flops: float = 0.0) -> CostEstimate:
         """Predicted latency and energy of one forward of ``plan`` over ``seq_len`` tokens per row.
+
+        ``predictor_flops`` is one token's channel-predictor FLOPs per ``predicted`` layer (see
+        :func:`plan_features`).
 
         Raises:
             ValueError: The plan is for a model of another shape.
@@ -409,7 +416,7 @@ class CostModel:
                 f"({self.meta['model']}); calibrate this model with `python -m experiments.calibrate_cost`"
             )
         lens = list(self.buckets)
-        x = plan_features(plan, seq_len)
+        x = plan_features(plan, seq_len, predictor_flops=predictor_flops)
         extrapolated = not lens[0] <= seq_len <= lens[-1]
         if seq_len <= lens[0]:
             use, weights = [lens[0]], [1.0]
@@ -727,8 +734,9 @@ class CalibratedCost(CostSource):
 
     kind = "calibrated"
 
-    def __init__(self, cost_model: CostModel) -> None:
+    def __init__(self, cost_model: CostModel, predictor_flops: float = 0.0) -> None:
         self.cost_model = cost_model
+        self.predictor_flops = float(predictor_flops)
 
     def describe(self) -> dict[str, Any]:
         """The cost model's identity: its device, model, weights hash and fit date."""
@@ -738,7 +746,7 @@ class CalibratedCost(CostSource):
 
     def cost(self, plan: SparsityPlan, run_fn: Callable[[], Any] | None, seq_len: int) -> Cost:
         """Predict the cost of ``plan``; ``run_fn`` is ignored."""
-        est = self.cost_model.predict(plan, seq_len)
+        est = self.cost_model.predict(plan, seq_len, self.predictor_flops)
         return Cost(est.latency_s, est.energy_j, "calibrated", est.energy_source, est.device, False, asdict(est))
 
 
@@ -779,5 +787,6 @@ def make_cost_source(
             cost_model = CostModel.load(path, slm=slm, force=force)
         elif slm is not None:
             cost_model.check(slm=slm, force=force)
-        return CalibratedCost(cost_model)
+        predictor = getattr(slm, "predictor", None)
+        return CalibratedCost(cost_model, 0.0 if predictor is None else predictor.flops_per_token())
     raise ValueError(f"cost must be 'measured' or 'calibrated', got {kind!r}")

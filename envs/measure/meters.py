@@ -46,6 +46,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from envs.data.files import versions_of
+
 Clock = Callable[[], float]
 EnergyMode = Literal["auto", "nvml", "rapl", "estimate", "off"]
 SOURCES = ("measured", "estimated")
@@ -86,16 +88,8 @@ TIMING_PACKAGES = ("torch", "transformers", "numpy", "prunegym")
 
 
 def package_versions(names: Sequence[str] = TIMING_PACKAGES) -> dict[str, str]:
-    """Versions of ``names`` and of Python (``"not-installed"`` for an absent package)."""
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for pkg in names:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not-installed"
-    return out
+    """Versions of ``names`` (default: the packages timings depend on) and of Python; see :func:`versions_of`."""
+    return versions_of(names)
 
 
 def device_tag(device: str = "cpu") -> str:

@@ -11,8 +11,21 @@ A layer plan lists both its kept query heads and its kept KV heads; keeping a qu
 its KV head is invalid, and a plan can drop whole KV groups (all query heads of a group plus the
 group's key/value head).
 
-MLP channels are a *count*: the plan keeps the ``mlp_channels`` most important intermediate
-channels of that layer (by the importance ordering the plan is executed with).
+MLP channels are a *count*, and a layer's ``mlp_rule`` says *which* ones run (:data:`MLP_RULES`):
+
+- ``static``: the ``mlp_channels`` most important channels of that layer, the same for every token
+  (by the importance ordering the plan is executed with);
+- ``gate`` (CATS): every token computes the full gate projection and keeps its ``mlp_channels``
+  channels of largest ``|act(gate)|``; up and down run for those only;
+- ``input`` (TEAL): each MLP projection reads only the largest-magnitude entries of its own input:
+  the same fraction ``mlp_channels / intermediate_size`` of the hidden entries for gate and up, and
+  ``mlp_channels`` of the activations for down, so whole weight columns are skipped;
+- ``predicted`` (Deja Vu): a low-rank predictor (:mod:`envs.runtime.predictor`) scores the channels
+  from the MLP block's input before any of its matmuls run; gate, up and down run for the
+  ``mlp_channels`` best-scored ones.
+
+The per-token rules choose a different set for every token, deterministically from its
+activations. With every channel kept, each rule is the dense MLP.
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ if TYPE_CHECKING:
     from envs.runtime.importance import Importance
 
 PLAN_SCHEMA_VERSION = 1
+MLP_RULES = ("static", "gate", "input", "predicted")
+TOKEN_RULES = MLP_RULES[1:]  # the rules that choose channels per token from activations
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,8 @@ class LayerPlan:
             :mod:`envs.runtime.semistructured`). Only with the full MLP (``mlp_channels == intermediate_size``):
             the 2:4 weights are precomputed once for all channels, so they do not combine with slicing.
             Last and defaulted, so plans written before it existed still load (absent means ``False``).
+        mlp_rule: Which ``mlp_channels`` channels run (:data:`MLP_RULES`, see the module docstring).
+            Defaulted, so plans written before it existed still load (absent means ``"static"``).
     """
 
     run: bool
@@ -99,16 +116,24 @@ class LayerPlan:
     kv_heads: tuple[int, ...]
     mlp_channels: int
     two_four: bool = False
+    mlp_rule: str = "static"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form for JSON."""
-        return {
+        """Plain-dict form for JSON (``mlp_rule`` only when it is not ``static``, as before rules existed)."""
+        out: dict[str, Any] = {
             "run": self.run,
             "heads": list(self.heads),
             "kv_heads": list(self.kv_heads),
             "mlp_channels": self.mlp_channels,
             "two_four": self.two_four,
         }
+        if self.mlp_rule != "static":
+            out["mlp_rule"] = self.mlp_rule
+        return out
+
+    def token_rule(self, spec: ModelSpec) -> bool:
+        """Whether the MLP chooses its channels per token (a per-token rule on a partial MLP)."""
+        return self.run and self.mlp_rule != "static" and 0 < self.mlp_channels < spec.intermediate_size
 
     def is_full(self, spec: ModelSpec) -> bool:
         """Whether the layer runs whole: every head, KV group and channel, with dense weights."""
@@ -196,6 +221,7 @@ class SparsityPlan:
         layers: float = 1.0,
         heads: float = 1.0,
         mlp: float = 1.0,
+        mlp_rule: str = "static",
     ) -> SparsityPlan:
         """The same keep fractions everywhere, choosing what to keep by importance.
 
@@ -205,13 +231,16 @@ class SparsityPlan:
             layers: Fraction of decoder layers that run; the least important are skipped.
             heads: Fraction of query heads kept in each running layer (whole KV groups first).
             mlp: Fraction of MLP channels kept in each running layer.
+            mlp_rule: Which channels (:data:`MLP_RULES`).
 
         Raises:
-            ValueError: A fraction is NaN or outside [0, 1].
+            ValueError: A fraction is NaN or outside [0, 1], or an unknown rule.
         """
         f = [_check_fraction("layers", layers), _check_fraction("heads", heads), _check_fraction("mlp", mlp)]
-        meta = {"kind": "uniform", "layers": f[0], "heads": f[1], "mlp": f[2]}
-        return plan_from_fractions(spec, importance, [f], meta=meta)
+        meta: dict[str, Any] = {"kind": "uniform", "layers": f[0], "heads": f[1], "mlp": f[2]}
+        if mlp_rule != "static":
+            meta["mlp_rule"] = mlp_rule
+        return plan_from_fractions(spec, importance, [f], meta=meta, rules=[mlp_rule])
 
     @classmethod
     def from_action(
@@ -290,6 +319,13 @@ class SparsityPlan:
                 )
             if not isinstance(lp.two_four, bool):
                 raise ValueError(f"{where}.two_four must be a bool, got {lp.two_four!r}")
+            if lp.mlp_rule not in MLP_RULES:
+                raise ValueError(f"{where}.mlp_rule must be one of {MLP_RULES}, got {lp.mlp_rule!r}")
+            if lp.two_four and lp.mlp_rule != "static":
+                raise ValueError(
+                    f"{where}.two_four runs precomputed 2:4 weights for every channel; it does not combine with "
+                    f"mlp_rule={lp.mlp_rule!r} (set mlp_rule='static' or two_four=False)"
+                )
             if lp.two_four and lp.run and 0 < mc < spec.intermediate_size:
                 raise ValueError(
                     f"{where}.two_four needs the full MLP (mlp_channels={spec.intermediate_size}), got "
@@ -334,13 +370,20 @@ class SparsityPlan:
             "mlp": float(np.mean([lp.mlp_channels / s.intermediate_size for lp in run])),
         }
 
-    def flops(self, seq_len: int, past_len: int = 0) -> dict[str, float]:
+    def flops(self, seq_len: int, past_len: int = 0, *, predictor_flops: float = 0.0) -> dict[str, float]:
         """Multiply-accumulate FLOPs (×2) of the decoder for ``seq_len`` new tokens.
 
-        Counts the projections, the attention scores and mixing, and the MLP; excludes the
-        embedding, norms and LM head (the executor's ``logits`` argument decides the head's cost).
-        A 2:4 MLP (``two_four``) counts half its dense FLOPs: the *ideal* count of the multiplies
-        that are not skipped, not a speed prediction (the measured 2:4 speedup is below 2x).
+        Counts the projections, the attention scores and mixing, and the MLP (:func:`mlp_flops`,
+        per-token rules' selection work included); excludes the embedding, norms and LM head (the
+        executor's ``logits`` argument decides the head's cost). A 2:4 MLP (``two_four``) counts half
+        its dense FLOPs: the *ideal* count of the multiplies that are not skipped, not a speed
+        prediction (the measured 2:4 speedup is below 2x).
+
+        Args:
+            seq_len: New tokens.
+            past_len: Tokens already in the cache.
+            predictor_flops: One token's channel-predictor FLOPs per layer
+                (:meth:`envs.runtime.predictor.ChannelPredictor.flops_per_token`), for ``predicted`` layers.
 
         Returns:
             ``{"attention": ..., "mlp": ..., "total": ...}`` in FLOPs.
@@ -355,8 +398,13 @@ class SparsityPlan:
             h, kv = len(lp.heads), len(lp.kv_heads)
             attn += 2 * seq_len * D * d * (2 * h + 2 * kv)  # q, o and k, v projections
             attn += 2 * 2 * seq_len * ctx * d * h  # scores and weighted sum
-            mlp += 2 * 3 * seq_len * D * lp.mlp_channels * (0.5 if lp.two_four else 1.0)
+            mlp += mlp_flops(s, lp, seq_len, predictor_flops)
         return {"attention": attn, "mlp": mlp, "total": attn + mlp}
+
+    @property
+    def token_rules(self) -> set[str]:
+        """The per-token MLP rules this plan's layers run."""
+        return {lp.mlp_rule for lp in self.layers if lp.token_rule(self.spec)}
 
     def cost_fraction(self, seq_len: int = 256) -> float:
         """Decoder FLOPs of this plan relative to the dense plan at ``seq_len`` tokens."""
@@ -397,6 +445,7 @@ class SparsityPlan:
                     kv_heads=tuple(lp["kv_heads"]),
                     mlp_channels=lp["mlp_channels"],
                     two_four=lp.get("two_four", False),
+                    mlp_rule=lp.get("mlp_rule", "static"),
                 )
                 for lp in data["layers"]
             )
@@ -420,10 +469,39 @@ class SparsityPlan:
         f = self.keep_fractions()
         skipped = [i for i, lp in enumerate(self.layers) if not lp.run]
         two_four = sum(lp.run and lp.two_four for lp in self.layers)
+        rules = sorted(self.token_rules)
         return (
-            f"layers {self.layers_run}/{self.spec.num_layers} (skip {skipped}), "
-            f"heads {f['heads']:.0%}, kv {f['kv_heads']:.0%}, mlp {f['mlp']:.0%}"
-        ) + (f", 2:4 mlp in {two_four} layers" if two_four else "")
+            (
+                f"layers {self.layers_run}/{self.spec.num_layers} (skip {skipped}), "
+                f"heads {f['heads']:.0%}, kv {f['kv_heads']:.0%}, mlp {f['mlp']:.0%}"
+            )
+            + (f" per token by {'/'.join(rules)}" if rules else "")
+            + (f", 2:4 mlp in {two_four} layers" if two_four else "")
+        )
+
+
+def mlp_flops(spec: ModelSpec, lp: LayerPlan, seq_len: int, predictor_flops: float = 0.0) -> float:
+    """FLOPs of layer plan ``lp``'s MLP block for ``seq_len`` tokens: the one count plans and cost models use.
+
+    ``static`` keeps ``k = mlp_channels`` channels of gate, up and down. ``gate`` computes the whole
+    gate projection, then up and down for ``k`` channels. ``input`` reads ``k / I`` of the hidden
+    entries in gate and up and ``k`` activations in down. ``predicted`` adds the predictor
+    (``predictor_flops`` per token). Selecting the top ``k`` counts ``I`` per token (one comparison
+    per channel), and the ``input`` rule's ranking of the hidden entries ``D``. Every MLP counts three
+    projections, as the static count always has (GPT-2's two are counted as three alike).
+    """
+    if not lp.run or lp.mlp_channels == 0:
+        return 0.0
+    D, I, k = spec.hidden_size, spec.intermediate_size, lp.mlp_channels
+    base = 2 * seq_len * D * k
+    if not lp.token_rule(spec):
+        return 3 * base * (0.5 if lp.two_four else 1.0)
+    select = seq_len * I
+    if lp.mlp_rule == "gate":
+        return 2 * seq_len * D * I + 2 * base + select
+    if lp.mlp_rule == "input":
+        return 2 * 2 * seq_len * round(k / I * D) * I + base + select + seq_len * D
+    return 3 * base + seq_len * predictor_flops + select
 
 
 def layer_groups(num_layers: int, num_groups: int) -> list[list[int]]:
@@ -433,22 +511,44 @@ def layer_groups(num_layers: int, num_groups: int) -> list[list[int]]:
 
 
 def layer_plan(
-    spec: ModelSpec, importance: Importance, layer: int, run: bool, n_heads: int, n_channels: int
+    spec: ModelSpec,
+    importance: Importance,
+    layer: int,
+    run: bool,
+    n_heads: int,
+    n_channels: int,
+    mlp_rule: str = "static",
 ) -> LayerPlan:
     """What layer ``layer`` runs with ``n_heads`` query heads and ``n_channels`` MLP channels, chosen by importance.
 
-    The heads are :func:`select_heads`'s (whole KV groups first); the channels are a count (the
-    executor keeps the most important ones). ``run=False`` skips the layer.
+    The heads are :func:`select_heads`'s (whole KV groups first); the channels are a count, chosen
+    by ``mlp_rule`` (:data:`MLP_RULES`). A rule on no channel or on every channel is ``static``: both
+    mean the same work whatever the rule. ``run=False`` skips the layer.
     """
+    if mlp_rule not in MLP_RULES:
+        raise ValueError(f"mlp_rule must be one of {MLP_RULES}, got {mlp_rule!r}")
     if not run:
         return LayerPlan(run=False, heads=(), kv_heads=(), mlp_channels=0)
     hp = select_heads(spec, importance.head_order[layer], importance.kv_order[layer], n_heads)
+    nc = int(n_channels)
     return LayerPlan(
-        run=True, heads=hp.heads if hp else (), kv_heads=hp.kv_heads if hp else (), mlp_channels=int(n_channels)
+        run=True,
+        heads=hp.heads if hp else (),
+        kv_heads=hp.kv_heads if hp else (),
+        mlp_channels=nc,
+        mlp_rule=mlp_rule if 0 < nc < spec.intermediate_size else "static",
     )
 
 
-LayerFn = Callable[[int, bool, int, int], LayerPlan]
+LayerFn = Callable[[int, bool, int, int, str], LayerPlan]
+
+
+def check_rules(rules: Sequence[str] | None, n: int) -> tuple[str, ...]:
+    """``n`` MLP rules (all ``static`` for ``None``), refused unless each is one of :data:`MLP_RULES`."""
+    out = ("static",) * n if rules is None else tuple(rules)
+    if len(out) != n or any(r not in MLP_RULES for r in out):
+        raise ValueError(f"need {n} MLP rules, one per layer group, each one of {MLP_RULES}; got {rules!r}")
+    return out
 
 
 def fraction_counts(spec: ModelSpec, groups: Sequence[Sequence[int]], fractions: Any) -> tuple[int, ...]:
@@ -475,6 +575,7 @@ def plan_from_counts(
     fixed_dense: Iterable[int] = (),
     meta: dict[str, Any] | None = None,
     layer: LayerFn | None = None,
+    rules: Sequence[str] | None = None,
 ) -> SparsityPlan:
     """The plan of integer counts per layer group: the one way PruneGym turns amounts into a plan.
 
@@ -489,12 +590,14 @@ def plan_from_counts(
         counts: ``3 * len(groups)`` integers.
         fixed_dense: Layers that run whole whatever the counts say.
         meta: The plan's ``meta``.
-        layer: A memoised :func:`layer_plan` ``(layer, run, n_heads, n_channels) -> LayerPlan`` (builders
-            pass one so that equal counts give the same objects).
+        layer: A memoised :func:`layer_plan` ``(layer, run, n_heads, n_channels, rule) -> LayerPlan``
+            (builders pass one so that equal counts give the same objects).
+        rules: The MLP rule of each group (:data:`MLP_RULES`); ``static`` everywhere when ``None``.
     """
     if len(counts) != 3 * len(groups):
         raise ValueError(f"need 3 counts per layer group ({3 * len(groups)}), got {len(counts)}")
-    make = layer or (lambda i, run, nh, nc: layer_plan(spec, importance, i, run, nh, nc))
+    rules = check_rules(rules, len(groups))
+    make = layer or (lambda i, run, nh, nc, rule: layer_plan(spec, importance, i, run, nh, nc, rule))
     rank = {lay: r for r, lay in enumerate(importance.layer_order)}
     fixed = set(fixed_dense)
     out: list[LayerPlan] = [_dense_layer(spec)] * spec.num_layers
@@ -503,7 +606,7 @@ def plan_from_counts(
         running = set(sorted(members, key=rank.__getitem__)[:n_run])
         for i in members:
             if i not in fixed:
-                out[i] = make(i, i in running, nh, nc)
+                out[i] = make(i, i in running, nh, nc, rules[g])
     return SparsityPlan(spec, tuple(out), dict(meta or {}))
 
 
@@ -515,14 +618,22 @@ def plan_from_fractions(
     *,
     fixed_dense: Iterable[int] = (),
     meta: dict[str, Any] | None = None,
+    rules: Sequence[str] | None = None,
 ) -> SparsityPlan:
     """The plan of keep fractions ``[layers, heads, mlp]`` per layer group (default: one group of every layer).
 
-    Fractions become counts by :func:`fraction_counts`, counts a plan by :func:`plan_from_counts`.
+    Fractions become counts by :func:`fraction_counts`, counts a plan by :func:`plan_from_counts`;
+    ``rules`` are the groups' MLP rules.
     """
     groups = [list(range(spec.num_layers))] if groups is None else groups
     return plan_from_counts(
-        spec, importance, groups, fraction_counts(spec, groups, fractions), fixed_dense=fixed_dense, meta=meta
+        spec,
+        importance,
+        groups,
+        fraction_counts(spec, groups, fractions),
+        fixed_dense=fixed_dense,
+        meta=meta,
+        rules=rules,
     )
 
 
@@ -542,31 +653,43 @@ class PlanBuilder:
 
     def __init__(self, slm: Any, groups: Sequence[Sequence[int]], fixed_dense: Iterable[int] = ()) -> None:
         self.spec, self.importance = slm.spec, slm.importance
+        predictor = getattr(slm, "predictor", None)
+        self.predictor_flops = 0.0 if predictor is None else float(predictor.flops_per_token())
         self.groups = [list(g) for g in groups]
         self.fixed = sorted(set(fixed_dense))
-        self._layers: dict[tuple[int, bool, int, int], LayerPlan] = {}
-        self._plans: dict[tuple[int, ...], SparsityPlan] = {}
+        self._layers: dict[tuple[int, bool, int, int, str], LayerPlan] = {}
+        self._plans: dict[tuple[Any, ...], SparsityPlan] = {}
         self._dense_flops: dict[tuple[int, int], float] = {}
 
-    def _layer(self, i: int, run: bool, nh: int, nc: int) -> LayerPlan:
-        key = (i, run, nh, nc) if run else (i, False, 0, 0)
+    def _layer(self, i: int, run: bool, nh: int, nc: int, rule: str = "static") -> LayerPlan:
+        key = (i, run, nh, nc, rule) if run else (i, False, 0, 0, "static")
         lp = self._layers.get(key)
         if lp is None:
-            lp = self._layers[key] = layer_plan(self.spec, self.importance, i, run, nh, nc)
+            lp = self._layers[key] = layer_plan(self.spec, self.importance, i, run, nh, nc, rule)
         return lp
 
     def counts(self, fractions: Any) -> tuple[int, ...]:
         """Integer counts (layers run, heads, MLP channels) per group that ``fractions`` (``[G, 3]``) mean."""
         return fraction_counts(self.spec, self.groups, fractions)
 
-    def plan(self, fractions: Any) -> SparsityPlan:
-        """The plan for ``fractions`` (``[G, 3]`` or ``3 * G`` numbers in [0, 1])."""
-        key = self.counts(fractions)
+    def plan(self, fractions: Any, rules: Sequence[str] | None = None) -> SparsityPlan:
+        """The plan for ``fractions`` (``[G, 3]`` or ``3 * G`` numbers in [0, 1]) with the groups' MLP ``rules``."""
+        counts = self.counts(fractions)
+        key: tuple[Any, ...] = counts if rules is None else (*counts, *rules)
         plan = self._plans.get(key)
         if plan is None:
-            meta = {"kind": "env", "counts": list(key)}
+            meta: dict[str, Any] = {"kind": "env", "counts": list(counts)}
+            if rules is not None:
+                meta["mlp_rules"] = list(rules)
             plan = plan_from_counts(
-                self.spec, self.importance, self.groups, key, fixed_dense=self.fixed, meta=meta, layer=self._layer
+                self.spec,
+                self.importance,
+                self.groups,
+                counts,
+                fixed_dense=self.fixed,
+                meta=meta,
+                layer=self._layer,
+                rules=rules,
             )
             if len(self._plans) >= self.MAX_CACHED:
                 self._plans.clear()
@@ -579,4 +702,4 @@ class PlanBuilder:
         dense = self._dense_flops.get(key)
         if dense is None:
             dense = self._dense_flops[key] = SparsityPlan.dense(self.spec).flops(seq_len, past_len)["total"]
-        return plan.flops(seq_len, past_len)["total"] / dense
+        return plan.flops(seq_len, past_len, predictor_flops=self.predictor_flops)["total"] / dense

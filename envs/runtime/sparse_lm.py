@@ -23,6 +23,16 @@ Within one forward, layers run with the original weights up to the first layer t
 on. The dense plan therefore stays exactly the original model, and a layer-by-layer or probe-then-
 plan forward switches at the same point as a whole-plan forward.
 
+Per-token channel rules. A layer plan's ``mlp_rule`` (:data:`envs.runtime.plan.MLP_RULES`) can
+choose the MLP channels per token from the token's own activations (``gate``, ``input``) or from a
+channel predictor (``predicted``, :meth:`SparseLM.set_predictor`). For up to
+:attr:`SparseLM.sparse_rows` tokens per call (decoding, the shortest prompts) only the selected
+rows and columns are read: gathered dot products (:func:`envs.runtime.kernels.rows_dot`) over an
+interleaved gate/up copy, and weighted row sums (``embedding_bag``) over transposed down (and, for
+``input``, gate/up) copies, built per layer on first use. Longer calls, and calls with gradients,
+compute the same channels in the masked form (the dense activations with the unselected channels
+zeroed), which is also ``rule_impl="masked"``, the reference the sparse form is tested against.
+
 Threads. A forward's matmuls run on PyTorch's intra-op pool; ``SparseLM(threads=N)`` sets it
 (``torch.set_num_threads``, process-wide) because the default differs between launchers and
 RLlib workers must stay at one thread. ``None`` leaves the current setting alone.
@@ -39,6 +49,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from envs.runtime.kernels import rows_dot, rows_sum
 from envs.runtime.models import EMBEDDED_MODEL, LoadedModel, load_model, tensors_hash, weights_hash
 from envs.runtime.plan import LayerPlan, ModelSpec, SparsityPlan
 
@@ -107,6 +118,7 @@ class _Sel(_QKV):
     up_b: torch.Tensor | None
     down_w: torch.Tensor | None
     kv_identity: bool = False  # every KV head kept, in model order: the cache needs no scatter or mask
+    mlp_rule: str = "static"  # a per-token rule: the weights are the full MLP's, n_ch channels run per token
 
 
 def _rows(w: torch.Tensor, n_groups: int, perm: torch.Tensor) -> torch.Tensor:
@@ -211,7 +223,15 @@ class SparseLM:
         threads: PyTorch intra-op threads for forwards (process-wide); ``None`` leaves it.
         strategy: ``"views"`` (importance-ordered copy, prefix views) or ``"gather"`` (index the
             original weights per call).
+
+    Attributes:
+        predictor: The channel predictor ``predicted`` layers use (:meth:`set_predictor`), or ``None``.
+        rule_impl: ``"sparse"`` (read only the selected channels where :attr:`sparse_rows` allows) or
+            ``"masked"`` (always the masked form; for tests and audits).
+        sparse_rows: Most tokens per call that per-token rules run in the sparse form.
     """
+
+    sparse_rows = 4
 
     def __init__(
         self,
@@ -239,6 +259,10 @@ class SparseLM:
         self._extract()
         self._weights_hash: str | None = None
         self._sel_cache: dict[tuple[int, LayerPlan], _Sel] = {}
+        self._rule_w: dict[tuple[int, str], torch.Tensor] = {}  # per-token rules' weight copies, built on use
+        self.predictor: Any = None  # envs.runtime.predictor.ChannelPredictor, set by set_predictor
+        self.predictor_name: str | None = None
+        self.rule_impl: Literal["sparse", "masked"] = "sparse"
         self.semistructured: Any = None  # envs.runtime.semistructured.SemiStructured, set by enable_two_four
         self.adapted: SparseLM | None = None  # the pruned layers' weight set, see set_adapted
         from envs.runtime.importance import Importance
@@ -399,6 +423,7 @@ class SparseLM:
         twin.__dict__.update(self.__dict__)
         twin.blocks = [replace(b, **ws) for b, ws in zip(self.blocks, per_layer, strict=True)]
         twin._sel_cache = {}
+        twin._rule_w = {}
         twin.adapted = None
         twin.set_importance(self.importance)
         self.adapted = twin
@@ -467,6 +492,31 @@ class SparseLM:
     def weights_changed(self) -> None:
         """Say that the weights were changed in place (training): :attr:`weights_hash` is computed again."""
         self._weights_hash = None
+        self._rule_w.clear()
+        if self.adapted is not None:
+            self.adapted._rule_w.clear()
+
+    def set_predictor(self, predictor: Any, name: str | None = None) -> None:
+        """Install (or with ``None`` remove) the channel predictor that ``predicted`` layers run with.
+
+        ``name`` is what it was loaded by (:attr:`predictor_name`, recorded in environment configs).
+
+        Raises:
+            ValueError: A predictor for another model shape.
+        """
+        if predictor is not None:
+            n_layers, rank_shape = predictor.num_layers, predictor.scores(0, torch.zeros(1, self.spec.hidden_size))
+            if n_layers != self.spec.num_layers or rank_shape.shape[-1] != self.spec.intermediate_size:
+                raise ValueError(
+                    f"the channel predictor is for {n_layers} layers of {rank_shape.shape[-1]} channels; this model "
+                    f"has {self.spec.num_layers} layers of {self.spec.intermediate_size}"
+                )
+            predictor = predictor.to(self.device, self.blocks[0].up_w.dtype)
+        self.predictor = predictor
+        self.predictor_name = None if predictor is None else name
+        if self.adapted is not None:
+            self.adapted.predictor = predictor
+            self.adapted.predictor_name = self.predictor_name
 
     @property
     def device(self) -> torch.device:
@@ -611,7 +661,15 @@ class SparseLM:
                 kv_ids=kv_ids,
                 head_kv=_head_kv(s, heads_t, kv_ids),
             )
-        if full_mlp and sparse24:
+        if lp.token_rule(s):
+            if lp.mlp_rule == "predicted" and self.predictor is None:
+                raise RuntimeError(
+                    f"the plan runs layer {i} with mlp_rule='predicted', but this model has no channel predictor: "
+                    "train one with `python -m experiments.predictor model=<model>` and load it "
+                    "(predictor=<name> in an environment, or slm.set_predictor(load_predictor(<name>, slm)))"
+                )
+            mlp = dict(gate_w=b.gate_w, gate_b=b.gate_b, up_w=b.up_w, up_b=b.up_b, down_w=b.down_w)
+        elif full_mlp and sparse24:
             mlp = dict(
                 gate_w=sparse24.get("gate_w"),
                 gate_b=b.gate_b,
@@ -643,7 +701,8 @@ class SparseLM:
             )
         kv_ids = attn["kv_ids"]
         kv_identity = nkv == s.num_kv_heads and bool((kv_ids == torch.arange(s.num_kv_heads)).all())
-        return _Sel(n_heads=nh, n_kv=nkv, n_ch=nc, **attn, **mlp, kv_identity=kv_identity)
+        rule = lp.mlp_rule if lp.token_rule(s) else "static"
+        return _Sel(n_heads=nh, n_kv=nkv, n_ch=nc, **attn, **mlp, kv_identity=kv_identity, mlp_rule=rule)
 
     def _two_four_weights(self, i: int) -> dict[str, torch.Tensor]:
         """Layer ``i``'s prepared 2:4 weights (``gate_w``, ``up_w``, ``down_w``, maybe ``q_w``...)."""
@@ -789,6 +848,10 @@ class SparseLM:
         return k_all, v_all, mask
 
     def _mlp(self, i: int, b: _Block, sel: _Sel, x: torch.Tensor, observer: Observer | None) -> torch.Tensor:
+        if observer is not None:
+            observer(i, "mlp_in", x)
+        if sel.mlp_rule != "static":
+            return self._token_rule_mlp(i, b, sel, x, observer)
         if sel.gate_w is not None:
             a = b.act(F.linear(x, sel.gate_w, sel.gate_b)) * F.linear(x, sel.up_w, sel.up_b)
         else:
@@ -796,6 +859,91 @@ class SparseLM:
         if observer is not None:
             observer(i, "mlp_act", a)
         return F.linear(a, sel.down_w, b.down_b)
+
+    def _rule_weight(self, i: int, kind: str) -> torch.Tensor:
+        """Layer ``i``'s weight copy for per-token rules, built once and kept.
+
+        ``gu`` is ``[I, C, D]`` (gate and up interleaved per channel; up alone without a gate),
+        ``down_t`` ``[I, D]``, ``gu_t`` ``[D, C * I]``.
+        """
+        key = (i, kind)
+        w = self._rule_w.get(key)
+        if w is None:
+            b = self.blocks[i]
+            mats = [b.up_w] if b.gate_w is None else [b.gate_w, b.up_w]
+            with torch.no_grad():
+                if kind == "gu":
+                    w = torch.stack(mats, dim=1).contiguous()
+                elif kind == "down_t":
+                    w = b.down_w.t().contiguous()
+                else:
+                    w = torch.cat(mats, dim=0).t().contiguous()
+            self._rule_w[key] = w
+        return w
+
+    def _token_rule_mlp(self, i: int, b: _Block, sel: _Sel, x: torch.Tensor, observer: Observer | None) -> torch.Tensor:
+        """The MLP under a per-token rule: ``sel.n_ch`` channels per token, chosen by ``sel.mlp_rule``."""
+        shape = x.shape
+        xr = x.reshape(-1, shape[-1])
+        R, I, k, rule = xr.shape[0], self.spec.intermediate_size, sel.n_ch, sel.mlp_rule
+        gated = b.gate_w is not None
+        sparse = self.rule_impl == "sparse" and R <= self.sparse_rows and not torch.is_grad_enabled()
+        if rule == "input":
+            kd = max(1, round(k / I * shape[-1]))
+            xi = xr.abs().topk(kd, dim=-1, sorted=False).indices
+            if sparse:
+                h = rows_sum(self._rule_weight(i, "gu_t"), xi, xr.gather(-1, xi))
+                g_u = h.split(I, dim=-1) if gated else (h,)
+                g = g_u[0] + b.gate_b if gated and b.gate_b is not None else g_u[0]
+                u = g_u[-1] + b.up_b if b.up_b is not None else g_u[-1]
+            else:
+                xm = torch.zeros_like(xr).scatter(-1, xi, xr.gather(-1, xi))
+                g = F.linear(xm, b.gate_w, b.gate_b) if gated else None
+                u = F.linear(xm, b.up_w, b.up_b)
+            a = b.act(g) * u if gated else b.act(u)
+            idx = a.abs().topk(k, dim=-1, sorted=False).indices
+            act = a.gather(-1, idx)
+        elif rule == "gate":
+            first = F.linear(xr, b.gate_w, b.gate_b) if gated else F.linear(xr, b.up_w, b.up_b)
+            ga = b.act(first)
+            idx = ga.abs().topk(k, dim=-1, sorted=False).indices
+            if not gated:
+                act = ga.gather(-1, idx)
+            elif sparse:
+                u = rows_dot(b.up_w.unsqueeze(1), xr, idx)[..., 0]
+                if b.up_b is not None:
+                    u = u + b.up_b[idx]
+                act = ga.gather(-1, idx) * u
+            else:
+                act = ga.gather(-1, idx) * F.linear(xr, b.up_w, b.up_b).gather(-1, idx)
+        else:  # predicted
+            idx = self.predictor.scores(i, xr).topk(k, dim=-1, sorted=False).indices
+            if sparse:
+                h = rows_dot(self._rule_weight(i, "gu"), xr, idx)
+                u = h[..., -1] + b.up_b[idx] if b.up_b is not None else h[..., -1]
+                if gated:
+                    g = h[..., 0] + b.gate_b[idx] if b.gate_b is not None else h[..., 0]
+                    act = b.act(g) * u
+                else:
+                    act = b.act(u)
+            else:
+                u = F.linear(xr, b.up_w, b.up_b)
+                a = b.act(F.linear(xr, b.gate_w, b.gate_b)) * u if gated else b.act(u)
+                act = a.gather(-1, idx)
+        if observer is not None:
+            observer(
+                i,
+                "mlp_act",
+                torch.zeros(R, I, dtype=act.dtype, device=act.device).scatter(-1, idx, act).view(*shape[:-1], I),
+            )
+        if sparse:
+            out = rows_sum(self._rule_weight(i, "down_t"), idx, act)
+            if b.down_b is not None:
+                out = out + b.down_b
+        else:
+            a_full = torch.zeros(R, I, dtype=act.dtype, device=act.device).scatter(-1, idx, act)
+            out = F.linear(a_full, b.down_w, b.down_b)
+        return out.view(*shape[:-1], -1)
 
     def finish(self, state: RunState, logits: LogitsSpec = "all") -> ForwardOutput:
         """Apply the final norm and, where asked, the LM head."""
@@ -839,7 +987,8 @@ class SparseLM:
                 a slice, or an index tensor. The head is the largest single matmul of a small
                 model, so ask only for what you score.
             observer: Called with ``(layer, name, tensor)`` at ``layer_in``, ``attn_heads``,
-                ``mlp_act`` and ``layer_out``; used by calibration and probes.
+                ``mlp_in`` (the MLP block's normed input), ``mlp_act`` and ``layer_out``; used by
+                calibration, probes and channel predictors.
             grad: Track gradients (for fine-tuning under plans). Gradients reach the model's own
                 parameters only through dense sub-blocks or with ``strategy="gather"``; the
                 importance-ordered copy used by ``"views"`` is not a parameter.

@@ -1,0 +1,333 @@
+"""Per-token MLP channel rules vs the static order: agreement with dense greedy decoding at equal decode latency.
+
+Usage: ``python -m experiments.bench.activation [--quick] [--prompts 16] [--items 8] [--tokens 32]``.
+
+Every rule (``static``, ``gate``, ``input``, ``predicted``; :data:`envs.runtime.plan.MLP_RULES`) runs
+every layer's MLP at keep 0.75 / 0.5 / 0.25 (static also at 0.6, 0.4 and 0.1, to draw its
+curve), decoding ``--tokens`` tokens after val news prompts and after the generation (exact-match)
+items of the val split. Decoding is teacher-forced on the dense model's greedy tokens, so every
+plan sees the same context and agreement is the share of steps whose argmax equals the dense
+token. Every decode step runs every plan once, in a shuffled order, so load from elsewhere hits
+all plans alike; a plan's latency fraction is its decode time over the dense plan's, per prompt,
+and the table reports the median of those and a bootstrap 95% CI over prompts.
+
+The curves are upper hulls (random mixtures of the points, dense included), compared at 70% and
+85% of dense decode latency; "÷ ideal" is the realised decode speedup over the FLOPs speedup
+(decoder + LM head for one token, selection and predictor included). The predictor's recall of the
+true per-token top-k (by ``|act|``) is measured on val news tokens.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from agents.frontier import interp_frontier, oracle_frontier, upper_hull
+from envs.data.corpus import natural_text
+from envs.data.files import atomic_write_json
+from envs.runtime.plan import MLP_RULES, SparsityPlan
+from envs.runtime.sparse_lm import SparseLM
+from experiments.bench.harness import Benchmark, summarize
+from experiments.report import REPO_ROOT, markdown_table
+
+BENCH = Benchmark("experiments.bench.activation", __doc__, threads=1)
+TITLE = "Activation sparsity: which MLP channels, per token"
+KEEPS = (0.75, 0.5, 0.25)
+STATIC_EXTRA = (0.6, 0.4, 0.1)
+TARGETS = (0.70, 0.85)
+
+
+def bench_plans(slm: SparseLM, rules: list[str]) -> dict[str, SparsityPlan]:
+    """The plans of the benchmark by name: dense, then ``rule@keep`` for every rule and keep."""
+    plans = {"dense": slm.dense_plan()}
+    for rule in rules:
+        keeps = sorted({*KEEPS, *STATIC_EXTRA}, reverse=True) if rule == "static" else KEEPS
+        for k in keeps:
+            plans[f"{rule}@{k:g}"] = SparsityPlan.uniform(slm.spec, slm.importance, mlp=k, mlp_rule=rule)
+    return plans
+
+
+def prompts(slm: SparseLM, n_news: int, n_items: int, prompt_tokens: int) -> list[tuple[str, list[int]]]:
+    """Val news prompts (their first ``prompt_tokens`` tokens) and the prompts of val exact-match items."""
+    from envs.tasks.mixes import load_mix
+
+    tok = slm.tokenizer
+    out = [("news", tok(d)["input_ids"][:prompt_tokens]) for d in natural_text("val")[:n_news]]
+    if n_items:
+        items = [it for it in load_mix("exact", split="val", n=4 * n_items, seed=0) if it.kind == "exact"]
+        out += [("item", tok(it.prompt)["input_ids"]) for it in items[:n_items]]
+    return [(kind, ids) for kind, ids in out if len(ids) >= 2]
+
+
+def head_flops(slm: SparseLM) -> float:
+    """LM-head FLOPs for one token (every decode step pays it, whatever the plan)."""
+    return 2.0 * slm.spec.hidden_size * slm.spec.vocab_size
+
+
+def run_prompt(
+    slm: SparseLM, plans: dict[str, SparsityPlan], ids: list[int], tokens: int, rng: random.Random
+) -> tuple[dict[str, float], dict[str, int], int]:
+    """Decode ``tokens`` teacher-forced steps after ``ids`` under every plan, interleaved step by step.
+
+    Returns:
+        Decode seconds per plan (the timed steps), agreeing steps per plan, and the number of steps.
+    """
+    prompt = torch.tensor([ids])
+    dense = slm.generate(prompt, slm.dense_plan(), max_new_tokens=tokens)[0, len(ids) :].tolist()
+    caches = {name: slm.new_cache() for name in plans}
+    agree = dict.fromkeys(plans, 0)
+    secs = dict.fromkeys(plans, 0.0)
+    for name, plan in plans.items():  # prefill, untimed
+        out = slm(prompt, plan, cache=caches[name], logits="last")
+        agree[name] += int(out.logits[0, -1].argmax()) == dense[0]
+    order = list(plans)
+    for j in range(len(dense) - 1):
+        step = torch.tensor([[dense[j]]])
+        rng.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            out = slm(step, plans[name], cache=caches[name], logits="last")
+            secs[name] += time.perf_counter() - t0
+            agree[name] += int(out.logits[0, -1].argmax()) == dense[j + 1]
+    return secs, agree, len(dense)
+
+
+def bootstrap_ci(values: np.ndarray, stat=np.median, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI of ``stat`` over the rows of ``values``."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n, len(values)))
+    boots = np.array([stat(values[i]) for i in idx])
+    return float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+def predictor_figures(slm: SparseLM, n_docs: int, tokens: int, repeats: int) -> dict[str, object]:
+    """Recall of the true per-token top-k on val news, and the predictor's cost as a share of one layer."""
+    from envs.runtime.predictor import recall
+
+    docs = natural_text("val")[:n_docs]
+    seqs = [torch.tensor(slm.tokenizer(d)["input_ids"][:tokens]) for d in docs]
+    rec = recall(slm.predictor, slm, seqs, fractions=KEEPS)
+    s = slm.spec
+    dense_layer = SparsityPlan.dense(s).flops(1, 64)["total"] / s.num_layers
+    x = torch.randn(1, s.hidden_size)
+    t_pred = summarize([_timed(lambda: slm.predictor.scores(0, x)) for _ in range(repeats)]).p50
+    cache = slm.new_cache()
+    slm(torch.randint(0, s.vocab_size, (1, 64)), None, cache=cache, logits="none")
+    snap = cache.snapshot()
+
+    def dense_step() -> None:
+        cache.restore(snap)
+        slm(torch.tensor([[1]]), None, cache=cache, logits="none")
+
+    t_layer = summarize([_timed(dense_step) for _ in range(max(repeats // 20, 5))]).p50 / s.num_layers
+    return {
+        "recall": rec,
+        "flops_share": slm.predictor.flops_per_token() / dense_layer,
+        "time_share": t_pred / t_layer,
+        "rank": slm.predictor.rank,
+    }
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark, print the tables, write BENCHMARKS.md and a plot."""
+    p = BENCH.parser()
+    p.add_argument("--model", default="smollm2-135m", help="model name, folder or hub id (default: embedded)")
+    p.add_argument("--predictor", default=None, help="channel predictor name or folder (default: <model>-r64)")
+    p.add_argument("--prompts", type=int, default=16, help="val news prompts")
+    p.add_argument("--items", type=int, default=8, help="val generation (exact-match) items")
+    p.add_argument("--tokens", type=int, default=32, help="decode steps per prompt")
+    p.add_argument("--prompt-tokens", type=int, default=48, help="tokens of each news prompt")
+    p.add_argument("--rules", nargs="+", default=list(MLP_RULES), choices=MLP_RULES, help="rules to compare")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 prompts, 1 item, 6 tokens; writes no plot")
+    args = BENCH.parse(p, argv)
+    if args.quick:
+        args.prompts, args.items, args.tokens = 2, 1, 6
+        args.no_write = args.no_write or args.output is None
+    if args.prompts < 1 or args.items < 0 or args.tokens < 2 or args.prompt_tokens < 2:
+        p.error("prompts must be >= 1, items >= 0, tokens and prompt-tokens >= 2")
+    if "static" not in args.rules:
+        p.error("--rules must include static: the other rules are compared against its curve")
+
+    t0 = time.perf_counter()
+    slm = SparseLM.from_pretrained(args.model, threads=args.threads)
+    if "predicted" in args.rules:
+        from envs.runtime.predictor import load_predictor
+
+        slm.set_predictor(load_predictor(args.predictor or f"{args.model}-r64", slm))
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {torch.get_num_threads()} threads", flush=True)
+    plans = bench_plans(slm, args.rules)
+    rng = random.Random(0)
+    todo = prompts(slm, args.prompts, args.items, args.prompt_tokens)
+    names = list(plans)
+    lat = np.zeros((len(todo), len(names)))
+    agr = np.zeros((len(todo), len(names)))
+    steps = np.zeros(len(todo))
+    step_ms: dict[str, list[float]] = {n: [] for n in names}
+    for r, (_, ids) in enumerate(tqdm(todo, desc="prompts")):
+        secs, agree, n = run_prompt(slm, plans, ids, args.tokens, rng)
+        steps[r] = n
+        for c, name in enumerate(names):
+            lat[r, c] = secs[name] / secs["dense"]
+            agr[r, c] = agree[name] / n
+            step_ms[name].append(secs[name] / max(n - 1, 1) * 1e3)
+
+    # ---------------------------------------------------------------- figures
+    w = steps / steps.sum()
+    mean_agree = (agr * w[:, None]).sum(0)
+    med_lat = np.median(lat, axis=0)
+    head = head_flops(slm)
+    past = int(np.mean([len(ids) for _, ids in todo])) + args.tokens // 2
+    dense_fl = SparsityPlan.dense(slm.spec).flops(1, past)["total"] + head
+    pf = 0.0 if slm.predictor is None else slm.predictor.flops_per_token()
+    dense_mlp = SparsityPlan.dense(slm.spec).flops(1, past)["mlp"]
+    rows, pts = [], {}
+    for c, name in enumerate(names):
+        plan = plans[name]
+        rule = "dense" if name == "dense" else name.split("@")[0]
+        ideal = dense_fl / (plan.flops(1, past, predictor_flops=pf)["total"] + head)
+        realised = 1.0 / med_lat[c]
+        lo, hi = bootstrap_ci(lat[:, c])
+        alo, ahi = bootstrap_ci(agr[:, c], stat=np.mean)
+        s = summarize(step_ms[name])
+        rows.append(
+            [
+                name,
+                f"{plan.flops(1, past, predictor_flops=pf)['mlp'] / dense_mlp:.2f}",
+                f"{s.p50:.1f}",
+                f"{med_lat[c]:.3f} [{lo:.3f}, {hi:.3f}]",
+                f"{realised:.2f}× / {ideal:.2f}×",
+                "—" if name == "dense" else f"{realised / ideal:.0%}" if ideal > 1 else "—",
+                f"{mean_agree[c]:.3f} [{alo:.3f}, {ahi:.3f}]",
+            ]
+        )
+        for r_ in ("static", *[x for x in args.rules if x != "static"]):
+            if rule in (r_, "dense"):
+                pts.setdefault(r_, []).append((med_lat[c], mean_agree[c]))
+    table = markdown_table(
+        [
+            "plan (rule@MLP keep)",
+            "MLP FLOPs",
+            "decode step p50 ms",
+            "latency ÷ dense [95% CI]",
+            "speedup realised / ideal",
+            "÷ ideal",
+            "agreement [95% CI]",
+        ],
+        rows,
+    )
+    hulls = {r_: upper_hull(*map(np.array, zip(*v, strict=True))) for r_, v in pts.items()}
+    at = {r_: interp_frontier(hx, hy, np.array(TARGETS)) for r_, (hx, hy) in hulls.items()}
+    cmp_rows = []
+    for r_ in args.rules:
+        vals = []
+        for j, _t in enumerate(TARGETS):
+            v, sv = at[r_][j], at["static"][j]
+            vals.append("not reached" if np.isnan(v) else f"{v:.3f} ({v - sv:+.3f})" if r_ != "static" else f"{v:.3f}")
+        cmp_rows.append([r_, *vals])
+    # Every rule's plans together: the best mixture of any of them, and the per-prompt hindsight choice.
+    every = upper_hull(med_lat, mean_agree)
+    ox, oy = oracle_frontier(agr, med_lat)
+    for label, (hx, hy) in (
+        ("any rule (mixture of every plan)", every),
+        ("per-prompt choice of any plan (hindsight oracle)", (ox, oy)),
+    ):
+        v = interp_frontier(hx, hy, np.array(TARGETS))
+        cmp_rows.append(
+            [
+                label,
+                *["not reached" if np.isnan(x) else f"{x:.3f} ({x - at['static'][j]:+.3f})" for j, x in enumerate(v)],
+            ]
+        )
+    cmp = markdown_table(
+        ["rule", *[f"agreement at {t:.0%} of dense decode latency (vs static)" for t in TARGETS]], cmp_rows
+    )
+    best = max(
+        (r_ for r_ in args.rules if r_ != "static"), key=lambda r_: np.nan_to_num(at[r_][0], nan=-1), default=None
+    )
+    verdict = ""
+    if best is not None:
+        gain = at[best][0] - at["static"][0]
+        met = bool(np.nan_to_num(gain, nan=-1.0) >= 0.10)
+        head_ = "Goal (best rule ≥ static + 0.10 at 70% of dense decode latency): "
+        if np.isnan(gain):
+            verdict = head_ + "no rule (or the static curve) reaches 70% of dense decode latency → **not met**.\n\n"
+        else:
+            verdict = head_ + f"best is `{best}` at {gain:+.3f} → **{'met' if met else 'not met'}**.\n\n"
+    pred_txt = ""
+    if slm.predictor is not None:
+        pf_ = predictor_figures(slm, 4 if args.quick else 16, 128, 50 if args.quick else 400)
+        rec = ", ".join(f"{k:.0%} kept: {v:.3f}" for k, v in pf_["recall"].items())
+        pred_txt = (
+            f"Predictor (rank {pf_['rank']}): recall of the true per-token top-k on val news tokens — {rec}; "
+            f"cost per token and layer {pf_['flops_share']:.1%} of a dense layer's decode FLOPs, "
+            f"{pf_['time_share']:.1%} of its measured decode time.\n\n"
+        )
+    body = (
+        f"Model `{args.model}`, fp32, {args.threads} thread(s) (the rules' gathered dot products run in one "
+        f"thread, so every plan gets one), batch 1, KV cache. {len(todo)} prompts "
+        f"({sum(k == 'news' for k, _ in todo)} val news of ≤{args.prompt_tokens} tokens, "
+        f"{sum(k == 'item' for k, _ in todo)} val exact-match items), {args.tokens} teacher-forced decode steps each "
+        f"({int(steps.sum())} scored tokens per plan); every step runs every plan in a shuffled order. "
+        "Latency ÷ dense: median over prompts of the plan's decode time over the dense plan's in the same steps. "
+        "Agreement: share of steps whose argmax is the dense greedy token (CI: bootstrap over prompts). "
+        "MLP FLOPs: relative to dense, "
+        "selection and predictor included. The prompt runs under the plan too (untimed; prompts longer than "
+        f"{SparseLM.sparse_rows} tokens run the rules in the masked form).\n\n"
+        f"{table}\n\nAt equal measured decode latency (upper hulls: random mixtures of each rule's points and "
+        "dense):\n\n"
+        f"{cmp}\n\n{verdict}{pred_txt}"
+        + ("" if args.quick else "![agreement vs decode latency](reports/bench_activation.png)\n")
+    )
+    BENCH.publish(args, TITLE, body)
+    if not (args.quick or args.no_write):
+        _plot(pts, hulls, REPO_ROOT / "reports" / "bench_activation.png")
+        raw = {
+            "command": BENCH.command(argv if argv is not None else sys.argv[1:]),
+            "plans": names,
+            "prompts": [kind for kind, _ in todo],
+            "steps": steps.tolist(),
+            "latency_fraction": lat.tolist(),
+            "agreement": agr.tolist(),
+            "step_ms": step_ms,
+        }
+        atomic_write_json(REPO_ROOT / "reports" / "bench_activation.json", raw)
+
+
+def _plot(pts: dict, hulls: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for rule, v in pts.items():
+        x, y = zip(*v, strict=True)
+        line = ax.plot(*hulls[rule], lw=1.5, label=rule)[0]
+        ax.scatter(x, y, s=18, color=line.get_color())
+    for t in TARGETS:
+        ax.axvline(t, color="grey", lw=0.7, ls=":")
+    ax.set_xlabel("decode latency ÷ dense (median over prompts)")
+    ax.set_ylabel("agreement with dense greedy tokens")
+    ax.set_title("Which MLP channels, per token: agreement at equal decode latency")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""Per-token MLP channel rules (``gate``, ``input``, ``predicted``): what they compute; the sparse form is exact.
+
+The reference runs the transformers model itself, with each layer's MLP replaced by a function of
+the model's own projection modules that zeroes exactly the unselected channels (or, for ``input``,
+input entries): no SparseLM code path is involved.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from envs.runtime.models import tiny_model
+from envs.runtime.plan import MLP_RULES, TOKEN_RULES, LayerPlan, SparsityPlan, mlp_flops
+from envs.runtime.sparse_lm import SparseLM
+
+IDS = torch.tensor([[3, 17, 42, 5, 9, 60, 11, 2, 33, 21, 8, 14]])
+
+
+class RandomPredictor:
+    """A stand-in channel predictor: a fixed random low-rank map per layer."""
+
+    def __init__(self, spec, rank: int = 4, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.a = [torch.randn(rank, spec.hidden_size, generator=g) for _ in range(spec.num_layers)]
+        self.b = [torch.randn(spec.intermediate_size, rank, generator=g) for _ in range(spec.num_layers)]
+        self.rank = rank
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.a)
+
+    def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.a[layer]), self.b[layer])
+
+    def flops_per_token(self) -> float:
+        return 2.0 * (self.a[0].numel() + self.b[0].numel())
+
+    def to(self, device, dtype):
+        return self
+
+
+def _mask_top(t: torch.Tensor, k: int, by: torch.Tensor | None = None) -> torch.Tensor:
+    idx = (t.abs() if by is None else by).topk(k, dim=-1).indices
+    return torch.zeros_like(t).scatter(-1, idx, t.gather(-1, idx))
+
+
+def _reference_logits(slm: SparseLM, rule: str, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """The model's own forward with every MLP replaced by the masked form of ``rule`` at ``k`` channels."""
+    model = slm.model
+    I, D = slm.spec.intermediate_size, slm.spec.hidden_size
+    kd = max(1, round(k / I * D))
+    layers = model.transformer.h if slm.family == "gpt2" else model.model.layers
+    saved = []
+    for i, layer in enumerate(layers):
+        mlp = layer.mlp
+        gpt2 = slm.family == "gpt2"
+
+        def fwd(x, mlp=mlp, i=i, gpt2=gpt2):
+            def pre(z):
+                if gpt2:
+                    return mlp.act(mlp.c_fc(z)), None
+                return mlp.act_fn(mlp.gate_proj(z)), mlp.up_proj(z)
+
+            if rule == "input":
+                first, up = pre(_mask_top(x, kd))
+            else:
+                first, up = pre(x)
+            a = first if up is None else first * up
+            if rule == "gate":
+                a = _mask_top(a, k, by=first.abs())
+            elif rule == "input":
+                a = _mask_top(a, k)
+            else:
+                a = _mask_top(a, k, by=slm.predictor.scores(i, x))
+            return mlp.c_proj(a) if gpt2 else mlp.down_proj(a)
+
+        saved.append((mlp, mlp.forward))
+        mlp.forward = fwd
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        for mlp, f in saved:
+            mlp.forward = f
+
+
+def _rule_slm(family: str) -> SparseLM:
+    slm = SparseLM(tiny_model(family, seed=2))
+    slm.set_predictor(RandomPredictor(slm.spec))
+    return slm
+
+
+@pytest.mark.parametrize("rule", TOKEN_RULES)
+def test_every_channel_is_dense(family, rule):
+    slm = _rule_slm(family)
+    plan = SparsityPlan.uniform(slm.spec, slm.importance, mlp=1.0, mlp_rule=rule)
+    assert plan.is_dense
+    with torch.no_grad():
+        ref = slm.model(IDS).logits
+    assert (slm(IDS, plan).logits - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("rule", TOKEN_RULES)
+@pytest.mark.parametrize("frac", [0.75, 0.5, 0.25])
+def test_rule_equals_masked_reference(family, rule, frac):
+    slm = _rule_slm(family)
+    plan = SparsityPlan.uniform(slm.spec, slm.importance, mlp=frac, mlp_rule=rule)
+    k = plan.layers[0].mlp_channels
+    assert plan.token_rules == {rule}
+    ref = _reference_logits(slm, rule, k, IDS)
+    masked = slm(IDS, plan).logits  # 12 tokens: the masked form
+    assert (masked - ref).abs().max().item() <= 1e-4
+    # Decoding token by token runs the sparse form; it must give the same logits.
+    cache = slm.new_cache()
+    steps = [slm(IDS[:, t : t + 1], plan, cache=cache).logits for t in range(IDS.shape[1])]
+    assert (torch.cat(steps, dim=1) - ref).abs().max().item() <= 1e-4
+    slm.rule_impl = "masked"
+    cache = slm.new_cache()
+    steps_m = [slm(IDS[:, t : t + 1], plan, cache=cache).logits for t in range(IDS.shape[1])]
+    assert (torch.cat(steps_m, dim=1) - ref).abs().max().item() <= 1e-4
+
+
+def test_the_set_depends_on_the_token_and_is_deterministic(tiny_llama):
+    slm = tiny_llama
+    slm.set_predictor(RandomPredictor(slm.spec))
+    I = slm.spec.intermediate_size
+    for rule in TOKEN_RULES:
+        plan = SparsityPlan.uniform(slm.spec, slm.importance, mlp=0.5, mlp_rule=rule)
+        sets = []
+        for _ in range(2):
+            seen: list[torch.Tensor] = []
+            slm(
+                IDS,
+                plan,
+                observer=lambda i, name, t, seen=seen: seen.append(t) if name == "mlp_act" and i == 1 else None,
+            )
+            sets.append(seen[0][0] != 0)
+        assert torch.equal(sets[0], sets[1]), rule  # deterministic for one input
+        kept = sets[0]
+        assert (kept.sum(-1) <= I // 2).all()
+        assert len({tuple(row.nonzero().flatten().tolist()) for row in kept}) > 1, rule  # per token
+
+
+def test_plan_json_carries_the_rule_and_validation(tiny_llama):
+    s = tiny_llama.spec
+    plan = SparsityPlan.uniform(s, tiny_llama.importance, mlp=0.5, mlp_rule="gate")
+    back = SparsityPlan.from_json(plan.to_json())
+    assert back == plan and back.layers[0].mlp_rule == "gate"
+    old = plan.to_dict()
+    for lp in old["layers"]:
+        del lp["mlp_rule"]
+    assert SparsityPlan.from_dict(old).layers[0].mlp_rule == "static"  # plans written before rules load
+    assert "mlp_rule" not in SparsityPlan.dense(s).to_dict()["layers"][0]  # static plans' JSON is as before
+    with pytest.raises(ValueError, match="each one of"):
+        SparsityPlan.uniform(s, tiny_llama.importance, mlp=0.5, mlp_rule="magic")
+    lp = LayerPlan(True, tuple(range(s.num_heads)), tuple(range(s.num_kv_heads)), s.intermediate_size, True, "gate")
+    with pytest.raises(ValueError, match="does not combine"):
+        SparsityPlan(s, (lp,) * s.num_layers)
+    # A rule on every channel or none is the static layer (same work whatever the rule).
+    assert SparsityPlan.uniform(s, tiny_llama.importance, mlp=1.0, mlp_rule="input").token_rules == set()
+    assert "per token by gate" in plan.describe()
+
+
+def test_predicted_without_a_predictor_is_refused(tiny_llama):
+    plan = SparsityPlan.uniform(tiny_llama.spec, tiny_llama.importance, mlp=0.5, mlp_rule="predicted")
+    with pytest.raises(RuntimeError, match="no channel predictor"):
+        tiny_llama(IDS, plan)
+
+
+def test_rule_flops(tiny_llama):
+    s = tiny_llama.spec
+    D, I = s.hidden_size, s.intermediate_size
+    k = I // 2
+    full = (True, tuple(range(s.num_heads)), tuple(range(s.num_kv_heads)))
+    f = {r: mlp_flops(s, LayerPlan(*full, k, mlp_rule=r), 1, predictor_flops=100.0) for r in MLP_RULES}
+    assert f["static"] == 2 * 3 * D * k
+    assert f["gate"] == 2 * D * I + 2 * 2 * D * k + I  # the whole gate, then up and down for k
+    assert f["predicted"] == 2 * 3 * D * k + 100.0 + I
+    assert f["static"] < f["predicted"] < f["gate"]
+
+
+# ---------------------------------------------------------------------------------------- environments
+ENV_RULES = ["static", "gate", "input"]
+
+
+@pytest.mark.parametrize(
+    "env_id",
+    ["PruneGym/PerInput-v0", "PruneGym/PerInputDiscrete-v0", "PruneGym/PerToken-v1", "PruneGym/PerTokenDiscrete-v1"],
+)
+def test_envs_let_the_agent_choose_the_rule(env_id, cost_path, one_thread):
+    import gymnasium as gym
+    from gymnasium.utils.env_checker import check_env
+
+    from envs.interface import Interface
+    from tests.conftest import tiny_kwargs
+
+    env = gym.make(env_id, **tiny_kwargs(env_id, cost_path, mlp_rules=ENV_RULES))
+    check_env(env.unwrapped)
+    acts = env.unwrapped.interface.actions
+    G = len(acts.groups)
+    if "Discrete" in env_id:
+        assert env.action_space.n == len(acts.presets) * len(ENV_RULES)
+        action = 1 * len(ENV_RULES) + 2  # preset 1 (MLP 0.75), rule "input"
+        want = {"input"}
+    else:
+        assert env.action_space.shape == (4 * G,)
+        action = np.array([1.0, 1.0, 0.5, 0.5] * G, dtype=np.float32)  # rule value 0.5 -> "gate"
+        want = {"gate"}
+    plan, *_ = acts.decide(action, 8)
+    assert plan.token_rules == want
+    env.reset(seed=0)
+    env.step(action)
+    assert env.unwrapped.last_plan.token_rules == want
+    # What is deployed is what was trained: the interface rebuilt from its config decides the same plan.
+    twin = Interface.from_config(env.unwrapped.interface.config(), env.unwrapped.slm)
+    assert twin.actions.decide(action, 8)[0] == plan
+    env.close()
+
+
+def test_env_rule_settings_are_checked(cost_path, one_thread):
+    import gymnasium as gym
+
+    from tests.conftest import tiny_kwargs
+
+    with pytest.raises(ValueError, match="mlp_rules must be distinct rules"):
+        gym.make("PruneGym/PerInput-v0", **tiny_kwargs("PruneGym/PerInput-v0", cost_path, mlp_rules=["static", "foo"]))
+    with pytest.raises(ValueError, match="no channel predictor"):
+        gym.make("PruneGym/PerInput-v0", **tiny_kwargs("PruneGym/PerInput-v0", cost_path, mlp_rules=["predicted"]))
+    with pytest.raises(ValueError, match="runs one MLP rule"):
+        gym.make("PruneGym/LayerByLayer-v0", **tiny_kwargs("PruneGym/LayerByLayer-v0", cost_path, mlp_rules=ENV_RULES))
+    env = gym.make("PruneGym/LayerByLayer-v0", **tiny_kwargs("PruneGym/LayerByLayer-v0", cost_path, mlp_rules=["gate"]))
+    env.reset(seed=0)
+    done = False
+    while not done:
+        *_, term, trunc, _ = env.step(np.array([1.0, 1.0, 0.5], dtype=np.float32))
+        done = term or trunc
+    assert env.unwrapped.last_plan.token_rules == {"gate"}
+    env.close()
+
+
+def test_preparation_samples_the_rules(tiny_llama):
+    from envs.distill.config import PlanDistribution
+    from envs.distill.sampler import PlanSampler
+
+    one = PlanDistribution.from_dict({"families": ["mlp"]})
+    assert "mlp_rules" not in one.to_dict()  # the default hashes as before rules existed
+    dist = PlanDistribution.from_dict({"families": ["mlp"], "mlp_rules": ["static", "gate", "input"]})
+    sampler = PlanSampler(tiny_llama, dist)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(40):
+        plan = sampler.sample(rng)
+        seen |= plan.token_rules or {"static"}
+    assert seen == {"static", "gate", "input"}
+    # Gradients reach the weights through a per-token rule (the masked form runs under grad).
+    plan = SparsityPlan.uniform(tiny_llama.spec, tiny_llama.importance, mlp=0.5, mlp_rule="gate")
+    out = tiny_llama(IDS, plan, grad=True).logits
+    out.sum().backward()
+    assert tiny_llama.blocks[0].up_w.grad is not None and tiny_llama.blocks[0].up_w.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="distinct rules"):
+        PlanDistribution.from_dict({"mlp_rules": ["sometimes"]})
+    with pytest.raises(ValueError, match="no channel predictor"):
+        PlanSampler(tiny_llama, PlanDistribution.from_dict({"mlp_rules": ["predicted"]}))
+
+
+def test_predicted_rule_in_an_environment_with_a_saved_predictor(cost_path, one_thread, tmp_path):
+    import gymnasium as gym
+
+    from envs.base import shared_lm
+    from envs.interface import Interface
+    from envs.runtime.predictor import load_predictor, save_predictor, train_predictor
+    from tests.conftest import MODEL, tiny_kwargs
+
+    slm = shared_lm(MODEL)
+    g = torch.Generator().manual_seed(0)
+    pred = train_predictor(slm, [torch.randint(0, 96, (48,), generator=g) for _ in range(8)], rank=4, progress=False)
+    folder = save_predictor(pred, tmp_path / "pred")
+    env_id = "PruneGym/PerInputDiscrete-v0"
+    try:
+        env = gym.make(
+            env_id, **tiny_kwargs(env_id, cost_path, mlp_rules=["static", "predicted"], predictor=str(folder))
+        )
+        assert env.unwrapped.config()["model"]["predictor"] == str(folder)
+        action = 3 * 2 + 1  # preset 3 (heads 0.5, MLP 0.5) with the predicted rule
+        env.reset(seed=0)
+        env.step(action)
+        plan = env.unwrapped.last_plan
+        assert plan.token_rules == {"predicted"}
+        # The predictor's cost is in the plan's FLOPs, so the action wall and the calibrated cost see it.
+        acts = env.unwrapped.interface.actions
+        assert acts.builder.predictor_flops == pred.flops_per_token() > 0
+        static = acts.plan(acts.fractions(action)[0], ["static"] * len(acts.groups))
+        assert acts.flops_fraction(plan, 8) > acts.flops_fraction(static, 8)
+        twin = Interface.from_config(env.unwrapped.interface.config(), slm)
+        assert twin.actions.decide(action, 8)[0] == plan
+        # The loaded predictor scores exactly as the trained one.
+        x = torch.randn(3, slm.spec.hidden_size)
+        assert torch.equal(load_predictor(folder, slm).scores(1, x), pred.scores(1, x))
+        env.close()
+    finally:
+        slm.set_predictor(None)
+
+
+def test_exported_cards_name_the_predictor_and_loading_checks_it(tiny_llama):
+    from agents.controller import ControllerError, check_model
+    from agents.export import model_section
+
+    assert "predictor" not in model_section(tiny_llama)  # cards without the rule are as before
+    pred = RandomPredictor(tiny_llama.spec)
+    pred.card = {"card_sha256": "ab" * 32}
+    tiny_llama.set_predictor(pred, name="my-pred")
+    card = {"model": model_section(tiny_llama)}
+    assert card["model"]["predictor"] == {"name": "my-pred", "card_sha256": "ab" * 32}
+    check_model(card, tiny_llama)
+    other = RandomPredictor(tiny_llama.spec, seed=1)
+    other.card = {"card_sha256": "cd" * 32}
+    tiny_llama.set_predictor(other, name="other")
+    with pytest.raises(ControllerError, match="another"):
+        check_model(card, tiny_llama)
+    tiny_llama.set_predictor(None)
+    with pytest.raises(ControllerError, match="no predictor"):
+        check_model(card, tiny_llama)
