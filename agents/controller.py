@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from envs.data.files import card_digest, sha256_file
+from envs.data.files import card_digest, card_digest_problem, sha256_file
 
 if TYPE_CHECKING:
     from envs.interface import Interface
@@ -114,15 +114,9 @@ def read_card(path: str | Path) -> dict[str, Any]:
     missing = [k for k in CARD_SECTIONS if k not in card]
     if missing:
         raise ControllerError(f"{card_path} lacks {missing}; re-export the controller")
-    try:
-        digest = card_digest(card)
-    except ValueError as exc:  # NaN or infinity: not JSON
-        raise ControllerError(f"{card_path} holds values JSON cannot carry ({exc}); re-export the controller") from None
-    if digest != card.get("card_sha256"):
-        raise ControllerError(
-            f"{card_path} was modified after export: its content hashes to {digest[:16]}..., the card records "
-            f"{str(card.get('card_sha256'))[:16]}... Re-download or re-export the controller; do not edit the card"
-        )
+    problem = card_digest_problem(card)
+    if problem is not None:
+        raise ControllerError(f"{card_path} {problem}. Re-download or re-export the controller; do not edit the card")
     if not isinstance(card["files"], dict) or not card["files"]:
         raise ControllerError(f"{card_path} lists no files; re-export the controller")
     return card

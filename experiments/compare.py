@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from hydra.experimental.callback import Callback
 
-from experiments.report import REPO_ROOT, markdown_table
+from experiments.report import REPO_ROOT, markdown_table, save_figure
 
 METRICS = ("reward", "accuracy", "cost")
 
@@ -449,10 +449,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path:
     ax.set_title("Learning curves")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 class SharedRay(Callback):

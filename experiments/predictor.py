@@ -56,23 +56,6 @@ INT_SETTINGS = {
 }
 
 
-def _model_name(value: Any) -> str:
-    """The model name ``model`` means: a ``conf/model`` option's name, or the string itself."""
-    from experiments.prepare import model_options
-
-    if isinstance(value, Mapping):
-        extra = sorted(set(value) - {"name"})
-        if extra:
-            raise ValueError(f"predictor.model takes only a name, got the keys {extra}; set model=<name>")
-        value = value.get("name")
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(
-            "model= must name a model: tiny-llama, smollm2-135m, a folder, a prepared name, "
-            f"or a conf/model option ({', '.join(model_options())}); got {value!r}"
-        )
-    return model_options().get(value, value)
-
-
 def check_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The run's settings, checked before anything loads; defaults fill keys ``cfg`` lacks.
 
@@ -88,8 +71,10 @@ def check_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(data) - set(SETTINGS))
     if unknown:
         raise ValueError(f"unknown predictor settings {unknown}; the settings are {sorted(SETTINGS)}")
+    from experiments.prepare import model_name
+
     run = {**SETTINGS, **data}
-    run["model"] = _model_name(run["model"])
+    run["model"] = model_name(run["model"], "predictor")
     for key, low in INT_SETTINGS.items():
         value = run[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:

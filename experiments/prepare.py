@@ -66,8 +66,8 @@ def model_options() -> dict[str, str]:
     return out
 
 
-def model_name(value: Any) -> str:
-    """The model name that ``prepare.model`` means.
+def model_name(value: Any, where: str = "prepare") -> str:
+    """The model name that ``<where>.model`` means (``where``: the entry point, for the message).
 
     ``value`` is what the config holds: the ``conf/model`` group's mapping (``{"name": ...}``) or,
     from Python callers, a plain string. A string that is an option of the group (``tiny_llama``)
@@ -81,11 +81,11 @@ def model_name(value: Any) -> str:
     if isinstance(value, Mapping):
         extra = sorted(set(value) - {"name"})
         if extra:
-            raise ValueError(f"prepare.model takes only a name, got the keys {extra}; set model=<name>")
+            raise ValueError(f"{where}.model takes only a name, got the keys {extra}; set model=<name>")
         value = value.get("name")
     if not isinstance(value, str) or not value.strip():
         raise ValueError(
-            "prepare.model must name a model: model=tiny-llama, smollm2-135m, a folder, a prepared name, "
+            f"{where}.model must name a model: model=tiny-llama, smollm2-135m, a folder, a prepared name, "
             f"or a conf/model option ({', '.join(model_options())}); got {value!r}"
         )
     return model_options().get(value, value)

@@ -227,6 +227,17 @@ def save_results(out: Path, runs: Sequence[Run], rows: Sequence[Mapping[str, Any
                 w.writerow([r.name, r.family, i, r.tasks[i], r.raw[i], r.rel[i], r.lat[i], r.latency_s[i], r.flops[i]])
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (folders made; 120 dpi, as every PruneGym plot) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def pareto_plot(static: Sequence[Run], families: Mapping[str, Sequence[Run]], path: Path, title: str = "") -> Path:
     """Accuracy vs measured latency: static plans, hull, oracle and controllers; raw and dense-relative."""
     import matplotlib
@@ -262,8 +273,4 @@ def pareto_plot(static: Sequence[Run], families: Mapping[str, Sequence[Run]], pa
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(title or "Adaptive vs static pruning at equal measured latency (held-out inputs)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -258,3 +258,20 @@ def versions_of(names: Sequence[str]) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[pkg] = "not-installed"
     return out
+
+
+def card_digest_problem(card: Mapping[str, Any]) -> str | None:
+    """What is wrong with a card's own hash (``card_sha256``), or ``None`` when it matches its content.
+
+    Callers put the answer in their own error, with the command that rebuilds what they load.
+    """
+    try:
+        digest = card_digest(card)
+    except ValueError as exc:  # NaN or infinity: not JSON
+        return f"holds values JSON cannot carry ({exc})"
+    if digest != card.get("card_sha256"):
+        return (
+            f"was modified after it was written: its content hashes to {digest[:16]}..., the card records "
+            f"{str(card.get('card_sha256'))[:16]}... (card_sha256 mismatch)"
+        )
+    return None

@@ -55,6 +55,8 @@ from envs.data.files import (
     atomic_folder,
     atomic_write_json,
     cache_root,
+    card_digest,
+    card_digest_problem,
     clean_leftovers,
     jsonable,
     sha256_file,
@@ -546,12 +548,6 @@ def predictor_folder(name: str) -> Path:
     return cache_root() / "predictors" / name
 
 
-def _digest(card: dict[str, Any]) -> str:
-    from envs.data.files import card_digest  # the controller cards' method: canonical JSON without the field
-
-    return card_digest(card)
-
-
 def save_predictor(pred: ChannelPredictor, folder: str | Path, *, force: bool = False) -> Path:
     """Write ``pred`` to ``folder`` atomically: ``predictor.safetensors``, then ``card.json`` (last).
 
@@ -584,7 +580,7 @@ def save_predictor(pred: ChannelPredictor, folder: str | Path, *, force: bool = 
             TENSORS_FILE: {"sha256": sha256_file(tmp / TENSORS_FILE), "bytes": (tmp / TENSORS_FILE).stat().st_size}
         }
         card = jsonable(card)
-        card["card_sha256"] = _digest(card)
+        card["card_sha256"] = card_digest(card)
         atomic_write_json(tmp / CARD_FILE, card)
     pred.card = card
     return Path(folder).resolve()
@@ -639,15 +635,9 @@ def load_predictor(name_or_folder: str | Path, slm: SparseLM) -> ChannelPredicto
         raise fail(
             f"{card_path} is predictor format version {card.get('version')!r}; this PruneGym reads {PREDICTOR_VERSION}"
         )
-    try:
-        digest = _digest(card)
-    except ValueError as exc:  # NaN or infinity: not JSON
-        raise fail(f"{card_path} holds values JSON cannot carry ({exc})") from None
-    if digest != card.get("card_sha256"):
-        raise fail(
-            f"{card_path} was modified after it was written: its content hashes to {digest[:16]}..., the card records "
-            f"{str(card.get('card_sha256'))[:16]}... (card_sha256 mismatch)"
-        )
+    problem = card_digest_problem(card)
+    if problem is not None:
+        raise fail(f"{card_path} {problem}")
     files = card.get("files")
     entry = files.get(TENSORS_FILE) if isinstance(files, dict) else None
     tensors_path = folder / TENSORS_FILE

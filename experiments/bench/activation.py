@@ -34,7 +34,7 @@ from envs.data.files import atomic_write_json
 from envs.runtime.plan import MLP_RULES, SparsityPlan
 from envs.runtime.sparse_lm import SparseLM
 from experiments.bench.harness import Benchmark, summarize
-from experiments.report import REPO_ROOT, markdown_table
+from experiments.report import REPO_ROOT, markdown_table, save_figure
 
 BENCH = Benchmark("experiments.bench.activation", __doc__, threads=1)
 TITLE = "Activation sparsity: which MLP channels, per token"
@@ -322,11 +322,7 @@ def _plot(pts: dict, hulls: dict, path: Path) -> None:
     ax.set_ylabel("agreement with dense greedy tokens")
     ax.set_title("Which MLP channels, per token: agreement at equal decode latency")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot: {path}")
+    print(f"plot: {save_figure(fig, path)}")
 
 
 if __name__ == "__main__":

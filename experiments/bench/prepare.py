@@ -43,7 +43,7 @@ from envs.distill.evaluation import evaluate_plans, teacher_logprobs
 from envs.runtime.plan import SparsityPlan
 from envs.runtime.sparse_lm import SparseLM
 from experiments.bench.harness import Benchmark
-from experiments.report import REPO_ROOT, markdown_table
+from experiments.report import REPO_ROOT, markdown_table, save_figure
 
 THREADS = 2  # the reference machine has 2 cores; set deliberately so timings are comparable
 BENCH = Benchmark("experiments.bench.prepare", __doc__, threads=THREADS, threads_help="1 on a loaded machine")
@@ -610,10 +610,7 @@ def plot_curves(
         ax.invert_xaxis()
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{title}: original (dashed) vs prepared (solid)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def methods(args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ from envs.data.corpus import natural_text
 from envs.runtime.plan import SparsityPlan
 from envs.runtime.sparse_lm import SparseLM
 from experiments.bench.harness import Benchmark, summarize, time_round_robin
-from experiments.report import REPO_ROOT, markdown_table
+from experiments.report import REPO_ROOT, markdown_table, save_figure
 
 BENCH = Benchmark("experiments.bench.sparse_lm", __doc__, threads=2)
 TITLE = "SparseLM: sliced execution"
@@ -217,11 +217,7 @@ def _plot(plans: dict[str, SparsityPlan], results: dict, lengths: list[int], pat
     ax.set_ylabel(f"speedup over dense, {n}-token prefill")
     ax.set_title("SparseLM: realised vs ideal speedup")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot: {path}")
+    print(f"plot: {save_figure(fig, path)}")
 
 
 if __name__ == "__main__":
