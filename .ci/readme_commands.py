@@ -114,6 +114,8 @@ TABLE: list[Run | Skip] = [
     # Which channels: a tiny predictor, then the rules benchmark on it
     Run("python -m experiments.predictor", "model=tiny-llama rank=4 max_tokens=512 val_tokens=128 name=$TAG-r4"),
     Run("python -m experiments.bench.activation", "--quick --model tiny-llama --predictor $TAG-r4"),
+    Run("python -m experiments.main env.mlp_rules=[static,gate,input,predicted] env.predictor=smollm2-135m-r64",
+        "env.predictor=$TAG-r4 hydra.run.dir=main_rules --config-name main_smoke"),
     Skip("make smoke", "the target that runs this table (.ci/run calls it): running it here would recurse",
          "tests/test_readme.py::test_smoke_runs_the_readme_commands"),
     Run("make main", f"ARGS=\"{SMOKE_MAIN} hydra.run.dir=$SCRATCH/outputs/main/$MAIN_RUN 'ppo.lams=[0.25]'\"",

@@ -70,13 +70,18 @@ class PlanController(Protocol):
         ...
 
 
-def fractions_plan(ctx: Context, fractions: Sequence[float] | np.ndarray) -> SparsityPlan:
-    """The plan of one ``[layers, heads, mlp]`` triple applied to every group (or a full ``[G, 3]`` array)."""
+def fractions_plan(ctx: Context, fractions: Sequence[float] | np.ndarray, mlp_rule: str | None = None) -> SparsityPlan:
+    """The plan of one ``[layers, heads, mlp]`` triple applied to every group (or a full ``[G, 3]`` array).
+
+    ``mlp_rule`` (:data:`envs.runtime.plan.MLP_RULES`) applies to every group; ``None`` is the
+    environment's own rule.
+    """
     f = np.asarray(fractions, dtype=np.float64)
     n_groups = len(ctx.interface.actions.groups)
     if f.shape == (3,):
         f = np.tile(f, (n_groups, 1))
-    return ctx.interface.actions.plan(f.reshape(n_groups, 3))
+    rules = None if mlp_rule is None else [mlp_rule] * n_groups
+    return ctx.interface.actions.plan(f.reshape(n_groups, 3), rules)
 
 
 @dataclass
@@ -98,18 +103,24 @@ class StaticUniform:
     heads: float = 1.0
     mlp: float = 1.0
     name: str = ""
+    mlp_rule: str = "static"  # which MLP channels (envs.runtime.plan.MLP_RULES): per-token rules are static plans too
 
     def __post_init__(self) -> None:
         for k in ("layers", "heads", "mlp"):
             v = getattr(self, k)
             if not 0.0 <= float(v) <= 1.0:
                 raise ValueError(f"StaticUniform.{k} must be in [0, 1], got {v!r}")
+        from envs.runtime.plan import MLP_RULES
+
+        if self.mlp_rule not in MLP_RULES:
+            raise ValueError(f"StaticUniform.mlp_rule must be one of {MLP_RULES}, got {self.mlp_rule!r}")
         if not self.name:
-            self.name = f"Static(L{self.layers:.2f} H{self.heads:.2f} M{self.mlp:.2f})"
+            rule = "" if self.mlp_rule == "static" else f" {self.mlp_rule}"
+            self.name = f"Static(L{self.layers:.2f} H{self.heads:.2f} M{self.mlp:.2f}{rule})"
 
     def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
         """The fixed plan."""
-        return fractions_plan(ctx, (self.layers, self.heads, self.mlp))
+        return fractions_plan(ctx, (self.layers, self.heads, self.mlp), self.mlp_rule)
 
 
 @dataclass

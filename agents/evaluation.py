@@ -264,9 +264,19 @@ def static_table(env: Any, candidates: Sequence[PlanController], n: int) -> tupl
     return static, obs
 
 
-def default_candidates(budgets: Sequence[float] = (0.9, 0.8, 0.7, 0.6, 0.5)) -> list[PlanController]:
-    """The static sweep: uniform fractions of each kind and ShortGPT-style plans at FLOPs budgets."""
+def default_candidates(
+    budgets: Sequence[float] = (0.9, 0.8, 0.7, 0.6, 0.5), mlp_rules: Sequence[str] = ("static",)
+) -> list[PlanController]:
+    """The static sweep: uniform fractions of each kind and ShortGPT-style plans at FLOPs budgets.
+
+    Each per-token rule in ``mlp_rules`` (:data:`envs.runtime.plan.MLP_RULES`) adds its MLP-only
+    plans and one mixed plan, so the static hull is rebuilt with the rules the controllers may use.
+    """
     out: list[PlanController] = [Dense()]
+    for rule in mlp_rules:
+        if rule != "static":
+            out += [StaticUniform(mlp=f, mlp_rule=rule) for f in (0.75, 0.5, 0.25)]
+            out.append(StaticUniform(layers=0.8, mlp=0.5, mlp_rule=rule))
     for f in (0.9, 0.8, 0.7, 0.6, 0.5):
         out.append(StaticUniform(layers=f))
     for f in (0.75, 0.5):

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,8 @@ def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: fl
         f"env.kwargs.num_groups={e.num_groups}",
         f"env.kwargs.probe_layers={e.probe_layers}",
         f"env.kwargs.probe_dim={e.probe_dim}",
+        f"+env.kwargs.mlp_rules=[{','.join(e.get('mlp_rules', ['static']))}]",
+        *([f"+env.kwargs.predictor={e.predictor}"] if e.get("predictor") else []),
         f"env.kwargs.reward.lam={lam}",
         "env.kwargs.calibrate_cost=true",
         f"hardware.env_threads={cfg.threads}",
@@ -99,6 +103,8 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
             "probe_dim": int(cfg.env.probe_dim),
             "max_prompt_tokens": int(cfg.env.max_prompt_tokens),
             "threads": int(cfg.threads),
+            "mlp_rules": list(cfg.env.get("mlp_rules", ["static"])),
+            "predictor": cfg.env.get("predictor"),
         },
     )
     n = min(int(cfg.eval.n_items), len(env.items))
@@ -112,7 +118,8 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     rules = ev.entropy_rules(ev.probe_observations(env, n), env.probe.feature_names)
     trained += [(rule, "EntropyThreshold") for rule in rules]
     # Static plans and controllers run back to back on each input (interleaved measurement).
-    static, ctrl_runs, _ = ev.sweep(env, ev.default_candidates(), n, trained, seed=int(cfg.seed))
+    candidates = ev.default_candidates(mlp_rules=list(cfg.env.get("mlp_rules", ["static"])))
+    static, ctrl_runs, _ = ev.sweep(env, candidates, n, trained, seed=int(cfg.seed))
     families: dict[str, list[ev.Run]] = {}
     for run in ctrl_runs:
         families.setdefault(run.family, []).append(run)
@@ -137,7 +144,13 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     report.save_results(out, all_runs, rows, text)
     (out / "training.json").write_text(json.dumps(training, indent=1, default=float))
     if cfg.get("benchmarks"):
-        write_benchmark_section(out, "python -m experiments.main")
+        command = shlex.join(["python", "-m", "experiments.main", *sys.argv[1:]])
+        if list(cfg.env.get("mlp_rules", ["static"])) == ["static"]:
+            write_benchmark_section(out, command)
+        else:  # its own section: the headline stays the static-order main job's
+            write_benchmark_section(
+                out, command, "Main job with per-token MLP rules (in the static hull and the actions)"
+            )
     best = _best_ppo(static, families.get("PPO (adaptive)", []))
     if best is not None:
         shutil.copytree(out / "controllers" / best, out / "controller", dirs_exist_ok=True)
