@@ -323,3 +323,22 @@ def test_exported_cards_name_the_predictor_and_loading_checks_it(tiny_llama):
     tiny_llama.set_predictor(None)
     with pytest.raises(ControllerError, match="no predictor"):
         check_model(card, tiny_llama)
+
+
+def test_kernels_agree_with_their_torch_forms():
+    from envs.runtime import kernels
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 2, 24, generator=g)
+    x = torch.randn(3, 24, generator=g)
+    idx = torch.stack([torch.randperm(40, generator=g)[:7] for _ in range(3)])
+    want = torch.einsum("rkcd,rd->rkc", w[idx], x)
+    with torch.no_grad():
+        fast = kernels.rows_dot(w, x, idx)  # the compiled loop (numba), without gradients
+    with torch.enable_grad():
+        slow = kernels.rows_dot(w, x, idx)  # the copying torch form, which keeps gradients
+    assert kernels.BACKEND == "numba"
+    assert torch.allclose(fast, want, atol=1e-5) and torch.allclose(slow, want, atol=1e-5)
+    wt = torch.randn(40, 5, generator=g)
+    vals = torch.randn(3, 7, generator=g)
+    assert torch.allclose(kernels.rows_sum(wt, idx, vals), (wt[idx] * vals[..., None]).sum(1), atol=1e-5)

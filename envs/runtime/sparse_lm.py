@@ -878,7 +878,8 @@ class SparseLM:
                     w = b.down_w.t().contiguous()
                 else:
                     w = torch.cat(mats, dim=0).t().contiguous()
-            self._rule_w[key] = w
+            if self.strategy == "views":  # as with the slices: "gather" reads the blocks as they are now
+                self._rule_w[key] = w  # (a preparation swaps them for W + delta), so it keeps no copy
         return w
 
     def _token_rule_mlp(self, i: int, b: _Block, sel: _Sel, x: torch.Tensor, observer: Observer | None) -> torch.Tensor:
