@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from envs.runtime.kernels import missing_predictor
 from envs.runtime.plan import MLP_RULES, PlanBuilder, SparsityPlan
 
 # Preset actions of the discrete variants: (layers, heads, mlp) keep fractions applied to every group.
@@ -177,10 +178,7 @@ class ActionMap:
         if not rules or len(set(rules)) != len(rules) or any(r not in MLP_RULES for r in rules):
             raise ValueError(f"mlp_rules must be distinct rules from {MLP_RULES}, got {mlp_rules!r}")
         if "predicted" in rules and getattr(slm, "predictor", None) is None:
-            raise ValueError(
-                "mlp_rules includes 'predicted', but the model has no channel predictor: train one with "
-                "`python -m experiments.predictor model=<model>` and pass predictor=<name>"
-            )
+            raise ValueError(missing_predictor(f"mlp_rules={list(rules)}"))
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float)):
             raise ValueError(f"budget must be a cost fraction in (0, 1] or None, got {budget!r}")
         if budget is not None and not 0.0 < float(budget) <= 1.0:

@@ -48,8 +48,8 @@ def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: fl
         f"env.kwargs.num_groups={e.num_groups}",
         f"env.kwargs.probe_layers={e.probe_layers}",
         f"env.kwargs.probe_dim={e.probe_dim}",
-        f"+env.kwargs.mlp_rules=[{','.join(e.get('mlp_rules', ['static']))}]",
-        *([f"+env.kwargs.predictor={e.predictor}"] if e.get("predictor") else []),
+        f"+env.kwargs.mlp_rules=[{','.join(e.mlp_rules)}]",
+        *([f"+env.kwargs.predictor={e.predictor}"] if e.predictor else []),
         f"env.kwargs.reward.lam={lam}",
         "env.kwargs.calibrate_cost=true",
         f"hardware.env_threads={cfg.threads}",
@@ -103,8 +103,8 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
             "probe_dim": int(cfg.env.probe_dim),
             "max_prompt_tokens": int(cfg.env.max_prompt_tokens),
             "threads": int(cfg.threads),
-            "mlp_rules": list(cfg.env.get("mlp_rules", ["static"])),
-            "predictor": cfg.env.get("predictor"),
+            "mlp_rules": list(cfg.env.mlp_rules),
+            "predictor": cfg.env.predictor,
         },
     )
     n = min(int(cfg.eval.n_items), len(env.items))
@@ -118,7 +118,7 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     rules = ev.entropy_rules(ev.probe_observations(env, n), env.probe.feature_names)
     trained += [(rule, "EntropyThreshold") for rule in rules]
     # Static plans and controllers run back to back on each input (interleaved measurement).
-    candidates = ev.default_candidates(mlp_rules=list(cfg.env.get("mlp_rules", ["static"])))
+    candidates = ev.default_candidates(mlp_rules=list(cfg.env.mlp_rules))
     static, ctrl_runs, _ = ev.sweep(env, candidates, n, trained, seed=int(cfg.seed))
     families: dict[str, list[ev.Run]] = {}
     for run in ctrl_runs:
@@ -145,7 +145,7 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     (out / "training.json").write_text(json.dumps(training, indent=1, default=float))
     if cfg.get("benchmarks"):
         command = shlex.join(["python", "-m", "experiments.main", *sys.argv[1:]])
-        if list(cfg.env.get("mlp_rules", ["static"])) == ["static"]:
+        if list(cfg.env.mlp_rules) == ["static"]:
             write_benchmark_section(out, command)
         else:  # its own section: the headline stays the static-order main job's
             write_benchmark_section(

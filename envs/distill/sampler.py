@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from envs.distill.config import PlanDistribution
+from envs.runtime.kernels import missing_predictor
 from envs.runtime.plan import LayerPlan, SparsityPlan, layer_plan, plan_from_counts
 from envs.runtime.sparse_lm import SparseLM
 
@@ -38,10 +39,7 @@ class PlanSampler:
 
     def __init__(self, slm: SparseLM, dist: PlanDistribution) -> None:
         if "predicted" in dist.mlp_rules and getattr(slm, "predictor", None) is None:
-            raise ValueError(
-                "plan.mlp_rules includes 'predicted', but the model has no channel predictor: train one with "
-                "`python -m experiments.predictor` and load it on the model first"
-            )
+            raise ValueError(missing_predictor("plan.mlp_rules"))
         self.spec = slm.spec
         self.importance = slm.importance
         self.dist = dist

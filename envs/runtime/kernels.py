@@ -43,6 +43,15 @@ except ImportError:  # pragma: no cover
     BACKEND = "torch"
 
 
+def missing_predictor(what: str) -> str:
+    """The message for ``what`` (a plan, a rule list) that needs the ``predicted`` rule's channel predictor."""
+    return (
+        f"{what} uses mlp_rule 'predicted', but the model has no channel predictor: train one with "
+        "`python -m experiments.predictor model=<model>` and load it (predictor=<name> in an environment, "
+        "or slm.set_predictor(envs.runtime.predictor.load_predictor(<name>, slm)))"
+    )
+
+
 def rows_dot(w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``out[r, j, c] = w[idx[r, j], c] · x[r]``: the selected rows' projections, per token.
 

@@ -49,7 +49,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from envs.runtime.kernels import rows_dot, rows_sum
+from envs.runtime.kernels import missing_predictor, rows_dot, rows_sum
 from envs.runtime.models import EMBEDDED_MODEL, LoadedModel, load_model, tensors_hash, weights_hash
 from envs.runtime.plan import LayerPlan, ModelSpec, SparsityPlan
 
@@ -663,11 +663,7 @@ class SparseLM:
             )
         if lp.token_rule(s):
             if lp.mlp_rule == "predicted" and self.predictor is None:
-                raise RuntimeError(
-                    f"the plan runs layer {i} with mlp_rule='predicted', but this model has no channel predictor: "
-                    "train one with `python -m experiments.predictor model=<model>` and load it "
-                    "(predictor=<name> in an environment, or slm.set_predictor(load_predictor(<name>, slm)))"
-                )
+                raise RuntimeError(missing_predictor(f"the plan's layer {i}"))
             mlp = dict(gate_w=b.gate_w, gate_b=b.gate_b, up_w=b.up_w, up_b=b.up_b, down_w=b.down_w)
         elif full_mlp and sparse24:
             mlp = dict(
@@ -878,8 +874,7 @@ class SparseLM:
                     w = b.down_w.t().contiguous()
                 else:
                     w = torch.cat(mats, dim=0).t().contiguous()
-            if self.strategy == "views":  # as with the slices: "gather" reads the blocks as they are now
-                self._rule_w[key] = w  # (a preparation swaps them for W + delta), so it keeps no copy
+            self._rule_w[key] = w
         return w
 
     def _token_rule_mlp(self, i: int, b: _Block, sel: _Sel, x: torch.Tensor, observer: Observer | None) -> torch.Tensor:
@@ -888,7 +883,12 @@ class SparseLM:
         xr = x.reshape(-1, shape[-1])
         R, I, k, rule = xr.shape[0], self.spec.intermediate_size, sel.n_ch, sel.mlp_rule
         gated = b.gate_w is not None
-        sparse = self.rule_impl == "sparse" and R <= self.sparse_rows and not torch.is_grad_enabled()
+        sparse = (  # "gather" (training) reads the blocks as they are now, so it keeps no weight copies
+            self.rule_impl == "sparse"
+            and self.strategy == "views"
+            and R <= self.sparse_rows
+            and not torch.is_grad_enabled()
+        )
         if rule == "input":
             kd = max(1, round(k / I * shape[-1]))
             xi = xr.abs().topk(kd, dim=-1, sorted=False).indices
@@ -931,18 +931,16 @@ class SparseLM:
                 u = F.linear(xr, b.up_w, b.up_b)
                 a = b.act(F.linear(xr, b.gate_w, b.gate_b)) * u if gated else b.act(u)
                 act = a.gather(-1, idx)
+        a_full = None
+        if observer is not None or not sparse:  # the activations with the unselected channels zeroed
+            a_full = torch.zeros(R, I, dtype=act.dtype, device=act.device).scatter(-1, idx, act)
         if observer is not None:
-            observer(
-                i,
-                "mlp_act",
-                torch.zeros(R, I, dtype=act.dtype, device=act.device).scatter(-1, idx, act).view(*shape[:-1], I),
-            )
+            observer(i, "mlp_act", a_full.view(*shape[:-1], I))
         if sparse:
             out = rows_sum(self._rule_weight(i, "down_t"), idx, act)
             if b.down_b is not None:
                 out = out + b.down_b
         else:
-            a_full = torch.zeros(R, I, dtype=act.dtype, device=act.device).scatter(-1, idx, act)
             out = F.linear(a_full, b.down_w, b.down_b)
         return out.view(*shape[:-1], -1)
 
