@@ -116,6 +116,11 @@ TABLE: list[Run | Skip] = [
     Run("python -m experiments.bench.activation", "--quick --model tiny-llama --predictor $TAG-r4"),
     Run("python -m experiments.main env.mlp_rules=[static,gate,input,predicted] env.predictor=smollm2-135m-r64",
         "env.predictor=$TAG-r4 hydra.run.dir=main_rules --config-name main_smoke"),
+    # Decide after looking: the staged benchmark on the tiny model's generated mix
+    Run("python -m experiments.bench.staged", "--quick --model tiny-llama --task generated"),
+    Run("python -m experiments.bench.staged --task mc-known", "--quick"),
+    Run("python -m experiments.bench.exits", "--quick"),
+    Run("python -m experiments.bench.latency", "--quick"),
     Skip("make smoke", "the target that runs this table (.ci/run calls it): running it here would recurse",
          "tests/test_readme.py::test_smoke_runs_the_readme_commands"),
     Run("make main", f"ARGS=\"{SMOKE_MAIN} hydra.run.dir=$SCRATCH/outputs/main/$MAIN_RUN 'ppo.lams=[0.25]'\"",

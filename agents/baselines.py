@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from envs.runtime.plan import SparsityPlan, plan_from_counts
+from envs.runtime.plan import LayerPlan, SparsityPlan, plan_from_counts
 
 
 @dataclass
@@ -121,6 +121,29 @@ class StaticUniform:
     def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
         """The fixed plan."""
         return fractions_plan(ctx, (self.layers, self.heads, self.mlp), self.mlp_rule)
+
+
+@dataclass
+class StaticDepth:
+    """Every input exits after its first ``layers`` layers: a fixed-depth early exit, the static twin of a stop."""
+
+    layers: int
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, bool) or int(self.layers) != self.layers or self.layers < 0:
+            raise ValueError(f"StaticDepth.layers must be a non-negative integer, got {self.layers!r}")
+        self.name = self.name or f"StaticDepth({self.layers})"
+
+    def __call__(self, obs: np.ndarray, ctx: Context) -> SparsityPlan:
+        """The first ``layers`` layers dense, every later one skipped."""
+        s = ctx.slm.spec
+        if self.layers > s.num_layers:
+            raise ValueError(f"StaticDepth({self.layers}) on a {s.num_layers}-layer model")
+        dense = SparsityPlan.dense(s).layers
+        off = LayerPlan(False, (), (), 0)
+        layers = tuple(dense[i] if i < self.layers else off for i in range(s.num_layers))
+        return SparsityPlan(s, layers, {"kind": "depth"})
 
 
 @dataclass

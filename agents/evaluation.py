@@ -234,7 +234,10 @@ def sweep(
 
     For each input, every static plan and every controller runs back to back, in an order shuffled
     per input, so slow drifts of the machine (other load, clocks) hit them alike instead of
-    favouring whichever was measured in a quieter phase.
+    favouring whichever was measured in a quieter phase. With measured latency and
+    :class:`~agents.baselines.Dense` among the candidates, every latency fraction is taken against
+    it in the same rounds (:func:`same_round_latency`); calibrated costs are deterministic and keep
+    the environment's per-input fractions.
 
     Returns:
         The static runs, the controller runs (in the order given) and the observations.
@@ -255,7 +258,28 @@ def sweep(
             _collect(cols[j], info, dec)
         env.close_episode()
     runs = [_run(c.name, fam, col) for (c, fam), col in zip(everyone, cols, strict=True)]
+    dense = [r for (c, _), r in zip(everyone, runs, strict=True) if isinstance(c, Dense)]
+    if dense and getattr(getattr(env, "unwrapped", env), "cost_kind", None) == "measured":
+        runs = same_round_latency(runs, dense[0])
     return runs[: len(candidates)], runs[len(candidates) :], np.array(obs_all)
+
+
+def same_round_latency(runs: Sequence[Run], dense: Run) -> list[Run]:
+    """``runs`` with latency fractions over the dense plan timed in the same rounds (a ratio of means).
+
+    A run's fraction becomes its per-input seconds (decision included) over the dense plan's mean
+    seconds *in the same interleaved rounds*, so a slow phase of a shared machine moves numerator
+    and denominator alike; the per-input ratio against one dense timing per input, which a single
+    noisy timing could swing, is kept as ``extra["latency_fraction_single_dense"]``.
+    """
+    from dataclasses import replace
+
+    ref = float(np.mean(dense.latency_s))
+    out = []
+    for r in runs:
+        extra = {**r.extra, "latency_fraction_single_dense": float(r.lat.mean())}
+        out.append(replace(r, lat=r.latency_s / max(ref, 1e-12), extra=extra))
+    return out
 
 
 def static_table(env: Any, candidates: Sequence[PlanController], n: int) -> tuple[list[Run], np.ndarray]:

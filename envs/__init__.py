@@ -8,7 +8,8 @@ only names entry points (strings), so ``import envs`` does not load torch or a m
 | ``PruneGym/PerInput-v0`` / ``PerInputDiscrete-v0`` | :class:`envs.per_input.PerInput` | calibrated (deterministic) |
 | ``PruneGym/LayerByLayer-v0`` / ``LayerByLayerDiscrete-v0`` | :class:`envs.layer_by_layer.LayerByLayer` | calibrated |
 | ``PruneGym/PerToken-v1`` / ``PerTokenDiscrete-v1`` | :class:`envs.per_token.PerToken` | calibrated |
-| ``PruneGym/<Name>Measured-vN`` (each of the six) | the same, ``cost="measured"`` | wall clock, nondeterministic |
+| ``PruneGym/Staged-v0`` / ``StagedDiscrete-v0`` | :class:`envs.staged.Staged` | calibrated |
+| ``PruneGym/<Name>Measured-vN`` (each of the eight) | the same, ``cost="measured"`` | wall clock, nondeterministic |
 | ``PruneGym/PerInputDiscreteReplay-v0`` / ``LayerByLayerDiscreteReplay-v0`` | :class:`envs.replay.Replay` | recorded |
 """
 
@@ -21,10 +22,11 @@ ENVS: dict[str, str] = {
     "PerInput": "envs.per_input:PerInput",
     "LayerByLayer": "envs.layer_by_layer:LayerByLayer",
     "PerToken": "envs.per_token:PerToken",
+    "Staged": "envs.staged:Staged",
 }
 # A change to what an observation, action or reward means bumps the version (see each Version History).
-ENV_VERSIONS: dict[str, int] = {"PerInput": 0, "LayerByLayer": 0, "PerToken": 1}
-MAX_EPISODE_STEPS: dict[str, int | None] = {"PerInput": None, "LayerByLayer": None, "PerToken": None}
+ENV_VERSIONS: dict[str, int] = {"PerInput": 0, "LayerByLayer": 0, "PerToken": 1, "Staged": 0}
+MAX_EPISODE_STEPS: dict[str, int | None] = {"PerInput": None, "LayerByLayer": None, "PerToken": None, "Staged": None}
 
 
 # Replay twins (envs/replay.py): the recorded discrete variant of an environment, replayed by look-up.

@@ -10,7 +10,7 @@
 - :class:`StagedScorer` is the task :class:`~envs.tasks.scoring.Scorer` with one change: when the
   environment has already run the prompt under the plan (continuing from the probe's state), the
   scorer reuses that run instead of starting again, so scoring adds only the short continuation
-  forward the scorer needs anyway.
+  forward the scorer needs anyway (nothing, when the staged environment already ran the choices).
 
 Bad actions are refused or clipped the same way in every environment (:mod:`envs.action`). Nothing
 is left pruned: plans are values passed to a functional model, and no environment keeps a plan
@@ -35,7 +35,7 @@ from envs.rewards import RewardConfig
 from envs.runtime.plan import PlanBuilder, SparsityPlan
 from envs.runtime.sparse_lm import Prefill
 from envs.tasks.items import Item
-from envs.tasks.scoring import Scorer
+from envs.tasks.scoring import Scorer, fed_logits
 
 if TYPE_CHECKING:
     from envs.interface import Interface
@@ -123,13 +123,15 @@ class StagedScorer(Scorer):
             raise ValueError("a continuation tokenised to nothing; check the item's answer/choices")
         feed = [len(c) - 1 + int(tail) for c in conts]
         width = max(feed)
-        rest = None
+        rest: list[torch.Tensor] = []
         with torch.no_grad():
-            if width > 0:
+            if pre.rest is not None and not tail and pre.rest_conts == conts:
+                rest = fed_logits(slm, pre.rest, feed)  # the staged environment ran these continuations already
+            elif width > 0:
                 x = torch.tensor([c[:f] + [0] * (width - f) for c, f in zip(conts, feed, strict=True)])
                 cache = pre.cache.expanded(len(conts))  # a new cache object: the prefill stays reusable
-                rest = slm.forward(x.to(slm.device), plan, cache=cache, logits="all").logits
-            rows = [pre.first if f == 0 else torch.cat([pre.first, rest[i, :f]]) for i, f in enumerate(feed)]  # type: ignore[index]
+                rest = fed_logits(slm, slm.forward(x.to(slm.device), plan, cache=cache, logits="none").hidden, feed)
+            rows = [pre.first if f == 0 else torch.cat([pre.first, rest[i]]) for i, f in enumerate(feed)]
         return [torch.log_softmax(r.float(), dim=-1) for r in rows]
 
 

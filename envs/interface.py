@@ -296,6 +296,134 @@ class LayerByLayerInterface(PerInputInterface):
         return self.actions.plan(fr), observations, actions
 
 
+# ---------------------------------------------------------------------------------------- staged
+STOP_THRESHOLD = 0.5  # a continuous action stops when its first entry is at least this
+
+
+class StagedInterface(LayerByLayerInterface):
+    """``Staged``: after each layer group the model's own answer is read, and the agent stops or runs the next group.
+
+    The action is the per-group action of :class:`LayerByLayerInterface` with a **stop** in front:
+    discrete index 0 stops, index ``k >= 1`` is the group action ``k - 1``; a continuous action is
+    ``[stop, *group_action]`` and stops when ``stop >= 0.5``.
+
+    With a **ladder** (:meth:`with_ladder`: whole-model keep-fraction triples, cheapest first), a
+    step runs the next rung's whole plan instead of one group, and the action is only the stop:
+    ``Discrete(2)`` (0 stops, 1 escalates) or ``Box(0, 1, (1,))``.
+    """
+
+    kind = "staged"
+    DEFAULT_GROUPS: ClassVar[int] = 7
+
+    def __init__(self, slm: Any, actions: ActionMap, probe: Probe, probe_prunable: bool = False) -> None:
+        super().__init__(slm, actions, probe, probe_prunable)
+        self.ladder: tuple[tuple[float, float, float], ...] = ()
+
+    def with_ladder(self, ladder: Sequence[Sequence[float]] | None) -> StagedInterface:
+        """Set the cascade ladder (``None`` or empty: group by group); returns ``self``.
+
+        Raises:
+            ValueError: A rung that is not three fractions in [0, 1], or a ladder whose plans do not
+                grow in FLOPs (a rung no denser than the one before it is never worth escalating to).
+        """
+        rungs: list[tuple[float, float, float]] = []
+        for r in ladder or ():
+            triple = tuple(float(x) for x in r)
+            if len(triple) != 3 or not all(0.0 <= x <= 1.0 for x in triple):
+                raise ValueError(f"a ladder rung is [layers, heads, mlp] in [0, 1], got {list(r)!r}")
+            rungs.append(triple)  # type: ignore[arg-type]
+        flops = [self.actions.flops_fraction(self.rung_plan(r), 64) for r in rungs]
+        if any(b <= a for a, b in zip(flops, flops[1:], strict=False)):
+            raise ValueError(f"ladder rungs must grow in FLOPs, cheapest first; got FLOPs fractions {flops}")
+        self.ladder = tuple(rungs)
+        return self
+
+    def rung_plan(self, rung: Sequence[float]) -> SparsityPlan:
+        """The whole-model plan of one ladder rung (its triple in every group)."""
+        return self.actions.plan(np.tile(np.asarray(rung, np.float64), (len(self.actions.groups), 1)))
+
+    @classmethod
+    def build(cls, slm: Any, *, num_groups: int | None = None, **kwargs: Any) -> StagedInterface:  # type: ignore[override]
+        """The interface of ``Staged`` (arguments as :meth:`PerInputInterface.build`).
+
+        ``num_groups=None`` gives :attr:`DEFAULT_GROUPS` groups (fewer on a model with fewer layers after the probe).
+        """
+        if num_groups is None:
+            first = 0 if kwargs.get("probe_prunable") else int(kwargs.get("probe_layers", 2))
+            num_groups = max(min(cls.DEFAULT_GROUPS, slm.spec.num_layers - first), 1)
+        return super().build(slm, num_groups=num_groups, **kwargs)  # type: ignore[return-value]
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The layer features, the readout's, then the probe's."""
+        from envs.observation import LAYER_FEATURES, STAGE_FEATURES
+
+        return list(LAYER_FEATURES) + list(STAGE_FEATURES) + list(self.probe.feature_names)
+
+    def config(self) -> dict[str, Any]:
+        """As :meth:`Interface.config`, with the stop action described."""
+        cfg = super().config()
+        acts = self.actions
+        then = "1 escalates to the next rung" if self.ladder else "group actions are index - 1"
+        cfg["action"] = {
+            **cfg["action"],
+            "stop": f"index 0; {then}" if acts.discrete else f"entry 0 >= {STOP_THRESHOLD}",
+        }
+        if self.ladder:
+            cfg["action"]["ladder"] = [list(r) for r in self.ladder]
+        return cfg
+
+    @classmethod
+    def _from_config(cls, cfg: Mapping[str, Any], slm: Any) -> StagedInterface:
+        probe = Probe.from_config(dict(cfg["observation"]["probe"]), slm)
+        action = {k: v for k, v in dict(cfg["action"]).items() if k not in ("stop", "ladder")}
+        iface = cls(slm, ActionMap.from_config(action, slm), probe, bool(cfg["observation"]["probe_prunable"]))
+        return iface.with_ladder(cfg["action"].get("ladder"))
+
+    @property
+    def steps(self) -> int:
+        """Decisions of an episode: the groups, or the ladder's rungs."""
+        return len(self.ladder) if self.ladder else self.num_groups
+
+    @property
+    def action_size(self) -> int:
+        """``Discrete`` size (discrete) or ``Box`` length (continuous) of the action, stop included."""
+        acts = self.actions
+        if self.ladder:
+            return 2 if acts.discrete else 1
+        return 1 + (acts.n if acts.discrete else int(np.prod(acts.shape)))
+
+    def split_action(self, action: Any) -> tuple[bool, Any]:
+        """``(stop, group_action)`` of one action; ``group_action`` is ``None`` when it stops.
+
+        Raises:
+            ValueError: A discrete action out of range, or a continuous one of the wrong shape or with NaN.
+        """
+        from envs.action import box_action, discrete_action
+
+        if self.actions.discrete:
+            k = discrete_action(action, self.action_size)  # 0 stops
+            if self.ladder:
+                return k == 0, None
+            return (True, None) if k == 0 else (False, k - 1)
+        a, _ = box_action(action, (self.action_size,))  # the group part is clipped again, and flagged, below
+        raw = np.asarray(action, dtype=np.float64)
+        stop = bool(a[0] >= STOP_THRESHOLD)
+        if self.ladder or stop:
+            return stop, None
+        return False, raw[1:]
+
+    def stop_layer(self, t: int) -> int:
+        """The layer after group ``t`` (where a run that has done groups ``<= t`` stands)."""
+        return self.actions.groups[t][-1] + 1
+
+    def plan_until(self, fractions: np.ndarray, t: int) -> SparsityPlan:
+        """The plan of groups ``< t`` at ``fractions`` with every later layer off (what has run after ``t`` steps)."""
+        f = fractions.copy()
+        f[t:] = 0.0
+        return self.actions.plan(f)
+
+
 # ---------------------------------------------------------------------------------------- per token
 class PerTokenInterface(Interface):
     """``PerToken``: the features of the forward that predicted the current token, then that token's plan.
@@ -308,9 +436,10 @@ class PerTokenInterface(Interface):
 
     kind = "per_token"
 
-    def __init__(self, slm: Any, actions: ActionMap, horizon: int) -> None:
+    def __init__(self, slm: Any, actions: ActionMap, horizon: int, token_exit: Any = None) -> None:
         super().__init__(slm, actions)
         self.horizon = int(horizon)
+        self.token_exit = token_exit  # envs.runtime.staged.TokenExit, or None: every token runs its whole plan
 
     @classmethod
     def build(
@@ -323,8 +452,15 @@ class PerTokenInterface(Interface):
         presets: Sequence[Sequence[float]] | None = None,
         budget: float | None = None,
         mlp_rules: Sequence[str] = ("static",),
+        exit_threshold: float | None = None,
+        exit_every: int = 4,
     ) -> PerTokenInterface:
-        """The interface of ``PerToken`` with these arguments."""
+        """The interface of ``PerToken`` with these arguments.
+
+        ``exit_threshold`` turns on CALM's per-token exit (:class:`envs.runtime.staged.TokenExit`):
+        after every ``exit_every`` layers the next-token distribution is read, and the token stops
+        there once its top-1 minus top-2 probability reaches the threshold.
+        """
         L = slm.spec.num_layers
         if isinstance(num_groups, bool) or not isinstance(num_groups, int | np.integer) or not 1 <= num_groups <= L:
             raise ValueError(f"num_groups must be in [1, {L}], got {num_groups!r}")
@@ -341,7 +477,7 @@ class PerTokenInterface(Interface):
             budget=budget,
             mlp_rules=mlp_rules,
         )
-        return cls(slm, actions, int(max_new_tokens))
+        return cls(slm, actions, int(max_new_tokens), token_exit_rule(slm, exit_threshold, exit_every))
 
     def observer(self) -> TokenObserver:
         """A fresh observer for one decoding sequence."""
@@ -358,11 +494,49 @@ class PerTokenInterface(Interface):
         """The token features' description."""
         return {"tokens": self.observer().config()}
 
+    def config(self) -> dict[str, Any]:
+        """As :meth:`Interface.config`, with the per-token exit rule when there is one."""
+        cfg = super().config()
+        if self.token_exit is not None:
+            cfg["action"]["token_exit"] = {
+                "exits": list(self.token_exit.exits),
+                "threshold": self.token_exit.threshold,
+                "lens_vocab": self.token_exit.lens_vocab,
+            }
+        return cfg
+
     @classmethod
     def _from_config(cls, cfg: Mapping[str, Any], slm: Any) -> PerTokenInterface:
         tokens = TokenObserver.from_config(dict(cfg["observation"]["tokens"]), slm.spec)
-        return cls(slm, ActionMap.from_config(cfg["action"], slm), tokens.horizon)
+        action = {k: v for k, v in dict(cfg["action"]).items() if k != "token_exit"}
+        rule = None
+        if "token_exit" in cfg["action"]:
+            from envs.runtime.staged import TokenExit
+
+            te = cfg["action"]["token_exit"]
+            rule = TokenExit(tuple(int(e) for e in te["exits"]), float(te["threshold"]), int(te["lens_vocab"]))
+        return cls(slm, ActionMap.from_config(action, slm), tokens.horizon, rule)
 
     def decide(self, action: Any, past_len: int) -> tuple[SparsityPlan, np.ndarray, bool, bool]:
         """The plan of one action for the token after ``past_len`` cached ones (as :meth:`ActionMap.decide`)."""
         return self.actions.decide(action, 1, past_len)
+
+
+def token_exit_rule(slm: Any, threshold: float | None, every: int, lens_vocab: int = 2048) -> Any:
+    """The per-token exit rule of a threshold and a spacing (``None`` threshold: no exits).
+
+    Raises:
+        ValueError: A threshold outside [0, 1] or a spacing below 1.
+    """
+    if threshold is None:
+        return None
+    from envs.runtime.staged import TokenExit
+
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"exit_threshold is a probability margin in [0, 1], got {threshold!r}")
+    if isinstance(every, bool) or not isinstance(every, int | np.integer) or every < 1:
+        raise ValueError(f"exit_every must be an integer >= 1, got {every!r}")
+    L = slm.spec.num_layers
+    return TokenExit(
+        tuple(range(int(every), L, int(every))), float(threshold), min(int(lens_vocab), slm.spec.vocab_size)
+    )

@@ -399,3 +399,42 @@ class LayerFeatures:
         return np.clip(np.concatenate([np.asarray(head, np.float32), probe_features]), -OBS_CLIP, OBS_CLIP).astype(
             np.float32
         )
+
+
+# ---------------------------------------------------------------------------------------- staged
+STAGE_FEATURES = (
+    "depth",
+    "margin",
+    "entropy",
+    "top",
+    "changed",
+    "saturation",
+    "choice",
+    "budget_left",
+)
+
+
+def stage_features(
+    layer_features: np.ndarray, readout: Any, *, depth: float, changed: bool, saturation: float, budget_left: float
+) -> np.ndarray:
+    """``Staged``'s observation: :data:`LAYER_FEATURES`, then :data:`STAGE_FEATURES`, then the probe's.
+
+    ``layer_features`` is :meth:`LayerFeatures.features`'s vector (which ends with the probe's
+    features); ``readout`` an :class:`envs.runtime.staged.Readout`. The readout entries are the
+    margin between the two best answers (nats for choices, probability for tokens), the entropy
+    over them (over its maximum), the top probability, whether the pick changed since the previous
+    readout, the cosine similarity of the last prompt position's hidden state before and after the
+    last group (CALM's saturation signal), and whether the readout is over choices.
+    """
+    n = len(LAYER_FEATURES)
+    own = [
+        depth,
+        readout.margin,
+        readout.entropy,
+        readout.top,
+        float(changed),
+        saturation,
+        float(readout.choice),
+        budget_left,
+    ]
+    return clip_features(np.concatenate([layer_features[:n], np.asarray(own, np.float32), layer_features[n:]]))

@@ -73,7 +73,11 @@ class PerToken(PruneEnv):
     ``split``, ``n_items``, ``data_seed``, ``max_prompt_tokens``, ``num_groups``, ``discrete``,
     ``presets``, ``budget``, ``mlp_rules``, ``predictor``, ``cost``, ``cost_model``, ``calibrate_cost``,
     ``force_calibration``, ``meter``, ``reward``, ``scorer``, ``dtype``, ``threads``, ``render_mode``), plus
-    ``max_new_tokens`` (16) and ``feed`` (``"dense"`` or ``"own"``).
+    ``max_new_tokens`` (16) and ``feed`` (``"dense"`` or ``"own"``), and CALM's per-token exit:
+    ``exit_threshold`` (``None``: off) and ``exit_every`` (4): after every ``exit_every`` layers of the
+    token's plan the next-token distribution over the probe's lens vocabulary is read, and the token
+    stops there once its top-1 minus top-2 probability reaches the threshold (the later layers cache
+    nothing for it; the readouts are in the cost; ``info["exit_layer"]`` says where it stopped).
 
     ## Version History
 
@@ -94,6 +98,8 @@ class PerToken(PruneEnv):
         presets: Sequence[Sequence[float]] | None = None,
         budget: float | None = None,
         mlp_rules: Sequence[str] = ("static",),
+        exit_threshold: float | None = None,
+        exit_every: int = 4,
         reward: RewardConfig | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -109,6 +115,8 @@ class PerToken(PruneEnv):
                 presets=presets,
                 budget=budget,
                 mlp_rules=mlp_rules,
+                exit_threshold=exit_threshold,
+                exit_every=exit_every,
             )
         )
         self.max_new_tokens, self.feed = self.interface.horizon, feed
@@ -121,8 +129,35 @@ class PerToken(PruneEnv):
 
     # ------------------------------------------------------------------ helpers
     def _forward(self, token: int, plan: Any, cache: Any) -> Any:
+        """One decoding step; with a per-token exit rule, stops at the first sure readout (``self._exit``)."""
         ids = torch.tensor([[token]], device=self.slm.device)
-        return self.slm.forward(ids, plan, cache=cache, logits="last", observer=self._tokens.hook)
+        rule = self.interface.token_exit
+        if rule is None:
+            self._exit = (self.slm.spec.num_layers, 0)
+            return self.slm.forward(ids, plan, cache=cache, logits="last", observer=self._tokens.hook)
+        from envs.runtime.staged import exit_forward
+
+        out, depth, reads = exit_forward(self.slm, ids, plan, cache, rule, observer=self._tokens.hook)
+        self._exit = (depth, reads)
+        return out
+
+    def _ran(self, plan: SparsityPlan) -> SparsityPlan:
+        """The plan the last step really ran: ``plan`` up to its exit layer."""
+        from envs.runtime.staged import truncated
+
+        return truncated(plan, self._exit[0])
+
+    def _readout_cost(self, past: int) -> Any:
+        """The last step's exit readouts, calibrated: their FLOPs at the dense step's latency per FLOP."""
+        from dataclasses import replace
+
+        dense = self._dense_step
+        rule = self.interface.token_exit
+        if rule is None or not self._exit[1]:
+            return replace(dense, latency_s=0.0, energy_j=None if dense.energy_j is None else 0.0, raw={})
+        share = self._exit[1] * rule.readout_flops(self.slm) / max(self._dense_plan.flops(1, past)["total"], 1.0)
+        energy = None if dense.energy_j is None else dense.energy_j * share
+        return replace(dense, latency_s=dense.latency_s * share, energy_j=energy, raw={"readout_share": share})
 
     def _dense_reference(self, prompt: list[int]) -> dict[str, Any]:
         """Dense greedy continuation (and, when measured, the dense step cost at each position)."""
@@ -192,9 +227,11 @@ class PerToken(PruneEnv):
             cost = self.cost_source.cost(plan, run, 1)
             costs = self._ref["costs"]
             dense = costs[min(self._t, len(costs) - 1)]  # free-running past the dense continuation: its last step
+            plan = self._ran(plan)
         else:
             run()
-            cost = self.cost_source.cost(plan, None, 1)
+            plan = self._ran(plan)
+            cost = self.cost_source.cost(plan, None, 1) + self._readout_cost(past)
             dense = self._dense_step
         logits = box[-1].logits[0, -1]
         pred = int(logits.argmax())
@@ -230,6 +267,8 @@ class PerToken(PruneEnv):
             "flops_fraction": flops_f,
             **self._cost_info(cost, dense, lat_f, en_f),
             "plan": plan_summary(plan),
+            "exit_layer": self._exit[0],
+            "exit_readouts": self._exit[1],
             "action_fractions": fr.reshape(-1).tolist(),
             "action_clipped": clipped,
             "wall_clipped": walled,

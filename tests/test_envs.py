@@ -26,7 +26,7 @@ def one_thread_here(one_thread):
 
 def test_every_id_is_registered_once_with_the_right_flags():
     ids = envs.env_ids()
-    assert len(ids) == len(set(ids)) == 12
+    assert len(ids) == len(set(ids)) == 16
     for env_id in ids:
         spec = gym.spec(env_id)
         assert spec.nondeterministic == ("Measured" in env_id)
@@ -66,7 +66,9 @@ def _same(a, b) -> bool:
     return data_equivalence(a, b, exact=True)
 
 
-@pytest.mark.parametrize("name", ["PerInput", "LayerByLayer", "PerToken", "PerInputDiscrete"])
+@pytest.mark.parametrize(
+    "name", ["PerInput", "LayerByLayer", "PerToken", "PerInputDiscrete", "Staged", "StagedDiscrete"]
+)
 def test_seeded_runs_repeat_exactly_in_calibrated_mode(name, cost_path):
     env_id = envs.env_id(name.removesuffix("Discrete"), discrete=name.endswith("Discrete"))
     a = _rollout(gym.make(env_id, **tiny_kwargs(env_id, cost_path)), seed=7)
@@ -78,7 +80,7 @@ def test_seeded_runs_repeat_exactly_in_calibrated_mode(name, cost_path):
     assert not all(_same(x, y) for x, y in zip(a, c, strict=False))
 
 
-@pytest.mark.parametrize("name", ["PerInput", "LayerByLayer", "PerToken"])
+@pytest.mark.parametrize("name", ["PerInput", "LayerByLayer", "PerToken", "Staged"])
 def test_sync_vector_env(name, cost_path):
     env_id = envs.env_id(name.removesuffix("Discrete"), discrete=name.endswith("Discrete"))
     vec = gym.vector.SyncVectorEnv([lambda: gym.make(env_id, **tiny_kwargs(env_id, cost_path)) for _ in range(3)])
@@ -98,7 +100,7 @@ def _dense_logits(slm):
     return slm.forward(ids, None).logits
 
 
-@pytest.mark.parametrize("name", ["PerInput", "LayerByLayer", "PerToken"])
+@pytest.mark.parametrize("name", ["PerInput", "LayerByLayer", "PerToken", "Staged"])
 def test_bad_actions(name, cost_path):
     env_id = envs.env_id(name.removesuffix("Discrete"), discrete=name.endswith("Discrete"))
     env = gym.make(env_id, **tiny_kwargs(env_id, cost_path)).unwrapped

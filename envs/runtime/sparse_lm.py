@@ -1186,12 +1186,17 @@ class Prefill:
         plan: The plan it ran under (identity-compared with the plan the scorer is given).
         cache: KV cache after the prompt (length advanced).
         first: Logits at the last prompt position, ``[1, V]``.
+        rest: Final-normed hidden states of a batch of continuations already run under the same plan
+            (``[C, W, D]``), or ``None``.
+        rest_conts: The continuations ``rest`` belongs to (their tokens before the last were fed).
     """
 
     prompt: list[int]
     plan: SparsityPlan
     cache: KVCache
     first: torch.Tensor
+    rest: torch.Tensor | None = None
+    rest_conts: list[list[int]] | None = None
 
 
 def run_rest(slm: SparseLM, probe: Any, plan: SparsityPlan, start: int, logits: LogitsSpec = "last") -> Prefill:

@@ -180,7 +180,7 @@ class Scorer:
     def _mc(self, slm: Any, item: Item, plan: Any) -> dict[str, Any]:
         assert item.choices is not None
         conts = [self.encode(slm, " " + c) for c in item.choices]
-        ll = choice_logliks(slm, self._prompt(slm, item), conts, plan, share_prefix=self.share_prefix)
+        ll = summed_logliks(self._cont_logprobs(slm, self._prompt(slm, item), conts, plan, False), conts)
         scores = ll / torch.tensor([len(c) for c in conts], dtype=ll.dtype) if self.mc_norm == "mean" else ll
         pick = int(scores.argmax())
         prob = float(torch.softmax(scores, 0)[item.label])
@@ -285,11 +285,12 @@ def continuation_logprobs(
         if share_prefix and len(conts) > 1 and hasattr(slm, "new_cache"):
             cache = slm.new_cache()
             first = slm.forward(torch.tensor([prompt]), plan, cache=cache, logits="last", grad=grad).logits[0, -1:]
-            rest = None
+            rest: list[torch.Tensor] = []
             if width > 0:
                 x = torch.tensor([c[:f] + [0] * (width - f) for c, f in zip(conts, feed, strict=True)])
-                rest = slm.forward(x, plan, cache=cache.expanded(len(conts)), logits="all", grad=grad).logits
-            rows = [first if f == 0 else torch.cat([first, rest[i, :f]]) for i, f in enumerate(feed)]  # type: ignore[index]
+                h = slm.forward(x, plan, cache=cache.expanded(len(conts)), logits="none", grad=grad).hidden
+                rest = fed_logits(slm, h, feed)
+            rows = [first if f == 0 else torch.cat([first, rest[i]]) for i, f in enumerate(feed)]
         else:
             x = torch.tensor([prompt + c[:f] + [0] * (width - f) for c, f in zip(conts, feed, strict=True)])
             logits = slm.forward(x, plan, logits=slice(P - 1, P + width), grad=grad).logits
@@ -297,12 +298,28 @@ def continuation_logprobs(
         return [torch.log_softmax(r.float(), dim=-1) for r in rows]
 
 
+def fed_logits(slm: Any, hidden: torch.Tensor, feed: Sequence[int]) -> list[torch.Tensor]:
+    """LM-head logits of the first ``feed[i]`` positions of each row of ``hidden`` (``[C, W, D]``, final-normed).
+
+    Only those rows go through the head (padding does not), and every caller that scores
+    continuations computes them here, so a staged run and a one-shot run give the same bits.
+    """
+    C, W, D = hidden.shape
+    idx = torch.tensor([i * W + j for i, f in enumerate(feed) for j in range(f)], dtype=torch.long)
+    out = slm.lm_head(hidden.reshape(C * W, D).index_select(0, idx.to(hidden.device)))
+    return list(torch.split(out, list(feed)))
+
+
 def choice_logliks(
     slm: Any, prompt: list[int], conts: list[list[int]], plan: Any, *, share_prefix: bool = True, grad: bool = False
 ) -> torch.Tensor:
     """Summed log-likelihood of each continuation after ``prompt``, ``[len(conts)]``: what the mc scorer ranks."""
-    lps = continuation_logprobs(slm, prompt, conts, plan, share_prefix=share_prefix, grad=grad)
-    return torch.stack([lp.gather(-1, torch.tensor(c)[:, None]).sum() for lp, c in zip(lps, conts, strict=True)])
+    return summed_logliks(continuation_logprobs(slm, prompt, conts, plan, share_prefix=share_prefix, grad=grad), conts)
+
+
+def summed_logliks(lps: Sequence[torch.Tensor], conts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Each continuation's summed log-likelihood from its rows of :func:`continuation_logprobs`, ``[len(conts)]``."""
+    return torch.stack([lp.gather(-1, torch.tensor(list(c))[:, None]).sum() for lp, c in zip(lps, conts, strict=True)])
 
 
 def score_items(

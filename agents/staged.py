@@ -1,0 +1,409 @@
+"""Stop rules for the staged environment, their exit tables, and the learnable ceiling of its observations.
+
+An :class:`ExitTable` holds, for each input, what a stop after ``t`` dense groups would give
+(``t = 0..G``, ``G``: the whole model), read off one pass of :class:`envs.staged.Staged` per
+input (:func:`exit_table`): the observation the controller would see before deciding step ``t``,
+the answer's dense-relative and raw scores, and the cost. Every stage is run and measured once; a
+stop at ``t`` costs the probe, the groups before it, the readouts made so far and the LM head at
+the end, exactly what the environment charges an episode that stops there.
+
+Rules that only stop (dense groups otherwise) are then evaluated by look-up:
+
+- :class:`MarginThreshold` (CALM): stop at the first readout whose margin between the two best
+  answers is at least a threshold, fitted on the **train** split (:func:`fit_for_latency`).
+- :func:`risk_controlled` (CALM's Learn-then-Test calibration): the smallest threshold whose
+  agreement with the dense model is at least ``1 - delta`` on new inputs with probability at least
+  ``1 - epsilon``, certified on a calibration split by a binomial tail bound
+  (:func:`agents.risk.ltt_select`).
+- :func:`stop_ceiling`: the learnable ceiling, a cross-validated classifier from the same
+  observations to "a stop here agrees with the dense model", stopping where it is sure enough.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+
+# ---------------------------------------------------------------------------------------- the table
+@dataclass
+class ExitTable:
+    """Per input and stop depth: the observation, the answer's scores and the cost.
+
+    Attributes:
+        item_ids: Item of each row.
+        tasks: Task of each row.
+        obs: ``[n, G, F]``: the observation before step ``t`` (after ``t`` groups).
+        rel: ``[n, G + 1]``: dense-relative score of stopping after ``t`` groups (``G``: all ran).
+        raw: ``[n, G + 1]``: raw score of the same.
+        lat: ``[n, G + 1]``: latency over the dense model's, as the environment reports it.
+        latency_s: ``[n, G + 1]``: latency in seconds.
+        dense_s: ``[n]``: the dense model's latency on the input, seconds.
+        flops: ``[n, G + 1]``: decoder FLOPs fraction.
+        prompt_tokens: ``[n]``: prompt length.
+        feature_names: Names of the observation's entries.
+        meta: Where it came from (environment config, cost kind).
+    """
+
+    item_ids: list[str]
+    tasks: list[str]
+    obs: np.ndarray
+    rel: np.ndarray
+    raw: np.ndarray
+    lat: np.ndarray
+    latency_s: np.ndarray
+    dense_s: np.ndarray
+    flops: np.ndarray
+    prompt_tokens: np.ndarray
+    feature_names: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> int:
+        """``G``: the decision steps of an episode."""
+        return int(self.obs.shape[1])
+
+    def feature(self, name: str) -> np.ndarray:
+        """One observation entry at every step, ``[n, G]``."""
+        if name not in self.feature_names:
+            raise KeyError(f"no feature {name!r}; the observation has {self.feature_names}")
+        return self.obs[:, :, self.feature_names.index(name)]
+
+    def take(self, exits: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-input figures of stopping at ``exits`` (``[n]`` step indices in ``0..G``)."""
+        rows = np.arange(len(exits))
+        return {k: getattr(self, k)[rows, exits] for k in ("rel", "raw", "lat", "latency_s", "flops")}
+
+    def subset(self, idx: np.ndarray) -> ExitTable:
+        """The rows ``idx``."""
+        return ExitTable(
+            [self.item_ids[i] for i in idx],
+            [self.tasks[i] for i in idx],
+            self.obs[idx],
+            self.rel[idx],
+            self.raw[idx],
+            self.lat[idx],
+            self.latency_s[idx],
+            self.dense_s[idx],
+            self.flops[idx],
+            self.prompt_tokens[idx],
+            list(self.feature_names),
+            dict(self.meta),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write as ``.npz`` (arrays) with the names and metadata as JSON strings; no pickles."""
+        import json
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            k: getattr(self, k) for k in ("obs", "rel", "raw", "lat", "latency_s", "dense_s", "flops", "prompt_tokens")
+        }
+        text = {"item_ids": self.item_ids, "tasks": self.tasks, "feature_names": self.feature_names, "meta": self.meta}
+        np.savez(path, **arrays, text=np.array(json.dumps(text, default=str)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExitTable:
+        """Read :meth:`save`'s file."""
+        import json
+
+        with np.load(path, allow_pickle=False) as z:
+            text = json.loads(str(z["text"]))
+            arrays = {k: z[k] for k in ("obs", "rel", "raw", "lat", "latency_s", "dense_s", "flops", "prompt_tokens")}
+        return cls(text["item_ids"], text["tasks"], feature_names=text["feature_names"], meta=text["meta"], **arrays)
+
+
+_COLUMNS = (
+    ("rel", "accuracy_dense_relative"),
+    ("raw", "accuracy_raw"),
+    ("lat", "latency_fraction"),
+    ("latency_s", "latency_s"),
+    ("flops", "flops_fraction"),
+)
+
+
+def dense_group_action(env: Any) -> Any:
+    """The action that runs a group densely: preset 1 (discrete) or ``[0, 1, 1, ...]``."""
+    env = getattr(env, "unwrapped", env)
+    return 1 if env.discrete else np.array([0.0] + [1.0] * (env.interface.action_size - 1), np.float32)
+
+
+def exit_row(env: Any, index: int, action: Any = None) -> dict[str, Any]:
+    """One input's row of an exit table: one episode of ``env`` run to the end, then every stop's outcome.
+
+    The episode runs (and, measured, is timed) exactly as an agent's would, with nothing in between
+    its stages; only afterwards is each depth's answer scored, from a checkpoint taken there (scoring
+    between timed stages would evict the weights from the caches and slow the next stage). A stop's
+    LM head costs what the episode's final head cost: the same rows at every depth.
+
+    Returns:
+        ``obs`` (``[G, F]``), one ``[G + 1]`` array per column of :class:`ExitTable`, ``dense_s``,
+        ``item_id``, ``task`` and ``tokens``.
+    """
+    env = getattr(env, "unwrapped", env)
+    G = env.interface.steps
+    action = dense_group_action(env) if action is None else action
+    o, info = env.reset(options={"item": index})
+    row: dict[str, Any] = {"obs": np.zeros((G, env.observation_space.shape[0]), np.float32)}
+    row |= {k: np.zeros(G + 1) for k, _ in _COLUMNS}
+    cps = []
+    last: dict[str, Any] = {}
+    for t in range(G):
+        row["obs"][t] = o
+        cps.append(env.checkpoint())
+        o, _, done, _, last = env.step(action)
+        if done != (t == G - 1):
+            raise RuntimeError("the group action ended the episode before the last group")
+    head = env.last_head_cost
+    for t in range(G + 1):
+        if t < G:
+            env.return_to(cps[t])
+            _, res = env.outcome(stopped=True, head_cost=head)
+        else:
+            res = last
+        for k, key in _COLUMNS:
+            row[k][t] = res[key]
+    env.close_episode()
+    row.update(dense_s=last["dense_latency_s"], item_id=info["item_id"], task=info["task"])
+    row["tokens"] = info["prompt_tokens"]
+    return row
+
+
+def exit_table(env: Any, n: int | None = None, *, action: Any = None, desc: str = "exit table") -> ExitTable:
+    """Every stop depth of the first ``n`` inputs of a :class:`envs.staged.Staged` environment.
+
+    Args:
+        env: The environment (its ``unwrapped`` form is used).
+        n: Inputs (default: all of the environment's items).
+        action: The action that runs a group (default: :func:`dense_group_action`).
+        desc: Progress bar label.
+    """
+    env = getattr(env, "unwrapped", env)
+    n = len(env.items) if n is None else min(int(n), len(env.items))
+    if n < 1:
+        raise ValueError("an exit table needs at least one input")
+    rows = [exit_row(env, i, action) for i in tqdm(range(n), desc=desc, leave=False)]
+    return table_of(rows, env)
+
+
+def table_of(rows: Sequence[dict[str, Any]], env: Any) -> ExitTable:
+    """An :class:`ExitTable` of :func:`exit_row` rows of ``env``."""
+    env = getattr(env, "unwrapped", env)
+    cols = {k: np.stack([r[k] for r in rows]) for k, _ in _COLUMNS}
+    return ExitTable(
+        [r["item_id"] for r in rows],
+        [r["task"] for r in rows],
+        np.stack([r["obs"] for r in rows]),
+        dense_s=np.array([r["dense_s"] for r in rows]),
+        prompt_tokens=np.array([r["tokens"] for r in rows]),
+        feature_names=list(env.interface.feature_names),
+        meta={"env": env.config(), "cost": env.cost_kind},
+        **cols,
+    )
+
+
+# ---------------------------------------------------------------------------------------- rules
+@dataclass(frozen=True)
+class MarginThreshold:
+    """CALM's rule: stop at the first readout whose margin is at least ``threshold`` (``inf``: never stop).
+
+    Attributes:
+        threshold: The margin to reach (nats between the two best choices; probability for tokens).
+        name: Label in tables.
+    """
+
+    threshold: float
+    name: str = ""
+
+    def label(self) -> str:
+        """``name`` or ``MarginThreshold(<threshold>)``."""
+        return self.name or f"MarginThreshold({self.threshold:.3g})"
+
+    def exits(self, table: ExitTable) -> np.ndarray:
+        """Stop step per input of ``table`` (``G`` when no readout reaches the threshold)."""
+        return first_true(table.feature("margin") >= self.threshold)
+
+    def act(self, obs: np.ndarray, feature_names: Sequence[str], discrete: bool = True) -> Any:
+        """The action in the live environment: stop (0) or the dense group (1 / ``[0, 1, 1, 1]``)."""
+        stop = float(obs[list(feature_names).index("margin")]) >= self.threshold
+        if discrete:
+            return 0 if stop else 1
+        return np.array([1.0 if stop else 0.0, 1.0, 1.0, 1.0], np.float32)
+
+
+def first_true(mask: np.ndarray) -> np.ndarray:
+    """Per row, the first column where ``mask`` holds, else the number of columns."""
+    mask = np.asarray(mask, bool)
+    any_ = mask.any(axis=1)
+    return np.where(any_, mask.argmax(axis=1), mask.shape[1])
+
+
+def margin_grid(table: ExitTable, k: int = 40) -> np.ndarray:
+    """Candidate thresholds from the table's margins (quantiles), largest first, with ``inf`` (never stop) in front."""
+    m = table.feature("margin").reshape(-1)
+    qs = np.unique(np.quantile(m[np.isfinite(m)], np.linspace(0.0, 1.0, k)))
+    return np.concatenate([[np.inf], qs[::-1]])
+
+
+def fit_for_latency(train: ExitTable, target: float, grid: np.ndarray | None = None) -> MarginThreshold:
+    """The smallest threshold whose mean latency fraction on ``train`` stays at or above ``target``.
+
+    Fitted on the train split only; the threshold is then applied unchanged to new inputs.
+    """
+    grid = margin_grid(train) if grid is None else grid
+    best = float(np.inf)
+    for thr in grid:  # largest first: latency falls as the threshold falls
+        lat = train.take(MarginThreshold(float(thr)).exits(train))["lat"].mean()
+        if lat < target:
+            break
+        best = float(thr)
+    return MarginThreshold(best, f"CALM threshold (train-fitted for {target:.0%})")
+
+
+@dataclass(frozen=True)
+class RiskControlled:
+    """A :class:`MarginThreshold` certified to agree with dense on ``>= 1 - delta`` of new inputs (w.p. >= 1 - epsilon).
+
+    Attributes:
+        rule: The certified threshold.
+        choice: The Learn-then-Test record (:class:`agents.risk.RiskChoice`).
+        grid: The thresholds tested, safest first.
+    """
+
+    rule: MarginThreshold
+    choice: Any
+    grid: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        thr = self.rule.threshold
+        return {
+            "threshold": thr if math.isfinite(thr) else None,
+            **self.choice.to_dict(),
+            "grid": [g if math.isfinite(g) else None for g in self.grid],
+        }
+
+
+def risk_controlled(calibration: ExitTable, delta: float, epsilon: float = 0.05) -> RiskControlled:
+    """The Learn-then-Test threshold for agreement ``>= 1 - delta`` with probability ``>= 1 - epsilon``.
+
+    Candidates are the calibration table's margin quantiles, tested from the safest (never stop:
+    the dense model itself, which always agrees) down; the loss is disagreement with dense.
+
+    Raises:
+        ValueError: Too few calibration inputs for ``delta`` and ``epsilon`` (the message gives the
+            number needed), or scores that are not 0/1 agreement.
+    """
+    from agents.risk import ltt_select
+
+    grid = margin_grid(calibration, k=60)
+    losses = np.stack([1.0 - calibration.take(MarginThreshold(float(g)).exits(calibration))["rel"] for g in grid], 1)
+    if not np.isin(losses, (0.0, 1.0)).all():
+        raise ValueError("risk control needs 0/1 agreement per input (choice or exact items), not graded scores")
+    choice = ltt_select(losses, delta, epsilon)
+    thr = float(grid[choice.index])
+    rule = MarginThreshold(thr, f"risk-controlled (delta={delta:g}, eps={epsilon:g})")
+    return RiskControlled(rule, choice, tuple(float(g) for g in grid))
+
+
+# ---------------------------------------------------------------------------------------- ceiling
+@dataclass
+class StopClassifier:
+    """A fitted model of P(a stop here agrees with dense | observation), and the threshold it stops at."""
+
+    model: Any
+    threshold: float
+    name: str = "learnable ceiling (stop classifier)"
+
+    def exits(self, table: ExitTable) -> np.ndarray:
+        """Stop step per input of ``table``."""
+        n, G, F = table.obs.shape
+        p = self.model.predict_proba(table.obs.reshape(-1, F).astype(np.float64))[:, 1].reshape(n, G)
+        return first_true(p >= self.threshold)
+
+
+def _stop_model(C: float, seed: int) -> Any:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000, random_state=seed))
+
+
+def _fit_stop(table: ExitTable, C: float, seed: int) -> Any:
+    n, G, F = table.obs.shape
+    x = table.obs.reshape(-1, F).astype(np.float64)
+    y = (table.rel[:, :G] >= 1.0).reshape(-1).astype(int)
+    if len(np.unique(y)) < 2:
+        raise ValueError("every stop agrees (or none does): nothing to learn a stop from")
+    return _stop_model(C, seed).fit(x, y)
+
+
+def stop_ceiling(
+    train: ExitTable,
+    thresholds: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98),
+    *,
+    folds: int = 5,
+    seed: int = 0,
+) -> tuple[list[StopClassifier], dict[str, float]]:
+    """The learnable ceiling of the staged observations: one fitted stop classifier per confidence threshold.
+
+    The regularisation strength is chosen by ``folds``-fold cross-validation on ``train`` (by the
+    log-loss of "this stop agrees with dense"), then refitted on all of ``train``. Each returned
+    classifier stops at the first step whose predicted agreement reaches its threshold, which
+    traces a latency-accuracy curve on new inputs.
+
+    Returns:
+        The classifiers and the cross-validated log-loss of every strength tried.
+    """
+    n, G, F = train.obs.shape
+    if n < folds:
+        raise ValueError(f"{n} training inputs are fewer than the {folds} cross-validation folds")
+    fold_of = np.random.default_rng(seed).permutation(n) % folds
+    losses: dict[str, float] = {}
+    for C in (0.01, 0.1, 1.0, 10.0):
+        tot = 0.0
+        for f in range(folds):
+            fit, held = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
+            model = _fit_stop(train.subset(fit), C, seed)
+            h = train.subset(held)
+            p = model.predict_proba(h.obs.reshape(-1, F).astype(np.float64))[:, 1].clip(1e-6, 1 - 1e-6)
+            y = (h.rel[:, :G] >= 1.0).reshape(-1)
+            tot += float(-(y * np.log(p) + (~y) * np.log(1 - p)).sum())
+        losses[f"logistic(C={C:g})"] = tot / (n * G)
+    best = min(losses, key=losses.__getitem__)
+    model = _fit_stop(train, float(best.split("=")[1].rstrip(")")), seed)
+    return [StopClassifier(model, float(t), f"learnable ceiling (p>={t:g})") for t in thresholds], losses
+
+
+# ---------------------------------------------------------------------------------------- as runs
+def as_run(table: ExitTable, exits: np.ndarray, name: str, family: str) -> Any:
+    """An :class:`agents.evaluation.Run` of stopping at ``exits`` (for the headline table and plots)."""
+    from agents.evaluation import Run
+
+    got = table.take(np.asarray(exits))
+    return Run(
+        name,
+        family,
+        got["raw"],
+        got["rel"],
+        got["lat"],
+        got["latency_s"],
+        got["flops"],
+        list(table.tasks),
+        np.zeros(len(exits)),
+        {
+            "mean_exit_step": float(np.mean(exits)),
+            "stopped_early": float(np.mean(np.asarray(exits) < table.groups)),
+            "throughput_tok_s": float(table.prompt_tokens.sum() / max(got["latency_s"].sum(), 1e-12)),
+            "energy_source": [],
+        },
+    )

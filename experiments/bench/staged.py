@@ -1,0 +1,373 @@
+"""Staged exits vs static pruning at equal measured latency: the model's own answer at each depth decides when to stop.
+
+Usage: ``python -m experiments.bench.staged [--quick] [--task mc] [--test 240] [--train 320] [--model NAME]``.
+
+Everything is fitted on the **train** split and evaluated on held-out **test** inputs:
+
+- On ``--train`` train inputs, the staged environment (:class:`envs.staged.Staged`, measured
+  latency) gives every input's exit table (:func:`agents.staged.exit_table`): the observation before
+  each step, and the answer and cost of stopping there. The CALM threshold (on the readout margin),
+  the risk-controlled thresholds (Learn-then-Test at ``delta`` = 0.02 / 0.05 / 0.10, ``epsilon`` =
+  0.05) and the learnable ceiling (a cross-validated stop classifier on the same observations) are
+  fitted on it.
+- On ``--test`` test inputs, with **measured** latency: for each input, every static plan
+  (:func:`agents.evaluation.default_candidates` plus every fixed exit depth, :class:`agents.baselines.StaticDepth`)
+  and the staged pass that measures every stop depth run back to back in a shuffled order. The
+  dense model is among the static plans, so it is timed in the same round as everything else; a
+  latency fraction is a run's mean seconds over the dense plan's mean seconds in those rounds (a
+  ratio of means: a slow phase of the machine moves numerator and denominator alike).
+- The static convex hull (best mixture of two static plans, dense-relative), the rules and the
+  ceiling are compared at 70% and 85% of dense latency with paired-bootstrap 95% CIs
+  (:func:`agents.evaluation.headline`), and at iso-quality (the latency each needs for 0.95
+  dense-relative agreement).
+- The readout-by-depth table: the agreement of the answer read after each group with the dense
+  answer, and how well the readout's margin predicts that agreement (AUC).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from agents.baselines import Dense, StaticDepth
+from agents.evaluation import Run, context, default_candidates, headline, hull_curve
+from agents.frontier import auc, interp_frontier, upper_hull
+from agents.staged import (
+    ExitTable,
+    MarginThreshold,
+    as_run,
+    exit_row,
+    first_true,
+    fit_for_latency,
+    margin_grid,
+    risk_controlled,
+    stop_ceiling,
+    table_of,
+)
+from envs.data.files import atomic_write_json
+from experiments.bench.harness import Benchmark
+from experiments.report import REPO_ROOT, headline_markdown, markdown_table, pareto_plot, summary_table
+
+BENCH = Benchmark("experiments.bench.staged", __doc__, threads=2)
+TARGETS = (0.70, 0.85)
+DELTAS = (0.02, 0.05, 0.10)
+EPSILON = 0.05
+ISO = 0.95
+
+
+def _env(args: Any, split: str, n: int, cost: str) -> Any:
+    import gymnasium as gym
+
+    import envs  # noqa: F401
+
+    name = "PruneGym/StagedDiscreteMeasured-v0" if cost == "measured" else "PruneGym/StagedDiscrete-v0"
+    return gym.make(
+        name,
+        model=args.model,
+        task=args.task,
+        split=split,
+        n_items=n,
+        data_seed=args.seed,
+        calibrate_cost=cost == "calibrated",
+        threads=args.threads,
+        num_groups=args.groups,
+    ).unwrapped
+
+
+def _per_input_env(args: Any, split: str, n: int) -> Any:
+    import gymnasium as gym
+
+    return gym.make(
+        "PruneGym/PerInputDiscreteMeasured-v0",
+        model=args.model,
+        task=args.task,
+        split=split,
+        n_items=n,
+        data_seed=args.seed,
+        threads=args.threads,
+    ).unwrapped
+
+
+def _envs(args: Any, split: str, n: int) -> tuple[Any, Any]:
+    """The staged environment and the per-input one (for static plans) on the same items, both measured."""
+    key = (split, n)
+    if key not in _ENVS:
+        staged = _env(args, split, n, "measured")
+        pin = _per_input_env(args, split, n)
+        if [it.id for it in pin.items] != [it.id for it in staged.items]:
+            raise RuntimeError(f"the static plans and the staged pass drew different {split} items")
+        _ENVS[key] = (staged, pin)
+    return _ENVS[key]
+
+
+_ENVS: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+
+def interleaved(args: Any, split: str, n: int, candidates: list[Any]) -> tuple[list[Run], ExitTable]:
+    """Every static plan and the staged pass on each input, back to back in a shuffled order, measured.
+
+    ``candidates`` must start with :class:`agents.baselines.Dense`: every latency fraction (static
+    runs and the exit table's) is then a ratio of means over the dense plan timed in the same rounds.
+    """
+    staged, pin = _envs(args, split, n)
+    if not isinstance(candidates[0], Dense):
+        raise ValueError("the first candidate must be Dense: it is the latency reference")
+    cols: list[dict[str, list[Any]]] = [
+        {"rel": [], "raw": [], "lat_s": [], "flops": [], "task": [], "tok": []} for _ in candidates
+    ]
+    rows = []
+    rng = np.random.default_rng(args.seed)
+    for i in tqdm(range(len(pin.items)), desc=f"{split}: static plans and staged pass, interleaved"):
+        obs, info = pin.reset(options={"item": i})
+        ctx = context(pin, i, info["prompt_tokens"])
+        for j in rng.permutation(len(candidates) + 1):
+            if j == len(candidates):
+                rows.append(exit_row(staged, i))
+                continue
+            t_dec = time.perf_counter()
+            plan = candidates[j](obs, ctx)
+            dec = time.perf_counter() - t_dec
+            _, _, _, _, res = pin.step_plan(plan, keep_open=True)
+            c = cols[j]
+            c["rel"].append(res["accuracy_dense_relative"])
+            c["raw"].append(res["accuracy_raw"])
+            c["lat_s"].append(res["latency_s"] + dec)
+            c["flops"].append(res["flops_fraction"])
+            c["task"].append(res["task"])
+            c["tok"].append(res["prompt_tokens"])
+        pin.close_episode()
+    m = len(rows)
+    static = [
+        Run(
+            cand.name,
+            "static",
+            np.array(c["raw"]),
+            np.array(c["rel"]),
+            np.zeros(m),
+            np.array(c["lat_s"]),
+            np.array(c["flops"]),
+            list(c["task"]),
+            np.zeros(m),
+            {"throughput_tok_s": float(np.sum(c["tok"]) / max(np.sum(c["lat_s"]), 1e-12)), "energy_source": []},
+        )
+        for cand, c in zip(candidates, cols, strict=True)
+    ]
+    dense_s = float(np.mean(static[0].latency_s))
+    static = [replace(r, lat=r.latency_s / dense_s) for r in static]
+    table = table_of(rows, staged)
+    return static, replace(table, lat=table.latency_s / dense_s)
+
+
+def iso_latency(runs: list[Run] | None, static: list[Run], level: float = ISO) -> float:
+    """The smallest mean latency fraction at which a family's frontier (or the hull) reaches ``level``."""
+    if runs is None:
+        fx, fy = hull_curve(static, "dense_relative", np.arange(len(static[0].raw)))
+    else:
+        fx, fy = upper_hull(np.array([r.lat.mean() for r in runs]), np.array([r.rel.mean() for r in runs]))
+    grid = np.linspace(min(fx), max(fx), 2001)
+    y = interp_frontier(fx, fy, grid)
+    ok = np.flatnonzero(np.nan_to_num(y, nan=-1) >= level)
+    return float(grid[ok[0]]) if len(ok) else float("nan")
+
+
+def readout_table(table: ExitTable, probe_layers: int, group_layers: list[int]) -> str:
+    """Agreement of the answer read after each group with dense, and the margin's AUC for it."""
+    rows = []
+    margin = table.feature("margin")
+    for t in range(table.groups + 1):
+        depth = probe_layers if t == 0 else group_layers[t - 1]
+        agree = table.rel[:, t]
+        a = auc(margin[:, t], agree >= 1.0) if t < table.groups else float("nan")
+        rows.append(
+            [
+                t,
+                depth,
+                f"{agree.mean():.3f}",
+                f"{table.raw[:, t].mean():.3f}",
+                f"{table.lat[:, t].mean():.3f}",
+                "—" if not math.isfinite(a) else f"{a:.2f}",
+            ]
+        )
+    return markdown_table(
+        ["groups run", "layers", "agreement with dense", "raw accuracy", "latency ÷ dense", "margin AUC"], rows
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Fit on train, measure on test, print the tables, write BENCHMARKS.md, the plot and the results."""
+    p = BENCH.parser()
+    p.add_argument("--model", default="smollm2-135m", help="model name or prepared model (default: embedded)")
+    p.add_argument("--task", default="mc", help="task mix (default: mc)")
+    p.add_argument("--test", type=int, default=240, help="held-out test inputs, measured latency (default: 240)")
+    p.add_argument("--train", type=int, default=240, help="train inputs the rules are fitted on (default: 240)")
+    p.add_argument("--groups", type=int, default=None, help="layer groups of the staged env (default: its own, 7)")
+    p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 24 train and 8 test inputs; writes nothing")
+    args = BENCH.parse(p, argv)
+    if args.quick:
+        args.train, args.test = 24, 8
+        args.no_write = args.no_write or args.output is None
+    if args.test < 4 or args.train < 10:
+        p.error("--test must be >= 4 and --train >= 10")
+    t0 = time.perf_counter()
+
+    train_env, _ = _envs(args, "train", args.train)
+    k = train_env.probe.layers
+    depths = [train_env.interface.stop_layer(t) for t in range(train_env.num_groups)]
+    _, train = interleaved(args, "train", args.train, [Dense()])
+    print(f"train exit table: {len(train.item_ids)} inputs in {time.perf_counter() - t0:.0f}s", flush=True)
+    candidates = default_candidates() + [StaticDepth(d) for d in [k, *depths[:-1]]]
+    t1 = time.perf_counter()
+    static, test = interleaved(args, "test", args.test, candidates)
+    test_env, _ = _envs(args, "test", args.test)
+    n = len(test.item_ids)
+    test_s = time.perf_counter() - t1
+
+    # ---- rules and ceiling, fitted on train
+    grid = margin_grid(train, 30)
+    calm = [as_run(test, MarginThreshold(float(g)).exits(test), f"CALM margin ≥ {g:.3g}", "calm") for g in grid]
+    try:
+        classifiers, cv_losses = stop_ceiling(train)
+    except ValueError as exc:  # e.g. every train stop agrees (or none does): nothing to learn from
+        classifiers, cv_losses = [], {"not fitted": str(exc)}
+    ceiling = [as_run(test, c.exits(test), c.name, "ceiling") for c in classifiers]
+    fitted = [fit_for_latency(train, t) for t in TARGETS]
+    fitted_runs = [as_run(test, r.exits(test), r.label(), "fitted") for r in fitted]
+    risk = []
+    for d in DELTAS:
+        try:
+            rc = risk_controlled(train, d, EPSILON)
+        except ValueError as exc:
+            risk.append((d, None, str(exc)))
+            continue
+        risk.append((d, rc, as_run(test, rc.rule.exits(test), rc.rule.label(), "risk")))
+    # The hindsight exit: each input stops at its earliest depth whose answer agrees with dense (the
+    # stopping headroom; mixed with running everything it traces a line, like the static oracle).
+    G = test.groups
+    hindsight = first_true(test.rel[:, :G] >= 1.0)
+    oracle_exit = [
+        as_run(test, hindsight, "hindsight exit (oracle)", "oracle"),
+        as_run(test, np.full(n, G), "x", "oracle"),
+    ]
+    families = {"CALM threshold (train-fitted grid)": calm}
+    if ceiling:
+        families["learnable ceiling (stop classifier)"] = ceiling
+    rows_h = headline(static, {**families, "hindsight exit (oracle)": oracle_exit}, TARGETS)
+
+    # ---- tables
+    groups_layers = depths
+    lines = []
+    for name, runs in (("static hull", None), *families.items()):
+        lines.append([name, f"{iso_latency(runs, static):.3f}"])
+    iso = markdown_table(["", f"latency ÷ dense for {ISO:.2f} dense-relative agreement"], lines)
+    fit_rows = [
+        [
+            r.name,
+            f"{r.lat.mean():.3f}",
+            f"{r.rel.mean():.3f}",
+            f"{float(interp_frontier(*hull_curve(static, 'dense_relative', np.arange(n)), [r.lat.mean()])[0]):.3f}",
+            f"{r.raw.mean():.3f}",
+        ]
+        for r in fitted_runs
+    ]
+    fit_tab = markdown_table(
+        ["rule (threshold fitted on train)", "test latency ÷ dense", "agreement", "static hull there", "raw"], fit_rows
+    )
+    risk_rows = []
+    for d, rc, run in risk:
+        if rc is None:
+            risk_rows.append([f"{d:g}", f"{1 - d:.2f}", "refused", run, "—", "—"])
+            continue
+        risk_rows.append(
+            [
+                f"{d:g}",
+                f"{1 - d:.2f}",
+                "∞ (never stops)" if not math.isfinite(rc.rule.threshold) else f"{rc.rule.threshold:.3g}",
+                f"{run.rel.mean():.3f}",
+                f"{1 - run.lat.mean():.1%}",
+                f"{run.extra['stopped_early']:.0%}",
+            ]
+        )
+    risk_tab = markdown_table(
+        ["δ", "requested agreement", "certified threshold", "test agreement", "latency saved", "inputs stopped early"],
+        risk_rows,
+    )
+    best = _verdict(rows_h)
+    cv_round = {k_: round(v, 4) if isinstance(v, float) else v for k_, v in cv_losses.items()}
+    body = (
+        f"Model `{args.model}`, task mix `{args.task}`, {args.threads} threads. Rules and ceiling fitted on "
+        f"{len(train.item_ids)} train inputs (measured latency); evaluated on {n} held-out test inputs with measured "
+        f"latency, every static plan and the staged pass interleaved per input; latency ÷ dense is a ratio of means "
+        f"against the dense plan timed in the same rounds. The staged env runs {test_env.num_groups} groups after a "
+        f"{k}-layer probe and reads the answer after each (LM-head rows of the choices' tokens only). Fitted "
+        f"in {time.perf_counter() - t0:.0f}s in all, {test_s:.0f}s of it on test.\n\n"
+        f"{headline_markdown(rows_h)}\n\n{best}\n\n"
+        f"**Iso-quality**\n\n{iso}\n\n"
+        f"**Thresholds fitted on train for a target latency, applied to test**\n\n{fit_tab}\n\n"
+        f"**Risk-controlled stop (Learn-then-Test, ε = {EPSILON}, calibrated on the train inputs)**\n\n{risk_tab}\n\n"
+        f"**The readout by depth (test inputs)**: the answer read after each group, against the dense answer\n\n"
+        f"{readout_table(test, k, groups_layers)}\n\n"
+        f"Learnable ceiling: cross-validated log-loss by strength {json.dumps(cv_round)}.\n\n"
+        f"**Every operating point**\n\n{summary_table(static + calm[::3] + ceiling + fitted_runs)}\n\n"
+        + ("" if args.quick else f"![Pareto](reports/bench_staged_{args.task}.png)\n")
+    )
+    title = f"Staged exits vs static pruning ({args.model}, {args.task})"
+    BENCH.publish(args, title, body)
+    if not (args.quick or args.no_write):
+        pareto_plot(
+            static,
+            {**families, "fitted": fitted_runs},
+            REPO_ROOT / "reports" / f"bench_staged_{args.task}.png",
+            title=f"Staged exits vs static pruning ({args.model}, {args.task}, {n} test inputs)",
+        )
+        train.save(REPO_ROOT / "reports" / f"staged_train_{args.task}.npz")
+        test.save(REPO_ROOT / "reports" / f"staged_test_{args.task}.npz")
+        atomic_write_json(
+            REPO_ROOT / "reports" / f"bench_staged_{args.task}.json",
+            {
+                "command": BENCH.command(argv if argv is not None else sys.argv[1:]),
+                "headline": rows_h,
+                "static": [r.summary() for r in static],
+                "static_per_input": {
+                    r.name: {k: getattr(r, k).tolist() for k in ("rel", "raw", "lat", "latency_s", "flops")}
+                    for r in static
+                },
+                "risk": [{"delta": d, **(rc.to_dict() if rc else {"refused": run})} for d, rc, run in risk],
+            },
+        )
+
+
+def _verdict(rows: list[dict[str, Any]]) -> str:
+    """The goal's check: best staged rule or ceiling ≥ hull + 0.05 with the CI above zero at both targets."""
+    out = []
+    for t in TARGETS:
+        cands = [
+            r
+            for r in rows
+            if r["scoring"] == "dense_relative"
+            and r["target_latency"] == t
+            and r["controller"] not in ("static hull (StaticMix)", "oracle (hindsight)", "hindsight exit (oracle)")
+        ]
+        good = [r for r in cands if np.isfinite(r["vs_hull"])]
+        if not good:
+            out.append(f"at {t:.0%}: no staged rule reaches it → **not met**")
+            continue
+        b = max(good, key=lambda r: r["vs_hull"])
+        met = b["vs_hull"] >= 0.05 and b["vs_hull_ci95"][0] > 0
+        ci = b["vs_hull_ci95"]
+        out.append(
+            f"at {t:.0%}: best is {b['controller']} at {b['vs_hull']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] "
+            f"→ **{'met' if met else 'not met'}**"
+        )
+    return "Goal (best staged rule ≥ static hull + 0.05, CI above zero): " + "; ".join(out) + "."
+
+
+if __name__ == "__main__":
+    main()

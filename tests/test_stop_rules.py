@@ -1,0 +1,143 @@
+"""Stop rules of the staged environment: exit tables are what episodes give; CALM, risk-controlled and ceiling rules."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import envs  # noqa: F401
+from agents.staged import (
+    ExitTable,
+    MarginThreshold,
+    as_run,
+    exit_table,
+    first_true,
+    fit_for_latency,
+    margin_grid,
+    risk_controlled,
+    stop_ceiling,
+)
+from tests.conftest import tiny_kwargs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_here(one_thread):
+    yield
+
+
+def synthetic(n: int, G: int = 5, seed: int = 0) -> ExitTable:
+    """A table whose truth is known: a stop after ``t`` groups agrees when the margin there exceeds 2."""
+    rng = np.random.default_rng(seed)
+    names = ["step", "margin", "noise"]
+    margin = np.cumsum(rng.exponential(1.0, (n, G)), axis=1)  # margins grow with depth
+    obs = np.stack([np.tile(np.arange(G) / G, (n, 1)), margin, rng.standard_normal((n, G))], axis=-1)
+    rel = np.ones((n, G + 1))
+    rel[:, :G] = (margin > 2.0 + rng.normal(0, 0.3, (n, G))).astype(float)
+    lat = np.tile(np.linspace(0.2, 1.0, G + 1), (n, 1))
+    return ExitTable(
+        [f"i{i}" for i in range(n)],
+        ["t"] * n,
+        obs.astype(np.float32),
+        rel,
+        rel.copy(),
+        lat,
+        lat * 0.1,
+        np.full(n, 0.1),
+        lat.copy(),
+        np.full(n, 20),
+        names,
+    )
+
+
+def test_first_true():
+    m = np.array([[False, True, True], [False, False, False], [True, False, False]])
+    assert first_true(m).tolist() == [1, 3, 0]
+
+
+def test_margin_threshold_exits_and_fit_for_latency():
+    table = synthetic(200)
+    never = MarginThreshold(np.inf).exits(table)
+    assert (never == table.groups).all()
+    assert table.take(never)["rel"].mean() == 1.0
+    grid = margin_grid(table)
+    assert np.isinf(grid[0]) and (np.diff(grid[1:]) < 0).all()
+    lats = [table.take(MarginThreshold(g).exits(table))["lat"].mean() for g in grid]
+    assert all(a >= b for a, b in zip(lats, lats[1:], strict=False)), "lower thresholds stop earlier"
+    for target in (0.5, 0.8):
+        rule = fit_for_latency(table, target)
+        got = table.take(rule.exits(table))["lat"].mean()
+        assert got >= target
+        lower = [g for g in grid if g < rule.threshold]
+        if lower:
+            assert table.take(MarginThreshold(lower[0]).exits(table))["lat"].mean() < target
+
+
+def test_risk_controlled_meets_its_guarantee_on_new_inputs():
+    """Over many seeded calibration draws, the certified rule rarely disagrees on more than delta of fresh inputs."""
+    delta, eps, draws = 0.1, 0.1, 60
+    truth = synthetic(20000, seed=999)
+    bad = 0
+    saved = []
+    for seed in range(draws):
+        rc = risk_controlled(synthetic(300, seed=seed), delta, eps)
+        agree = truth.take(rc.rule.exits(truth))["rel"].mean()
+        bad += agree < 1 - delta
+        saved.append(1 - truth.take(rc.rule.exits(truth))["lat"].mean())
+    assert bad / draws <= eps + 3 * np.sqrt(eps * (1 - eps) / draws)
+    assert np.mean(saved) > 0.05, "the certified rule must still stop early on many inputs"
+
+
+def test_risk_controlled_refuses_what_it_cannot_certify():
+    with pytest.raises(ValueError, match="59"):
+        risk_controlled(synthetic(40), 0.05, 0.05)
+    graded = synthetic(100)
+    graded.rel[:, 0] = 0.5
+    with pytest.raises(ValueError, match="0/1"):
+        risk_controlled(graded, 0.1, 0.1)
+
+
+def test_stop_ceiling_learns_the_margin_rule():
+    train, test = synthetic(400, seed=1), synthetic(400, seed=2)
+    classifiers, losses = stop_ceiling(train)
+    assert len(losses) == 4 and all(np.isfinite(v) for v in losses.values())
+    for c in classifiers:
+        got = test.take(c.exits(test))
+        assert 0 <= got["rel"].mean() <= 1
+    strict = classifiers[-1]
+    assert test.take(strict.exits(test))["rel"].mean() >= 0.9
+    run = as_run(test, strict.exits(test), "x", "ceiling")
+    assert run.lat.shape == (400,) and run.extra["stopped_early"] > 0.2
+
+
+def test_table_round_trip(tmp_path):
+    t = synthetic(10)
+    path = t.save(tmp_path / "t.npz")
+    back = ExitTable.load(path)
+    assert back.item_ids == t.item_ids and back.feature_names == t.feature_names
+    assert np.array_equal(back.obs, t.obs) and np.array_equal(back.rel, t.rel)
+    with pytest.raises(KeyError, match="no feature"):
+        t.feature("nope")
+
+
+def test_exit_table_is_what_episodes_give(cost_path):
+    """Every row and depth of the table equals a real episode that stops there (calibrated: exactly)."""
+    kw = tiny_kwargs("Staged", cost_path, task="generated", n_items=6)
+    env = gym.make("PruneGym/StagedDiscrete-v0", **kw).unwrapped
+    table = exit_table(env, 3)
+    G = env.num_groups
+    assert table.obs.shape == (3, G, env.observation_space.shape[0])
+    for i in range(3):
+        for t in range(G + 1):
+            obs, _ = env.reset(options={"item": i})
+            info = {}
+            for s in range(t + 1):
+                if s == t and t < G:
+                    assert np.array_equal(obs, table.obs[i, t])
+                    _, _, done, _, info = env.step(0)
+                    break
+                if s < G:
+                    obs, _, done, _, info = env.step(1)
+            assert info["accuracy_dense_relative"] == table.rel[i, t]
+            assert info["latency_fraction"] == table.lat[i, t]
+            assert info["groups_run"] == t
