@@ -143,7 +143,8 @@ class Run:
         family: Group of operating points that may be mixed (a policy at several reward weights).
         raw: Raw task score per input.
         rel: Dense-relative score per input.
-        lat: Measured latency relative to the dense model on the same input.
+        lat: Latency relative to the dense model on the same input (a measured sweep: over the dense
+            plan's mean seconds in the same rounds).
         latency_s: Measured latency in seconds (probe + decision + rest).
         flops: Decoder FLOPs fraction.
         tasks: Task of each input.

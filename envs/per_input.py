@@ -191,6 +191,38 @@ class PerInput(PruneEnv):
         """End the current episode without a step (harnesses that scored it with ``step_plan(keep_open=True)``)."""
         self._done = True
 
+    def _score_plan(self, plan: SparsityPlan, prefill: Any, cost: Any, reused: bool) -> tuple[float, dict[str, Any]]:
+        """Score the item under ``plan`` from ``prefill``: the reward and the info every episode of an input reports.
+
+        ``prefill`` is the prompt as it ran; ``Staged`` adds its own entries to the info.
+        """
+        P = self._probe_res.prompt_len
+        self.scorer.prefill = prefill
+        try:
+            score = self.scorer.score(self.slm, self._item, plan, self._dense_ref)
+        finally:
+            self.scorer.prefill = None
+        acc = score.dense_relative if self.reward_cfg.accuracy == "dense_relative" else score.raw
+        lat_f, en_f = self._fractions_of(cost, self._dense_cost)
+        r = reward(float(acc), lat_f, en_f, self.reward_cfg)
+        info = {
+            "item_id": self._item.id,
+            "task": self._item.task,
+            "kind": self._item.kind,
+            "prompt_tokens": P,
+            "accuracy": float(acc),
+            "accuracy_raw": float(score.raw),
+            "accuracy_dense_relative": float(score.dense_relative),
+            "flops_fraction": self.builder.flops_fraction(plan, P),
+            **self._cost_info(cost, self._dense_cost, lat_f, en_f),
+            "probe_layers": self.probe.layers,
+            "probe_reused": reused,
+            "probe_latency_s": None if self._probe_cost is None else finite(self._probe_cost.latency_s),
+            "plan": plan_summary(plan),
+            "reward_form": self.reward_cfg.form,
+        }
+        return float(r), info
+
     def _finish(self, plan: SparsityPlan, fr: np.ndarray | None, extra: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         """Finish the prompt under ``plan`` (of fractions ``fr``, when an action made it); score; reward and info."""
         P = self._probe_res.prompt_len
@@ -209,33 +241,9 @@ class PerInput(PruneEnv):
             cost = self.cost_source.cost(plan, None, P)
             if not reused:
                 cost = cost + self.cost_source.cost(self.interface.probe_plan, None, P)
-        self.scorer.prefill = box[-1]
-        try:
-            score = self.scorer.score(self.slm, self._item, plan, self._dense_ref)
-        finally:
-            self.scorer.prefill = None
-        acc = score.dense_relative if self.reward_cfg.accuracy == "dense_relative" else score.raw
-        lat_f, en_f = self._fractions_of(cost, self._dense_cost)
-        r = reward(float(acc), lat_f, en_f, self.reward_cfg)
-        flops_f = self.builder.flops_fraction(plan, P)
-        info = {
-            "item_id": self._item.id,
-            "task": self._item.task,
-            "kind": self._item.kind,
-            "prompt_tokens": P,
-            "accuracy": float(acc),
-            "accuracy_raw": float(score.raw),
-            "accuracy_dense_relative": float(score.dense_relative),
-            "flops_fraction": flops_f,
-            **self._cost_info(cost, self._dense_cost, lat_f, en_f),
-            "probe_layers": k,
-            "probe_reused": reused,
-            "probe_latency_s": None if self._probe_cost is None else finite(self._probe_cost.latency_s),
-            "plan": plan_summary(plan),
-            "action_fractions": None if fr is None else fr.reshape(-1).tolist(),
-            **extra,
-            "reward_form": self.reward_cfg.form,
-        }
+        r, info = self._score_plan(plan, box[-1], cost, reused)
+        info |= {"action_fractions": None if fr is None else fr.reshape(-1).tolist(), **extra}
+        acc, lat_f, flops_f = info["accuracy"], info["latency_fraction"], info["flops_fraction"]
         self._done = True
         self.last_plan = plan
         self._last_render = (

@@ -8,11 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs.base import finite, plan_summary
 from envs.interface import StagedInterface
 from envs.observation import stage_features
 from envs.per_input import PerInput
-from envs.rewards import reward
 from envs.runtime.plan import LayerPlan, SparsityPlan
 from envs.runtime.staged import Readout, StagedRun
 
@@ -313,30 +311,9 @@ class Staged(PerInput):
             cost = cost + self._readout_cost()
         else:
             cost = self.cost_source.cost(plan, None, P) + self._readout_cost()
-        self.scorer.prefill = run.prefill(plan, box[-1] if box else None)
-        try:
-            score = self.scorer.score(self.slm, self._item, plan, self._dense_ref)
-        finally:
-            self.scorer.prefill = None
-        acc = score.dense_relative if self.reward_cfg.accuracy == "dense_relative" else score.raw
-        lat_f, en_f = self._fractions_of(cost, self._dense_cost)
-        r = reward(float(acc), lat_f, en_f, self.reward_cfg)
-        flops_f = self.builder.flops_fraction(plan, P)
-        rd = self._readouts[-1]
-        info = {
-            "item_id": self._item.id,
-            "task": self._item.task,
-            "kind": self._item.kind,
-            "prompt_tokens": P,
-            "accuracy": float(acc),
-            "accuracy_raw": float(score.raw),
-            "accuracy_dense_relative": float(score.dense_relative),
-            "flops_fraction": flops_f,
-            **self._cost_info(cost, self._dense_cost, lat_f, en_f),
-            "probe_layers": self.probe.layers,
-            "probe_reused": True,
-            "probe_latency_s": None if self._probe_cost is None else finite(self._probe_cost.latency_s),
-            "plan": plan_summary(plan),
+        r, info = self._score_plan(plan, run.prefill(plan, box[-1] if box else None), cost, True)
+        acc, lat_f = info["accuracy"], info["latency_fraction"]
+        info |= {
             "action_fractions": self._fr[:t].reshape(-1).tolist(),
             **self._flags,
             "stopped": stopped,
@@ -345,9 +322,8 @@ class Staged(PerInput):
             "exit_layer": run.depth,
             "readouts": len(self._readouts),
             "readout_flops": float(sum(x.flops for x in self._readouts)),
-            "readout_pick": rd.pick,
+            "readout_pick": self._readouts[-1].pick,
             "layer_runs": list(run.layer_runs),
-            "reward_form": self.reward_cfg.form,
         }
         self._last_render = (
             f"item {self._item.id} ({self._item.task}, {P} tokens): {'stopped' if stopped else 'ran'} after "

@@ -268,7 +268,7 @@ def pareto_plot(static: Sequence[Run], families: Mapping[str, Sequence[Run]], pa
                 ax.plot(ux, uy, color=c, lw=1.2)
         for t in DEFAULT_TARGETS:
             ax.axvline(t, color="#999999", lw=0.8, ls=":")
-        ax.set_xlabel("measured latency ÷ dense (same input)")
+        ax.set_xlabel("measured latency ÷ dense (the same inputs)")
         ax.set_ylabel("accuracy, " + ("dense-relative" if scoring == "dense_relative" else "raw") + " scoring")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")

@@ -123,3 +123,31 @@ def test_sweep_interleaves_controllers_with_the_same_results(tiny_env):
     probes = ev.probe_observations(tiny_env, 3)
     assert np.allclose(probes, obs)
     assert len(ev.entropy_rules(probes, tiny_env.probe.feature_names)) == 3
+
+
+def test_same_round_latency_is_a_ratio_of_means_over_the_dense_rounds():
+    from dataclasses import replace
+
+    dense = replace(fake_run("Dense", [1, 1, 1, 1], 1.0), latency_s=np.array([0.10, 0.30, 0.10, 0.30]))
+    half = replace(fake_run("half", [1, 0, 1, 0], 0.5), latency_s=np.array([0.05, 0.15, 0.05, 0.15]))
+    d, h = ev.same_round_latency([dense, half], dense)
+    assert d.lat.mean() == pytest.approx(1.0) and h.lat.mean() == pytest.approx(0.5)
+    assert h.extra["latency_fraction_single_dense"] == pytest.approx(0.5)
+    # A slow phase that hits every plan of the same inputs moves no fraction.
+    slow = [replace(r, latency_s=r.latency_s * np.array([1.0, 3.0, 1.0, 3.0])) for r in (dense, half)]
+    assert ev.same_round_latency(slow, slow[0])[1].lat.mean() == pytest.approx(0.5)
+
+
+def test_measured_sweep_takes_fractions_against_dense_in_the_same_rounds():
+    env = ev.evaluation_env(
+        model="tiny-llama",
+        task="generated",
+        split="test",
+        n_items=3,
+        cost="measured",
+        env_kwargs={"num_groups": 1, "probe_layers": 1, "probe_dim": 4},
+    )
+    static, _, _ = ev.sweep(env, [Dense(), StaticUniform(layers=0.5)], 3)
+    assert static[0].lat.mean() == pytest.approx(1.0)
+    assert np.allclose(static[1].lat, static[1].latency_s / static[0].latency_s.mean())
+    assert "latency_fraction_single_dense" in static[1].extra

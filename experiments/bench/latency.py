@@ -14,7 +14,9 @@ fractions are read with two estimators:
   one dense timing per input, taken when the input was first drawn.
 
 The table gives both estimators' fractions in both conditions and how far each moved; the goal is
-that the same-round fractions move by at most 3% when the second process runs.
+that the same-round fractions move by at most 3% when the second process runs. ``--threads``
+decides whether the forward oversubscribes the cores once the second process runs (each
+``--threads`` value writes its own section).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Largest move of a plan's latency fraction under load: same round {worst['same round']:.1%}, single dense "
         f"timing {worst['single dense timing']:.1%}. Goal (same round ≤ {GOAL:.0%}): **{verdict}**.\n"
     )
-    BENCH.publish(args, TITLE, body)
+    BENCH.publish(args, f"{TITLE} ({args.threads} thread{'s' if args.threads != 1 else ''})", body)
 
 
 if __name__ == "__main__":

@@ -84,8 +84,12 @@ def _env(args: Any, split: str, n: int, cost: str) -> Any:
 def _per_input_env(args: Any, split: str, n: int) -> Any:
     import gymnasium as gym
 
+    from envs.base import shared_lm
+
+    groups = min(3, shared_lm(args.model).spec.num_layers - 2)  # the main job's 3 groups after a 2-layer probe
     return gym.make(
         "PruneGym/PerInputDiscreteMeasured-v0",
+        num_groups=groups,
         model=args.model,
         task=args.task,
         split=split,
