@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from envs.runtime.plan import LayerPlan, SparsityPlan, plan_from_counts
+from envs.runtime.plan import SparsityPlan, plan_from_counts
 
 
 @dataclass
@@ -140,10 +140,9 @@ class StaticDepth:
         s = ctx.slm.spec
         if self.layers > s.num_layers:
             raise ValueError(f"StaticDepth({self.layers}) on a {s.num_layers}-layer model")
-        dense = SparsityPlan.dense(s).layers
-        off = LayerPlan(False, (), (), 0)
-        layers = tuple(dense[i] if i < self.layers else off for i in range(s.num_layers))
-        return SparsityPlan(s, layers, {"kind": "depth"})
+        from envs.runtime.staged import truncated
+
+        return truncated(SparsityPlan(s, SparsityPlan.dense(s).layers, {"kind": "depth"}), self.layers)
 
 
 @dataclass
