@@ -150,13 +150,19 @@ def validate_live(
         cost="calibrated",  # scoring; latency is timed below, in rounds
     )
     indices = sorted({i for s in card["shards"] for i in s["inputs"]})
+    replayed = _recorded_ids(folder)
+    live_ids = [env.items[i].id for i in indices]
+    if live_ids != replayed:  # checked before any timing: a changed mix or split fails at once
+        raise ValueError(
+            f"the live inputs are not the recorded ones ({live_ids[:3]}... vs {replayed[:3]}...): task "
+            f"{data['task']!r} no longer gives the items it gave when the recording was made"
+        )
     slm = env.slm
     meter = Meter(str(slm.device), warmup=0, repeats=1, energy="off", memory=False)
     rng = np.random.default_rng(seed)
-    rel, raw, lat, flops, ids_seen = [], [], [], [], []
+    rel, raw, lat, flops = [], [], [], []
     for i in indices:
         obs, info = env.reset(options={"item": i})
-        ids_seen.append(env.items[i].id)
         plan = controller.select_plan(obs, slm, prompt_len=info["prompt_tokens"])
         _, _, _, _, out = env.step_plan(plan)
         ids = torch.tensor([env.scorer.encode(slm, env.items[i].prompt)], device=slm.device)
@@ -165,9 +171,6 @@ def validate_live(
         raw.append(out["accuracy_raw"])
         flops.append(out["flops_fraction"])
         lat.append(float(np.median(plan_s[0]) / np.median(dense_s)))
-    replayed = _recorded_ids(folder)
-    if ids_seen != replayed:
-        raise ValueError(f"the live inputs are not the recorded ones ({ids_seen[:3]}... vs {replayed[:3]}...)")
     return {
         "dataset": dataset_identity(card),
         "inputs": len(indices),

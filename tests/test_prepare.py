@@ -369,7 +369,7 @@ def test_training_text_is_train_split_only():
     solved = {part.strip() for d in docs for part in d.split("\n\n")}
     held_items = {
         f"{it.prompt} {it.answer}".strip()
-        for task in ("bigbench/general_knowledge", "bigbench/arithmetic/2_digit_addition", "gen/kv-3:mc")
+        for task in ("gensim/facts", "gensim/odd-one-out", "gen/sub-2:mc", "gen/kv-3:mc")
         for s in ("val", "test")
         for it in load_task(task, s)
     }

@@ -21,7 +21,7 @@ def test_split_is_a_fixed_hash():
     assert [split_of(s) for s in ("alpha", "beta", "gamma", "delta")] == ["train", "test", "val", "train"]
 
 
-@pytest.mark.parametrize("task", ["gen/copy-4", "gen/kv-3:mc", "gen/add-2", "gen/mul-2:mc"])
+@pytest.mark.parametrize("task", ["gen/copy-4", "gen/kv-3:mc", "gen/add-2", "gen/sub-2:mc", "gen/mul-2:mc"])
 def test_generated_splits_disjoint_stable_and_complete(task, empty_cache):
     every = load_task(task, None)
     parts = {s: load_task(task, s) for s in ("train", "val", "test")}
@@ -46,6 +46,11 @@ def test_generated_difficulty_is_a_parameter(empty_cache):
     add = load_task("gen/add-4", "val")[0]
     a, b = (int(x) for x in add.prompt.split("What is ")[1].rstrip("?\nA:").split(" plus "))
     assert int(add.answer) == a + b and 1000 <= a <= 9999
+    for sub in load_task("gen/sub-3:mc", "val"):
+        a, b = (int(x) for x in sub.prompt.split("What is ")[1].rstrip("?\nA:").split(" minus "))
+        assert int(sub.answer) == a - b and 100 <= a <= 999 and 100 <= b <= 999
+        assert sub.answer in sub.choices and len(set(sub.choices)) == 4
+    assert any(int(it.answer) < 0 for it in load_task("gen/sub-2", "val"))
 
 
 def test_shots_come_from_train_and_keep_the_split(empty_cache):
@@ -100,7 +105,7 @@ def test_malformed_jsonl_names_file_line_and_field(tmp_path, line, field):
 
 
 def test_missing_cache_names_the_command(empty_cache):
-    for task in ("gensim/polarity", "gensim/news", "bigbench/general_knowledge"):
+    for task in ("gensim/polarity", "gensim/news", "gensim/facts", "gensim/odd-one-out", "bigbench/general_knowledge"):
         with pytest.raises(FileNotFoundError, match=r"python -m experiments\.data"):
             load_task(task, "val")
 
@@ -214,3 +219,140 @@ def test_mix_yaml_and_conf_files(tmp_path, empty_cache):
     assert confs
     for conf in confs:
         assert mix_spec(conf)
+
+
+_ANALOGY = """: capital-common-countries
+Athens Greece Berlin Germany
+Paris France Rome Italy
+: capital-world
+Abuja Nigeria Accra Ghana
+Tbilisi Georgia Lima Peru
+Madrid Spain Oslo Norway
+: currency
+Algeria dinar Japan yen
+Mexico peso Poland zloty
+Europe euro Russia ruble
+: city-in-state
+Chicago Illinois Houston Texas
+Atlanta Georgia Boston Massachusetts
+Denver Colorado Phoenix Arizona
+: gram6-nationality-adjective
+Albania Albanian Greece Greek
+France French Spain Spanish
+Italy Italian Peru Peruvian
+"""
+
+
+def _write_analogy(cache: Path, text: str = _ANALOGY) -> Path:
+    path = cache / "data" / "gensim" / "questions-words.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_facts_are_true_to_the_file_with_distractors_of_the_same_relation(empty_cache):
+    from envs.tasks.sources import FACT_RELATIONS, analogy_sections
+
+    _write_analogy(empty_cache)
+    sections = analogy_sections()
+    every = load_task("gensim/facts", None)
+    per_relation = {r: load_task(f"gensim/facts/{r}", None) for r in FACT_RELATIONS}
+    assert len(every) == sum(len(v) for v in per_relation.values())
+    capital = {it.prompt: it for it in per_relation["capital"]}
+    assert capital["Q: What is the capital of Georgia?\nA:"].answer == "Tbilisi"
+    assert capital["Q: What is the capital of Greece?\nA:"].answer == "Athens"
+    state = {it.prompt: it.answer for it in per_relation["state"]}
+    assert state["Q: In which US state is the city of Atlanta?\nA:"] == "Georgia"
+    for rel, items in per_relation.items():
+        answers = {it.answer for it in items}
+        for it in items:
+            assert it.kind == "mc" and it.answer in it.choices and len(set(it.choices)) == 4
+            assert set(it.choices) <= answers  # distractors are answers of the same relation
+            assert it.meta["relation"] == rel
+    pairs = {p for name in FACT_RELATIONS["currency"][0] for p in sections[name]}
+    assert {(it.prompt.split(" of ")[1].removesuffix("?\nA:"), it.answer) for it in per_relation["currency"]} == pairs
+    # Deterministic across loads, and splits partition the items.
+    again = load_task("gensim/facts", None)
+    assert [(it.id, it.choices) for it in again] == [(it.id, it.choices) for it in every]
+    ids = [{it.id for it in load_task("gensim/facts", s)} for s in ("train", "val", "test")]
+    assert set().union(*ids) == {it.id for it in every} and sum(map(len, ids)) == len(every)
+
+
+def test_odd_one_out_has_exactly_one_word_of_another_category(empty_cache):
+    from envs.tasks.sources import FACT_RELATIONS, ODD_CATEGORIES, analogy_sections
+
+    _write_analogy(empty_cache)
+    sections = analogy_sections()
+    cats = {
+        c: {p[side] for name in FACT_RELATIONS[rel][0] for p in sections[name]}
+        for c, (rel, side) in ODD_CATEGORIES.items()
+    }
+    items = load_task("gensim/odd-one-out", None)
+    assert len(items) > 50
+    for it in items:
+        same, odd = it.meta["categories"]
+        assert same != odd and it.answer in cats[odd] and it.answer not in cats[same]
+        others = [c for c in it.choices if c != it.answer]
+        assert len(others) == 3 and all(w in cats[same] and w not in cats[odd] for w in others)
+        assert "Georgia" not in it.choices  # a country and a US state: never used
+        assert it.prompt.endswith(f"{', '.join(it.choices)}?\nA:")
+
+
+def test_malformed_analogy_file_names_line(empty_cache):
+    path = _write_analogy(empty_cache, ": capital-world\nAbuja Nigeria Accra\n")
+    with pytest.raises(TaskFormatError) as err:
+        load_task("gensim/facts", "val")
+    assert str(path) in str(err.value) and "line 2" in str(err.value)
+    with pytest.raises(KeyError, match="relation"):
+        load_task("gensim/facts/planets", "val")
+
+
+def test_builtin_mixes_need_no_bigbench_except_the_bigbench_one():
+    # The registry no longer serves the bigbench release with task files: every mix the suite runs
+    # by default builds from the gensim wheel and seeded generators.
+    for name, spec in MIXES.items():
+        uses = [t for t in spec if t.startswith("bigbench/")]
+        assert bool(uses) == (name == "mc-bigbench"), (name, uses)
+    for conf in sorted((REPO / "conf" / "task").glob("*.yaml")):
+        uses = [t for t in mix_spec(conf) if t.startswith("bigbench/")]
+        assert bool(uses) == (conf.stem == "mc_bigbench"), (conf.name, uses)
+
+
+def test_data_command_warns_without_bigbench_and_fails_when_required(monkeypatch, empty_cache, capsys):
+    import experiments.data as data_cmd
+
+    def no_bigbench(**_):
+        raise RuntimeError("`pip download bigbench==1.0.0` gave no BIG-bench task files\nmore detail")
+
+    monkeypatch.setattr(data_cmd, "prepare_gensim", lambda force=False: empty_cache / "data" / "gensim")
+    monkeypatch.setattr(data_cmd, "prepare_bigbench", no_bigbench)
+    data_cmd.main([])
+    err = capsys.readouterr().err
+    assert "warning: BIG-bench task files unavailable" in err and "gave no BIG-bench task files" in err
+    with pytest.raises(RuntimeError, match="gave no BIG-bench"):
+        data_cmd.main(["--require-bigbench"])
+
+
+def test_gensim_cache_is_extracted_again_when_a_file_is_missing(monkeypatch, empty_cache, tmp_path):
+    import zipfile
+
+    from envs.data import corpus
+
+    wheel = tmp_path / "gensim-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, member in corpus.GENSIM_FILES.items():
+            zf.writestr(member, f"contents of {name}\n")
+    calls = []
+
+    def fake_download(req, dest):
+        calls.append(req)
+        return wheel
+
+    monkeypatch.setattr(corpus, "pip_download", fake_download)
+    out = corpus.prepare_gensim()
+    assert len(calls) == 1 and all((out / n).read_text() == f"contents of {n}\n" for n in corpus.GENSIM_FILES)
+    corpus.prepare_gensim()
+    assert len(calls) == 1  # complete cache: nothing fetched
+    (out / "questions-words.txt").unlink()  # a cache built before the facts were added
+    corpus.prepare_gensim()
+    assert len(calls) == 2 and (out / "questions-words.txt").is_file()

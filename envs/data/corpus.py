@@ -24,13 +24,15 @@ GENSIM_VERSION = "4.4.0"
 GENSIM_FILES = {
     "lee_background.cor": "gensim/test/test_data/lee_background.cor",
     "pang_lee_polarity.cor": "gensim/test/test_data/pang_lee_polarity.cor",
+    "questions-words.txt": "gensim/test/test_data/questions-words.txt",
     "COPYING": f"gensim-{GENSIM_VERSION}.dist-info/licenses/COPYING",
 }
 GENSIM_LICENCE = (
     "Files shipped in the gensim wheel's test data (gensim is LGPL-2.1). lee_background.cor: the Lee "
     "news corpus (Lee, Pincombe & Welsh 2005, Australian Broadcasting Corporation news articles) as "
     "redistributed with gensim; pang_lee_polarity.cor: sentences from the Pang & Lee sentence "
-    "polarity dataset v1.0 (Cornell), as redistributed with gensim."
+    "polarity dataset v1.0 (Cornell), as redistributed with gensim; questions-words.txt: the word2vec "
+    "analogy test set (Mikolov et al. 2013, Apache License 2.0), as redistributed with gensim."
 )
 SPLITS = ("train", "val", "test")
 PREP_COMMAND = "python -m experiments.data"
@@ -66,11 +68,11 @@ def pip_download(requirement: str, dest: Path) -> Path:
 
 
 def prepare_gensim(force: bool = False) -> Path:
-    """Extract the news text and polarity sentences from the gensim wheel into the cache."""
+    """Extract the news text, polarity sentences and analogy facts from the gensim wheel into the cache."""
     out = data_root() / "gensim"
     meta_path = out / "metadata.json"
-    if meta_path.is_file() and not force:
-        return out
+    if meta_path.is_file() and not force and all((out / name).is_file() for name in GENSIM_FILES):
+        return out  # a cache built before a file was added to GENSIM_FILES is extracted again
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         wheel = pip_download(f"gensim=={GENSIM_VERSION}", Path(tmp))

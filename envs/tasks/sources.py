@@ -1,4 +1,4 @@
-"""Where items come from: BIG-bench task files, gensim's texts, seeded generators, JSONL and the hub.
+"""Where items come from: gensim's texts and facts, seeded generators, BIG-bench task files, JSONL and the hub.
 
 Nothing here downloads at run time. ``python -m experiments.data`` builds the cache from PyPI
 packages (:func:`prepare_bigbench`, :func:`envs.data.corpus.prepare_gensim`); the generated tasks need
@@ -7,11 +7,17 @@ no data at all, so tests and quick runs work on a bare machine.
 Task names (see :func:`load_task`):
 
 - ``bigbench/<task>`` and ``bigbench/arithmetic/<n>_digit_<op>``: BIG-bench JSON tasks;
-  multiple choice where the task has ``target_scores``, else exact match.
+  multiple choice where the task has ``target_scores``, else exact match. Optional: they need the
+  bigbench sdist, which the package registry may no longer serve (no built-in mix but
+  ``mc-bigbench`` reads them).
 - ``gensim/polarity``: sentence sentiment, multiple choice (`` positive`` / `` negative``).
 - ``gensim/news``: news-text windows, scored by fidelity to the dense model.
-- ``gen/copy-<L>``, ``gen/kv-<N>``, ``gen/add-<D>``, ``gen/mul-<D>``: seeded generated tasks whose
-  difficulty is the number (string length, key/value pairs, digits).
+- ``gensim/facts`` and ``gensim/facts/<relation>``: multiple-choice questions on the facts of the
+  word2vec analogy set shipped with gensim (capitals, currencies, US states of cities,
+  nationalities; :data:`FACT_RELATIONS`).
+- ``gensim/odd-one-out``: which of four words of the analogy set does not belong (seeded).
+- ``gen/copy-<L>``, ``gen/kv-<N>``, ``gen/add-<D>``, ``gen/sub-<D>``, ``gen/mul-<D>``: seeded generated
+  tasks whose difficulty is the number (string length, key/value pairs, digits).
 - ``jsonl:<path>``: a user's own task, one JSON object per line with ``prompt`` and ``answer``
   (plus ``choices`` for multiple choice).
 - ``hf:<dataset>[@<config>]``: a Hugging Face dataset with ``prompt``/``answer``/``choices`` columns
@@ -153,7 +159,14 @@ def prepare_bigbench(force: bool = False, tasks: tuple[str, ...] = BIGBENCH_TASK
 # ----------------------------------------------------------------------------------- BIG-bench
 def _bigbench_items(task: str, mode: str | None) -> list[Item]:
     """Items of one BIG-bench task (``task`` is the folder path below benchmark_tasks)."""
-    path = _require(data_root() / "bigbench" / task / "task.json", f"BIG-bench task {task!r}")
+    path = data_root() / "bigbench" / task / "task.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"BIG-bench task {task!r} is not in the data cache ({path} is missing). Build it with "
+            f"`{PREP_COMMAND} --require-bigbench`; that needs the bigbench=={BIGBENCH_VERSION} sdist from the "
+            "package registry, which may no longer serve it. The built-in mixes other than mc-bigbench need no "
+            "BIG-bench file (gensim/facts and gensim/odd-one-out replace its tasks there)."
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -237,6 +250,124 @@ def _news_items(prompt_words: int = 48, cont_words: int = 16) -> list[Item]:
     return items
 
 
+# ----------------------------------------------------------------------------------- gensim facts
+#: Relations of the word2vec analogy set used as questions: section(s) of questions-words.txt, which
+#: side of each pair is asked about, and the question. Each pair is (left, right) as the file gives it.
+FACT_RELATIONS: dict[str, tuple[tuple[str, ...], bool, str]] = {
+    # name: (sections, ask about the right word (answer is the left one), question template)
+    "capital": (("capital-common-countries", "capital-world"), True, "What is the capital of {x}?"),
+    "currency": (("currency",), False, "What is the currency of {x}?"),
+    "state": (("city-in-state",), False, "In which US state is the city of {x}?"),
+    "nationality": (("gram6-nationality-adjective",), False, "What nationality is a person from {x}?"),
+}
+#: Word categories of the odd-one-out task, read off the same relations (side 0 = left word).
+ODD_CATEGORIES: dict[str, tuple[str, int]] = {
+    "capital": ("capital", 0),
+    "country": ("capital", 1),
+    "currency": ("currency", 1),
+    "US city": ("state", 0),
+    "US state": ("state", 1),
+    "nationality": ("nationality", 1),
+}
+
+
+def analogy_sections() -> dict[str, list[tuple[str, str]]]:
+    """Distinct word pairs of each section of the word2vec analogy set, in file order."""
+    path = _require(data_root() / "gensim" / "questions-words.txt", "the word-analogy facts")
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == ":":
+            current = sections.setdefault(" ".join(words[1:]), [])
+            continue
+        if current is None or len(words) != 4:
+            raise TaskFormatError(str(path), n, "line", "must be ': <section>' or four words after a section line")
+        for pair in ((words[0], words[1]), (words[2], words[3])):
+            if pair not in current:
+                current.append(pair)
+    return sections
+
+
+def _relation_pairs(relation: str, sections: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    """(question word, answer) pairs of one relation, each question word once."""
+    names, ask_right, _ = FACT_RELATIONS[relation]
+    pairs: dict[str, str] = {}
+    for name in names:
+        if name not in sections:
+            raise TaskFormatError("questions-words.txt", None, name, "section is missing")
+        for left, right in sections[name]:
+            q, a = (right, left) if ask_right else (left, right)
+            pairs.setdefault(q, a)
+    return list(pairs.items())
+
+
+def _fact_items(relation: str | None, n_choices: int = 4) -> list[Item]:
+    """Multiple-choice questions on facts of the analogy set (capitals, currencies, US states, nationalities).
+
+    The distractors are other answers of the same relation, picked by a generator seeded with the
+    question, so an item is the same on every machine.
+    """
+    relations = list(FACT_RELATIONS) if relation is None else [relation]
+    unknown = [r for r in relations if r not in FACT_RELATIONS]
+    if unknown:
+        raise KeyError(
+            f"unknown fact relation {unknown[0]!r}; use gensim/facts or gensim/facts/<r> with r in "
+            f"{sorted(FACT_RELATIONS)}"
+        )
+    sections = analogy_sections()
+    name = "gensim/facts" if relation is None else f"gensim/facts/{relation}"
+    items = []
+    for rel in relations:
+        pairs = _relation_pairs(rel, sections)
+        answers = sorted({a for _, a in pairs})
+        template = FACT_RELATIONS[rel][2]
+        for q, a in pairs:
+            rng = random.Random(f"{rel}:{q}")
+            choices = [a, *rng.sample([o for o in answers if o != a], n_choices - 1)]
+            rng.shuffle(choices)
+            prompt = f"Q: {template.format(x=q)}\nA:"
+            items.append(make_item(name, prompt, a, choices=choices, meta={"source": "gensim", "relation": rel}))
+    return items
+
+
+def _odd_one_out_items(count: int = GENERATED_COUNT) -> list[Item]:
+    """Which of four words does not belong: three of one category of the analogy set, one of another.
+
+    Words that fall in two categories (Georgia: a country and a US state) are never used.
+    """
+    sections = analogy_sections()
+    cats: dict[str, set[str]] = {}
+    for cat, (rel, side) in ODD_CATEGORIES.items():
+        names = FACT_RELATIONS[rel][0]
+        cats[cat] = {pair[side] for name in names for pair in sections.get(name, [])}
+    seen: dict[str, int] = {}
+    for words in cats.values():
+        for w in words:
+            seen[w] = seen.get(w, 0) + 1
+    pools = {c: sorted(w for w in ws if seen[w] == 1) for c, ws in cats.items()}
+    names = sorted(pools)
+    items: dict[str, Item] = {}
+    for idx in range(count * 3):
+        if len(items) >= count:
+            break
+        rng = random.Random(f"gensim/odd-one-out:{idx}")
+        same, odd_cat = rng.sample(names, 2)
+        if len(pools[same]) < 3 or not pools[odd_cat]:
+            continue
+        words = rng.sample(pools[same], 3)
+        odd = rng.choice(pools[odd_cat])
+        choices = [*words, odd]
+        rng.shuffle(choices)
+        prompt = f"Q: Which word does not belong with the others: {', '.join(choices)}?\nA:"
+        meta = {"source": "gensim", "categories": [same, odd_cat]}
+        item = make_item("gensim/odd-one-out", prompt, odd, choices=choices, meta=meta)
+        items.setdefault(item.id, item)
+    return list(items.values())
+
+
 # ----------------------------------------------------------------------------------- generated
 _WORDS = (
     "apple river stone cloud tiger lamp paper glass honey maple cedar orbit piano violet falcon ember "
@@ -278,8 +409,16 @@ def _gen_items(kind: str, level: int, mode: str | None) -> list[Item]:
             if mode == "mc":
                 wrong = {r + 1, r - 1, r + 10, abs(r - 10), r + 10 ** max(level - 1, 1)} - {r}
                 choices = [answer, *[str(w) for w in sorted(wrong)[:3]]]
+        elif kind == "sub":
+            lo, hi = (0 if level == 1 else 10 ** (level - 1)), 10**level - 1
+            a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+            r = a - b  # may be negative, as in BIG-bench's subtraction tasks
+            prompt, answer = f"Q: What is {a} minus {b}?\nA:", str(r)
+            if mode == "mc":
+                wrong = {r + 1, r - 1, r + 10, r - 10, -r} - {r}
+                choices = [answer, *[str(w) for w in rng.sample(sorted(wrong), 3)]]
         else:
-            raise KeyError(f"unknown generated task {kind!r}; use copy, kv, add or mul")
+            raise KeyError(f"unknown generated task {kind!r}; use copy, kv, add, sub or mul")
         if choices is not None:
             rng.shuffle(choices)
         item = make_item(name, prompt, answer, choices=choices, kind="mc" if choices else "exact", meta=meta)
@@ -392,15 +531,20 @@ def _all_items(base: str, mode: str | None) -> list[Item]:
         return _polarity_items()
     if base == "gensim/news":
         return _news_items()
-    if m := re.fullmatch(r"gen/(copy|kv|add|mul)-(\d+)", base):
+    if base == "gensim/facts" or base.startswith("gensim/facts/"):
+        return _fact_items(base.removeprefix("gensim/facts").removeprefix("/") or None)
+    if base == "gensim/odd-one-out":
+        return _odd_one_out_items()
+    if m := re.fullmatch(r"gen/(copy|kv|add|sub|mul)-(\d+)", base):
         return _gen_items(m.group(1), int(m.group(2)), mode)
     if base.startswith("jsonl:"):
         return read_jsonl_task(base.removeprefix("jsonl:"), task=base)
     if base.startswith("hf:"):
         return _hf_items(base.removeprefix("hf:"))
     raise KeyError(
-        f"unknown task {base!r}: use bigbench/<task>, gensim/polarity, gensim/news, gen/copy-<L>, gen/kv-<N>, "
-        f"gen/add-<D>, gen/mul-<D>, jsonl:<path>, hf:<dataset> or a name passed to register_task ({sorted(_CUSTOM)})"
+        f"unknown task {base!r}: use gensim/polarity, gensim/news, gensim/facts[/<relation>], gensim/odd-one-out, "
+        f"gen/copy-<L>, gen/kv-<N>, gen/add-<D>, gen/sub-<D>, gen/mul-<D>, bigbench/<task>, jsonl:<path>, "
+        f"hf:<dataset> or a name passed to register_task ({sorted(_CUSTOM)})"
     )
 
 

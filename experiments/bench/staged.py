@@ -213,10 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", type=int, default=240, help="train inputs the rules are fitted on (default: 240)")
     p.add_argument("--groups", type=int, default=None, help="layer groups of the staged env (default: its own, 7)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 24 train and 8 test inputs; writes nothing")
+    p.add_argument("--quick", action="store_true", help="smoke run: 16 train and 6 test inputs; writes nothing")
     args = BENCH.parse(p, argv)
     if args.quick:
-        args.train, args.test = 24, 8
+        args.train, args.test = 16, 6
         args.no_write = args.no_write or args.output is None
     if args.test < 4 or args.train < 10:
         p.error("--test must be >= 4 and --train >= 10")
