@@ -119,6 +119,11 @@ TABLE: list[Run | Skip] = [
     # Decide after looking: the staged benchmark on the tiny model's generated mix
     Run("python -m experiments.bench.staged", "--quick --model tiny-llama --task generated"),
     Run("python -m experiments.bench.staged --task mc-known", "--quick"),
+    # Exit maps on the tiny model, then the staged benchmark reading through them
+    Run("python -m experiments.exit_maps",
+        "model=tiny-llama mix=generated train_items=16 val_items=4 name=$TAG-exits progress=false"),
+    Run("python -m experiments.bench.staged --exit-maps smollm2-135m-exits",
+        "--quick --model tiny-llama --task generated --exit-maps $TAG-exits"),
     Run("python -m experiments.bench.exits", "--quick"),
     Run("python -m experiments.bench.latency", "--quick"),
     Skip("make smoke", "the target that runs this table (.ci/run calls it): running it here would recurse",

@@ -66,6 +66,12 @@ README_FILE = "README.md"
 CARD_SECTIONS = ("env", "interface", "model", "policy", "onnx", "files", "card_sha256")
 # Bookkeeping that hub clients add to a downloaded folder; never read.
 IGNORED = (".gitattributes", ".cache/huggingface/")
+#: What a model may carry beside its weights that a controller's plans run with, by the SparseLM
+#: attribute that holds it: (what it is called, the SparseLM method that installs it, its loader).
+MODEL_ATTACHMENTS: dict[str, tuple[str, str, str]] = {
+    "predictor": ("channel predictor", "set_predictor", "envs.runtime.predictor.load_predictor"),
+    "exit_maps": ("exit maps", "set_exit_maps", "envs.runtime.exit_maps.load_exit_maps"),
+}
 
 
 class ControllerError(ValueError):
@@ -184,16 +190,17 @@ def check_model(card: Mapping[str, Any], slm: SparseLM) -> None:
     spec = card["model"].get("spec")
     if spec is not None and dict(spec) != slm.spec.to_dict():
         raise ControllerError(f"the card's model shape {spec} differs from the model's {slm.spec.to_dict()}")
-    want_pred = (card["model"].get("predictor") or {}).get("card_sha256")
-    if want_pred:
-        got_pred = getattr(getattr(slm, "predictor", None), "card", {}).get("card_sha256")
-        if got_pred != want_pred:
-            name = card["model"]["predictor"].get("name")
-            has = "no predictor" if got_pred is None else f"another ({got_pred[:12]})"
+    for key, (what, setter, loader) in MODEL_ATTACHMENTS.items():
+        want_att = (card["model"].get(key) or {}).get("card_sha256")
+        if not want_att:
+            continue
+        got_att = getattr(getattr(slm, key, None), "card", {}).get("card_sha256")
+        if got_att != want_att:
+            name = card["model"][key].get("name")
+            has = f"no {what}" if got_att is None else f"another ({got_att[:12]})"
             raise ControllerError(
-                f"this controller runs the `predicted` MLP rule with the channel predictor {name!r} (card "
-                f"{want_pred[:12]}), but the model has {has}: "
-                f"load it with slm.set_predictor(envs.runtime.predictor.load_predictor({name!r}, slm))"
+                f"this controller's plans run with the {what} {name!r} (card {want_att[:12]}), but the model has "
+                f"{has}: load it with slm.{setter}({loader}({name!r}, slm), name={name!r})"
             )
     want_imp = card["model"].get("importance_hash")
     if want_imp and want_imp != importance_hash(slm.importance):

@@ -40,6 +40,7 @@ from agents.controller import (
     CARD_FILE,
     CARD_FORMAT,
     CARD_SCHEMA_VERSION,
+    MODEL_ATTACHMENTS,
     ONNX_FILE,
     README_FILE,
     WEIGHTS_FILE,
@@ -224,7 +225,11 @@ def check_spaces(interface: Mapping[str, Any], obs_dim: int, action_kind: str, a
 
 
 def model_section(slm: SparseLM, model_id: str | None = None) -> dict[str, Any]:
-    """The card's ``model`` section: id, weights hash, shape, importance ordering hash (and channel predictor)."""
+    """The card's ``model`` section: id, weights hash, shape, importance ordering hash (and attachments).
+
+    Attachments (:data:`MODEL_ATTACHMENTS`) are what the plans need beside the weights: the
+    ``predicted`` rule's channel predictor, the exit maps early answers go through.
+    """
     out = {
         "id": model_id or slm.name,
         "weights_hash": slm.weights_hash,
@@ -233,9 +238,10 @@ def model_section(slm: SparseLM, model_id: str | None = None) -> dict[str, Any]:
         "importance_meta": jsonable(getattr(slm.importance, "meta", {})),
         "dtype": str(next(iter(slm.model.parameters())).dtype).removeprefix("torch."),
     }
-    predictor = getattr(slm, "predictor", None)
-    if predictor is not None:  # the `predicted` rule's channel predictor, identified by its card's hash
-        out["predictor"] = {"name": slm.predictor_name, "card_sha256": predictor.card.get("card_sha256")}
+    for key in MODEL_ATTACHMENTS:  # the channel predictor, the exit maps: named by their cards' hashes
+        att = getattr(slm, key, None)
+        if att is not None:
+            out[key] = {"name": getattr(slm, f"{key}_name", None), "card_sha256": att.card.get("card_sha256")}
     return out
 
 

@@ -164,6 +164,7 @@ class PruneEnv(gym.Env):
         dtype: str = "float32",
         threads: int | None = None,
         predictor: str | None = None,
+        exit_maps: str | None = None,
         render_mode: str | None = None,
     ) -> None:
         super().__init__()
@@ -180,6 +181,13 @@ class PruneEnv(gym.Env):
                     from envs.runtime.predictor import load_predictor
 
                     self.slm.set_predictor(load_predictor(predictor, self.slm), name=predictor)
+        with _LOCK:  # the model is shared: its exit maps are what the last environment made asked for
+            if exit_maps is None:
+                self.slm.set_exit_maps(None)
+            elif self.slm.exit_maps_name != exit_maps:
+                from envs.runtime.exit_maps import load_exit_maps
+
+                self.slm.set_exit_maps(load_exit_maps(exit_maps, self.slm), name=exit_maps)
         self.spec_ = self.slm.spec
         self.cost_kind = cost
         self.reward_cfg = RewardConfig.from_any(reward)
@@ -361,7 +369,8 @@ class PruneEnv(gym.Env):
             "version": ENV_VERSIONS.get(name),
             "interface": self.interface.config(),
             "model": {"name": self.model_name, "dtype": self.dtype_name, "weights_hash": self.slm.weights_hash}
-            | ({"predictor": self.slm.predictor_name} if self.slm.predictor is not None else {}),
+            | ({"predictor": self.slm.predictor_name} if self.slm.predictor is not None else {})
+            | ({"exit_maps": self.slm.exit_maps_name} if self.slm.exit_maps is not None else {}),
             "data": dict(self._data),
             "cost": {"kind": self.cost_kind, "source": self.cost_source.describe()},
             "reward": self.reward_cfg.to_dict(),

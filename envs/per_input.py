@@ -88,6 +88,10 @@ class PerInput(PruneEnv):
       ``[layers, heads, mlp, rule]`` per group).
     - ``predictor``: a channel predictor's name or folder (``python -m experiments.predictor``), needed
       by the ``predicted`` rule.
+    - ``exit_maps``: exit maps' name or folder (``python -m experiments.exit_maps``): a plan whose last
+      layer does not run answers through the map of its last layer that ran
+      (:mod:`envs.runtime.exit_maps`; the dense path is unchanged). ``None`` (default): the plain
+      final norm. Environments on one model share its exit maps: the last one made sets them.
     - ``cost``: ``"calibrated"`` (deterministic) or ``"measured"`` (wall clock; registered nondeterministic).
     - ``cost_model``: a calibration file or :class:`~envs.measure.cost_model.CostModel` (default: the device's
       file at :func:`envs.measure.cost_model.default_path`); ``calibrate_cost=True`` fits a quick one there if

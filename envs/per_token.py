@@ -71,7 +71,7 @@ class PerToken(PruneEnv):
 
     Those of :class:`~envs.per_input.PerInput` that are not about the probe (``model``, ``task``,
     ``split``, ``n_items``, ``data_seed``, ``max_prompt_tokens``, ``num_groups``, ``discrete``,
-    ``presets``, ``budget``, ``mlp_rules``, ``predictor``, ``cost``, ``cost_model``, ``calibrate_cost``,
+    ``presets``, ``budget``, ``mlp_rules``, ``predictor``, ``exit_maps``, ``cost``, ``cost_model``, ``calibrate_cost``,
     ``force_calibration``, ``meter``, ``reward``, ``scorer``, ``dtype``, ``threads``, ``render_mode``), plus
     ``max_new_tokens`` (16) and ``feed`` (``"dense"`` or ``"own"``), and CALM's per-token exit:
     ``exit_threshold`` (``None``: off) and ``exit_every`` (4): after every ``exit_every`` layers of the

@@ -321,7 +321,7 @@ def test_exported_cards_name_the_predictor_and_loading_checks_it(tiny_llama):
     with pytest.raises(ControllerError, match="another"):
         check_model(card, tiny_llama)
     tiny_llama.set_predictor(None)
-    with pytest.raises(ControllerError, match="no predictor"):
+    with pytest.raises(ControllerError, match="no channel predictor"):
         check_model(card, tiny_llama)
 
 

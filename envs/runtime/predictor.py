@@ -40,7 +40,6 @@ or tensors file, another model's weights or shape, another format version.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -51,17 +50,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from envs.data.files import (
-    atomic_folder,
-    atomic_write_json,
-    cache_root,
-    card_digest,
-    card_digest_problem,
-    clean_leftovers,
-    jsonable,
-    sha256_file,
-    versions_of,
-)
+from envs.data.files import cache_root, versions_of
+from envs.runtime.artifacts import ArtifactKind, load_artifact, save_artifact
 
 if TYPE_CHECKING:
     from envs.runtime.sparse_lm import SparseLM
@@ -548,6 +538,11 @@ def predictor_folder(name: str) -> Path:
     return cache_root() / "predictors" / name
 
 
+PREDICTOR_KIND = ArtifactKind(
+    "channel predictor", PREDICTOR_FORMAT, PREDICTOR_VERSION, TENSORS_FILE, COMMAND, lambda n: predictor_folder(n)
+)
+
+
 def save_predictor(pred: ChannelPredictor, folder: str | Path, *, force: bool = False) -> Path:
     """Write ``pred`` to ``folder`` atomically: ``predictor.safetensors``, then ``card.json`` (last).
 
@@ -565,30 +560,9 @@ def save_predictor(pred: ChannelPredictor, folder: str | Path, *, force: bool = 
     Raises:
         FileExistsError: ``folder`` exists and ``force`` is off.
     """
-    from safetensors.torch import save_file
-
-    card = dict(pred.card)
-    card.update(format=PREDICTOR_FORMAT, version=PREDICTOR_VERSION)
-    card.pop("card_sha256", None)
-    with atomic_folder(folder, force=force) as tmp:
-        save_file(
-            pred.tensors(),
-            str(tmp / TENSORS_FILE),
-            metadata={"format": PREDICTOR_FORMAT, "version": str(PREDICTOR_VERSION), "rank": str(pred.rank)},
-        )
-        card["files"] = {
-            TENSORS_FILE: {"sha256": sha256_file(tmp / TENSORS_FILE), "bytes": (tmp / TENSORS_FILE).stat().st_size}
-        }
-        card = jsonable(card)
-        card["card_sha256"] = card_digest(card)
-        atomic_write_json(tmp / CARD_FILE, card)
-    pred.card = card
+    meta = {"rank": str(pred.rank)}
+    pred.card = save_artifact(PREDICTOR_KIND, pred.tensors(), pred.card, folder, metadata=meta, force=force)
     return Path(folder).resolve()
-
-
-def _is_name(value: str | Path) -> bool:
-    s = str(value)
-    return not isinstance(value, Path) and bool(s) and not any(c in s for c in "/\\") and not s.startswith((".", "~"))
 
 
 def load_predictor(name_or_folder: str | Path, slm: SparseLM) -> ChannelPredictor:
@@ -608,84 +582,17 @@ def load_predictor(name_or_folder: str | Path, slm: SparseLM) -> ChannelPredicto
             version, a tensors file whose SHA-256 differs from the card's, a stray file, a model with
             other weights or another shape, or missing or misshapen tensors.
     """
-    named = _is_name(name_or_folder)
-    folder = predictor_folder(str(name_or_folder)) if named else Path(name_or_folder).expanduser()
-    model = slm.name
-    where = f"name={name_or_folder}" if named else f"out={folder}"
-    rebuild = f"`{COMMAND} model={model} {where}"
-
-    def fail(problem: str, *, exists: bool = True) -> ValueError:
-        return ValueError(f"{problem}; rebuild it with {rebuild}{' force=true' if exists else ''}`")
-
-    if folder.parent.is_dir():
-        clean_leftovers(folder)
-    if not folder.is_dir():
-        raise fail(f"no channel predictor at {folder}", exists=False)
-    card_path = folder / CARD_FILE
-    if not card_path.is_file():
-        raise fail(f"{folder} holds no {CARD_FILE} (not a predictor folder, or one written by hand)")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise fail(f"{card_path} is not valid JSON ({exc})") from None
-    if not isinstance(card, dict) or card.get("format") != PREDICTOR_FORMAT:
-        fmt = card.get("format") if isinstance(card, dict) else None
-        raise fail(f"{card_path} is not a channel predictor card (format {fmt!r}, expected {PREDICTOR_FORMAT!r})")
-    if card.get("version") != PREDICTOR_VERSION:
-        raise fail(
-            f"{card_path} is predictor format version {card.get('version')!r}; this PruneGym reads {PREDICTOR_VERSION}"
-        )
-    problem = card_digest_problem(card)
-    if problem is not None:
-        raise fail(f"{card_path} {problem}")
-    files = card.get("files")
-    entry = files.get(TENSORS_FILE) if isinstance(files, dict) else None
-    tensors_path = folder / TENSORS_FILE
-    if not isinstance(entry, dict) or not tensors_path.is_file():
-        raise fail(f"{folder} lacks {TENSORS_FILE} or the card does not list it")
-    stray = sorted(p.name for p in folder.iterdir() if p.name not in (CARD_FILE, TENSORS_FILE))
-    if stray:
-        raise fail(f"{folder} holds files its card does not list: {stray}")
-    sha = sha256_file(tensors_path)
-    if sha != entry.get("sha256"):
-        raise fail(
-            f"{tensors_path} does not match its card: sha256 {sha[:16]}..., the card records "
-            f"{str(entry.get('sha256'))[:16]}... (the tensors file was modified or truncated)"
-        )
-    m = card.get("model") if isinstance(card.get("model"), dict) else {}
-    if m.get("weights_hash") != slm.weights_hash:
-        raise fail(
-            f"the predictor in {folder} was trained for model {m.get('name')!r} with weights hash "
-            f"{m.get('weights_hash')!r}, but {slm.name} has weights hash {slm.weights_hash!r}"
-        )
-    if m.get("spec") != slm.spec.to_dict():
-        raise fail(
-            f"the predictor in {folder} is for model shape {m.get('spec')}, but {slm.name} is {slm.spec.to_dict()}"
-        )
-    rank = (card.get("predictor") or {}).get("rank")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(tensors_path))
-    except (SafetensorError, OSError) as exc:
-        raise fail(f"{tensors_path} cannot be read as safetensors ({exc})") from None
     s = slm.spec
-    want = {
-        f"{i}.{k}": shape
-        for i in range(s.num_layers)
-        for k, shape in (("a", (rank, s.hidden_size)), ("b", (s.intermediate_size, rank)))
-    }
-    missing = sorted(set(want) - set(tensors), key=lambda k: (int(k.split(".")[0]), k))
-    extra = sorted(set(tensors) - set(want))
-    if missing or extra:
-        raise fail(f"{tensors_path} lacks tensors {missing[:4]} or holds unexpected ones {extra[:4]}")
-    for key, shape in want.items():
-        t = tensors[key]
-        if tuple(t.shape) != shape or t.dtype != torch.float32:
-            raise fail(
-                f"{tensors_path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected float32 {shape} (rank {rank})"
-            )
+
+    def want(card: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        rank = (card.get("predictor") or {}).get("rank")
+        return {
+            f"{i}.{k}": shape
+            for i in range(s.num_layers)
+            for k, shape in (("a", (rank, s.hidden_size)), ("b", (s.intermediate_size, rank)))
+        }
+
+    tensors, card = load_artifact(PREDICTOR_KIND, name_or_folder, slm, want)
     return ChannelPredictor(
         [tensors[f"{i}.a"] for i in range(s.num_layers)], [tensors[f"{i}.b"] for i in range(s.num_layers)], card
     )

@@ -193,6 +193,7 @@ class RunState:
     cache: KVCache | None
     causal_fresh: bool  # no earlier tokens: plain causal attention
     adapted: bool = False  # a pruned layer has run: later layers use the adapted weights (if any)
+    last_layer: int = -1  # the last layer that ran (-1: none); readouts below the top use its exit map
 
 
 @dataclass
@@ -262,6 +263,8 @@ class SparseLM:
         self._rule_w: dict[tuple[int, str], torch.Tensor] = {}  # per-token rules' weight copies, built on use
         self.predictor: Any = None  # envs.runtime.predictor.ChannelPredictor, set by set_predictor
         self.predictor_name: str | None = None
+        self.exit_maps: Any = None  # envs.runtime.exit_maps.ExitMaps, set by set_exit_maps
+        self.exit_maps_name: str | None = None
         self.rule_impl: Literal["sparse", "masked"] = "sparse"
         self.semistructured: Any = None  # envs.runtime.semistructured.SemiStructured, set by enable_two_four
         self.adapted: SparseLM | None = None  # the pruned layers' weight set, see set_adapted
@@ -518,6 +521,41 @@ class SparseLM:
             self.adapted.predictor = predictor
             self.adapted.predictor_name = self.predictor_name
 
+    def set_exit_maps(self, maps: Any, name: str | None = None) -> None:
+        """Install (or with ``None`` remove) the exit maps readouts below the last layer go through.
+
+        ``name`` is what they were loaded by (:attr:`exit_maps_name`, recorded in environment configs).
+        See :mod:`envs.runtime.exit_maps` and :meth:`output_norm`.
+
+        Raises:
+            ValueError: Maps for another model shape.
+        """
+        if maps is not None and (maps.num_layers, maps.hidden_size) != (self.spec.num_layers, self.spec.hidden_size):
+            raise ValueError(
+                f"the exit maps are for {maps.num_layers} layers of width {maps.hidden_size}; this model has "
+                f"{self.spec.num_layers} of {self.spec.hidden_size}"
+            )
+        self.exit_maps = maps
+        self.exit_maps_name = None if maps is None else name
+        if self.adapted is not None:
+            self.adapted.exit_maps, self.adapted.exit_maps_name = maps, self.exit_maps_name
+
+    def exits_mapped(self, last_layer: int) -> bool:
+        """Whether an answer read after ``last_layer`` goes through an exit map (it is below the top)."""
+        return self.exit_maps is not None and 0 <= last_layer < self.spec.num_layers - 1
+
+    def output_norm(self, hidden: torch.Tensor, last_layer: int) -> torch.Tensor:
+        """The final norm of ``hidden``, the output of layer ``last_layer``: what the LM head reads.
+
+        With exit maps installed and ``last_layer`` below the last layer, ``hidden`` is first mapped
+        to the last layer's (:mod:`envs.runtime.exit_maps`); otherwise this is the final norm alone,
+        so the dense path never changes. Every readout (the scorer's, the staged ones, per-token
+        exits) goes through here.
+        """
+        if self.exits_mapped(last_layer):
+            hidden = self.exit_maps.apply(hidden, last_layer)
+        return self.final_norm(hidden)
+
     @property
     def device(self) -> torch.device:
         """Where the weights live."""
@@ -745,6 +783,7 @@ class SparseLM:
                 state.adapted = not lp.is_full(self.spec)
             if not lp.run:
                 continue
+            state.last_layer = i
             if observer is not None:
                 observer(i, "layer_in", h)
             eng = self.adapted if state.adapted and self.adapted is not None else self
@@ -945,8 +984,8 @@ class SparseLM:
         return out.view(*shape[:-1], -1)
 
     def finish(self, state: RunState, logits: LogitsSpec = "all") -> ForwardOutput:
-        """Apply the final norm and, where asked, the LM head."""
-        h = self.final_norm(state.hidden)
+        """Apply the final norm (through the exit map of a state below the top, :meth:`output_norm`) and the head."""
+        h = self.output_norm(state.hidden, state.last_layer)
         out = None
         if isinstance(logits, str):
             if logits == "all":

@@ -9,9 +9,10 @@ the scorer the prompt's state *and* the choices' hidden states, and the scorer's
 the plan that skips every later layer gives, bit for bit (the same operations on the same tensors).
 
 The readout (:meth:`StagedRun.readout`) is the logit lens: the final norm and the LM head applied
-to the current hidden state, restricted to what the task scores, because on short prompts the
-head's rows cost what the weights cost to read (a full-vocabulary lens is a fifth of a dense
-forward of the embedded model):
+to the current hidden state (through the model's exit map for that depth when it has them:
+:meth:`envs.runtime.sparse_lm.SparseLM.output_norm`, the scorer's own path), restricted to what
+the task scores, because on short prompts the head's rows cost what the weights cost to read (a
+full-vocabulary lens is a fifth of a dense forward of the embedded model):
 
 - multiple choice: the log-likelihood of every choice with the distribution at each position taken
   over the item's *answer vocabulary* (the distinct tokens of its choices), so only those rows of
@@ -136,6 +137,7 @@ class StagedRun:
             self._b = None if self._bias is None else self._bias[: self.lens_vocab]
             self._rows = self.lens_vocab
         self._row_flops = 2.0 * D
+        self._positions = 1 if conts is None else 1 + len(conts) * max(len(c) - 1 for c in conts)
         self.layer_runs = [0] * slm.spec.num_layers  # forwards per layer (prompt), for audits and tests
         self.first_layer = self.depth  # the probe's depth: stages start here
         self._before: dict[int, tuple[torch.Tensor, bool]] = {}  # each layer's input, for rewind()
@@ -156,7 +158,7 @@ class StagedRun:
         assert st.cache is not None
         for i in range(start, stop):
             st.cache.layers[i] = _shared(self.cache.layers[i], n)
-            self._cont_before[i] = (st.hidden, st.adapted)
+            self._cont_before[i] = (st.hidden, st.adapted, st.last_layer)
             self.slm.run_layers(st, plan, i, i + 1)
 
     def advance(self, plan: SparsityPlan, stop: int, *, conts: bool = True) -> None:
@@ -170,7 +172,7 @@ class StagedRun:
             raise ValueError(f"stop must be in [{start}, {self.slm.spec.num_layers}], got {stop}")
         with torch.no_grad():
             for i in range(start, stop):  # layer by layer, keeping each layer's input for rewind()
-                self._before[i] = (self.state.hidden, self.state.adapted)
+                self._before[i] = (self.state.hidden, self.state.adapted, self.state.last_layer)
                 self.slm.run_layers(self.state, plan, i, i + 1)
                 self.layer_runs[i] += int(plan.layers[i].run)
         self.depth = stop
@@ -198,13 +200,13 @@ class StagedRun:
             raise ValueError(f"can rewind to layers {self.first_layer}..{self.depth} only, got {layer}")
         if layer == self.depth:
             return
-        self.state.hidden, self.state.adapted = self._before[layer]
+        self.state.hidden, self.state.adapted, self.state.last_layer = self._before[layer]
         L = self.slm.spec.num_layers
         for i in range(layer, L):
             self.cache.layers[i] = None
         if self._cont is not None:
             assert self._cont.cache is not None
-            self._cont.hidden, self._cont.adapted = self._cont_before[layer]
+            self._cont.hidden, self._cont.adapted, self._cont.last_layer = self._cont_before[layer]
             for i in range(layer, L):
                 self._cont.cache.layers[i] = None
         self.depth = layer
@@ -214,18 +216,19 @@ class StagedRun:
         cont = None
         if self._cont is not None:
             assert self._cont.cache is not None
-            cont = (self._cont.hidden, self._cont.adapted, list(self._cont.cache.layers))
-        return (self.depth, self.state.hidden, self.state.adapted, list(self.cache.layers), cont, list(self.layer_runs))
+            cont = (self._cont.hidden, self._cont.adapted, self._cont.last_layer, list(self._cont.cache.layers))
+        st = self.state
+        return (self.depth, st.hidden, st.adapted, st.last_layer, list(self.cache.layers), cont, list(self.layer_runs))
 
     def restore(self, snap: tuple[Any, ...]) -> None:
         """Return to a :meth:`snapshot`."""
-        self.depth, self.state.hidden, self.state.adapted, layers, cont, runs = snap
+        self.depth, self.state.hidden, self.state.adapted, self.state.last_layer, layers, cont, runs = snap
         self.cache.layers = list(layers)
         self.layer_runs = list(runs)
         self._pending = None
         if cont is not None and self._cont is not None:
             assert self._cont.cache is not None
-            self._cont.hidden, self._cont.adapted, cl = cont
+            self._cont.hidden, self._cont.adapted, self._cont.last_layer, cl = cont
             self._cont.cache.layers = list(cl)
 
     # ------------------------------------------------------------------ reading
@@ -237,9 +240,12 @@ class StagedRun:
     def readout(self) -> Readout:
         """The answer at the current depth (see the module docstring)."""
         slm = self.slm
+        last = self.state.last_layer
         flops = self._rows * self._row_flops
+        if slm.exits_mapped(last):  # the exit map runs at every position read
+            flops += self._positions * slm.exit_maps.flops_per_position()
         if self.conts is None:
-            x0 = slm.final_norm(self.state.hidden[:, -1:])[0, 0]
+            x0 = slm.output_norm(self.state.hidden[:, -1:], last)[0, 0]
             logp = torch.log_softmax(torch.nn.functional.linear(x0, self._w, self._b).float(), -1)
             top2 = torch.topk(logp, 2)
             p = top2.values.exp()
@@ -248,7 +254,7 @@ class StagedRun:
         h = self.state.hidden[0, -1:]
         if self._cont is not None:
             h = torch.cat([h, self._cont.hidden.reshape(-1, h.shape[-1])])
-        lp = torch.log_softmax(torch.nn.functional.linear(slm.final_norm(h), self._w, self._b).float(), -1)
+        lp = torch.log_softmax(torch.nn.functional.linear(slm.output_norm(h, last), self._w, self._b).float(), -1)
         C = len(self.conts)
         ll = torch.zeros(C).index_add_(0, self._owner, lp.reshape(-1).index_select(0, self._flat))
         if self.mc_norm == "mean":
@@ -297,8 +303,9 @@ class TokenExit:
     lens_vocab: int = 2048
 
     def readout_flops(self, slm: SparseLM) -> float:
-        """FLOPs of one readout (its LM-head rows)."""
-        return 2.0 * slm.spec.hidden_size * min(self.lens_vocab, slm.lm_head.weight.shape[0])
+        """FLOPs of one readout (its LM-head rows, and the exit map when the model has them)."""
+        maps = 0.0 if slm.exit_maps is None else slm.exit_maps.flops_per_position()
+        return 2.0 * slm.spec.hidden_size * min(self.lens_vocab, slm.lm_head.weight.shape[0]) + maps
 
 
 def exit_forward(
@@ -336,7 +343,8 @@ def exit_forward(
                 if stop == L:
                     break
                 reads += 1
-                p = torch.softmax(torch.nn.functional.linear(slm.final_norm(state.hidden[0, -1]), w, b).float(), -1)
+                x = slm.output_norm(state.hidden[0, -1], state.last_layer)
+                p = torch.softmax(torch.nn.functional.linear(x, w, b).float(), -1)
                 top = torch.topk(p, 2).values
                 if float(top[0] - top[1]) >= rule.threshold:
                     break

@@ -10,7 +10,9 @@ stops once its top-1 minus top-2 probability reaches the threshold) at a sweep o
 Every decode step runs every configuration once, in a shuffled order; a configuration's latency
 is its decode time over the dense one's in the same steps (median over prompts), readouts included.
 Agreement is the share of steps whose argmax is the dense greedy token. The readout table gives,
-for each exit depth, how often the lens's argmax there is already the final dense token.
+for each exit depth, how often the lens's argmax there is already the final dense token. With
+``--exit-maps`` every readout and exit answers through the model's exit maps
+(:mod:`envs.runtime.exit_maps`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _lens_by_depth(slm: SparseLM, ids: list[int], dense: list[int], exits: tuple
         seen.clear()
         slm(torch.tensor([[dense[j]]]), None, cache=cache, logits="none", observer=keep)
         for k, e in enumerate(exits):
-            hits[k] += int(slm.lm_head(slm.final_norm(seen[e])).argmax()) == dense[j + 1]
+            hits[k] += int(slm.lm_head(slm.output_norm(seen[e], e - 1)).argmax()) == dense[j + 1]
     return hits
 
 
@@ -61,6 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=32, help="decode steps per prompt (default: 32)")
     p.add_argument("--prompt-tokens", type=int, default=48, help="tokens of each news prompt (default: 48)")
     p.add_argument("--every", type=int, default=4, help="layers between readouts (default: 4)")
+    p.add_argument(
+        "--exit-maps",
+        default=None,
+        metavar="NAME",
+        help="exit maps the readouts and exits answer through (python -m experiments.exit_maps; default: none)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 2 prompts, 6 tokens; writes nothing")
     args = BENCH.parse(p, argv)
     if args.quick:
@@ -69,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.prompts < 1 or args.tokens < 2 or args.every < 1:
         p.error("prompts must be >= 1, tokens >= 2, every >= 1")
     slm = SparseLM.from_pretrained(args.model, threads=args.threads)
+    if args.exit_maps:
+        from envs.runtime.exit_maps import load_exit_maps
+
+        slm.set_exit_maps(load_exit_maps(args.exit_maps, slm), name=args.exit_maps)
     L = slm.spec.num_layers
     exits = tuple(range(args.every, L, args.every))
     rules = {f"exit at margin ≥ {t:g}": TokenExit(exits, t) for t in THRESHOLDS}
@@ -123,10 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     body = (
         f"Model `{args.model}`, fp32, {args.threads} thread(s), batch 1, KV cache. {len(todo)} val news prompts of "
         f"≤{args.prompt_tokens} tokens, {args.tokens} teacher-forced decode steps each ({steps} scored tokens per "
-        f"configuration); readouts after every {args.every} layers over the first 2048 token ids.\n\n"
-        f"{table}\n\n{verdict}\n\nHow good the raw model's readout is, per token:\n\n{lens_tab}\n"
+        f"configuration); readouts after every {args.every} layers over the first 2048 token ids"
+        + (f", through the exit maps `{args.exit_maps}`" if args.exit_maps else "")
+        + f".\n\n{table}\n\n{verdict}\n\nHow good the readout is, per token:\n\n{lens_tab}\n"
     )
-    BENCH.publish(args, TITLE, body)
+    BENCH.publish(args, TITLE + (f" with exit maps {args.exit_maps}" if args.exit_maps else ""), body)
 
 
 if __name__ == "__main__":

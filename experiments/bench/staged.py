@@ -78,6 +78,7 @@ def _env(args: Any, split: str, n: int, cost: str) -> Any:
         calibrate_cost=cost == "calibrated",
         threads=args.threads,
         num_groups=args.groups,
+        exit_maps=args.exit_maps,
     ).unwrapped
 
 
@@ -96,6 +97,7 @@ def _per_input_env(args: Any, split: str, n: int) -> Any:
         n_items=n,
         data_seed=args.seed,
         threads=args.threads,
+        exit_maps=args.exit_maps,
     ).unwrapped
 
 
@@ -213,6 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", type=int, default=240, help="train inputs the rules are fitted on (default: 240)")
     p.add_argument("--groups", type=int, default=None, help="layer groups of the staged env (default: its own, 7)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
+    p.add_argument(
+        "--exit-maps",
+        default=None,
+        metavar="NAME",
+        help="exit maps every exit and every plan that skips the last layer answers through, static plans included "
+        "(python -m experiments.exit_maps; default: none, the logit lens)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 16 train and 6 test inputs; writes nothing")
     args = BENCH.parse(p, argv)
     if args.quick:
@@ -304,9 +313,16 @@ def main(argv: list[str] | None = None) -> None:
         risk_rows,
     )
     best = _verdict(rows_h)
+    tag = f"_{args.exit_maps}" if args.exit_maps else ""  # file names of the outputs
     cv_round = {k_: round(v, 4) if isinstance(v, float) else v for k_, v in cv_losses.items()}
     body = (
-        f"Model `{args.model}`, task mix `{args.task}`, {args.threads} threads. Rules and ceiling fitted on "
+        f"Model `{args.model}`, task mix `{args.task}`, {args.threads} threads, "
+        + (
+            f"exit maps `{args.exit_maps}` (every exit and static plan below the top reads through them). "
+            if args.exit_maps
+            else "no exit maps (the logit lens). "
+        )
+        + f"Rules and ceiling fitted on "
         f"{len(train.item_ids)} train inputs (measured latency); evaluated on {n} held-out test inputs with measured "
         f"latency, every static plan and the staged pass interleaved per input; latency ÷ dense is a ratio of means "
         f"against the dense plan timed in the same rounds. The staged env runs {test_env.num_groups} groups after a "
@@ -320,21 +336,22 @@ def main(argv: list[str] | None = None) -> None:
         f"{readout_table(test, k, groups_layers)}\n\n"
         f"Learnable ceiling: cross-validated log-loss by strength {json.dumps(cv_round)}.\n\n"
         f"**Every operating point**\n\n{summary_table(static + calm[::3] + ceiling + fitted_runs)}\n\n"
-        + ("" if args.quick else f"![Pareto](reports/bench_staged_{args.task}.png)\n")
+        + ("" if args.quick else f"![Pareto](reports/bench_staged_{args.task}{tag}.png)\n")
     )
-    title = f"Staged exits vs static pruning ({args.model}, {args.task})"
+    maps = f", exit maps {args.exit_maps}" if args.exit_maps else ""
+    title = f"Staged exits vs static pruning ({args.model}, {args.task}{maps})"
     BENCH.publish(args, title, body)
     if not (args.quick or args.no_write):
         pareto_plot(
             static,
             {**families, "fitted": fitted_runs},
-            REPO_ROOT / "reports" / f"bench_staged_{args.task}.png",
+            REPO_ROOT / "reports" / f"bench_staged_{args.task}{tag}.png",
             title=f"Staged exits vs static pruning ({args.model}, {args.task}, {n} test inputs)",
         )
-        train.save(REPO_ROOT / "reports" / f"staged_train_{args.task}.npz")
-        test.save(REPO_ROOT / "reports" / f"staged_test_{args.task}.npz")
+        train.save(REPO_ROOT / "reports" / f"staged_train_{args.task}{tag}.npz")
+        test.save(REPO_ROOT / "reports" / f"staged_test_{args.task}{tag}.npz")
         atomic_write_json(
-            REPO_ROOT / "reports" / f"bench_staged_{args.task}.json",
+            REPO_ROOT / "reports" / f"bench_staged_{args.task}{tag}.json",
             {
                 "command": BENCH.command(argv if argv is not None else sys.argv[1:]),
                 "headline": rows_h,

@@ -1,0 +1,196 @@
+"""Exit maps: per-depth linear maps that let a model answer from an early layer.
+
+A plan that skips the last layers answers from the last layer that ran. Read through the final
+norm and the LM head as it is (the logit lens), that hidden state is a poor stand-in for the last
+layer's on a small model: on SmolLM2-135M the answer read after 22 of 30 layers agrees with the
+full model's on about half of multiple-choice items. An *exit map* for layer ``d`` is an affine
+map fitted to carry layer ``d``'s output to the last layer's (before the final norm), so the
+answer at depth ``d + 1`` is ``head(norm(h_d @ W_d + b_d))`` (linear short-cuts, Din et al. 2023,
+"Jump to Conclusions"; a closed-form relative of the tuned lens, Belrose et al. 2023).
+
+The model's weights are untouched, so the dense path is bit-identical: a plan that runs the last
+layer never uses a map. :meth:`envs.runtime.sparse_lm.SparseLM.set_exit_maps` installs them; from
+then on every readout of a state whose last layer did not run goes through
+:meth:`~envs.runtime.sparse_lm.SparseLM.output_norm` (the scorer's answer, the staged readouts,
+per-token exits alike), and the map's matmul is counted in the readouts' FLOPs.
+
+Fitting (:func:`fit_exit_maps`): one dense pass over train-split sequences collects, per layer,
+the normal equations of the least-squares map from its output (with a bias column) to the last
+layer's output, at every position. Each map is the ridge solution shrunk towards the identity (at
+an infinite ridge the map *is* the logit lens), with the ridge relative to the layer's mean input
+energy. The fit is closed-form and deterministic: seconds after the dense pass.
+
+Files: ``exit_maps.safetensors`` (keys ``"<layer>"``, float32 ``[D + 1, D]``: the weight rows,
+then the bias row; layers ``0 .. L - 2``) and a self-hashed ``card.json`` naming the model, the
+training sequences' SHA-256 and split, the settings and held-out agreement (:mod:`envs.runtime.artifacts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from envs.data.files import cache_root
+from envs.runtime.artifacts import ArtifactKind, load_artifact, save_artifact
+
+if TYPE_CHECKING:
+    from envs.runtime.sparse_lm import SparseLM
+
+EXIT_MAPS_FORMAT = "prunegym-exit-maps"
+EXIT_MAPS_VERSION = 1
+TENSORS_FILE = "exit_maps.safetensors"
+COMMAND = "python -m experiments.exit_maps"
+METHOD = "ridge regression of the last layer's output on layer d's output (with bias), shrunk towards the identity"
+
+
+def exit_maps_folder(name: str) -> Path:
+    """Where the exit maps ``name`` live: ``<cache_root>/exit_maps/<name>``."""
+    return cache_root() / "exit_maps" / name
+
+
+EXIT_MAPS_KIND = ArtifactKind("exit maps", EXIT_MAPS_FORMAT, EXIT_MAPS_VERSION, TENSORS_FILE, COMMAND, exit_maps_folder)
+
+
+class ExitMaps:
+    """One affine map per layer but the last, from that layer's output to the last layer's.
+
+    Args:
+        maps: ``L - 1`` float32 tensors ``[D + 1, D]`` (weight rows, then the bias row).
+        card: What they were fitted on (see the module docstring).
+    """
+
+    def __init__(self, maps: Sequence[torch.Tensor], card: dict[str, Any] | None = None) -> None:
+        if not maps:
+            raise ValueError("exit maps need at least one layer's map (a model of two or more layers)")
+        D = maps[0].shape[1]
+        bad = [i for i, m in enumerate(maps) if tuple(m.shape) != (D + 1, D)]
+        if bad:
+            raise ValueError(f"every exit map must be [D + 1, D] = [{D + 1}, {D}]; layers {bad[:4]} are not")
+        self.weight = [m[:D] for m in maps]
+        self.bias = [m[D] for m in maps]
+        self.card: dict[str, Any] = dict(card or {})
+
+    @property
+    def num_layers(self) -> int:
+        """Layers of the model they are for (one more than the maps)."""
+        return len(self.weight) + 1
+
+    @property
+    def hidden_size(self) -> int:
+        """The model's hidden size."""
+        return int(self.weight[0].shape[0])
+
+    def apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s output ``h`` (``[..., D]``) mapped to the last layer's (same dtype)."""
+        w, b = self.weight[layer], self.bias[layer]
+        if w.dtype != h.dtype or w.device != h.device:
+            w, b = w.to(h.device, h.dtype), b.to(h.device, h.dtype)
+        return torch.addmm(b, h.reshape(-1, h.shape[-1]), w).reshape(h.shape)
+
+    def flops_per_position(self) -> float:
+        """Multiply-accumulate FLOPs (x2) of one map applied at one position."""
+        D = self.hidden_size
+        return 2.0 * D * D
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The maps as saved: ``{"<layer>": [D + 1, D]}``."""
+        pairs = enumerate(zip(self.weight, self.bias, strict=True))
+        return {str(i): torch.cat([w, b[None]]).contiguous() for i, (w, b) in pairs}
+
+
+class NormalEquations:
+    """Running sums of the least-squares problems of every layer's exit map, in float64."""
+
+    def __init__(self, num_layers: int, hidden: int) -> None:
+        self.xtx = torch.zeros(num_layers - 1, hidden + 1, hidden + 1, dtype=torch.float64)
+        self.xty = torch.zeros(num_layers - 1, hidden + 1, hidden, dtype=torch.float64)
+        self.tokens = 0
+
+    def add(self, outputs: Sequence[torch.Tensor]) -> None:
+        """Add the positions of one sequence: ``outputs[i]`` is layer ``i``'s output, ``[T, D]``."""
+        y = outputs[-1].double()
+        for i, h in enumerate(outputs[:-1]):
+            x = torch.cat([h.double(), torch.ones(h.shape[0], 1, dtype=torch.float64)], 1)
+            self.xtx[i] += x.T @ x
+            self.xty[i] += x.T @ y
+        self.tokens += int(y.shape[0])
+
+    def solve(self, ridge: float) -> list[torch.Tensor]:
+        """Each layer's map, shrunk towards the identity by ``ridge`` x the layer's mean input energy."""
+        L1, D1, D = self.xty.shape
+        if self.tokens == 0:
+            raise ValueError("no training positions: the exit maps need at least one sequence")
+        eye = torch.zeros(D1, D, dtype=torch.float64)
+        eye[:D] = torch.eye(D, dtype=torch.float64)
+        maps = []
+        for i in range(L1):
+            a = self.xtx[i].clone()
+            lam = float(ridge) * float(a.diagonal()[:D].mean())
+            a += lam * torch.eye(D1, dtype=torch.float64)  # the bias too: an infinite ridge is the logit lens
+            maps.append(torch.linalg.solve(a, self.xty[i] + lam * eye).float())
+        return maps
+
+
+def layer_outputs(slm: SparseLM, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's output of the dense model on one sequence ``[T]``: ``L`` tensors ``[T, D]``."""
+    st = slm.start(ids[None] if ids.dim() == 1 else ids)
+    plan = slm.dense_plan()
+    out = []
+    with torch.no_grad():
+        for i in range(slm.spec.num_layers):
+            slm.run_layers(st, plan, i, i + 1)
+            out.append(st.hidden[0])
+    return out
+
+
+def fit_exit_maps(
+    slm: SparseLM, sequences: Sequence[torch.Tensor], *, ridge: float = 1e-2, bar: Any = None
+) -> list[torch.Tensor]:
+    """Fit the exit maps of ``slm`` on ``sequences`` (token ids ``[T]``, train split only).
+
+    Args:
+        slm: The model (dense; the maps are fitted on its dense hidden states).
+        sequences: Token id sequences; every position is a training example of every layer.
+        ridge: Shrinkage towards the identity, relative to each layer's mean input energy.
+        bar: Optional tqdm-like object with ``update(n)``.
+
+    Returns:
+        ``L - 1`` float32 maps ``[D + 1, D]`` (see :class:`ExitMaps`).
+    """
+    if slm.spec.num_layers < 2:
+        raise ValueError("exit maps need a model of two or more layers")
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+    eq = NormalEquations(slm.spec.num_layers, slm.spec.hidden_size)
+    for ids in sequences:
+        eq.add(layer_outputs(slm, ids))
+        if bar is not None:
+            bar.update(1)
+    return eq.solve(ridge)
+
+
+def save_exit_maps(maps: ExitMaps, folder: str | Path, *, force: bool = False) -> Path:
+    """Write ``maps`` to ``folder`` atomically (tensors, then the card); ``maps.card`` becomes what was written.
+
+    Raises:
+        FileExistsError: ``folder`` exists and ``force`` is off.
+    """
+    maps.card = save_artifact(EXIT_MAPS_KIND, maps.tensors(), maps.card, folder, force=force)
+    return Path(folder).resolve()
+
+
+def load_exit_maps(name_or_folder: str | Path, slm: SparseLM) -> ExitMaps:
+    """Load exit maps fitted for ``slm`` by name (under :func:`exit_maps_folder`) or folder.
+
+    Raises:
+        ValueError: One line naming the problem and the command that rebuilds them (see
+            :func:`envs.runtime.artifacts.load_artifact`).
+    """
+    L, D = slm.spec.num_layers, slm.spec.hidden_size
+    tensors, card = load_artifact(
+        EXIT_MAPS_KIND, name_or_folder, slm, lambda _card: {str(i): (D + 1, D) for i in range(L - 1)}
+    )
+    return ExitMaps([tensors[str(i)] for i in range(L - 1)], card)

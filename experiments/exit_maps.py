@@ -1,0 +1,264 @@
+"""Fit exit maps: ``python -m experiments.exit_maps model=smollm2-135m name=<name>``.
+
+Fits one affine map per layer from that layer's output to the last layer's
+(:mod:`envs.runtime.exit_maps`) on train-split items of a task mix (each prompt followed by each of
+its choices, as the scorer feeds them) and, optionally, train-split news text; then measures on
+val items of the same mix how often the answer of a plan that stops after ``d`` layers agrees with
+the full model's, with and without the maps, at the staged environment's exit depths. Writes
+``<cache_root>/exit_maps/<name>/`` (or ``out=``) atomically and prints that table. Settings in
+``conf/exit_maps.yaml``; bad settings end the run with one line before the model loads.
+
+``fit_and_save(cfg)`` is the plain function behind the entry point; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from experiments import cli
+
+# Every setting and its default (conf/exit_maps.yaml holds the same, commented).
+SETTINGS: dict[str, Any] = {
+    "model": "smollm2-135m",
+    "name": None,
+    "out": None,
+    "force": False,
+    "mix": "mc",
+    "train_items": 400,
+    "news_docs": 0,
+    "max_len": 256,
+    "ridge": 1e-2,
+    "val_items": 120,
+    "every": 4,
+    "first": 2,
+    "seed": 0,
+    "threads": 2,
+    "progress": True,
+}
+INT_SETTINGS = {
+    "train_items": 0,
+    "news_docs": 0,
+    "max_len": 2,
+    "val_items": 0,
+    "every": 1,
+    "first": 1,
+    "seed": 0,
+    "threads": 1,
+}
+
+
+def check_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The run's settings, checked before anything loads; defaults fill keys ``cfg`` lacks.
+
+    Raises:
+        ValueError: An unknown key or a value out of range; the message names the setting and what it takes.
+    """
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    unknown = sorted(set(data) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown exit-maps settings {unknown}; the settings are {sorted(SETTINGS)}")
+    from experiments.prepare import model_name
+
+    run = {**SETTINGS, **data}
+    run["model"] = model_name(run["model"], "exit maps")
+    for key, low in INT_SETTINGS.items():
+        value = run[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key}={value!r} is out of range: set {key}=<integer >= {low}>")
+    ridge = run["ridge"]
+    if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge >= 0:
+        raise ValueError(f"ridge={ridge!r} is out of range: set ridge=<number >= 0>")
+    if run["train_items"] == 0 and run["news_docs"] == 0:
+        raise ValueError("train_items=0 and news_docs=0 leave nothing to fit on: set one of them > 0")
+    for key in ("force", "progress"):
+        if not isinstance(run[key], bool):
+            raise ValueError(f"{key}={run[key]!r} must be true or false")
+    if not isinstance(run["mix"], str) or not run["mix"]:
+        raise ValueError(f"mix={run['mix']!r} must name a task mix (mc, mc-known, a YAML file)")
+    if run["name"] is None:
+        run["name"] = f"{Path(run['model'].rstrip('/')).name}-exits"
+    name = run["name"]
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name.startswith((".", "~")):
+        raise ValueError(
+            f"name={name!r} must be a plain folder name (no '/', not starting with '.'); use out= for a path"
+        )
+    return run
+
+
+def output_folder(run: Mapping[str, Any]) -> Path:
+    """Where the maps go: ``out``, or ``<cache_root>/exit_maps/<name>``."""
+    from envs.runtime.exit_maps import exit_maps_folder
+
+    return Path(str(run["out"])).expanduser() if run["out"] else exit_maps_folder(str(run["name"]))
+
+
+def item_sequences(slm: Any, items: Sequence[Any], scorer: Any) -> list[Any]:
+    """Token ids of each prompt followed by each of its choices (or its answer), as the scorer feeds them."""
+    import torch
+
+    seqs = []
+    for it in items:
+        prompt = scorer.encode(slm, it.prompt)
+        for c in it.choices if it.choices else [it.answer]:
+            seqs.append(torch.tensor(prompt + scorer.encode(slm, " " + c)))
+    return seqs
+
+
+def agreement_by_depth(slm: Any, items: Sequence[Any], depths: Sequence[int], bar: Any = None) -> list[float]:
+    """Share of multiple-choice ``items`` whose pick after ``d`` layers is the full model's, per depth.
+
+    The pick is the scorer's under :func:`envs.runtime.staged.truncated` of the dense plan, so it goes through
+    whatever exit maps ``slm`` has, exactly as an environment scores an exit.
+    """
+    from envs.runtime.staged import truncated
+    from envs.tasks.scoring import Scorer
+
+    scorer, dense = Scorer(), slm.dense_plan()
+    full = [scorer.score(slm, it, dense).details.get("pick") for it in items]
+    out = []
+    for d in depths:
+        plan = truncated(dense, d)
+        hits = 0
+        for it, ref in zip(items, full, strict=True):
+            hits += int(scorer.score(slm, it, plan).details.get("pick") == ref)
+            if bar is not None:
+                bar.update(1)
+        out.append(hits / max(len(items), 1))
+    return out
+
+
+def fit_and_save(cfg: DictConfig | Mapping[str, Any], *, slm: Any = None) -> dict[str, Any]:
+    """Fit exit maps as ``cfg`` says, save them, print the agreement table; return the card plus ``folder``.
+
+    Raises:
+        ValueError: A bad setting (before anything loads).
+        FileExistsError: The output folder exists and ``force`` is off.
+    """
+    run = check_settings(cfg)
+    folder = output_folder(run)
+    if folder.exists() and not run["force"]:
+        raise FileExistsError(
+            f"{folder} already exists: pass force=true to replace it, or choose another name= or out="
+        )
+    import torch
+    from tqdm.auto import tqdm
+
+    from envs.data.corpus import natural_text
+    from envs.data.files import versions_of
+    from envs.runtime.exit_maps import METHOD, ExitMaps, fit_exit_maps, save_exit_maps
+    from envs.tasks import load_mix
+    from envs.tasks.items import split_key
+    from envs.tasks.scoring import Scorer
+
+    train_items = load_mix(run["mix"], "train", n=run["train_items"], seed=run["seed"]) if run["train_items"] else []
+    val_items = load_mix(run["mix"], "val", n=run["val_items"], seed=run["seed"]) if run["val_items"] else []
+    val_items = [it for it in val_items if it.kind == "mc"]  # agreement is of the scorer's pick
+    news = natural_text("train")[: run["news_docs"]] if run["news_docs"] else []
+    if slm is None:
+        from experiments.prepare import load_base
+
+        slm = load_base(run["model"], run["threads"])
+    scorer = Scorer()
+    seqs = item_sequences(slm, train_items, scorer)
+    for doc in news:
+        seqs.append(torch.tensor(scorer.encode(slm, doc)[: run["max_len"]]))
+    seqs = [s[: run["max_len"]] for s in seqs if len(s) > 0]
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(seqs), desc="dense pass", disable=not run["progress"])
+    maps = fit_exit_maps(slm, seqs, ridge=float(run["ridge"]), bar=bar)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    L = slm.spec.num_layers
+    depths = list(range(run["first"], L, run["every"]))
+    card: dict[str, Any] = {
+        "name": run["name"],
+        "model": {"name": slm.name, "weights_hash": slm.weights_hash, "spec": slm.spec.to_dict()},
+        "method": METHOD,
+        "settings": {k: run[k] for k in ("mix", "train_items", "news_docs", "max_len", "ridge", "seed")},
+        "training": {
+            "split": "train",
+            "items": [split_key(it.prompt, it.answer) for it in train_items],
+            "item_splits": sorted({it.meta.get("split") for it in train_items}),
+            "news_documents": len(news),
+            "sequences": len(seqs),
+            "tokens": int(sum(len(s) for s in seqs)),
+            "seconds": round(seconds, 2),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "versions": versions_of(("torch", "transformers", "safetensors", "prunegym")),
+        "command": " ".join(
+            [f"python -m experiments.exit_maps model={run['model']} name={run['name']}"]
+            + [f"{k}={run[k]}" for k in ("mix", "train_items", "news_docs", "ridge", "seed")]
+        ),
+    }
+    em = ExitMaps(maps, card)
+    if val_items:
+        bar = tqdm(total=2 * len(val_items) * len(depths), desc="val agreement", disable=not run["progress"])
+        before = agreement_by_depth(slm, val_items, depths, bar)
+        previous = (slm.exit_maps, slm.exit_maps_name)
+        slm.set_exit_maps(em, name=run["name"])
+        try:
+            after = agreement_by_depth(slm, val_items, depths, bar)
+        finally:
+            slm.set_exit_maps(*previous)
+        bar.close()
+        card["agreement"] = {
+            "split": "val",
+            "items": len(val_items),
+            "depths": depths,
+            "logit_lens": [round(x, 4) for x in before],
+            "exit_maps": [round(x, 4) for x in after],
+        }
+    em.card = card
+    folder = save_exit_maps(em, folder, force=bool(run["force"]))
+    print(summary(em.card, folder, em.flops_per_position(), slm))
+    return {**em.card, "folder": str(folder)}
+
+
+def summary(card: Mapping[str, Any], folder: Path, flops: float, slm: Any) -> str:
+    """The table printed after fitting: agreement with the full model by exit depth, before and after."""
+    from envs.runtime.plan import SparsityPlan
+
+    tr = card["training"]
+    layer = SparsityPlan.dense(slm.spec).flops(1)["total"] / slm.spec.num_layers
+    lines = [f"exit maps {card.get('name')} for {card['model']['name']}: {folder}"]
+    ag = card.get("agreement")
+    if ag:
+        lines.append(f"  answer after d layers = full model's answer, {ag['items']} {ag['split']} items:")
+        lines.append("    layers run   logit lens   exit maps")
+        for d, a, b in zip(ag["depths"], ag["logit_lens"], ag["exit_maps"], strict=True):
+            lines.append(f"    {d:<10d}   {a:<10.3f}   {b:.3f}")
+    else:
+        lines.append("  agreement not measured (val_items=0)")
+    lines.append(f"  cost: {flops:,.0f} FLOPs per position read = {100 * flops / layer:.1f}% of one dense layer's")
+    lines.append(
+        f"  fitted on {tr['tokens']} positions of {tr['sequences']} train-split sequences in {tr['seconds']:.0f} s "
+        f"({tr['torch_threads']} threads)"
+    )
+    return "\n".join(lines)
+
+
+@cli.hydra_main(config_name="exit_maps")
+def hydra_main(cfg: DictConfig) -> None:
+    """Hydra entry point: bad settings and unknown models end the run with one line."""
+    fit_and_save(cfg)
+
+
+def main() -> None:
+    """``python -m experiments.exit_maps``: :func:`hydra_main` after rewriting ``model=<name>`` for Hydra."""
+    from experiments.prepare import model_overrides
+
+    sys.argv[1:] = model_overrides(sys.argv[1:])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()
