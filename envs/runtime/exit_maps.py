@@ -147,7 +147,7 @@ def layer_outputs(slm: SparseLM, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def fit_exit_maps(
-    slm: SparseLM, sequences: Sequence[torch.Tensor], *, ridge: float = 1e-2, bar: Any = None
+    slm: SparseLM, sequences: Sequence[torch.Tensor], *, ridge: float = 1e-4, bar: Any = None
 ) -> list[torch.Tensor]:
     """Fit the exit maps of ``slm`` on ``sequences`` (token ids ``[T]``, train split only).
 
