@@ -200,12 +200,14 @@ def fit_and_save(cfg: DictConfig | Mapping[str, Any], *, slm: Any = None) -> dic
         ),
     }
     em = ExitMaps(maps, card)
+    folder = save_exit_maps(em, folder, force=bool(run["force"]))  # saved before the long measurement
     if val_items:
         bar = tqdm(total=2 * len(val_items) * len(depths), desc="val agreement", disable=not run["progress"])
-        before = agreement_by_depth(slm, val_items, depths, bar)
         previous = (slm.exit_maps, slm.exit_maps_name)
-        slm.set_exit_maps(em, name=run["name"])
         try:
+            slm.set_exit_maps(None)
+            before = agreement_by_depth(slm, val_items, depths, bar)
+            slm.set_exit_maps(em, name=run["name"])
             after = agreement_by_depth(slm, val_items, depths, bar)
         finally:
             slm.set_exit_maps(*previous)
@@ -217,8 +219,8 @@ def fit_and_save(cfg: DictConfig | Mapping[str, Any], *, slm: Any = None) -> dic
             "logit_lens": [round(x, 4) for x in before],
             "exit_maps": [round(x, 4) for x in after],
         }
-    em.card = card
-    folder = save_exit_maps(em, folder, force=bool(run["force"]))
+        em.card = card
+        folder = save_exit_maps(em, folder, force=True)  # the same maps, the card now with its agreement
     print(summary(em.card, folder, em.flops_per_position(), slm))
     return {**em.card, "folder": str(folder)}
 
