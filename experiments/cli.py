@@ -159,3 +159,44 @@ def hydra_main(config_name: str, config_path: str = "../conf") -> Callable[[Call
         return entry
 
     return decorate
+
+
+def checked_settings(cfg: Any, defaults: dict[str, Any], ints: dict[str, int], what: str) -> dict[str, Any]:
+    """A run's settings as plain values: ``defaults`` filled in, unknown keys and out-of-range integers refused.
+
+    Args:
+        cfg: A Hydra config or a mapping (its ``hydra`` key is dropped).
+        defaults: Every setting and its default.
+        ints: Integer settings and their lowest allowed value.
+        what: The settings' name in messages (``"predictor"``).
+
+    Raises:
+        ValueError: One line naming the setting and what it takes.
+    """
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    unknown = sorted(set(data) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {what} settings {unknown}; the settings are {sorted(defaults)}")
+    run = {**defaults, **data}
+    for key, low in ints.items():
+        value = run[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key}={value!r} is out of range: set {key}=<integer >= {low}>")
+    return run
+
+
+def plain_name(name: Any) -> str:
+    """``name`` if it can name a folder under the cache (no ``/``, not starting with ``.`` or ``~``).
+
+    Raises:
+        ValueError: Otherwise, pointing at ``out=`` for a path.
+    """
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name.startswith((".", "~")):
+        raise ValueError(
+            f"name={name!r} must be a plain folder name (no '/', not starting with '.'); use out= for a path"
+        )
+    return name

@@ -13,13 +13,12 @@ the full model's, with and without the maps, at the staged environment's exit de
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from experiments import cli
 
@@ -59,20 +58,10 @@ def check_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError: An unknown key or a value out of range; the message names the setting and what it takes.
     """
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    assert isinstance(data, dict)
-    data.pop("hydra", None)
-    unknown = sorted(set(data) - set(SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown exit-maps settings {unknown}; the settings are {sorted(SETTINGS)}")
     from experiments.prepare import model_name
 
-    run = {**SETTINGS, **data}
+    run = cli.checked_settings(cfg, SETTINGS, INT_SETTINGS, "exit-maps")
     run["model"] = model_name(run["model"], "exit maps")
-    for key, low in INT_SETTINGS.items():
-        value = run[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{key}={value!r} is out of range: set {key}=<integer >= {low}>")
     ridge = run["ridge"]
     if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge >= 0:
         raise ValueError(f"ridge={ridge!r} is out of range: set ridge=<number >= 0>")
@@ -85,11 +74,7 @@ def check_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"mix={run['mix']!r} must name a task mix (mc, mc-known, a YAML file)")
     if run["name"] is None:
         run["name"] = f"{Path(run['model'].rstrip('/')).name}-exits"
-    name = run["name"]
-    if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name.startswith((".", "~")):
-        raise ValueError(
-            f"name={name!r} must be a plain folder name (no '/', not starting with '.'); use out= for a path"
-        )
+    cli.plain_name(run["name"])
     return run
 
 
@@ -239,7 +224,7 @@ def summary(card: Mapping[str, Any], folder: Path, flops: float, slm: Any) -> st
         for d, a, b in zip(ag["depths"], ag["logit_lens"], ag["exit_maps"], strict=True):
             lines.append(f"    {d:<10d}   {a:<10.3f}   {b:.3f}")
     else:
-        lines.append("  agreement not measured (val_items=0)")
+        lines.append("  agreement not measured (val_items=0, or no multiple-choice item among them)")
     lines.append(f"  cost: {flops:,.0f} FLOPs per position read = {100 * flops / layer:.1f}% of one dense layer's")
     lines.append(
         f"  fitted on {tr['tokens']} positions of {tr['sequences']} train-split sequences in {tr['seconds']:.0f} s "
@@ -256,10 +241,9 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``python -m experiments.exit_maps``: :func:`hydra_main` after rewriting ``model=<name>`` for Hydra."""
-    from experiments.prepare import model_overrides
+    from experiments.prepare import run_with_model_names
 
-    sys.argv[1:] = model_overrides(sys.argv[1:])
-    hydra_main()
+    run_with_model_names(hydra_main)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ Bad settings end the run with one line (``error: ...``) before the model loads.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from experiments import cli
 
@@ -65,20 +64,10 @@ def check_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError: An unknown key or a value out of range; the message names the setting and what it takes.
     """
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    assert isinstance(data, dict)
-    data.pop("hydra", None)
-    unknown = sorted(set(data) - set(SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown predictor settings {unknown}; the settings are {sorted(SETTINGS)}")
     from experiments.prepare import model_name
 
-    run = {**SETTINGS, **data}
+    run = cli.checked_settings(cfg, SETTINGS, INT_SETTINGS, "predictor")
     run["model"] = model_name(run["model"], "predictor")
-    for key, low in INT_SETTINGS.items():
-        value = run[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{key}={value!r} is out of range: set {key}=<integer >= {low}>")
     for key in ("lr", "ridge"):
         value = run[key]
         ok = isinstance(value, int | float) and not isinstance(value, bool)
@@ -89,11 +78,7 @@ def check_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{key}={run[key]!r} must be true or false")
     if run["name"] is None:
         run["name"] = f"{Path(run['model'].rstrip('/')).name}-r{run['rank']}"
-    name = run["name"]
-    if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name.startswith((".", "~")):
-        raise ValueError(
-            f"name={name!r} must be a plain folder name (no '/', not starting with '.'); use out= for a path"
-        )
+    cli.plain_name(run["name"])
     return run
 
 
@@ -198,10 +183,9 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``python -m experiments.predictor``: :func:`hydra_main` after rewriting ``model=<name>`` for Hydra."""
-    from experiments.prepare import model_overrides
+    from experiments.prepare import run_with_model_names
 
-    sys.argv[1:] = model_overrides(sys.argv[1:])
-    hydra_main()
+    run_with_model_names(hydra_main)
 
 
 if __name__ == "__main__":

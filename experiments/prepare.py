@@ -115,6 +115,12 @@ def model_overrides(args: Sequence[str]) -> list[str]:
     return out
 
 
+def run_with_model_names(entry: Any) -> None:
+    """Call a Hydra ``entry`` after rewriting ``model=<name>`` on the command line (:func:`model_overrides`)."""
+    sys.argv[1:] = model_overrides(sys.argv[1:])
+    entry()
+
+
 def load_base(name: str, threads: int) -> SparseLM:
     """The base model ``name`` with its importance orderings (calibrated and cached on first use).
 
