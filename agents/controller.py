@@ -66,12 +66,6 @@ README_FILE = "README.md"
 CARD_SECTIONS = ("env", "interface", "model", "policy", "onnx", "files", "card_sha256")
 # Bookkeeping that hub clients add to a downloaded folder; never read.
 IGNORED = (".gitattributes", ".cache/huggingface/")
-#: What a model may carry beside its weights that a controller's plans run with, by the SparseLM
-#: attribute that holds it: (what it is called, the SparseLM method that installs it, its loader).
-MODEL_ATTACHMENTS: dict[str, tuple[str, str, str]] = {
-    "predictor": ("channel predictor", "set_predictor", "envs.runtime.predictor.load_predictor"),
-    "exit_maps": ("exit maps", "set_exit_maps", "envs.runtime.exit_maps.load_exit_maps"),
-}
 
 
 class ControllerError(ValueError):
@@ -190,6 +184,8 @@ def check_model(card: Mapping[str, Any], slm: SparseLM) -> None:
     spec = card["model"].get("spec")
     if spec is not None and dict(spec) != slm.spec.to_dict():
         raise ControllerError(f"the card's model shape {spec} differs from the model's {slm.spec.to_dict()}")
+    from envs.runtime.sparse_lm import MODEL_ATTACHMENTS
+
     for key, (what, setter, loader) in MODEL_ATTACHMENTS.items():
         want_att = (card["model"].get(key) or {}).get("card_sha256")
         if not want_att:

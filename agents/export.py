@@ -40,7 +40,6 @@ from agents.controller import (
     CARD_FILE,
     CARD_FORMAT,
     CARD_SCHEMA_VERSION,
-    MODEL_ATTACHMENTS,
     ONNX_FILE,
     README_FILE,
     WEIGHTS_FILE,
@@ -227,7 +226,7 @@ def check_spaces(interface: Mapping[str, Any], obs_dim: int, action_kind: str, a
 def model_section(slm: SparseLM, model_id: str | None = None) -> dict[str, Any]:
     """The card's ``model`` section: id, weights hash, shape, importance ordering hash (and attachments).
 
-    Attachments (:data:`MODEL_ATTACHMENTS`) are what the plans need beside the weights: the
+    Attachments (:data:`envs.runtime.sparse_lm.MODEL_ATTACHMENTS`) are what the plans need beside the weights: the
     ``predicted`` rule's channel predictor, the exit maps early answers go through.
     """
     out = {
@@ -238,6 +237,8 @@ def model_section(slm: SparseLM, model_id: str | None = None) -> dict[str, Any]:
         "importance_meta": jsonable(getattr(slm.importance, "meta", {})),
         "dtype": str(next(iter(slm.model.parameters())).dtype).removeprefix("torch."),
     }
+    from envs.runtime.sparse_lm import MODEL_ATTACHMENTS
+
     for key in MODEL_ATTACHMENTS:  # the channel predictor, the exit maps: named by their cards' hashes
         att = getattr(slm, key, None)
         if att is not None:

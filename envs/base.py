@@ -33,7 +33,7 @@ from envs.data.files import jsonable
 from envs.observation import OBS_CLIP
 from envs.rewards import RewardConfig
 from envs.runtime.plan import PlanBuilder, SparsityPlan
-from envs.runtime.sparse_lm import Prefill
+from envs.runtime.sparse_lm import MODEL_ATTACHMENTS, Prefill
 from envs.tasks.items import Item
 from envs.tasks.scoring import Scorer, fed_logits
 
@@ -369,8 +369,7 @@ class PruneEnv(gym.Env):
             "version": ENV_VERSIONS.get(name),
             "interface": self.interface.config(),
             "model": {"name": self.model_name, "dtype": self.dtype_name, "weights_hash": self.slm.weights_hash}
-            | ({"predictor": self.slm.predictor_name} if self.slm.predictor is not None else {})
-            | ({"exit_maps": self.slm.exit_maps_name} if self.slm.exit_maps is not None else {}),
+            | {k: getattr(self.slm, f"{k}_name") for k in MODEL_ATTACHMENTS if getattr(self.slm, k) is not None},
             "data": dict(self._data),
             "cost": {"kind": self.cost_kind, "source": self.cost_source.describe()},
             "reward": self.reward_cfg.to_dict(),

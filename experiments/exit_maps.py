@@ -97,8 +97,18 @@ def item_sequences(slm: Any, items: Sequence[Any], scorer: Any) -> list[Any]:
     return seqs
 
 
-def agreement_by_depth(slm: Any, items: Sequence[Any], depths: Sequence[int], bar: Any = None) -> list[float]:
-    """Share of multiple-choice ``items`` whose pick after ``d`` layers is the full model's, per depth.
+def dense_picks(slm: Any, items: Sequence[Any]) -> list[Any]:
+    """The full model's pick of each multiple-choice item (exit maps never touch it)."""
+    from envs.tasks.scoring import Scorer
+
+    scorer, dense = Scorer(), slm.dense_plan()
+    return [scorer.score(slm, it, dense).details.get("pick") for it in items]
+
+
+def agreement_by_depth(
+    slm: Any, items: Sequence[Any], full: Sequence[Any], depths: Sequence[int], bar: Any = None
+) -> list[float]:
+    """Share of multiple-choice ``items`` whose pick after ``d`` layers is ``full`` (:func:`dense_picks`), per depth.
 
     The pick is the scorer's under :func:`envs.runtime.staged.truncated` of the dense plan, so it goes through
     whatever exit maps ``slm`` has, exactly as an environment scores an exit.
@@ -107,7 +117,6 @@ def agreement_by_depth(slm: Any, items: Sequence[Any], depths: Sequence[int], ba
     from envs.tasks.scoring import Scorer
 
     scorer, dense = Scorer(), slm.dense_plan()
-    full = [scorer.score(slm, it, dense).details.get("pick") for it in items]
     out = []
     for d in depths:
         plan = truncated(dense, d)
@@ -191,9 +200,10 @@ def fit_and_save(cfg: DictConfig | Mapping[str, Any], *, slm: Any = None) -> dic
         previous = (slm.exit_maps, slm.exit_maps_name)
         try:
             slm.set_exit_maps(None)
-            before = agreement_by_depth(slm, val_items, depths, bar)
+            full = dense_picks(slm, val_items)  # once: the dense path is the same with or without maps
+            before = agreement_by_depth(slm, val_items, full, depths, bar)
             slm.set_exit_maps(em, name=run["name"])
-            after = agreement_by_depth(slm, val_items, depths, bar)
+            after = agreement_by_depth(slm, val_items, full, depths, bar)
         finally:
             slm.set_exit_maps(*previous)
         bar.close()

@@ -84,11 +84,18 @@ class ExitMaps:
         return int(self.weight[0].shape[0])
 
     def apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        """Layer ``layer``'s output ``h`` (``[..., D]``) mapped to the last layer's (same dtype)."""
-        w, b = self.weight[layer], self.bias[layer]
-        if w.dtype != h.dtype or w.device != h.device:
-            w, b = w.to(h.device, h.dtype), b.to(h.device, h.dtype)
-        return torch.addmm(b, h.reshape(-1, h.shape[-1]), w).reshape(h.shape)
+        """Layer ``layer``'s output ``h`` (``[..., D]``) mapped to the last layer's.
+
+        The maps must be on ``h``'s device and dtype (:meth:`SparseLM.set_exit_maps` moves them once).
+        """
+        return torch.addmm(self.bias[layer], h.reshape(-1, h.shape[-1]), self.weight[layer]).reshape(h.shape)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ExitMaps:
+        """The same maps on ``device`` in ``dtype`` (the card is shared); ``self`` when nothing changes."""
+        w0 = self.weight[0]
+        if (device is None or torch.device(device) == w0.device) and (dtype is None or dtype == w0.dtype):
+            return self
+        return ExitMaps([m.to(device, dtype) for m in self.tensors().values()], self.card)
 
     def flops_per_position(self) -> float:
         """Multiply-accumulate FLOPs (x2) of one map applied at one position."""

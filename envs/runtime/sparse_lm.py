@@ -211,6 +211,15 @@ class ForwardOutput:
     cache: KVCache | None
 
 
+#: What a model may carry beside its weights that plans run with, by the :class:`SparseLM` attribute
+#: holding it (its name in ``<attribute>_name``): what it is called, the method that installs it, and
+#: its loader. Environment configs, exported cards and :class:`agents.controller.Controller` read this.
+MODEL_ATTACHMENTS: dict[str, tuple[str, str, str]] = {
+    "predictor": ("channel predictor", "set_predictor", "envs.runtime.predictor.load_predictor"),
+    "exit_maps": ("exit maps", "set_exit_maps", "envs.runtime.exit_maps.load_exit_maps"),
+}
+
+
 # ---------------------------------------------------------------------------------------- SparseLM
 class SparseLM:
     """A causal LM that runs any :class:`SparsityPlan` with real savings.
@@ -535,6 +544,8 @@ class SparseLM:
                 f"the exit maps are for {maps.num_layers} layers of width {maps.hidden_size}; this model has "
                 f"{self.spec.num_layers} of {self.spec.hidden_size}"
             )
+        if maps is not None:
+            maps = maps.to(self.device, self.blocks[0].q_w.dtype)  # once, not at every readout
         self.exit_maps = maps
         self.exit_maps_name = None if maps is None else name
         if self.adapted is not None:

@@ -129,19 +129,21 @@ class StagedRun:
                     st = slm.start(x.to(slm.device), cont_cache)
                 st.causal_fresh = False  # the prompt is in the cache: mask by positions
                 self._cont = st
-            self._rows = U * (1 + len(conts) * width)  # rows of the head read, padding included
+            self._positions = 1 + len(conts) * width  # positions read (padding included): the exit map's too
+            self._rows = U * self._positions  # rows of the head read
         else:
             self._vocab = None
             self.lens_vocab = min(int(lens_vocab), head.weight.shape[0])
             self._w = head.weight[: self.lens_vocab]
             self._b = None if self._bias is None else self._bias[: self.lens_vocab]
             self._rows = self.lens_vocab
+            self._positions = 1
         self._row_flops = 2.0 * D
-        self._positions = 1 if conts is None else 1 + len(conts) * max(len(c) - 1 for c in conts)
         self.layer_runs = [0] * slm.spec.num_layers  # forwards per layer (prompt), for audits and tests
         self.first_layer = self.depth  # the probe's depth: stages start here
-        self._before: dict[int, tuple[torch.Tensor, bool]] = {}  # each layer's input, for rewind()
-        self._cont_before: dict[int, tuple[torch.Tensor, bool]] = {}
+        # each layer's input (hidden state, adapted, last layer run), for rewind()
+        self._before: dict[int, tuple[torch.Tensor, bool, int]] = {}
+        self._cont_before: dict[int, tuple[torch.Tensor, bool, int]] = {}
         if self._cont is not None and self.depth:
             self._advance_conts(slm.dense_plan(), 0, self.depth)
 
