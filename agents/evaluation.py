@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,8 @@ from agents.frontier import interp_frontier, oracle_frontier, static_hull, upper
 SCORINGS = ("dense_relative", "raw")
 DEFAULT_TARGETS = (0.70, 0.85)
 MATCH_TOL = 0.02
+TIMING_ROUNDS = 2  # timing rounds per input in a measured sweep: each plan's best round counts
+TIMING_THREADS = 1  # PyTorch threads of each timed run in a measured evaluation (fewer than the cores)
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -53,15 +55,19 @@ def evaluation_env(
     n_items: int | None = 48,
     env_kwargs: Mapping[str, Any] | None = None,
     cost: str = "measured",
+    timing_threads: int | None = TIMING_THREADS,
 ) -> Any:
     """A ``PerInput`` environment over a held-out split (unwrapped); measured cost unless told otherwise.
 
     ``cost="calibrated"`` makes an evaluation exactly reproducible (for tests and audits); the
-    headline figures use ``"measured"``.
+    headline figures use ``"measured"``. Measured runs are timed with ``timing_threads`` PyTorch
+    threads (``None``: the process's), whatever the forward uses otherwise: on a machine that other
+    processes share, a timed forward with a thread per core waits on whichever thread was
+    descheduled, and its latency fractions move with their load (``python -m experiments.bench.latency``).
     """
     from envs import env_id, make_env
 
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "model": model,
         "task": task,
         "split": split,
@@ -69,7 +75,22 @@ def evaluation_env(
         **dict(env_kwargs or {}),
         "cost": cost,
     }
+    if cost == "measured" and timing_threads is not None:
+        kwargs["meter"] = {"threads": int(timing_threads), **dict(kwargs.get("meter") or {})}
     return make_env(env_id("PerInput"), **kwargs).unwrapped
+
+
+def timing_settings(rounds: int | None = None, threads: int | None = None) -> tuple[int, int]:
+    """A measured evaluation's timing rounds and timing threads: the given ones, else the defaults.
+
+    One place for the defaults (:data:`TIMING_ROUNDS`, :data:`TIMING_THREADS`), read by the main
+    job, ``experiments.evaluate`` and the latency benchmark alike.
+    """
+    r = TIMING_ROUNDS if rounds is None else int(rounds)
+    t = TIMING_THREADS if threads is None else int(threads)
+    if r < 1 or t < 1:
+        raise ValueError(f"timing rounds and threads must be >= 1, got rounds={r}, threads={t}")
+    return r, t
 
 
 def context(env: Any, item_index: int = -1, prompt_len: int = 0) -> Context:
@@ -230,56 +251,112 @@ def sweep(
     n: int,
     controllers: Sequence[tuple[PlanController, str]] = (),
     seed: int = 0,
+    rounds: int = TIMING_ROUNDS,
 ) -> tuple[list[Run], list[Run], np.ndarray]:
     """Static candidates and controllers on every input, interleaved, sharing one probe per input.
 
     For each input, every static plan and every controller runs back to back, in an order shuffled
     per input, so slow drifts of the machine (other load, clocks) hit them alike instead of
-    favouring whichever was measured in a quieter phase. With measured latency and
-    :class:`~agents.baselines.Dense` among the candidates, every latency fraction is taken against
-    it in the same rounds (:func:`same_round_latency`); calibrated costs are deterministic and keep
-    the environment's per-input fractions.
+    favouring whichever was measured in a quieter phase. With measured latency, each input is timed
+    in ``rounds`` such rounds (the first also scores, the others only time, each in a fresh order)
+    and a plan's seconds on the input are its best round: the time the plan needs when nothing else
+    interferes, as ``timeit`` reports, so a burst of another process's load in one round does not
+    decide it. With :class:`~agents.baselines.Dense` among the candidates, every latency fraction is
+    then taken against it on the same input (:func:`same_round_latency`); calibrated costs are
+    deterministic, so they take one round and keep the environment's per-input fractions.
+
+    Before timing, the sweep checks that the forward's threads have a free core each and warns when
+    another process holds them (the fractions then follow that process's load: see
+    ``python -m experiments.bench.latency``).
 
     Returns:
         The static runs, the controller runs (in the order given) and the observations.
     """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    base = getattr(env, "unwrapped", env)
+    measured = getattr(base, "cost_kind", None) == "measured"
+    rounds = rounds if measured else 1
+    if measured:
+        check_free_cores(base)
     everyone: list[tuple[PlanController, str]] = [(c, "static") for c in candidates] + list(controllers)
     cols = [{k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok")} for _ in everyone]
     rng = np.random.default_rng(seed)
     obs_all = []
-    for i in tqdm(range(n), desc="static sweep and controllers"):
+    for i in tqdm(range(n), desc="static sweep and controllers" + (f" ({rounds} timing rounds)" if rounds > 1 else "")):
         obs, info = env.reset(options={"item": i})
         obs_all.append(obs)
         ctx = context(env, i, info["prompt_tokens"])
+        plans: list[Any] = [None] * len(everyone)
         for j in rng.permutation(len(everyone)):
             t0 = time.perf_counter()
-            plan = everyone[j][0](obs, ctx)
+            plans[j] = everyone[j][0](obs, ctx)
             dec = time.perf_counter() - t0
-            _, _, _, _, info = env.step_plan(plan, keep_open=True)
+            _, _, _, _, info = env.step_plan(plans[j], keep_open=True)
             _collect(cols[j], info, dec)
+        best = [cols[j]["lat_s"][-1] - cols[j]["dec"][-1] for j in range(len(everyone))]
+        for _ in range(rounds - 1):
+            for j in rng.permutation(len(everyone)):
+                best[j] = min(best[j], env.retime(plans[j]))
+        for j in range(len(everyone)):
+            cols[j]["lat_s"][-1] = best[j] + cols[j]["dec"][-1]
         env.close_episode()
     runs = [_run(c.name, fam, col) for (c, fam), col in zip(everyone, cols, strict=True)]
+    if measured:
+        runs = [replace(r, extra={**r.extra, "timing_rounds": rounds}) for r in runs]
     dense = [r for (c, _), r in zip(everyone, runs, strict=True) if isinstance(c, Dense)]
-    if dense and getattr(getattr(env, "unwrapped", env), "cost_kind", None) == "measured":
+    if dense and measured:
         runs = same_round_latency(runs, dense[0])
     return runs[: len(candidates)], runs[len(candidates) :], np.array(obs_all)
 
 
-def same_round_latency(runs: Sequence[Run], dense: Run) -> list[Run]:
-    """``runs`` with latency fractions over the dense plan timed in the same rounds (a ratio of means).
+def check_free_cores(env: Any, interval_s: float = 0.5) -> float:
+    """Warn when the cores the measured forward's threads need are held by other processes; returns their load.
 
-    A run's fraction becomes its per-input seconds (decision included) over the dense plan's mean
-    seconds *in the same interleaved rounds*, so a slow phase of a shared machine moves numerator
-    and denominator alike; the per-input ratio against one dense timing per input, which a single
-    noisy timing could swing, is kept as ``extra["latency_fraction_single_dense"]``.
+    ``env`` is a measured environment: its meter's ``threads`` (else the process's PyTorch threads)
+    are the threads each timed run uses.
     """
-    from dataclasses import replace
+    import os
+    import warnings
 
-    ref = float(np.mean(dense.latency_s))
+    import torch
+
+    from envs.measure.meters import busy_cores_elsewhere
+
+    meter = getattr(getattr(env, "cost_source", None), "meter", None)
+    threads = getattr(meter, "threads", None) or torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    others = busy_cores_elsewhere(interval_s)
+    if threads > cores - others + 0.5:
+        warnings.warn(
+            f"other processes keep about {others:.1f} of this machine's {cores} cores busy, and each timed run uses "
+            f"{threads} threads: the measured latency fractions will follow their load. Time with fewer threads "
+            f"(the evaluation's timing threads, {TIMING_THREADS} by default) or on a quieter machine.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return others
+
+
+def same_round_latency(runs: Sequence[Run], dense: Run) -> list[Run]:
+    """``runs`` with latency fractions over the dense plan's seconds on the same input, timed in the same rounds.
+
+    A run's fraction on an input becomes its seconds (decision included) over the dense plan's on
+    that input, both the best of the same interleaved rounds, so a slow phase of a shared machine
+    moves numerator and denominator alike. Two older estimators stay in ``extra`` for comparison:
+    ``latency_fraction_ratio_of_means`` (the run's seconds over the dense plan's mean seconds) and
+    ``latency_fraction_single_dense`` (against one dense timing per input taken when the input was
+    first drawn).
+    """
+    ref = np.maximum(dense.latency_s, 1e-12)
     out = []
     for r in runs:
-        extra = {**r.extra, "latency_fraction_single_dense": float(r.lat.mean())}
-        out.append(replace(r, lat=r.latency_s / max(ref, 1e-12), extra=extra))
+        extra = {
+            **r.extra,
+            "latency_fraction_single_dense": float(r.lat.mean()),
+            "latency_fraction_ratio_of_means": float(r.latency_s.mean() / max(float(ref.mean()), 1e-12)),
+        }
+        out.append(replace(r, lat=r.latency_s / ref, extra=extra))
     return out
 
 

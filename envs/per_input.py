@@ -116,6 +116,7 @@ class PerInput(PruneEnv):
         self._item: Any = None
         self._probe_res: Any = None
         self._probe_cost: Any = None
+        self._prompt_t: Any = None
         self._obs: np.ndarray | None = None
         self._done = True
         self.last_plan: SparsityPlan | None = None
@@ -158,7 +159,7 @@ class PerInput(PruneEnv):
         else:
             self._probe_res = self.interface.observe(t)
             self._probe_cost = None
-        self._item, self._done = item, False
+        self._item, self._done, self._prompt_t = item, False, t
         self._obs = self._probe_res.features
         self._last_render = f"item {item.id} ({item.task}, {len(ids)} tokens): waiting for the plan"
         return self._obs.copy(), {"item_id": item.id, "task": item.task, "prompt_tokens": len(ids)}
@@ -190,6 +191,31 @@ class PerInput(PruneEnv):
         if keep_open:
             self._done = False
         return self._obs.copy(), r, True, False, info  # type: ignore[union-attr]
+
+    def retime(self, plan: SparsityPlan) -> float:
+        """Time ``plan`` on the current input once more, as a step measures it: probe plus the rest, seconds.
+
+        Nothing is scored. For evaluation harnesses that take the best of several interleaved timing
+        rounds per input (:func:`agents.evaluation.sweep`), so that one burst of another process's load
+        does not decide a plan's latency. The probe is timed again too, so each round is a whole run.
+
+        Raises:
+            ValueError: The environment does not measure latency (``cost="calibrated"`` is deterministic).
+            RuntimeError: No input is open.
+        """
+        if self.cost_kind != "measured":
+            raise ValueError("retime times real runs: build the environment with cost='measured'")
+        if self._item is None or self._probe_res is None:
+            raise RuntimeError("call reset() first: no input is open to time")
+        plan = self.slm.check_plan(plan)
+        probe, P, k = self._probe_res, self._probe_res.prompt_len, self.probe.layers
+        t = self._prompt_t
+        first = self.cost_source.cost(self.interface.probe_plan, lambda: self.interface.observe(t), P)
+        if self.interface.reuses_probe(plan):
+            rest = self.cost_source.cost(plan, lambda: run_rest(self.slm, probe, plan, k), P)
+        else:
+            rest = self.cost_source.cost(plan, lambda: run_full(self.slm, probe.ids, plan), P)
+        return float(first.latency_s + rest.latency_s)
 
     def close_episode(self) -> None:
         """End the current episode without a step (harnesses that scored it with ``step_plan(keep_open=True)``)."""

@@ -343,3 +343,7 @@ class Staged(PerInput):
     def step_plan(self, plan: SparsityPlan, *, keep_open: bool = False) -> tuple[np.ndarray, float, bool, bool, dict]:
         """Not available: a staged episode's plan is made by its steps."""
         raise NotImplementedError("Staged episodes are stepped group by group; use PerInput for explicit plans")
+
+    def retime(self, plan: SparsityPlan) -> float:
+        """Not available: a staged episode's plan is made by its steps."""
+        raise NotImplementedError("Staged episodes are stepped group by group; use PerInput to time explicit plans")

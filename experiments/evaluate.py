@@ -23,6 +23,8 @@ from typing import Any
 
 from agents.baselines import Dense, EntropyThreshold, PlanController, StaticImportance, StaticUniform
 from agents.evaluation import (
+    TIMING_ROUNDS,
+    TIMING_THREADS,
     ExportedController,
     Run,
     default_candidates,
@@ -33,6 +35,7 @@ from agents.evaluation import (
     probe_observations,
     run_controller,
     sweep,
+    timing_settings,
 )
 from experiments.report import headline_markdown, pareto_plot, per_task_table, save_results, summary_table
 
@@ -101,6 +104,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-items", type=int, default=48, help="inputs to evaluate")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the LLM forward")
     p.add_argument(
+        "--timing-threads",
+        type=int,
+        default=None,
+        help=f"torch threads of each timed run (default {TIMING_THREADS}: fewer than the cores, so other processes "
+        "on the machine do not move the latency fractions)",
+    )
+    p.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=None,
+        help=f"with --pareto: timing rounds per input, each plan's best counts (default {TIMING_ROUNDS})",
+    )
+    p.add_argument(
         "--env-kwargs",
         type=json.loads,
         default={},
@@ -111,22 +127,32 @@ def main(argv: list[str] | None = None) -> None:
     if not args.controller and not args.pareto:
         p.error("name at least one --controller, or --pareto")
     out = args.out or Path("outputs/evaluate") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        rounds, timing_threads = timing_settings(args.timing_rounds, args.timing_threads)
+    except ValueError as e:
+        p.error(str(e))
     env = evaluation_env(
         model=args.model,
         task=args.task,
         split=args.split,
         n_items=args.n_items,
         env_kwargs={"threads": args.threads, **controller_probe(args.controller), **args.env_kwargs},
+        timing_threads=timing_threads,
     )
     n = min(args.n_items, len(env.items))
     chosen = [parse_controller(spec, env) for spec in args.controller]
-    md = [f"# Evaluation: {args.model}, task {args.task}, {args.split} split, {n} inputs, measured latency\n"]
+    md = [
+        f"# Evaluation: {args.model}, task {args.task}, {args.split} split, {n} inputs, measured latency\n",
+        f"Each run timed with {timing_threads} thread{'s' if timing_threads != 1 else ''}"
+        + (f", best of {rounds} interleaved rounds per input" if args.pareto else "")
+        + "; latency fractions are over the dense plan's time on the same input.\n",
+    ]
     rows = None
     families: dict[str, list[Run]] = {}
     if args.pareto:
         rules = entropy_rules(probe_observations(env, n), env.probe.feature_names)
         chosen += [(rule, "EntropyThreshold") for rule in rules]
-        static, runs, _ = sweep(env, default_candidates(), n, chosen)
+        static, runs, _ = sweep(env, default_candidates(), n, chosen, rounds=rounds)
     else:
         static, runs = [], [run_controller(env, c, n, fam) for c, fam in chosen]
     for run in runs:

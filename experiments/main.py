@@ -92,6 +92,7 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     t_train = time.perf_counter() - t_start
 
     # ---- evaluate on held-out inputs with measured latency
+    rounds, timing_threads = ev.timing_settings(cfg.eval.get("timing_rounds"), cfg.eval.get("timing_threads"))
     env = ev.evaluation_env(
         model=str(cfg.model.name),
         task=str(cfg.task.name),
@@ -106,6 +107,7 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
             "mlp_rules": list(cfg.env.mlp_rules),
             "predictor": cfg.env.predictor,
         },
+        timing_threads=timing_threads,
     )
     n = min(int(cfg.eval.n_items), len(env.items))
     trained = []
@@ -119,7 +121,7 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     trained += [(rule, "EntropyThreshold") for rule in rules]
     # Static plans and controllers run back to back on each input (interleaved measurement).
     candidates = ev.default_candidates(mlp_rules=list(cfg.env.mlp_rules))
-    static, ctrl_runs, _ = ev.sweep(env, candidates, n, trained, seed=int(cfg.seed))
+    static, ctrl_runs, _ = ev.sweep(env, candidates, n, trained, seed=int(cfg.seed), rounds=rounds)
     families: dict[str, list[ev.Run]] = {}
     for run in ctrl_runs:
         families.setdefault(run.family, []).append(run)
@@ -133,7 +135,9 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     md = [
         f"# Main job: adaptive vs static pruning on {cfg.model.name}",
         f"Task mix `{cfg.task.name}`; controllers trained on the train split with calibrated cost, evaluated on "
-        f"{n} {cfg.eval.split} inputs with measured latency on this machine. Training {t_train / 60:.1f} min, "
+        f"{n} {cfg.eval.split} inputs with measured latency on this machine (each run timed with {timing_threads} "
+        f"thread{'s' if timing_threads != 1 else ''}, best of {rounds} interleaved rounds per input, as a fraction of "
+        f"the dense plan's time on the same input). Training {t_train / 60:.1f} min, "
         f"total {t_total / 60:.1f} min.",
         head,
         f"![Pareto]({plot.name})",

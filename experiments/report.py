@@ -125,7 +125,7 @@ def headline_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
                     f"{r['target_latency']:.0%}",
                     r["controller"],
                     "not reached" if not np.isfinite(acc) else f"{acc:.3f}{mark}",
-                    _fmt_ci(r["ci95"]),
+                    "—" if not np.isfinite(acc) else _fmt_ci(r["ci95"]),  # resamples that reach it are not a CI
                     "—" if not np.isfinite(r["vs_hull"]) else f"{r['vs_hull']:+.3f} {_fmt_ci(r['vs_hull_ci95'])}",
                     "—" if not np.isfinite(r["gap_closed"]) else f"{r['gap_closed']:.0%}",
                 ]

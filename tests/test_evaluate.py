@@ -66,6 +66,9 @@ def test_headline_marks_unreached_targets():
     rows = ev.headline(static, {}, targets=(0.7,), n_boot=20)
     assert all(not np.isfinite(r["accuracy"]) for r in rows)
     assert "not reached" in report.headline_markdown(rows)
+    # An unreached target shows no interval, even when some bootstrap resamples reach it.
+    rows = [{**r, "ci95": [0.4, 0.6]} for r in rows]
+    assert "[0.400, 0.600]" not in report.headline_markdown(rows)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +128,7 @@ def test_sweep_interleaves_controllers_with_the_same_results(tiny_env):
     assert len(ev.entropy_rules(probes, tiny_env.probe.feature_names)) == 3
 
 
-def test_same_round_latency_is_a_ratio_of_means_over_the_dense_rounds():
+def test_same_round_latency_pairs_each_input_with_its_dense_timing():
     from dataclasses import replace
 
     dense = replace(fake_run("Dense", [1, 1, 1, 1], 1.0), latency_s=np.array([0.10, 0.30, 0.10, 0.30]))
@@ -136,6 +139,97 @@ def test_same_round_latency_is_a_ratio_of_means_over_the_dense_rounds():
     # A slow phase that hits every plan of the same inputs moves no fraction.
     slow = [replace(r, latency_s=r.latency_s * np.array([1.0, 3.0, 1.0, 3.0])) for r in (dense, half)]
     assert ev.same_round_latency(slow, slow[0])[1].lat.mean() == pytest.approx(0.5)
+    # Per input, not a ratio of means: a plan that saves only on the long inputs.
+    part = replace(fake_run("part", [1, 1, 1, 1], 0.5), latency_s=np.array([0.10, 0.15, 0.10, 0.15]))
+    p = ev.same_round_latency([dense, part], dense)[1]
+    assert np.allclose(p.lat, [1.0, 0.5, 1.0, 0.5])
+    assert p.extra["latency_fraction_ratio_of_means"] == pytest.approx(0.5 / 0.8)
+
+
+def measured_tiny_env(**kw):
+    return ev.evaluation_env(
+        model="tiny-llama",
+        task="generated",
+        split="test",
+        n_items=3,
+        cost="measured",
+        env_kwargs={"num_groups": 1, "probe_layers": 1, "probe_dim": 4},
+        **kw,
+    )
+
+
+def test_measured_sweep_keeps_each_plans_best_round(monkeypatch):
+    env = measured_tiny_env()
+    cands = [Dense(), StaticUniform(layers=0.5)]
+    timed: list[str] = []
+
+    def quick(plan):
+        timed.append(plan.describe())
+        return 1e-9
+
+    monkeypatch.setattr(env, "retime", quick)
+    static, _, _ = ev.sweep(env, cands, 3, rounds=3)
+    assert len(timed) == 2 * 3 * 2  # two extra rounds of both plans on each of 3 inputs
+    assert sorted(set(timed)) == sorted({c(None, ev.context(env)).describe() for c in cands})
+    for r in static:
+        assert np.allclose(r.latency_s, r.decision_s + 1e-9) and r.extra["timing_rounds"] == 3
+    # Later rounds that are slower leave the first round's timing.
+    monkeypatch.setattr(env, "retime", lambda plan: 1e3)
+    first, _, _ = ev.sweep(env, cands, 3, rounds=2)
+    assert np.all(first[0].latency_s < 1e3)
+    with pytest.raises(ValueError, match="rounds"):
+        ev.sweep(env, cands, 3, rounds=0)
+
+
+def test_calibrated_sweep_takes_one_round(tiny_env, monkeypatch):
+    monkeypatch.setattr(tiny_env, "retime", lambda plan: pytest.fail("a calibrated cost needs no timing rounds"))
+    static, _, _ = ev.sweep(tiny_env, [Dense()], 2, rounds=3)
+    assert "timing_rounds" not in static[0].extra
+
+
+def test_retime_times_the_open_input_without_touching_its_episode():
+    env = measured_tiny_env(timing_threads=1)
+    assert env.cost_source.meter.threads == 1  # the evaluation's timing threads reach the meter
+    env.reset(options={"item": 0})
+    plan = StaticUniform(layers=0.5)(None, ev.context(env))
+    _, _, _, _, a = env.step_plan(plan, keep_open=True)
+    assert env.retime(plan) > 0 and env.retime(env.slm.dense_plan()) > 0
+    _, _, _, _, b = env.step_plan(plan, keep_open=True)
+    assert a["accuracy_raw"] == b["accuracy_raw"] and a["flops_fraction"] == b["flops_fraction"]
+    env.close_episode()
+
+
+def test_retime_refuses_calibrated_cost_and_a_closed_env(tiny_env):
+    with pytest.raises(ValueError, match="measured"):
+        tiny_env.retime(tiny_env.slm.dense_plan())
+    env = measured_tiny_env()
+    with pytest.raises(RuntimeError, match="reset"):
+        env.retime(env.slm.dense_plan())
+
+
+def test_sweep_warns_when_other_processes_hold_the_timing_cores(monkeypatch):
+    import os
+
+    from envs.measure import meters
+
+    env = measured_tiny_env(timing_threads=1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr(meters, "busy_cores_elsewhere", lambda interval_s=0.5: float(cores))
+    with pytest.warns(RuntimeWarning, match="cores busy"):
+        ev.sweep(env, [Dense()], 1, rounds=1)
+    monkeypatch.setattr(meters, "busy_cores_elsewhere", lambda interval_s=0.5: 0.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ev.sweep(env, [Dense()], 1, rounds=1)
+
+
+def test_timing_settings_defaults_and_errors():
+    assert ev.timing_settings() == (ev.TIMING_ROUNDS, ev.TIMING_THREADS)
+    assert ev.timing_settings(3, 2) == (3, 2)
+    with pytest.raises(ValueError, match="rounds"):
+        ev.timing_settings(0, None)
 
 
 def test_measured_sweep_takes_fractions_against_dense_in_the_same_rounds():
@@ -149,5 +243,5 @@ def test_measured_sweep_takes_fractions_against_dense_in_the_same_rounds():
     )
     static, _, _ = ev.sweep(env, [Dense(), StaticUniform(layers=0.5)], 3)
     assert static[0].lat.mean() == pytest.approx(1.0)
-    assert np.allclose(static[1].lat, static[1].latency_s / static[0].latency_s.mean())
+    assert np.allclose(static[1].lat, static[1].latency_s / static[0].latency_s)
     assert "latency_fraction_single_dense" in static[1].extra

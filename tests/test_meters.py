@@ -246,3 +246,45 @@ def test_cuda_events_measurement_sanity():
     assert m.latency_p50_s > 0 and m.latency_p95_s >= m.latency_p50_s
     assert m.memory_kind == "cuda_max_allocated" and m.peak_memory_bytes >= a.numel() * 4
     assert m.device.startswith("cuda:") and m.energy_j is not None and m.energy_j > 0
+
+
+def test_meter_times_with_its_own_threads_and_restores_the_process_setting():
+    import torch
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    want = 1 if before != 1 else 2
+    meter = Meter(warmup=1, repeats=2, energy="off", memory=False, threads=want)
+    meter.measure(lambda: seen.append(torch.get_num_threads()))
+    assert seen == [want] * 3  # the warm-up and both timed calls
+    assert torch.get_num_threads() == before
+    assert meter.describe()["threads"] == want
+    seen.clear()
+    with pytest.raises(RuntimeError, match="boom"):
+        Meter(warmup=0, repeats=1, energy="off", memory=False, threads=want).measure(
+            lambda: (_ for _ in ()).throw(RuntimeError("boom"))
+        )
+    assert torch.get_num_threads() == before  # restored when the workload raises, too
+    Meter(warmup=0, repeats=1, energy="off", memory=False).measure(lambda: seen.append(torch.get_num_threads()))
+    assert seen == [before]  # no setting: the process's threads
+    with pytest.raises(ValueError, match="threads"):
+        Meter(threads=0)
+
+
+def test_busy_cores_elsewhere_sees_another_process_and_not_this_one():
+    import subprocess
+    import sys
+    import time
+
+    from envs.measure.meters import busy_cores_elsewhere
+
+    with pytest.raises(ValueError, match="interval_s"):
+        busy_cores_elsewhere(0)
+    burner = subprocess.Popen([sys.executable, "-c", "while True:\n    pass"])
+    try:
+        time.sleep(0.3)
+        loaded = busy_cores_elsewhere(0.5)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert loaded >= 0.6  # one core's busy loop (a shared CI machine may add more)

@@ -39,7 +39,8 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -442,6 +443,36 @@ def combine(measurements: Sequence[Measurement]) -> Measurement:
     )
 
 
+# ---------------------------------------------------------------------------------------- shared machine
+def busy_cores_elsewhere(interval_s: float = 0.5) -> float:
+    """How many of this process's cores other processes kept busy over the next ``interval_s`` seconds.
+
+    The machine's busy CPU time minus this process's own, over the interval, in cores. A
+    measurement harness calls it before timing, while it is itself idle, to see whether its
+    forward's threads will have a core each.
+    """
+    import psutil
+
+    if not interval_s > 0:
+        raise ValueError(f"interval_s must be positive seconds, got {interval_s}")
+    me = psutil.Process()
+    fields = ("user", "nice", "system", "irq", "softirq", "steal")  # guest time is already in user
+
+    def busy() -> tuple[float, float]:
+        t, own = psutil.cpu_times(), me.cpu_times()
+        return sum(getattr(t, f, 0.0) for f in fields), own.user + own.system
+
+    all0, own0 = busy()
+    t0 = time.perf_counter()
+    time.sleep(interval_s)
+    all1, own1 = busy()
+    dt = time.perf_counter() - t0
+    total = psutil.cpu_count() or 1
+    ours = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    others = max(0.0, (all1 - all0) - (own1 - own0)) / dt
+    return float(min(others * ours / total, ours))  # spread evenly over the machine's cores
+
+
 # ---------------------------------------------------------------------------------------- meter
 class Meter:
     """Measures latency (p50/p95), throughput, peak memory and energy of a callable.
@@ -463,6 +494,11 @@ class Meter:
         nvml: NVML module for ``energy="nvml"``/``"auto"`` (default ``pynvml``); tests pass fakes.
         rapl_root: powercap folder for RAPL (tests pass a temporary folder).
         cpu_time: CPU-seconds clock for the estimate (default ``time.process_time``).
+        threads: PyTorch intra-op threads for the measured calls only (restored after each
+            measurement); ``None`` leaves the process setting. Timing with fewer threads than free
+            cores keeps a measurement from depending on whatever else runs on the machine: a
+            forward whose threads outnumber the free cores waits on descheduled threads at every
+            parallel region, so its latency follows its op count instead of its work.
 
     Raises:
         MeterUnavailableError: An explicitly requested counter or device is not available.
@@ -486,7 +522,10 @@ class Meter:
         nvml: Any = None,
         rapl_root: str | Path = "/sys/class/powercap",
         cpu_time: Clock | None = None,
+        threads: int | None = None,
     ) -> None:
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {threads}")
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {warmup}")
         if repeats < 1:
@@ -501,6 +540,7 @@ class Meter:
         self.is_cuda = device.startswith("cuda")
         self.tag = device_tag(device)
         self.warmup, self.repeats, self.cv_bound = int(warmup), int(repeats), float(cv_bound)
+        self.threads = None if threads is None else int(threads)
         self.energy_window_s = float(energy_window_s)
         self.memory = memory
         self._injected_clock = clock is not None
@@ -538,6 +578,21 @@ class Meter:
         return CpuTimeEnergy(cpu_w, cpu_time or time.process_time)
 
     # ------------------------------------------------------------------ timing
+    @contextmanager
+    def _threads(self) -> Iterator[None]:
+        """The measured calls' thread count (``threads``), the process's own restored after."""
+        if self.threads is None:
+            yield
+            return
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
     def _sync(self) -> None:
         if self.is_cuda:
             import torch
@@ -617,17 +672,18 @@ class Meter:
         """
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
-        for _ in range(self.warmup):
-            fn()
-        self._sync()
-        before = self._memory_start()
-        samples = tuple(self._time_call(fn) for _ in range(self.repeats))
-        peak, kind, delta = self._memory_end(before)
+        with self._threads():
+            for _ in range(self.warmup):
+                fn()
+            self._sync()
+            before = self._memory_start()
+            samples = tuple(self._time_call(fn) for _ in range(self.repeats))
+            peak, kind, delta = self._memory_end(before)
+            energy_j = window = None
+            calls = 0
+            if self.energy_reader is not None:
+                energy_j, window, calls = self._energy(fn)
         st = latency_stats(samples)
-        energy_j = window = None
-        calls = 0
-        if self.energy_reader is not None:
-            energy_j, window, calls = self._energy(fn)
         return Measurement(
             latency_p50_s=st["p50"],
             latency_p95_s=st["p95"],
@@ -684,6 +740,7 @@ class Meter:
             "energy_source": None if r is None else r.source,
             "energy_window_s": self.energy_window_s,
             "power_w": getattr(r, "power_w", None),
+            "threads": self.threads,
         }
 
 
