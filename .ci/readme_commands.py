@@ -124,6 +124,11 @@ TABLE: list[Run | Skip] = [
         "model=tiny-llama mix=generated train_items=16 val_items=4 name=$TAG-exits progress=false"),
     Run("python -m experiments.bench.staged --exit-maps smollm2-135m-exits",
         "--quick --model tiny-llama --task generated --exit-maps $TAG-exits"),
+    Run("python -m experiments.exit_maps name=smollm2-135m-exits-kl distill_steps=870",
+        "model=tiny-llama mix=generated train_items=16 val_items=4 name=$TAG-exits-kl distill_steps=8 "
+        "distill_batch=16 progress=false"),
+    Run("python -m experiments.bench.staged --exit-maps smollm2-135m-exits-kl",
+        "--quick --model tiny-llama --task generated --exit-maps $TAG-exits-kl"),
     Run("python -m experiments.bench.exits", "--quick"),
     Run("python -m experiments.bench.latency", "--quick"),
     Skip("make smoke", "the target that runs this table (.ci/run calls it): running it here would recurse",
@@ -289,9 +294,9 @@ def _restore(before: dict[Path, bytes], readme: str) -> None:
 
 
 def _cleanup(vars_: dict[str, str], keep: bool) -> None:
-    """Remove what the short forms left in shared places (prepared models, checkpoints, predictors) and $SCRATCH."""
+    """Remove what the short forms left in shared places (prepared models, predictors, exit maps...) and $SCRATCH."""
     cache = Path(os.environ.get("PRUNEGYM_CACHE", Path.home() / ".cache" / "prunegym"))
-    for sub in ("prepared", "prepare-checkpoints", "predictors"):
+    for sub in ("prepared", "prepare-checkpoints", "predictors", "exit_maps"):
         for path in sorted((cache / sub).glob(f"{vars_['TAG']}-*")):
             shutil.rmtree(path, ignore_errors=True)
     if keep:

@@ -71,16 +71,23 @@ def test_headline_marks_unreached_targets():
     assert "[0.400, 0.600]" not in report.headline_markdown(rows)
 
 
-@pytest.fixture(scope="module")
-def tiny_env():
+def tiny_eval_env(cost: str = "measured", n_items: int = 3, **kw):
+    """The tiny model's evaluation environment on generated test items (calibrated: fitted on the spot)."""
+    extra = {"calibrate_cost": True} if cost == "calibrated" else {}
     return ev.evaluation_env(
         model="tiny-llama",
         task="generated",
         split="test",
-        n_items=6,
-        cost="calibrated",
-        env_kwargs={"num_groups": 1, "probe_layers": 1, "probe_dim": 4, "calibrate_cost": True},
+        n_items=n_items,
+        cost=cost,
+        env_kwargs={"num_groups": 1, "probe_layers": 1, "probe_dim": 4, **extra},
+        **kw,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_env():
+    return tiny_eval_env("calibrated", 6)
 
 
 def test_evaluation_is_reproducible_in_calibrated_mode(tiny_env):
@@ -146,20 +153,8 @@ def test_same_round_latency_pairs_each_input_with_its_dense_timing():
     assert p.extra["latency_fraction_ratio_of_means"] == pytest.approx(0.5 / 0.8)
 
 
-def measured_tiny_env(**kw):
-    return ev.evaluation_env(
-        model="tiny-llama",
-        task="generated",
-        split="test",
-        n_items=3,
-        cost="measured",
-        env_kwargs={"num_groups": 1, "probe_layers": 1, "probe_dim": 4},
-        **kw,
-    )
-
-
 def test_measured_sweep_keeps_each_plans_best_round(monkeypatch):
-    env = measured_tiny_env()
+    env = tiny_eval_env()
     cands = [Dense(), StaticUniform(layers=0.5)]
     timed: list[str] = []
 
@@ -188,7 +183,7 @@ def test_calibrated_sweep_takes_one_round(tiny_env, monkeypatch):
 
 
 def test_retime_times_the_open_input_without_touching_its_episode():
-    env = measured_tiny_env(timing_threads=1)
+    env = tiny_eval_env(timing_threads=1)
     assert env.cost_source.meter.threads == 1  # the evaluation's timing threads reach the meter
     env.reset(options={"item": 0})
     plan = StaticUniform(layers=0.5)(None, ev.context(env))
@@ -202,7 +197,7 @@ def test_retime_times_the_open_input_without_touching_its_episode():
 def test_retime_refuses_calibrated_cost_and_a_closed_env(tiny_env):
     with pytest.raises(ValueError, match="measured"):
         tiny_env.retime(tiny_env.slm.dense_plan())
-    env = measured_tiny_env()
+    env = tiny_eval_env()
     with pytest.raises(RuntimeError, match="reset"):
         env.retime(env.slm.dense_plan())
 
@@ -212,7 +207,7 @@ def test_sweep_warns_when_other_processes_hold_the_timing_cores(monkeypatch):
 
     from envs.measure import meters
 
-    env = measured_tiny_env(timing_threads=1)
+    env = tiny_eval_env(timing_threads=1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     monkeypatch.setattr(meters, "busy_cores_elsewhere", lambda interval_s=0.5: float(cores))
     with pytest.warns(RuntimeWarning, match="cores busy"):
@@ -233,14 +228,7 @@ def test_timing_settings_defaults_and_errors():
 
 
 def test_measured_sweep_takes_fractions_against_dense_in_the_same_rounds():
-    env = ev.evaluation_env(
-        model="tiny-llama",
-        task="generated",
-        split="test",
-        n_items=3,
-        cost="measured",
-        env_kwargs={"num_groups": 1, "probe_layers": 1, "probe_dim": 4},
-    )
+    env = tiny_eval_env()
     static, _, _ = ev.sweep(env, [Dense(), StaticUniform(layers=0.5)], 3)
     assert static[0].lat.mean() == pytest.approx(1.0)
     assert np.allclose(static[1].lat, static[1].latency_s / static[0].latency_s)

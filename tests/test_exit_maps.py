@@ -14,6 +14,9 @@ from envs.runtime.exit_maps import (
     EXIT_MAPS_FORMAT,
     ExitMaps,
     NormalEquations,
+    PositionSample,
+    distill_exit_maps,
+    exit_kl,
     fit_exit_maps,
     layer_outputs,
     load_exit_maps,
@@ -204,15 +207,17 @@ def test_command_settings_and_training_split(tmp_path, monkeypatch):
         ({"every": 0}, "every"),
         ({"name": "a/b"}, "plain folder name"),
         ({"colour": 1}, "unknown exit-maps settings"),
+        ({"distill_lr": 0}, "distill_lr"),
+        ({"distill_batch": 0}, "distill_batch"),
     ):
         with pytest.raises(ValueError, match=msg):
             check_settings({"model": MODEL, **bad})
-    monkeypatch.setenv("PRUNEGYM_CACHE", str(tmp_path / "cache"))
     from envs.base import shared_lm
     from envs.tasks import load_mix
     from envs.tasks.items import split_key
 
-    slm = shared_lm(MODEL)
+    slm = shared_lm(MODEL)  # loaded before the cache moves (its importance orderings need the data cache)
+    monkeypatch.setenv("PRUNEGYM_CACHE", str(tmp_path / "cache"))
     cfg = {"model": MODEL, "mix": "generated", "train_items": 16, "val_items": 6, "out": str(tmp_path / "o")}
     card = fit_and_save({**cfg, "progress": False}, slm=slm)
     assert card["training"]["item_splits"] == ["train"]
@@ -222,3 +227,125 @@ def test_command_settings_and_training_split(tmp_path, monkeypatch):
     assert slm.exit_maps is None, "measuring the agreement leaves the model as it was"
     with pytest.raises(FileExistsError, match="force=true"):
         fit_and_save({**cfg, "progress": False}, slm=slm)
+
+
+def _held_kl(slm, maps, sample):
+    L = slm.spec.num_layers
+    with torch.no_grad():
+        teacher = torch.log_softmax(slm.lm_head(slm.final_norm(sample[:, L - 1])).float(), -1)
+        return [float(exit_kl(slm, maps, d, sample[:, d], teacher)) for d in range(L - 1)]
+
+
+class _Head:
+    """A model whose last layer is a known linear function of each earlier layer's output (the truth is known)."""
+
+    def __init__(self, D: int = 16, V: int = 40, L: int = 3, seed: int = 0) -> None:
+        from types import SimpleNamespace
+
+        g = torch.Generator().manual_seed(seed)
+        self.model = torch.nn.Module()
+        self.model.lm_head = torch.nn.Linear(D, V, bias=False)
+        with torch.no_grad():
+            self.model.lm_head.weight.copy_(torch.randn(V, D, generator=g))
+        self.lm_head = self.model.lm_head
+        self.final_norm = torch.nn.LayerNorm(D, elementwise_affine=False)
+        self.spec = SimpleNamespace(num_layers=L, hidden_size=D)
+        self.to_last = [torch.eye(D) + 0.8 * torch.randn(D, D, generator=g) / D**0.5 for _ in range(L - 1)]
+        self.gen = g
+
+    def sample(self, n: int) -> torch.Tensor:
+        last = torch.randn(n, self.spec.hidden_size, generator=self.gen)
+        outs = [last @ torch.linalg.inv(a) for a in self.to_last]  # layer d's output, so that out_d @ a_d = last
+        return torch.stack([*outs, last], 1)
+
+
+def test_early_exit_distillation_lowers_held_out_kl_where_the_truth_is_known():
+    fake = _Head()
+    L, D = fake.spec.num_layers, fake.spec.hidden_size
+    train, held = fake.sample(2048), fake.sample(512)
+    lens = [torch.cat([torch.eye(D), torch.zeros(1, D)])] * (L - 1)  # the logit lens
+    res = distill_exit_maps(fake, lens, train, steps=200, lr=1e-2, batch=128)
+    maps, losses = res.maps, res.losses
+    assert len(losses) == 200 and np.mean(losses[-20:]) < np.mean(losses[:20])
+    kl_lens, kl_distilled = _held_kl(fake, lens, held), _held_kl(fake, maps, held)
+    assert all(b < 0.3 * a for a, b in zip(kl_lens, kl_distilled, strict=True)), (kl_lens, kl_distilled)
+    assert all(res.trained) and all(b < a for a, b in zip(res.holdout_start, res.holdout_trained, strict=True))
+    # From the true maps, training can only overfit: every layer keeps its starting map.
+    D1 = torch.zeros(1, D)
+    truth = [torch.cat([a, D1]) for a in fake.to_last]
+    worse = distill_exit_maps(fake, truth, fake.sample(64), steps=20, lr=0.5, batch=4, holdout=32)
+    assert not any(worse.trained) and all(torch.equal(a, b) for a, b in zip(worse.maps, truth, strict=True))
+    assert all(p.requires_grad for p in fake.model.parameters()), "the model's own flags are restored"
+    assert fake.lm_head.weight.grad is None, "the model is never trained"
+    same = distill_exit_maps(fake, lens, train, steps=0)
+    assert not same.losses and all(torch.equal(a, b) for a, b in zip(same.maps, lens, strict=True))
+    again = distill_exit_maps(fake, lens, train, steps=5, batch=8, seed=3, holdout=0).maps
+    twice = distill_exit_maps(fake, lens, train, steps=5, batch=8, seed=3, holdout=0).maps
+    assert all(torch.equal(a, b) for a, b in zip(again, twice, strict=True)), "seeded: the same maps"
+    with pytest.raises(ValueError, match="sample must be"):
+        distill_exit_maps(fake, lens, train[:, :2], steps=1)
+    with pytest.raises(ValueError, match="lr"):
+        distill_exit_maps(fake, lens, train, steps=1, lr=0)
+
+
+def test_distillation_leaves_a_real_model_and_its_dense_path_alone(tiny_llama):
+    slm = tiny_llama
+    train = PositionSample(8, seed=0)
+    ridge = fit_exit_maps(slm, _seqs(0, 4), ridge=1e-3, sample=train)
+    x = train.tensor()
+    assert x.shape == (4 * 8, slm.spec.num_layers, slm.spec.hidden_size)
+    ids = _seqs(5, 1)[0][None]
+    before_hash, before_logits = slm.weights_hash, slm.forward(ids, slm.dense_plan()).logits
+    grads = [p.requires_grad for p in slm.model.parameters()]
+    maps = distill_exit_maps(slm, ridge, x, steps=2, batch=8, holdout=0).maps
+    assert not all(torch.equal(a, b) for a, b in zip(maps, ridge, strict=True)), "the maps did learn"
+    assert slm.weights_hash == before_hash and [p.requires_grad for p in slm.model.parameters()] == grads
+    assert torch.equal(slm.forward(ids, slm.dense_plan()).logits, before_logits)
+
+
+def test_position_sample_is_seeded_per_sequence():
+    outs = [torch.arange(30.0).reshape(10, 3) + i for i in range(3)]
+    a, b = PositionSample(4, seed=2), PositionSample(4, seed=2)
+    a.add(outs)
+    b.add(outs)
+    assert torch.equal(a.tensor(), b.tensor()) and a.tensor().shape == (4, 3, 3)
+    short = PositionSample(50)
+    short.add(outs)
+    assert short.tensor().shape[0] == 10, "a shorter sequence gives all its positions"
+    with pytest.raises(ValueError, match="per_sequence"):
+        PositionSample(0)
+    with pytest.raises(ValueError, match="no positions"):
+        PositionSample(2).tensor()
+
+
+def test_command_distills_and_reports_the_three_readouts(tmp_path, monkeypatch):
+    from envs.base import shared_lm
+    from experiments.exit_maps import fit_and_save
+
+    slm = shared_lm(MODEL)  # loaded before the cache moves (its importance orderings need the data cache)
+    monkeypatch.setenv("PRUNEGYM_CACHE", str(tmp_path / "cache"))
+    cfg = {
+        "model": MODEL,
+        "mix": "generated",
+        "train_items": 12,
+        "val_items": 6,
+        "out": str(tmp_path / "o"),
+        "distill_steps": 20,
+        "distill_batch": 16,
+        "progress": False,
+    }
+    card = fit_and_save(cfg, slm=slm)
+    dist = card["distillation"]
+    assert dist["steps"] == 20 and "early-exit loss" in card["method"]
+    L = slm.spec.num_layers
+    assert len(dist["holdout_kl_ridge"]) == len(dist["holdout_kl_trained"]) == L - 1
+    kept = set(dist["trained_layers_kept"])
+    assert kept == {i for i in range(L - 1) if dist["holdout_kl_trained"][i] < dist["holdout_kl_ridge"][i]}
+    vk = dist["val_kl"]
+    assert len(vk["logit_lens"]) == len(vk["ridge"]) == len(vk["distilled"]) == len(vk["depths"])
+    ag = card["agreement"]
+    assert len(ag["logit_lens"]) == len(ag["ridge"]) == len(ag["exit_maps"]) == len(ag["depths"])
+    assert "distill_steps=20" in card["command"]
+    loaded = load_exit_maps(cfg["out"], slm)
+    assert loaded.card["distillation"] == dist
+    assert slm.exit_maps is None

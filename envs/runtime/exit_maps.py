@@ -20,6 +20,15 @@ layer's output, at every position. Each map is the ridge solution shrunk towards
 an infinite ridge the map *is* the logit lens), with the ridge relative to the layer's mean input
 energy. The fit is closed-form and deterministic: seconds after the dense pass.
 
+Distillation (:func:`distill_exit_maps`, optional): the ridge maps minimise the squared error of
+the hidden state, which weighs every direction alike, while an exit is judged by the answer the LM
+head reads from it. Starting from the ridge solution, the maps are then trained by gradient
+descent on LayerSkip's early-exit loss: the KL divergence from the full model's next-token
+distribution to the exit's, at every exit depth in turn, on positions of the same train-split
+sequences (the tuned lens's objective). Only the maps learn: the model's weights, and with them the
+dense path, stay exactly as they are. (A pruning-ready model cannot carry this loss instead: its
+adapted weights run only from the first pruned layer on, and an exit prunes nothing before it.)
+
 Files: ``exit_maps.safetensors`` (keys ``"<layer>"``, float32 ``[D + 1, D]``: the weight rows,
 then the bias row; layers ``0 .. L - 2``) and a self-hashed ``card.json`` naming the model, the
 training sequences' SHA-256 and split, the settings and held-out agreement (:mod:`envs.runtime.artifacts`).
@@ -28,6 +37,7 @@ training sequences' SHA-256 and split, the settings and held-out agreement (:mod
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +54,7 @@ EXIT_MAPS_VERSION = 1
 TENSORS_FILE = "exit_maps.safetensors"
 COMMAND = "python -m experiments.exit_maps"
 METHOD = "ridge regression of the last layer's output on layer d's output (with bias), shrunk towards the identity"
+DISTILLED = "; then trained on the early-exit loss (KL from the full model's next-token distribution), the model frozen"
 
 
 def exit_maps_folder(name: str) -> Path:
@@ -141,6 +152,156 @@ class NormalEquations:
         return maps
 
 
+class PositionSample:
+    """Every layer's dense output at a random subset of positions, kept for :func:`distill_exit_maps`.
+
+    Args:
+        per_sequence: Positions kept of each sequence (all of a shorter one).
+        seed: Seed of the draws (a sequence's positions depend only on it and the sequence's index).
+    """
+
+    def __init__(self, per_sequence: int, seed: int = 0) -> None:
+        if per_sequence < 1:
+            raise ValueError(f"per_sequence must be >= 1, got {per_sequence}")
+        self.per_sequence, self.seed = int(per_sequence), int(seed)
+        self._parts: list[torch.Tensor] = []
+
+    def add(self, outputs: Sequence[torch.Tensor]) -> None:
+        """Keep some positions of one sequence: ``outputs[i]`` is layer ``i``'s output, ``[T, D]``."""
+        T = int(outputs[0].shape[0])
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + len(self._parts))
+        idx = torch.randperm(T, generator=g)[: self.per_sequence]
+        self._parts.append(torch.stack([h[idx].float() for h in outputs], 1))  # [k, L, D]
+
+    def tensor(self) -> torch.Tensor:
+        """The kept positions, ``[N, L, D]``."""
+        if not self._parts:
+            raise ValueError("no positions kept: add at least one sequence")
+        return torch.cat(self._parts)
+
+
+def exit_kl(
+    slm: SparseLM, maps: Sequence[torch.Tensor], layer: int, hidden: torch.Tensor, teacher_logp: torch.Tensor
+) -> torch.Tensor:
+    """Mean KL(full model || exit after ``layer``) over positions: the early-exit loss of one depth.
+
+    Args:
+        slm: The model (its final norm and LM head, which are not trained).
+        maps: Every layer's ``[D + 1, D]`` map (only ``maps[layer]`` is read).
+        layer: The last layer that ran.
+        hidden: That layer's output at the positions, ``[N, D]``.
+        teacher_logp: The full model's next-token log-probabilities there, ``[N, V]``.
+    """
+    D = hidden.shape[-1]
+    m = maps[layer]
+    h = torch.addmm(m[D], hidden, m[:D])
+    logp = torch.log_softmax(slm.lm_head(slm.final_norm(h)).float(), -1)
+    return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean()
+
+
+@dataclass
+class Distillation:
+    """What :func:`distill_exit_maps` did.
+
+    Attributes:
+        maps: The maps it returns: per layer the trained one, or the starting one where training
+            did not lower the loss on the held-back positions.
+        losses: The training loss of each step.
+        trained: Per layer, whether its trained map was kept.
+        holdout_start: Per layer, the held-back positions' early-exit loss with the starting map.
+        holdout_trained: The same with the trained map.
+    """
+
+    maps: list[torch.Tensor]
+    losses: list[float]
+    trained: list[bool]
+    holdout_start: list[float]
+    holdout_trained: list[float]
+
+
+def distill_exit_maps(
+    slm: SparseLM,
+    maps: Sequence[torch.Tensor],
+    sample: torch.Tensor,
+    *,
+    steps: int,
+    lr: float = 3e-4,
+    batch: int = 256,
+    holdout: int = 512,
+    seed: int = 0,
+    bar: Any = None,
+) -> Distillation:
+    """Train ``maps`` (from the ridge fit) on the early-exit loss, the model frozen (see the module docstring).
+
+    ``holdout`` positions of ``sample`` (drawn by ``seed``) are held back from training; each step
+    takes one exit depth (every depth in turn, in a shuffled order per sweep of the depths) and
+    ``batch`` of the other positions, and takes an Adam step on that depth's :func:`exit_kl`. At the
+    end, each layer keeps its trained map only if it lowers the held-back positions' loss, so a
+    depth the starting map already serves well is not made worse by overfitting.
+
+    Args:
+        slm: The model.
+        maps: ``L - 1`` float32 maps ``[D + 1, D]`` to start from (not modified).
+        sample: Every layer's dense output at the training positions, ``[N, L, D]`` (:class:`PositionSample`).
+        steps: Optimiser steps (0 returns copies of ``maps``).
+        lr: Adam learning rate.
+        batch: Positions per step.
+        holdout: Positions held back to choose between the trained and the starting map (at most
+            half of ``sample``; 0 keeps every trained map).
+        seed: Seed of the held-back positions, the depth order and the batches.
+        bar: Optional tqdm-like object with ``update(n)``.
+    """
+    if steps < 0 or batch < 1 or holdout < 0 or not lr > 0:
+        raise ValueError(
+            f"steps and holdout must be >= 0, batch >= 1 and lr > 0, got steps={steps}, holdout={holdout}, "
+            f"batch={batch}, lr={lr}"
+        )
+    L = slm.spec.num_layers
+    if sample.dim() != 3 or sample.shape[1] != L:
+        raise ValueError(f"sample must be [positions, {L} layers, hidden], got {tuple(sample.shape)}")
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(sample.shape[0], generator=g)
+    n_hold = min(int(holdout), sample.shape[0] // 2)
+    held, train = sample[perm[:n_hold]], sample[perm[n_hold:]]
+    start = [m.detach().clone().float() for m in maps]
+    params = [torch.nn.Parameter(m.clone()) for m in start]
+    opt = torch.optim.Adam(params, lr=float(lr))
+    frozen = [p for p in slm.model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    losses: list[float] = []
+    order: list[int] = []
+    try:
+        for _ in range(int(steps)):
+            if not order:
+                order = torch.randperm(L - 1, generator=g).tolist()
+            d = order.pop()
+            x = train[torch.randint(train.shape[0], (int(batch),), generator=g)]
+            with torch.no_grad():
+                teacher = torch.log_softmax(slm.lm_head(slm.final_norm(x[:, L - 1])).float(), -1)
+            loss = exit_kl(slm, params, d, x[:, d], teacher)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    done = [p.detach().clone() for p in params]
+    if n_hold == 0 or steps == 0:
+        nan = [float("nan")] * (L - 1)
+        return Distillation(done, losses, [steps > 0] * (L - 1), nan, nan)
+    with torch.no_grad():
+        teacher = torch.log_softmax(slm.lm_head(slm.final_norm(held[:, L - 1])).float(), -1)
+        before = [float(exit_kl(slm, start, d, held[:, d], teacher)) for d in range(L - 1)]
+        after = [float(exit_kl(slm, done, d, held[:, d], teacher)) for d in range(L - 1)]
+    kept = [a < b for a, b in zip(after, before, strict=True)]
+    out = [t if k else s for t, s, k in zip(done, start, kept, strict=True)]
+    return Distillation(out, losses, kept, before, after)
+
+
 def layer_outputs(slm: SparseLM, ids: torch.Tensor) -> list[torch.Tensor]:
     """Every layer's output of the dense model on one sequence ``[T]``: ``L`` tensors ``[T, D]``."""
     st = slm.start(ids[None] if ids.dim() == 1 else ids)
@@ -154,7 +315,12 @@ def layer_outputs(slm: SparseLM, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def fit_exit_maps(
-    slm: SparseLM, sequences: Sequence[torch.Tensor], *, ridge: float = 1e-4, bar: Any = None
+    slm: SparseLM,
+    sequences: Sequence[torch.Tensor],
+    *,
+    ridge: float = 1e-4,
+    bar: Any = None,
+    sample: PositionSample | None = None,
 ) -> list[torch.Tensor]:
     """Fit the exit maps of ``slm`` on ``sequences`` (token ids ``[T]``, train split only).
 
@@ -163,6 +329,7 @@ def fit_exit_maps(
         sequences: Token id sequences; every position is a training example of every layer.
         ridge: Shrinkage towards the identity, relative to each layer's mean input energy.
         bar: Optional tqdm-like object with ``update(n)``.
+        sample: Keeps positions of the same dense pass for :func:`distill_exit_maps`.
 
     Returns:
         ``L - 1`` float32 maps ``[D + 1, D]`` (see :class:`ExitMaps`).
@@ -173,7 +340,10 @@ def fit_exit_maps(
         raise ValueError(f"ridge must be >= 0, got {ridge!r}")
     eq = NormalEquations(slm.spec.num_layers, slm.spec.hidden_size)
     for ids in sequences:
-        eq.add(layer_outputs(slm, ids))
+        outs = layer_outputs(slm, ids)
+        eq.add(outs)
+        if sample is not None:
+            sample.add(outs)
         if bar is not None:
             bar.update(1)
     return eq.solve(ridge)
