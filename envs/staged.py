@@ -295,7 +295,8 @@ class Staged(PerInput):
         box: list[torch.Tensor] = []
 
         def head() -> None:
-            box.append(self.slm.finish(run.state, "last").logits)
+            with torch.no_grad():  # as every other timed run: no autograd graph in the measured time
+                box.append(self.slm.finish(run.state, "last").logits)
 
         if self.cost_kind == "measured":
             if head_cost is None:

@@ -148,7 +148,16 @@ def test_measured_mode_times_every_stage(cost_path):
     env = _env(cost_path, cost="measured")
     env.reset(options={"item": _items(env, "mc")[0]})
     env.step(1)
+    graphs: list[bool] = []
+    score = env._score_plan
+
+    def spy(plan, prefill, cost, reused):
+        graphs.append(prefill.first.requires_grad)
+        return score(plan, prefill, cost, reused)
+
+    env._score_plan = spy
     _, _, _, _, info = env.step(0)
+    assert graphs == [False], "the timed LM head at the stop builds no autograd graph, as no other timed run does"
     assert info["cost_source"] == "measured" and info["latency_s"] > 0
     assert info["latency_s"] > info["probe_latency_s"]
 
