@@ -288,18 +288,20 @@ def sweep(
         obs_all.append(obs)
         ctx = context(env, i, info["prompt_tokens"])
         plans: list[Any] = [None] * len(everyone)
+        best = [0.0] * len(everyone)  # each run's seconds on this input, decision aside: its best round
         for j in rng.permutation(len(everyone)):
             t0 = time.perf_counter()
             plans[j] = everyone[j][0](obs, ctx)
             dec = time.perf_counter() - t0
             _, _, _, _, info = env.step_plan(plans[j], keep_open=True)
             _collect(cols[j], info, dec)
-        best = [cols[j]["lat_s"][-1] - cols[j]["dec"][-1] for j in range(len(everyone))]
-        for _ in range(rounds - 1):
-            for j in rng.permutation(len(everyone)):
-                best[j] = min(best[j], env.retime(plans[j]))
-        for j in range(len(everyone)):
-            cols[j]["lat_s"][-1] = best[j] + cols[j]["dec"][-1]
+            best[j] = info["latency_s"]
+        if rounds > 1:
+            for _ in range(rounds - 1):
+                for j in rng.permutation(len(everyone)):
+                    best[j] = min(best[j], env.retime(plans[j]))
+            for j in range(len(everyone)):
+                cols[j]["lat_s"][-1] = best[j] + cols[j]["dec"][-1]
         env.close_episode()
     runs = [_run(c.name, fam, col) for (c, fam), col in zip(everyone, cols, strict=True)]
     if measured:
@@ -316,16 +318,15 @@ def check_free_cores(env: Any, interval_s: float = 0.5) -> float:
     ``env`` is a measured environment: its meter's ``threads`` (else the process's PyTorch threads)
     are the threads each timed run uses.
     """
-    import os
     import warnings
 
     import torch
 
-    from envs.measure.meters import busy_cores_elsewhere
+    from envs.measure.meters import busy_cores_elsewhere, usable_cores
 
     meter = getattr(getattr(env, "cost_source", None), "meter", None)
     threads = getattr(meter, "threads", None) or torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     others = busy_cores_elsewhere(interval_s)
     if threads > cores - others + 0.5:
         warnings.warn(

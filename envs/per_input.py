@@ -151,11 +151,7 @@ class PerInput(PruneEnv):
         t = torch.tensor([ids], device=self.slm.device)
         self._dense_cost = self._dense_prefill_cost(item, t)
         if self.cost_kind == "measured":
-            box: list[Any] = []
-            self._probe_cost = self.cost_source.cost(
-                self.interface.probe_plan, lambda: box.append(self.interface.observe(t)), len(ids)
-            )
-            self._probe_res = box[-1]
+            self._probe_cost, self._probe_res = self._timed_probe(t)
         else:
             self._probe_res = self.interface.observe(t)
             self._probe_cost = None
@@ -208,14 +204,27 @@ class PerInput(PruneEnv):
         if self._item is None or self._probe_res is None:
             raise RuntimeError("call reset() first: no input is open to time")
         plan = self.slm.check_plan(plan)
-        probe, P, k = self._probe_res, self._probe_res.prompt_len, self.probe.layers
-        t = self._prompt_t
-        first = self.cost_source.cost(self.interface.probe_plan, lambda: self.interface.observe(t), P)
+        probe_cost, _ = self._timed_probe(self._prompt_t)
+        rest = self.cost_source.cost(plan, self._rest_of(plan), self._probe_res.prompt_len)
+        return float(probe_cost.latency_s + rest.latency_s)
+
+    def _timed_probe(self, ids: Any) -> tuple[Any, Any]:
+        """The probe of the prompt ``ids`` (``[1, P]``), measured: its cost and its result."""
+        box: list[Any] = []
+        cost = self.cost_source.cost(
+            self.interface.probe_plan, lambda: box.append(self.interface.observe(ids)), ids.shape[1]
+        )
+        return cost, box[-1]
+
+    def _rest_of(self, plan: SparsityPlan) -> Any:
+        """The run of the prompt under ``plan`` after the probe, as a callable that returns its ``Prefill``.
+
+        It continues from the probe's state when the plan runs the probe's layers whole, else starts over.
+        """
+        probe = self._probe_res
         if self.interface.reuses_probe(plan):
-            rest = self.cost_source.cost(plan, lambda: run_rest(self.slm, probe, plan, k), P)
-        else:
-            rest = self.cost_source.cost(plan, lambda: run_full(self.slm, probe.ids, plan), P)
-        return float(first.latency_s + rest.latency_s)
+            return lambda: run_rest(self.slm, probe, plan, self.probe.layers)
+        return lambda: run_full(self.slm, probe.ids, plan)
 
     def close_episode(self) -> None:
         """End the current episode without a step (harnesses that scored it with ``step_plan(keep_open=True)``)."""
@@ -256,14 +265,10 @@ class PerInput(PruneEnv):
     def _finish(self, plan: SparsityPlan, fr: np.ndarray | None, extra: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         """Finish the prompt under ``plan`` (of fractions ``fr``, when an action made it); score; reward and info."""
         P = self._probe_res.prompt_len
-        k = self.probe.layers
         reused = self.interface.reuses_probe(plan)
-        probe = self._probe_res
         box: list[Any] = []
-        if reused:
-            run = lambda: box.append(run_rest(self.slm, probe, plan, k))  # noqa: E731
-        else:
-            run = lambda: box.append(run_full(self.slm, probe.ids, plan))  # noqa: E731
+        rest = self._rest_of(plan)
+        run = lambda: box.append(rest())  # noqa: E731
         if self.cost_kind == "measured":
             cost = self.cost_source.cost(plan, run, P) + self._probe_cost
         else:

@@ -200,6 +200,7 @@ def fit_and_save(cfg: DictConfig | Mapping[str, Any], *, slm: Any = None) -> dic
     if sample is not None:
         t1 = time.perf_counter()
         positions = sample.tensor()
+        n_positions = int(positions.shape[0])
         del sample
         bar = tqdm(total=run["distill_steps"], desc="early-exit distillation", disable=not run["progress"])
         result = distill_exit_maps(
@@ -219,7 +220,7 @@ def fit_and_save(cfg: DictConfig | Mapping[str, Any], *, slm: Any = None) -> dic
         sweep = max(1, min(L - 1, len(losses) // 2))  # one sweep visits every depth once
         distilled = {
             "steps": run["distill_steps"],
-            "positions": int(sum(min(len(q), run["distill_positions"]) for q in seqs)),
+            "positions": n_positions,
             "seconds": round(time.perf_counter() - t1, 2),
             "train_kl_first_sweep": round(sum(losses[:sweep]) / sweep, 4),
             "train_kl_last_sweep": round(sum(losses[-sweep:]) / sweep, 4),
@@ -292,7 +293,7 @@ def held_out_kl(
     """
     import torch
 
-    from envs.runtime.exit_maps import PositionSample, exit_kl, layer_outputs
+    from envs.runtime.exit_maps import PositionSample, exit_kl, full_logp, layer_outputs
 
     sample = PositionSample(4, int(run["seed"]) + 1)
     for ids in sequences[:256]:
@@ -303,7 +304,7 @@ def held_out_kl(
     columns = {"logit_lens": [eye] * (L - 1), **maps}
     out: dict[str, Any] = {"positions": int(x.shape[0]), "depths": list(depths)}
     with torch.no_grad():
-        teacher = torch.log_softmax(slm.lm_head(slm.final_norm(x[:, L - 1])).float(), -1)
+        teacher = full_logp(slm, x[:, L - 1])
         for key, m in columns.items():
             out[key] = [round(float(exit_kl(slm, m, d - 1, x[:, d - 1], teacher)), 4) for d in depths]
     return out

@@ -203,12 +203,10 @@ def test_retime_refuses_calibrated_cost_and_a_closed_env(tiny_env):
 
 
 def test_sweep_warns_when_other_processes_hold_the_timing_cores(monkeypatch):
-    import os
-
     from envs.measure import meters
 
     env = tiny_eval_env(timing_threads=1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = meters.usable_cores()
     monkeypatch.setattr(meters, "busy_cores_elsewhere", lambda interval_s=0.5: float(cores))
     with pytest.warns(RuntimeWarning, match="cores busy"):
         ev.sweep(env, [Dense()], 1, rounds=1)

@@ -42,8 +42,12 @@ def test_entry_matches_its_controller_and_recording(row):
 @pytest.mark.slow
 @pytest.mark.parametrize("row", [r for r in ROWS if r["model"] != "tiny-llama"], ids=lambda r: r["name"])
 def test_embedded_entries_hold_live(row):
+    from envs.data.corpus import data_root
     from experiments.validate import main
 
+    bigbench = (data_root() / "bigbench" / "metadata.json").is_file()  # written once the task files are extracted
+    if "mc-bigbench" in (ROOT / row["controller"] / "card.json").read_text() and not bigbench:
+        pytest.skip("recorded on mc-bigbench, whose BIG-bench task files this data cache lacks (README: data)")
     assert main(["--leaderboard", str(ROOT / "leaderboard" / "results.csv"), "--only", row["name"]]) == 0
 
 

@@ -444,6 +444,11 @@ def combine(measurements: Sequence[Measurement]) -> Measurement:
 
 
 # ---------------------------------------------------------------------------------------- shared machine
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def busy_cores_elsewhere(interval_s: float = 0.5) -> float:
     """How many of this process's cores other processes kept busy over the next ``interval_s`` seconds.
 
@@ -468,7 +473,7 @@ def busy_cores_elsewhere(interval_s: float = 0.5) -> float:
     all1, own1 = busy()
     dt = time.perf_counter() - t0
     total = psutil.cpu_count() or 1
-    ours = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    ours = usable_cores()
     others = max(0.0, (all1 - all0) - (own1 - own0)) / dt
     return float(min(others * ours / total, ours))  # spread evenly over the machine's cores
 

@@ -180,6 +180,11 @@ class PositionSample:
         return torch.cat(self._parts)
 
 
+def full_logp(slm: SparseLM, last_hidden: torch.Tensor) -> torch.Tensor:
+    """The full model's next-token log-probabilities from its last layer's output ``[N, D]`` (the target)."""
+    return torch.log_softmax(slm.lm_head(slm.final_norm(last_hidden)).float(), -1)
+
+
 def exit_kl(
     slm: SparseLM, maps: Sequence[torch.Tensor], layer: int, hidden: torch.Tensor, teacher_logp: torch.Tensor
 ) -> torch.Tensor:
@@ -187,16 +192,15 @@ def exit_kl(
 
     Args:
         slm: The model (its final norm and LM head, which are not trained).
-        maps: Every layer's ``[D + 1, D]`` map (only ``maps[layer]`` is read).
+        maps: Every layer's ``[D + 1, D]`` map (only ``maps[layer]`` is read; gradients reach it).
         layer: The last layer that ran.
         hidden: That layer's output at the positions, ``[N, D]``.
-        teacher_logp: The full model's next-token log-probabilities there, ``[N, V]``.
+        teacher_logp: The full model's next-token log-probabilities there, ``[N, V]`` (:func:`full_logp`).
     """
-    D = hidden.shape[-1]
-    m = maps[layer]
-    h = torch.addmm(m[D], hidden, m[:D])
-    logp = torch.log_softmax(slm.lm_head(slm.final_norm(h)).float(), -1)
-    return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean()
+    from envs.distill.losses import kl_teacher_student
+
+    h = ExitMaps(maps).apply(hidden, layer)
+    return kl_teacher_student(slm.lm_head(slm.final_norm(h)), teacher_logp)
 
 
 @dataclass
@@ -278,7 +282,7 @@ def distill_exit_maps(
             d = order.pop()
             x = train[torch.randint(train.shape[0], (int(batch),), generator=g)]
             with torch.no_grad():
-                teacher = torch.log_softmax(slm.lm_head(slm.final_norm(x[:, L - 1])).float(), -1)
+                teacher = full_logp(slm, x[:, L - 1])
             loss = exit_kl(slm, params, d, x[:, d], teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -294,7 +298,7 @@ def distill_exit_maps(
         nan = [float("nan")] * (L - 1)
         return Distillation(done, losses, [steps > 0] * (L - 1), nan, nan)
     with torch.no_grad():
-        teacher = torch.log_softmax(slm.lm_head(slm.final_norm(held[:, L - 1])).float(), -1)
+        teacher = full_logp(slm, held[:, L - 1])
         before = [float(exit_kl(slm, start, d, held[:, d], teacher)) for d in range(L - 1)]
         after = [float(exit_kl(slm, done, d, held[:, d], teacher)) for d in range(L - 1)]
     kept = [a < b for a, b in zip(after, before, strict=True)]

@@ -31,7 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from agents.evaluation import TIMING_ROUNDS, TIMING_THREADS, default_candidates, sweep, timing_settings
+from agents.evaluation import (
+    TIMING_ROUNDS,
+    TIMING_THREADS,
+    default_candidates,
+    evaluation_env,
+    sweep,
+    timing_settings,
+)
 from experiments.bench.harness import Benchmark
 from experiments.report import markdown_table
 
@@ -41,22 +48,18 @@ GOAL = 0.03
 
 
 def _sweep(args: Any) -> tuple[list[Any], float]:
-    import gymnasium as gym
-
-    import envs  # noqa: F401
     from envs import base
 
     with base._LOCK:  # a fresh dense timing per input in each condition, as a fresh evaluation takes
         base._DENSE.clear()
-    env = gym.make(
-        "PruneGym/PerInputDiscreteMeasured-v0",
+    env = evaluation_env(
         model=args.model,
         task=args.task,
         split="test",
         n_items=args.inputs,
-        threads=args.threads,
-        meter={"threads": args.timing_threads},
-    ).unwrapped
+        env_kwargs={"threads": args.threads},
+        timing_threads=args.timing_threads,
+    )
     t0 = time.perf_counter()
     static, _, _ = sweep(env, default_candidates(), len(env.items), seed=0, rounds=args.rounds)
     return static, time.perf_counter() - t0
