@@ -342,3 +342,118 @@ def test_kernels_agree_with_their_torch_forms():
     wt = torch.randn(40, 5, generator=g)
     vals = torch.randn(3, 7, generator=g)
     assert torch.allclose(kernels.rows_sum(wt, idx, vals), (wt[idx] * vals[..., None]).sum(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("act", [torch.nn.SiLU(), torch.nn.GELU(approximate="tanh")])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_kernels_equal_the_masked_mlp(act, gated, bias):
+    from envs.runtime import kernels
+
+    g = torch.Generator().manual_seed(1)
+    I, D, R, k = 48, 20, 3, 11
+    gate, up, down = (torch.randn(I, D, generator=g) for _ in range(3))
+    gb, ub = (torch.randn(I, generator=g) if bias else None for _ in range(2))
+    x = torch.randn(R, D, generator=g)
+    scores = torch.randn(R, I, generator=g)
+    kind = kernels.act_kind(act)
+    assert kind is not None and kernels.fused_available(x) is False  # gradients on: the torch forms run
+
+    def lin(w, b):
+        return F.linear(x, w, b)
+
+    u = lin(up, ub)
+    a = act(lin(gate, gb)) * u if gated else act(u)
+    want = _mask_top(a, k, by=scores) @ down  # down [I, D]: the transposed projection, a row per channel
+    rows = [gate, up, down] if gated else [up, down]
+    with torch.no_grad():
+        assert kernels.fused_available(x)
+        got = kernels.topk_glu(scores, k, x, torch.stack(rows, 1).contiguous(), kind, gb if gated else None, ub)
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+        # topk_down: the gate rule (activated gate times up, picked by |gate|) and the input rule (picked by |a|).
+        ga = act(lin(gate, gb))
+        want_gate = _mask_top(ga * u, k, by=ga.abs()) @ down
+        got_gate = kernels.topk_down(ga, k, x, torch.stack([up, down], 1).contiguous(), ub)
+        assert torch.allclose(got_gate, want_gate, atol=1e-4)
+        got_in = kernels.topk_down(a, k, x, down[:, None].contiguous())
+        assert torch.allclose(got_in, _mask_top(a, k) @ down, atol=1e-4)
+    assert kernels.act_kind(torch.nn.ReLU()) is None  # not computed by the kernels: the torch forms run
+
+
+def test_decoding_runs_the_fused_kernels(tiny_llama, monkeypatch):
+    """The sparse decode path takes one fused call per layer and rule (the equality test above covers its numbers)."""
+    from envs.runtime import sparse_lm
+
+    slm = tiny_llama
+    slm.set_predictor(RandomPredictor(slm.spec))
+    calls = {"topk_glu": 0, "topk_down": 0}
+    for name in calls:
+        real = getattr(sparse_lm, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(sparse_lm, name, spy)
+    L = slm.spec.num_layers
+    for rule, fn in (("predicted", "topk_glu"), ("gate", "topk_down"), ("input", "topk_down")):
+        plan = SparsityPlan.uniform(slm.spec, slm.importance, mlp=0.5, mlp_rule=rule)
+        before = dict(calls)
+        cache = slm.new_cache()
+        for t in range(3):
+            slm(IDS[:, t : t + 1], plan, cache=cache)
+        assert calls[fn] - before[fn] == 3 * L, rule
+        slm(IDS[:, :8], plan)  # 8 tokens: the masked form, no fused call
+        assert calls[fn] - before[fn] == 3 * L, rule
+
+
+def _decode(slm: SparseLM, plan: SparsityPlan, n: int = 6) -> torch.Tensor:
+    cache = slm.new_cache()
+    return torch.cat([slm(IDS[:, t : t + 1], plan, cache=cache).logits for t in range(n)], dim=1)
+
+
+def test_static_decoding_runs_the_prefix_kernel_and_equals_the_matmul_form(family, monkeypatch):
+    """Pruned static layers decode through the fused kernel (as the rules do) and give the matmul form's logits."""
+    from envs.runtime import sparse_lm
+
+    slm = _rule_slm(family)
+    calls = []
+    real = sparse_lm.prefix_glu
+    monkeypatch.setattr(sparse_lm, "prefix_glu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for frac in (0.75, 0.25):
+        plan = SparsityPlan.uniform(slm.spec, slm.importance, mlp=frac)
+        fused = _decode(slm, plan)
+        slm.rule_impl = "masked"  # the matmul form over the importance-ordered views
+        ref = _decode(slm, plan)
+        slm.rule_impl = "sparse"
+        assert (fused - ref).abs().max().item() <= 1e-4
+    assert len(calls) == 2 * 6 * slm.spec.num_layers
+    calls.clear()
+    dense = _decode(slm, slm.dense_plan())
+    assert calls == []  # the dense plan runs the untouched model
+    slm.fused_full_mlp = True  # unless asked to run its MLPs through the kernel too
+    assert (_decode(slm, slm.dense_plan()) - dense).abs().max().item() <= 1e-4
+    assert len(calls) == 6 * slm.spec.num_layers
+
+
+@pytest.mark.parametrize("rule", ["static", *TOKEN_RULES])
+def test_sparse_decoding_reads_the_adapted_weights(tiny_llama, rule):
+    """With a pruning-ready (adapted) weight set, the sparse and fused forms read it, as the masked form does."""
+    slm = tiny_llama
+    slm.set_predictor(RandomPredictor(slm.spec))
+    g = torch.Generator().manual_seed(3)
+    slm.set_adapted(
+        {
+            f"{i}.{w}": getattr(b, w) + 0.05 * torch.randn(getattr(b, w).shape, generator=g)
+            for i, b in enumerate(slm.blocks)
+            for w in ("gate_w", "up_w", "down_w")
+        }
+    )
+    plan = SparsityPlan.uniform(slm.spec, slm.importance, mlp=0.5, mlp_rule=rule)
+    sparse = _decode(slm, plan)
+    slm.rule_impl = "masked"
+    masked = _decode(slm, plan)
+    assert (sparse - masked).abs().max().item() <= 1e-4
+    slm.set_adapted(None)
+    slm.rule_impl = "sparse"
+    assert (_decode(slm, plan) - sparse).abs().max().item() > 1e-3  # the adapted weights made a difference
