@@ -91,7 +91,9 @@ try:  # pragma: no cover - the import is environment-dependent
 
         ``D`` is a compile-time constant in them: with the row length known, LLVM vectorises the
         eight interleaved row streams about twice as well as with a length read at run time.
-        They are compiled once per hidden size and process (a second or two), not cached on disk.
+        They are compiled once per hidden size and process (about 5 s for the three on a 2-core CPU;
+        a timed run warms up first), and not cached on disk: numba keys a closure's cache by its free
+        variables, which here include the other kernels.
         """
 
         @njit(fastmath=_FM, nogil=True, inline="always")
