@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     if "static" not in args.rules:
         p.error("--rules must include static: the other rules are compared against its curve")
 
+    # A predictor other than the model's default gets a section, plot and raw file of its own.
+    other = args.predictor not in (None, f"{args.model}-r64") and "predicted" in args.rules
+    title = f"{TITLE} (predictor {Path(args.predictor).name})" if other else TITLE
+    stem = f"bench_activation_{Path(args.predictor).name}" if other else "bench_activation"
     t0 = time.perf_counter()
     slm = SparseLM.from_pretrained(args.model, threads=args.threads)
     if "predicted" in args.rules:
@@ -313,11 +317,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{table}\n\nAt equal measured decode latency (upper hulls: random mixtures of each rule's points and "
         "dense):\n\n"
         f"{cmp}\n\n{verdict}{pred_txt}"
-        + ("" if args.quick else "![agreement vs decode latency](reports/bench_activation.png)\n")
+        + ("" if args.quick else f"![agreement vs decode latency](reports/{stem}.png)\n")
     )
-    BENCH.publish(args, TITLE, body)
+    BENCH.publish(args, title, body)
     if not (args.quick or args.no_write):
-        _plot(pts, hulls, REPO_ROOT / "reports" / "bench_activation.png")
+        _plot(pts, hulls, REPO_ROOT / "reports" / f"{stem}.png")
         raw = {
             "command": BENCH.command(argv if argv is not None else sys.argv[1:]),
             "plans": names,
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
             "agreement": agr.tolist(),
             "step_ms": step_ms,
         }
-        atomic_write_json(REPO_ROOT / "reports" / "bench_activation.json", raw)
+        atomic_write_json(REPO_ROOT / "reports" / f"{stem}.json", raw)
 
 
 def _plot(pts: dict, hulls: dict, path: Path) -> None:
