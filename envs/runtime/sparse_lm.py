@@ -258,8 +258,9 @@ class SparseLM:
         sparse_rows: Most tokens per call that per-token rules run in the sparse form.
         fused_full_mlp: Run unpruned MLP layers of such short calls through the fused kernel too
             (the MLPs about 1.6x as fast as PyTorch's matmuls on a CPU decode step, the whole step
-            1.2x on the embedded model; equal to the untouched model up to float rounding). Off by default, so that the dense plan reproduces the model
-            exactly; the activation benchmark times the dense model both ways.
+            1.2x on the embedded model; equal to the untouched model up to float rounding). Off by
+            default, so that the dense plan reproduces the model exactly; the activation benchmark
+            times the dense model both ways.
     """
 
     sparse_rows = 4

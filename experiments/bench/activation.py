@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{pf_['time_share']:.1%} of its measured decode time.\n\n"
         )
     body = (
-        f"Model `{args.model}`, fp32, {args.threads} thread(s) (the rules' gathered dot products run in one "
+        f"Model `{args.model}`, fp32, {args.threads} thread(s) (the fused decode kernels run in one "
         f"thread, so every plan gets one), batch 1, KV cache. {len(todo)} prompts "
         f"({sum(k == 'news' for k, _ in todo)} val news of ≤{args.prompt_tokens} tokens, "
         f"{sum(k == 'item' for k, _ in todo)} val exact-match items), {args.tokens} teacher-forced decode steps each "
