@@ -926,13 +926,14 @@ class SparseLM:
         if sel.mlp_rule != "static":
             return self._token_rule_mlp(i, b, sel, x, observer, eng)
         pruned = sel.n_ch < self.spec.intermediate_size
-        if (pruned or self.fused_full_mlp) and observer is None and self._fused(x, b):
+        kind = self._fused_act(x, b) if (pruned or self.fused_full_mlp) and observer is None else None
+        if kind is not None:
             # A static layer in decoding: its importance prefix, by the same fused kernel the per-token
             # rules run, so that rules and static plans are timed on equal terms.
             pm = eng._perm[i]
             xr = x.reshape(-1, x.shape[-1])
             w = eng._rule_weight(i, "prefix")
-            out = prefix_glu(sel.n_ch, xr, w, act_kind(b.act), pm["gate_b"], pm["up_b"])
+            out = prefix_glu(sel.n_ch, xr, w, kind, pm["gate_b"], pm["up_b"])
             return self._down_bias(out, b, x.shape)
         if sel.gate_w is not None:
             a = b.act(F.linear(x, sel.gate_w, sel.gate_b)) * F.linear(x, sel.up_w, sel.up_b)
@@ -951,9 +952,15 @@ class SparseLM:
             and not torch.is_grad_enabled()
         )
 
-    def _fused(self, x: torch.Tensor, b: _Block) -> bool:
-        """Whether the fused kernels run this call: sparse, CPU float32, an activation they compute."""
-        return self._sparse(x) and fused_available(x) and act_kind(b.act) is not None
+    def _fused_act(self, x: torch.Tensor, b: _Block, sparse: bool | None = None) -> int | None:
+        """The activation's kernel code if the fused kernels run this call, else None.
+
+        They run sparse calls (``sparse``: :meth:`_sparse` of ``x``, when the caller knows it) on CPU
+        float32 with an activation they compute; the code is looked up once per call.
+        """
+        if not (self._sparse(x) if sparse is None else sparse) or not fused_available(x):
+            return None
+        return act_kind(b.act)
 
     def _rule_weight(self, i: int, kind: str) -> torch.Tensor:
         """Layer ``i``'s weight copy for the fused and sparse MLP forms, built from this engine's weights once.
@@ -992,7 +999,8 @@ class SparseLM:
         sparse = self._sparse(xr)
         # One compiled call for the selection, the selected rows and the down sum (no observer: it
         # wants every activation).
-        fused = observer is None and self._fused(xr, b)
+        kind = None if observer is not None else self._fused_act(xr, b, sparse)
+        fused = kind is not None
         if rule == "input":
             kd = max(1, round(k / I * shape[-1]))
             xi = xr.abs().topk(kd, dim=-1, sorted=False).indices
@@ -1029,7 +1037,7 @@ class SparseLM:
         else:  # predicted
             scores = self.predictor.scores(i, xr)
             if fused:
-                out = topk_glu(scores, k, xr, eng._rule_weight(i, "gud"), act_kind(b.act), b.gate_b, b.up_b)
+                out = topk_glu(scores, k, xr, eng._rule_weight(i, "gud"), kind, b.gate_b, b.up_b)
                 return self._down_bias(out, b, shape)
             idx = scores.topk(k, dim=-1, sorted=False).indices
             if sparse:
