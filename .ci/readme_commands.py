@@ -50,6 +50,7 @@ PROTECTED = ("BENCHMARKS.md", "reports")
 TINY_TRAIN = "model=tiny_llama env.kwargs.num_groups=2 eval.episodes=2 stop.iterations=1"
 TINY_PREP = "model=tiny_llama seq_len=32 eval_docs=1 eval_sequences=1 eval_seq_len=32 eval_plans=2 progress=false"
 SMALL_PREP = "seq_len=32 eval_docs=1 eval_sequences=1 eval_seq_len=32 eval_plans=2 progress=false"
+TINY_STAGED = f"{TINY_TRAIN} env.kwargs.task=generated env.kwargs.probe_layers=1 env.kwargs.probe_dim=8"
 SMOKE_MAIN = "--config-name main_smoke"
 TINY_RECORD = (
     "model=tiny_llama task=generated env.kwargs.num_groups=2 env.kwargs.probe_layers=1 env.kwargs.probe_dim=4 "
@@ -135,17 +136,24 @@ TABLE: list[Run | Skip] = [
          "tests/test_readme.py::test_smoke_runs_the_readme_commands"),
     Run("make main", f"ARGS=\"{SMOKE_MAIN} hydra.run.dir=$SCRATCH/outputs/main/$MAIN_RUN 'ppo.lams=[0.25]'\"",
         cwd="repo"),
+    Run("python -m experiments.main eval.n_items=240",
+        f"eval.n_items=4 ppo.time_s=5 bandit.time_s=3 hydra.run.dir=main_240 {SMOKE_MAIN}"),
     # Training (before export and compare, which read its runs)
     Run("python -m experiments.train experiment=smoke", "hydra.run.dir=outputs/train/$TRAIN_RUN"),
     Run("python -m experiments.train algo=ppo env=per_input stop.iterations=50", f"{TINY_TRAIN} hydra.run.dir=t/ppo"),
     Run("python -m experiments.train algo=dqn env=per_input_discrete logger=wandb", f"{TINY_TRAIN} hydra.run.dir=t/q"),
     Run("python -m experiments.train algo=linucb env=per_input_discrete", f"{TINY_TRAIN} hydra.run.dir=t/linucb"),
+    Run("python -m experiments.train algo=ppo env=staged", f"{TINY_STAGED} hydra.run.dir=t/staged-ppo"),
+    Run("python -m experiments.train algo=dqn env=staged_discrete", f"{TINY_STAGED} hydra.run.dir=t/staged-dqn"),
     Run("python -m experiments.train -m algo=ppo,appo,sac,linucb env=per_input_discrete seed=0,1,2,3,4",
         f"seed=0 {TINY_TRAIN} hydra.sweep.dir=multirun/train/$SWEEP_DATE"),
     Run("python -m experiments.compare multirun/train/<date>"),
     # Evaluation, export and publishing
     Run("python -m experiments.evaluate --pareto --controller dense --controller outputs/main/<run>/controllers/ppo_lam0.25",  # noqa: E501
         "--model tiny-llama --task generated --n-items 4 --out evaluate", fill={"<run>": "$MAIN_RUN"}),
+    Run("python -m experiments.evaluate --pareto --stop-rules --controller outputs/main/<run>/controllers/staged_dqn_lam0.5",  # noqa: E501
+        "--model tiny-llama --task generated --n-items 4 --fit-items 30 --out evaluate-staged",
+        fill={"<run>": "$MAIN_RUN"}),
     Run("python -m experiments.export outputs/train/<run> --out my-controller", fill={"<run>": "$TRAIN_RUN"}),
     Run("python -m experiments.publish my-controller --repo-id me/prunegym-ppo --dry-run /tmp/upload",
         "--dry-run upload"),

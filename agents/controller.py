@@ -394,9 +394,16 @@ class Controller:
             past_len: Tokens already in the KV cache (per-token controllers).
 
         Raises:
-            ControllerError: ``slm`` is not the model the controller was trained for.
+            ControllerError: ``slm`` is not the model the controller was trained for, or a staged
+                controller (it decides stage by stage, in its environment).
             ValueError: The observation has the wrong size, or ``prompt_len`` is needed and missing.
         """
+        if self.env_kind == "staged":
+            raise ControllerError(
+                f"{self.env_id} controllers decide stage by stage after reading the model's answer, not a whole "
+                "plan up front: run them in the staged environment their card describes "
+                "(agents.staged.StagedController)"
+            )
         iface = self.interface(slm)
         if self.env_kind == "per_token":
             return iface.decide(self.select_action(observation), past_len)[0]  # type: ignore[attr-defined]

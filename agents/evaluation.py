@@ -56,8 +56,12 @@ def evaluation_env(
     env_kwargs: Mapping[str, Any] | None = None,
     cost: str = "measured",
     timing_threads: int | None = TIMING_THREADS,
+    env: str = "PerInput",
 ) -> Any:
     """A ``PerInput`` environment over a held-out split (unwrapped); measured cost unless told otherwise.
+
+    ``env`` names another environment of :data:`envs.ENVS` (``"Staged"`` for a
+    :class:`agents.staged.StagedPass`); ``env_kwargs`` may then say ``discrete``.
 
     ``cost="calibrated"`` makes an evaluation exactly reproducible (for tests and audits); the
     headline figures use ``"measured"``. Measured runs are timed with ``timing_threads`` PyTorch
@@ -77,7 +81,8 @@ def evaluation_env(
     }
     if cost == "measured" and timing_threads is not None:
         kwargs["meter"] = {"threads": int(timing_threads), **dict(kwargs.get("meter") or {})}
-    return make_env(env_id("PerInput"), **kwargs).unwrapped
+    discrete = bool(kwargs.pop("discrete", False))
+    return make_env(env_id(env, discrete=discrete), **kwargs).unwrapped
 
 
 def timing_settings(rounds: int | None = None, threads: int | None = None) -> tuple[int, int]:
@@ -252,6 +257,7 @@ def sweep(
     controllers: Sequence[tuple[PlanController, str]] = (),
     seed: int = 0,
     rounds: int = TIMING_ROUNDS,
+    staged: Any = None,
 ) -> tuple[list[Run], list[Run], np.ndarray]:
     """Static candidates and controllers on every input, interleaved, sharing one probe per input.
 
@@ -269,6 +275,12 @@ def sweep(
     another process holds them (the fractions then follow that process's load: see
     ``python -m experiments.bench.latency``).
 
+    ``staged`` (an :class:`agents.staged.StagedPass` over the same inputs) adds the staged
+    environment's parts (its exit row and its controllers' episodes) to every input's shuffled order
+    and every round; its exit table and runs are on the pass afterwards (``staged.table``,
+    ``staged.runs``), their latency fractions over the same dense timings. A staged sweep needs
+    :class:`~agents.baselines.Dense` among the candidates when measured.
+
     Returns:
         The static runs, the controller runs (in the order given) and the observations.
     """
@@ -280,6 +292,12 @@ def sweep(
     if measured:
         check_free_cores(base)
     everyone: list[tuple[PlanController, str]] = [(c, "static") for c in candidates] + list(controllers)
+    dense_at = [j for j, (c, _) in enumerate(everyone) if isinstance(c, Dense)]
+    if staged is not None:
+        staged.check_items([it.id for it in base.items[:n]])
+        if measured and not dense_at:
+            raise ValueError("a measured staged sweep needs Dense among the candidates: it is the latency reference")
+    parts = len(everyone) + (staged.parts if staged is not None else 0)  # staged parts come after the plans
     cols = [{k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok")} for _ in everyone]
     rng = np.random.default_rng(seed)
     obs_all = []
@@ -289,26 +307,33 @@ def sweep(
         ctx = context(env, i, info["prompt_tokens"])
         plans: list[Any] = [None] * len(everyone)
         best = [0.0] * len(everyone)  # each run's seconds on this input, decision aside: its best round
-        for j in rng.permutation(len(everyone)):
-            t0 = time.perf_counter()
-            plans[j] = everyone[j][0](obs, ctx)
-            dec = time.perf_counter() - t0
-            _, _, _, _, info = env.step_plan(plans[j], keep_open=True)
-            _collect(cols[j], info, dec)
-            best[j] = info["latency_s"]
-        if rounds > 1:
-            for _ in range(rounds - 1):
-                for j in rng.permutation(len(everyone)):
+        for r in range(rounds):
+            for j in rng.permutation(parts):
+                if j >= len(everyone):  # the staged env keeps its own episode: the plans' stays open
+                    staged.run(j - len(everyone), i, first=r == 0)
+                elif r == 0:
+                    t0 = time.perf_counter()
+                    plans[j] = everyone[j][0](obs, ctx)
+                    dec = time.perf_counter() - t0
+                    _, _, _, _, info = env.step_plan(plans[j], keep_open=True)
+                    _collect(cols[j], info, dec)
+                    best[j] = info["latency_s"]
+                else:
                     best[j] = min(best[j], env.retime(plans[j]))
+        if rounds > 1:
             for j in range(len(everyone)):
                 cols[j]["lat_s"][-1] = best[j] + cols[j]["dec"][-1]
         env.close_episode()
     runs = [_run(c.name, fam, col) for (c, fam), col in zip(everyone, cols, strict=True)]
     if measured:
         runs = [replace(r, extra={**r.extra, "timing_rounds": rounds}) for r in runs]
-    dense = [r for (c, _), r in zip(everyone, runs, strict=True) if isinstance(c, Dense)]
+    dense = [runs[j] for j in dense_at]
     if dense and measured:
         runs = same_round_latency(runs, dense[0])
+    if staged is not None:
+        staged.finish(dense[0].latency_s if measured else None)
+        if measured:
+            staged.runs = [replace(r, extra={**r.extra, "timing_rounds": rounds}) for r in staged.runs]
     return runs[: len(candidates)], runs[len(candidates) :], np.array(obs_all)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -363,8 +363,10 @@ def greedy_policy(algo: Any, action_space: gym.Space) -> Callable[[np.ndarray], 
     return act
 
 
-def start_policy_at(algo: Any, action_space: gym.Space, keep: float, log_std: float) -> bool:
+def start_policy_at(algo: Any, action_space: gym.Space, keep: float | Sequence[float], log_std: float) -> bool:
     """Start a Gaussian policy with every keep fraction at ``keep`` and a given exploration width.
+
+    ``keep`` may give each action entry its own start (an environment's ``policy_start``).
 
     RLlib's default head starts at the middle of the (normalised) action box, i.e. keep fractions of
     0.5 everywhere, which on a small LLM is far into the region where accuracy collapses: the first
@@ -383,6 +385,7 @@ def start_policy_at(algo: Any, action_space: gym.Space, keep: float, log_std: fl
         return False
     d = int(np.prod(action_space.shape))
     low, high = action_space.low.reshape(-1), action_space.high.reshape(-1)
+    keep = np.broadcast_to(np.asarray(keep, np.float64).reshape(-1), (d,))
     mean = 2.0 * (np.clip(keep, low, high) - low) / np.maximum(high - low, 1e-12) - 1.0  # normalised actions
 
     def set_head(learner: Any) -> bool:
@@ -418,6 +421,8 @@ class RLlibTrainer:
         num_env_runners: Remote env runners (0: sample in the driver process).
         envs_per_runner: Envs per runner.
         info_keys: Info keys of accuracy and cost.
+        policy_start: The environment's ``policy_start`` (where each action entry starts for a given
+            ``init_policy.keep``); ``None``: every entry at ``keep``.
     """
 
     def __init__(
@@ -431,6 +436,7 @@ class RLlibTrainer:
         num_env_runners: int = 0,
         envs_per_runner: int = 1,
         info_keys: Mapping[str, str] | None = None,
+        policy_start: Callable[[float], Any] | None = None,
     ) -> None:
         import time
 
@@ -451,7 +457,10 @@ class RLlibTrainer:
         self.env_steps = 0
         init = algo_cfg.get("init_policy")
         if init:
-            start_policy_at(self.algo, action_space, float(init["keep"]), float(init["log_std"]))
+            keep: Any = float(init["keep"])
+            if policy_start is not None and isinstance(action_space, gym.spaces.Box):
+                keep = policy_start(keep)
+            start_policy_at(self.algo, action_space, keep, float(init["log_std"]))
 
     def train_iteration(self) -> dict[str, float]:
         """One ``algo.train()``; returns per-iteration means and counters."""

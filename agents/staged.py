@@ -21,9 +21,11 @@ Rules that only stop (dense groups otherwise) are then evaluated by look-up:
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -407,3 +409,325 @@ def as_run(table: ExitTable, exits: np.ndarray, name: str, family: str) -> Any:
             "energy_source": [],
         },
     )
+
+
+# ---------------------------------------------------------------------------------------- in a sweep
+def episode(env: Any, index: int, act: Callable[[np.ndarray], Any]) -> tuple[dict[str, Any], float]:
+    """One episode of a staged environment on input ``index``, every step decided by ``act``.
+
+    Returns:
+        The last step's info (the item's scores and cost) and the seconds ``act`` took in all.
+    """
+    env = getattr(env, "unwrapped", env)
+    obs, _ = env.reset(options={"item": index})
+    decided = 0.0
+    for _ in range(env.interface.steps + 1):
+        t0 = time.perf_counter()
+        action = act(obs)
+        decided += time.perf_counter() - t0
+        obs, _, done, truncated, info = env.step(action)
+        if done or truncated:
+            return info, decided
+    raise RuntimeError(f"a staged episode did not end after its {env.interface.steps} steps")
+
+
+# Settings of a staged controller's training environment that do not shape what it sees and does:
+# the evaluation chooses them (data, cost, reward, threads).
+_NOT_INTERFACE = (
+    "discrete",
+    "cost",
+    "model",
+    "task",
+    "split",
+    "n_items",
+    "data_seed",
+    "calibrate_cost",
+    "cost_model",
+    "reward",
+    "threads",
+    "meter",
+    "max_prompt_tokens",
+)
+
+
+def staged_env_kwargs(card: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``Staged`` arguments that rebuild the environment an exported staged controller was trained in.
+
+    Read from the card's ``env.kwargs`` (what the training environment was built with), less what
+    the evaluation decides itself (data, cost, reward, threads). :class:`StagedController` then
+    checks that the rebuilt environment's interface is the card's, so nothing is mirrored unchecked.
+
+    Raises:
+        ValueError: The card is not a staged controller's.
+    """
+    kind = card.get("interface", {}).get("kind")
+    if kind != "staged":
+        raise ValueError(f"not a staged controller (its environment is {kind!r})")
+    kwargs = dict(card.get("env", {}).get("kwargs", {}))
+    return {"discrete": bool(kwargs.get("discrete", False))} | {
+        k: v for k, v in kwargs.items() if k not in _NOT_INTERFACE
+    }
+
+
+@dataclass
+class StagedController:
+    """An exported staged :class:`~agents.controller.Controller` deciding each step of a staged environment.
+
+    Args:
+        controller: The loaded controller (its card's interface kind is ``staged``).
+        env: The staged environment it decides in (unwrapped), built with :func:`staged_env_kwargs`.
+        name: Display name.
+
+    Raises:
+        ValueError: The environment's interface (observation, action map, ladder) differs from the card's.
+    """
+
+    controller: Any
+    env: Any
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.env = getattr(self.env, "unwrapped", self.env)
+        theirs = self.env.interface.config()
+        mine = self.controller.card["interface"]
+        if json.loads(json.dumps(theirs, default=str)) != json.loads(json.dumps(mine, default=str)):
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(
+                f"{self.controller} was trained on another staged interface than this environment's (differs in "
+                f"{diff}): build the environment with agents.staged.staged_env_kwargs(card)"
+            )
+        self.name = self.name or str(self.controller.card.get("algo"))
+
+    def __call__(self, obs: np.ndarray) -> Any:
+        """The controller's action for this step's observation."""
+        return self.controller.select_action(obs)
+
+
+class StagedPass:
+    """The staged environment inside a measured sweep (:func:`agents.evaluation.sweep`'s ``staged``).
+
+    Per input, the sweep runs this pass's parts back to back with the static plans, in its shuffled
+    order: the **exit row** (every group dense to the end, each stop's outcome recorded:
+    :func:`exit_row`), from which stop rules are evaluated by look-up, and one **episode per staged
+    controller**. Each part is timed in every round; its seconds are its best round, as the static
+    plans' are. :meth:`finish` then takes every latency fraction over the dense plan's seconds on the
+    same input, so the staged runs sit on the same latency axis as the static hull.
+
+    Args:
+        env: A ``Staged`` environment (unwrapped or not) over the same inputs as the sweep's.
+        controllers: ``(act, name, family)``: ``act`` maps an observation to an action; it decides in
+            its own environment when it has one (``act.env``, as :class:`StagedController`), else in ``env``.
+    """
+
+    def __init__(self, env: Any, controllers: Sequence[tuple[Callable[[np.ndarray], Any], str, str]] = ()) -> None:
+        self.env = getattr(env, "unwrapped", env)
+        self.controllers = list(controllers)
+        self.rows: list[dict[str, Any]] = []
+        self._cols: list[dict[str, list[Any]]] = [
+            {k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok")}
+            for _ in self.controllers
+        ]
+        self.table: ExitTable | None = None
+        self.runs: list[Any] = []
+
+    def _env_of(self, act: Any) -> Any:
+        """The environment a controller decides in: its own (``act.env``) or the pass's."""
+        return getattr(getattr(act, "env", None), "unwrapped", None) or self.env
+
+    @property
+    def parts(self) -> int:
+        """Parts run per input and round: the exit row, then one per controller."""
+        return 1 + len(self.controllers)
+
+    def check_items(self, item_ids: Sequence[str]) -> None:
+        """Refuse a sweep over other inputs than this pass's environment draws.
+
+        Raises:
+            ValueError: Naming the first input that differs.
+        """
+        for env in [self.env, *(self._env_of(act) for act, _, _ in self.controllers)]:
+            mine = [it.id for it in env.items[: len(item_ids)]]
+            if mine != list(item_ids):
+                first = next((i for i, (a, b) in enumerate(zip(mine, item_ids, strict=False)) if a != b), len(mine))
+                raise ValueError(
+                    f"a staged environment draws other inputs than the sweep's (input {first}): build them with the "
+                    "same model, task, split, n_items, data_seed and max_prompt_tokens"
+                )
+
+    def run(self, part: int, index: int, first: bool) -> None:
+        """Run part ``part`` on input ``index``; the first round keeps everything, later rounds only faster times."""
+        if part == 0:
+            row = exit_row(self.env, index)
+            if first:
+                self.rows.append(row)
+            else:
+                self.rows[-1]["latency_s"] = np.minimum(self.rows[-1]["latency_s"], row["latency_s"])
+            return
+        act = self.controllers[part - 1][0]
+        info, dec = episode(self._env_of(act), index, act)
+        col = self._cols[part - 1]
+        if first:
+            for key, value in (
+                ("raw", info["accuracy_raw"]),
+                ("rel", info["accuracy_dense_relative"]),
+                ("lat", info["latency_fraction"]),
+                ("lat_s", info["latency_s"] + dec),
+                ("flops", info["flops_fraction"]),
+                ("task", info["task"]),
+                ("dec", dec),
+                ("en", info.get("energy_source")),
+                ("tok", info.get("prompt_tokens", 0)),
+            ):
+                col[key].append(value)
+        else:
+            col["lat_s"][-1] = min(col["lat_s"][-1], info["latency_s"] + dec)
+
+    def finish(self, dense_latency_s: np.ndarray | None) -> None:
+        """Build :attr:`table` (the exit table) and :attr:`runs` (the controllers').
+
+        Args:
+            dense_latency_s: The dense plan's seconds per input from the same rounds (measured); every
+                latency fraction is then over it. ``None`` (calibrated cost) keeps the environment's fractions.
+        """
+        from agents.evaluation import Run
+
+        table = table_of(self.rows, self.env)
+        runs = []
+        for (_, name, family), col in zip(self.controllers, self._cols, strict=True):
+            lat_s = np.array(col["lat_s"], dtype=np.float64)
+            runs.append(
+                Run(
+                    name,
+                    family,
+                    np.array(col["raw"], dtype=np.float64),
+                    np.array(col["rel"], dtype=np.float64),
+                    np.array(col["lat"], dtype=np.float64),
+                    lat_s,
+                    np.array(col["flops"], dtype=np.float64),
+                    list(col["task"]),
+                    np.array(col["dec"], dtype=np.float64),
+                    {
+                        "throughput_tok_s": float(np.sum(col["tok"]) / max(lat_s.sum(), 1e-12)),
+                        "energy_source": sorted({str(e) for e in col["en"]}),
+                    },
+                )
+            )
+        if dense_latency_s is not None:
+            ref = np.maximum(np.asarray(dense_latency_s, dtype=np.float64), 1e-12)
+            table = replace(table, lat=table.latency_s / ref[:, None])
+            runs = [replace(r, lat=r.latency_s / ref) for r in runs]
+        self.table, self.runs = table, runs
+
+
+# ---------------------------------------------------------------------------------------- rules in a sweep
+def exit_depths(env: Any) -> list[Any]:
+    """The static twin of every stop a staged environment offers: a fixed exit after the probe and after each group.
+
+    A stop rule's operating points include "answer after the probe" and "after group ``t``" for
+    every input; the same exits for every input are static plans
+    (:class:`agents.baselines.StaticDepth`), and the static hull a staged rule is compared with must
+    hold them, or a rule would beat static pruning with a plan static pruning was not offered.
+    """
+    from agents.baselines import StaticDepth
+
+    env = getattr(env, "unwrapped", env)
+    iface = env.interface
+    depths = [env.probe.layers, *(iface.stop_layer(t) for t in range(iface.steps - 1))]
+    return [StaticDepth(d) for d in dict.fromkeys(depths)]
+
+
+CALM_FAMILY = "CALM threshold (staged, train-fitted)"
+RISK_FAMILY = "risk-controlled stop (staged)"
+
+
+@dataclass
+class StopRules:
+    """The stop rules fitted on a train-split exit table, to be read off a test table (:meth:`evaluate`).
+
+    Attributes:
+        grid: CALM thresholds (the train table's margin quantiles, ``inf`` first): one operating point each.
+        risk: ``(delta, rule)`` per requested delta; ``rule`` is the :class:`RiskControlled` threshold,
+            or the reason it was refused (too few calibration inputs).
+        epsilon: The risk control's allowed failure probability.
+        train_items: Inputs of the table they were fitted on.
+    """
+
+    grid: np.ndarray
+    risk: list[tuple[float, RiskControlled | str]]
+    epsilon: float
+    train_items: int
+
+    def evaluate(self, table: ExitTable) -> tuple[list[Any], list[dict[str, Any]]]:
+        """The rules' runs on ``table`` (CALM grid, then each certified risk rule) and the risk rules' records."""
+        runs = [
+            as_run(table, MarginThreshold(float(g)).exits(table), f"CALM margin ≥ {g:.3g}", CALM_FAMILY)
+            for g in self.grid
+        ]
+        records = []
+        for delta, rc in self.risk:
+            rec: dict[str, Any] = {"delta": delta, "requested": 1.0 - delta, "epsilon": self.epsilon}
+            if isinstance(rc, str):
+                records.append(rec | {"refused": rc})
+                continue
+            run = as_run(table, rc.rule.exits(table), rc.rule.label(), RISK_FAMILY)
+            runs.append(run)
+            thr = rc.rule.threshold
+            records.append(
+                rec
+                | {
+                    "threshold": thr if math.isfinite(thr) else None,
+                    "agreement": float(run.rel.mean()),
+                    "latency_saved": float(1.0 - run.lat.mean()),
+                    "stopped_early": float(run.extra["stopped_early"]),
+                }
+            )
+        return runs, records
+
+
+def fit_stop_rules(
+    train: ExitTable, deltas: Sequence[float] = (0.05, 0.10), epsilon: float = 0.05, grid_size: int = 30
+) -> StopRules:
+    """The CALM threshold grid and the risk-controlled stops, fitted on ``train`` (a train-split exit table).
+
+    A delta the table cannot certify (too few inputs) is kept with the reason, not raised: the
+    other rules still stand.
+    """
+    risk: list[tuple[float, RiskControlled | str]] = []
+    for delta in deltas:
+        try:
+            risk.append((float(delta), risk_controlled(train, float(delta), float(epsilon))))
+        except ValueError as exc:
+            risk.append((float(delta), str(exc)))
+    return StopRules(margin_grid(train, grid_size), risk, float(epsilon), len(train.item_ids))
+
+
+def staged_pass(
+    env_for: Callable[[dict[str, Any]], Any],
+    kwargs: Mapping[str, Any],
+    controllers: Sequence[tuple[Any, str, str]] = (),
+) -> StagedPass:
+    """A :class:`StagedPass` over ``env_for(kwargs)`` (discrete), with exported staged controllers beside it.
+
+    Args:
+        env_for: Builds a staged evaluation environment from its arguments (the caller's data, cost and
+            timing settings; e.g. :func:`agents.evaluation.evaluation_env` with ``env="Staged"``).
+        kwargs: The exit row's environment (probe, groups, and data settings such as ``max_prompt_tokens``).
+        controllers: ``(controller, name, family)``: loaded controllers
+            (:class:`~agents.controller.Controller`) of staged environments; each decides in the
+            environment its card describes (:func:`staged_env_kwargs`), with ``kwargs``' data settings.
+    """
+    made: dict[str, Any] = {}
+
+    def env(kw: Mapping[str, Any]) -> Any:
+        key = json.dumps(dict(kw), sort_keys=True, default=str)
+        if key not in made:
+            made[key] = env_for(dict(kw))
+        return made[key]
+
+    data = {k: v for k, v in kwargs.items() if k in _NOT_INTERFACE}
+    main = env({**kwargs, "discrete": True})
+    acts = []
+    for ctrl, name, family in controllers:
+        sc = StagedController(ctrl, env({**staged_env_kwargs(ctrl.card), **data}), name)
+        acts.append((sc, name, family))
+    return StagedPass(main, acts)

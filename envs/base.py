@@ -323,6 +323,14 @@ class PruneEnv(gym.Env):
         return self._last_render or "(no step yet)"
 
     # ------------------------------------------------------------------ description
+    def policy_start(self, keep: float) -> np.ndarray:
+        """Where a Gaussian policy starts (``agents.rllib.start_policy_at``): every keep fraction at ``keep``.
+
+        Continuous actions only; environments whose action has entries other than keep fractions
+        say where those start.
+        """
+        return np.full(self.action_space.shape, float(keep), np.float32)
+
     @property
     def discrete(self) -> bool:
         """Whether the action is a discrete preset."""

@@ -365,8 +365,15 @@ class StagedInterface(LayerByLayerInterface):
         cfg = super().config()
         acts = self.actions
         then = "1 escalates to the next rung" if self.ladder else "group actions are index - 1"
+        group = cfg["action"]
         cfg["action"] = {
-            **cfg["action"],
+            **group,
+            # the environment's action space, stop included (what a policy outputs; the group map's own
+            # size is kept beside it and is what the map is rebuilt from)
+            "n": self.action_size if acts.discrete else None,
+            "shape": group["shape"] if acts.discrete else [self.action_size],
+            "group_n": group["n"],
+            "group_shape": group["shape"],
             "stop": f"index 0; {then}" if acts.discrete else f"entry 0 >= {STOP_THRESHOLD}",
         }
         if self.ladder:
@@ -376,7 +383,8 @@ class StagedInterface(LayerByLayerInterface):
     @classmethod
     def _from_config(cls, cfg: Mapping[str, Any], slm: Any) -> StagedInterface:
         probe = Probe.from_config(dict(cfg["observation"]["probe"]), slm)
-        action = {k: v for k, v in dict(cfg["action"]).items() if k not in ("stop", "ladder")}
+        action = {k: v for k, v in dict(cfg["action"]).items() if k not in ("stop", "ladder", "group_n", "group_shape")}
+        action |= {"n": cfg["action"].get("group_n"), "shape": cfg["action"].get("group_shape")}
         iface = cls(slm, ActionMap.from_config(action, slm), probe, bool(cfg["observation"]["probe_prunable"]))
         return iface.with_ladder(cfg["action"].get("ladder"))
 

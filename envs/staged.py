@@ -14,7 +14,9 @@ from envs.per_input import PerInput
 from envs.runtime.plan import LayerPlan, SparsityPlan
 from envs.runtime.staged import Readout, StagedRun
 
-__all__ = ["Staged"]
+__all__ = ["STOP_START", "Staged"]
+
+STOP_START = 0.25  # a Gaussian policy's start on the stop entry (the env stops at >= 0.5): runs on, explores stopping
 
 
 class Staged(PerInput):
@@ -103,6 +105,16 @@ class Staged(PerInput):
         self.last_head_cost: Any = None  # measured: the LM head's cost at the last outcome
         self._t = 0
         self._fr = np.zeros((self.num_groups, 3))
+
+    def policy_start(self, keep: float) -> np.ndarray:
+        """A Gaussian policy starts with its keep fractions at ``keep`` and its stop entry at :data:`STOP_START`.
+
+        Below the stop threshold, so that the first episodes mostly run on and the stop is explored
+        (a start with every entry at ``keep = 1`` would stop every episode after the probe).
+        """
+        start = super().policy_start(keep)
+        start[0] = STOP_START
+        return start
 
     # ------------------------------------------------------------------ episode
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:

@@ -5,10 +5,15 @@ Usage::
     python -m experiments.evaluate --controller dense --controller static:0.8,1,1 \\
         --controller outputs/main/<run>/controller            # an exported controller folder
     python -m experiments.evaluate --pareto --controller <folder> ...   # + static sweep, hull, oracle
+    python -m experiments.evaluate --pareto --stop-rules --controller outputs/main/<run>/controllers/staged_dqn_lam0.5
 
 The library behind it is :mod:`agents.evaluation` (running, the sweep, hull, oracle, headline);
 the tables, files and plot come from :mod:`experiments.report`. An exported controller is
-evaluated on the probe its card names, and decides with its own interface.
+evaluated on the probe its card names, and decides with its own interface. An exported **staged**
+controller (``PruneGym/Staged``) decides stage by stage in the staged environment its card
+describes, and ``--stop-rules`` adds the CALM threshold and the risk-controlled stop (fitted on the
+train split); both run in the sweep's staged pass, timed against the dense plan in the same rounds
+(:class:`agents.staged.StagedPass`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,14 @@ from agents.evaluation import (
     sweep,
     timing_settings,
 )
-from experiments.report import headline_markdown, pareto_plot, per_task_table, save_results, summary_table
+from experiments.report import (
+    headline_markdown,
+    pareto_plot,
+    per_task_table,
+    risk_markdown,
+    save_results,
+    summary_table,
+)
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -67,6 +79,63 @@ def parse_controller(spec: str, env: Any) -> tuple[PlanController, str]:
         f"unknown controller {spec!r}: use dense, static:L,H,M (keep fractions), importance:BUDGET, "
         "entropy:THRESHOLD, or the folder of an exported controller (with card.json)"
     )
+
+
+def staged_folder(spec: str) -> bool:
+    """Whether ``spec`` is the folder of an exported staged controller (it decides stage by stage, not a plan)."""
+    from agents.controller import read_card
+
+    path = Path(spec)
+    if not (path.is_dir() and (path / "card.json").is_file()):
+        return False
+    return read_card(path).get("interface", {}).get("kind") == "staged"
+
+
+def staged_part(args: argparse.Namespace, env: Any, specs: Sequence[str], timing_threads: int) -> Any:
+    """The staged pass of the sweep: the exit row (for the stop rules) and each exported staged controller."""
+    from agents.controller import Controller
+    from agents.staged import staged_pass
+
+    probe = {**probe_kwargs(env.interface.config()), "probe_prunable": False}
+    data = {k: v for k, v in args.env_kwargs.items() if k in ("max_prompt_tokens", "data_seed")}
+    kwargs = {**probe, "num_groups": args.staged_groups, "threads": args.threads, **data}
+    controllers = []
+    for spec in specs:
+        ctrl = Controller.from_pretrained(spec, slm=env.slm)
+        name = f"{ctrl.card.get('algo', 'staged')} ({Path(spec).name})"
+        controllers.append((ctrl, name, f"staged {ctrl.card.get('algo', 'controller')}"))
+
+    def env_for(kw: dict[str, Any]) -> Any:
+        return evaluation_env(
+            model=args.model,
+            task=args.task,
+            split=args.split,
+            n_items=args.n_items,
+            env_kwargs=kw,
+            timing_threads=timing_threads,
+            env="Staged",
+        )
+
+    return staged_pass(env_for, kwargs, controllers)
+
+
+def fit_rules(args: argparse.Namespace, env: Any) -> Any:
+    """The stop rules, fitted on ``--fit-items`` train inputs of the staged environment (calibrated cost)."""
+    from agents.staged import exit_table, fit_stop_rules
+
+    probe = {**probe_kwargs(env.interface.config()), "probe_prunable": False}
+    data = {k: v for k, v in args.env_kwargs.items() if k in ("max_prompt_tokens", "data_seed")}
+    train = evaluation_env(
+        model=args.model,
+        task=args.task,
+        split="train",
+        n_items=args.fit_items,
+        env_kwargs={**probe, "num_groups": args.staged_groups, "threads": args.threads, "discrete": True, **data}
+        | {"calibrate_cost": True},
+        cost="calibrated",
+        env="Staged",
+    )
+    return fit_stop_rules(exit_table(train, desc="stop rules: train exit table"), args.deltas, args.epsilon)
 
 
 def controller_probe(specs: Sequence[str]) -> dict[str, Any]:
@@ -122,10 +191,35 @@ def main(argv: list[str] | None = None) -> None:
         default={},
         help="extra PerInput settings as JSON, e.g. '{\"probe_layers\": 1}'",
     )
+    p.add_argument(
+        "--stop-rules",
+        action="store_true",
+        help="also the staged stop rules: CALM margin thresholds and the risk-controlled stop, fitted on a train "
+        "exit table (calibrated cost) and read off the test inputs' staged pass",
+    )
+    p.add_argument(
+        "--staged-groups",
+        type=int,
+        default=None,
+        help="layer groups of the stop rules' staged environment (default: PruneGym/Staged's own, 7)",
+    )
+    p.add_argument("--fit-items", type=int, default=96, help="with --stop-rules: train inputs they are fitted on")
+    p.add_argument(
+        "--deltas",
+        type=float,
+        nargs="+",
+        default=[0.05, 0.10],
+        help="with --stop-rules: risk-controlled stop, agreement with dense >= 1 - delta (default 0.05 0.10)",
+    )
+    p.add_argument("--epsilon", type=float, default=0.05, help="with --stop-rules: the risk control's failure rate")
     p.add_argument("--out", type=Path, default=None, help="output folder (default outputs/evaluate/<time>)")
     args = p.parse_args(argv)
-    if not args.controller and not args.pareto:
-        p.error("name at least one --controller, or --pareto")
+    if not args.controller and not args.pareto and not args.stop_rules:
+        p.error("name at least one --controller, or --pareto, or --stop-rules")
+    if args.fit_items < 1 or not all(0.0 < d < 1.0 for d in args.deltas) or not 0.0 < args.epsilon < 1.0:
+        p.error("--fit-items must be >= 1, every --deltas and --epsilon in (0, 1)")
+    staged_specs = [spec for spec in args.controller if staged_folder(spec)]
+    plain_specs = [spec for spec in args.controller if spec not in staged_specs]
     out = args.out or Path("outputs/evaluate") / time.strftime("%Y-%m-%d_%H-%M-%S")
     try:
         rounds, timing_threads = timing_settings(args.timing_rounds, args.timing_threads)
@@ -136,15 +230,21 @@ def main(argv: list[str] | None = None) -> None:
         task=args.task,
         split=args.split,
         n_items=args.n_items,
-        env_kwargs={"threads": args.threads, **controller_probe(args.controller), **args.env_kwargs},
+        env_kwargs={"threads": args.threads, **controller_probe(plain_specs), **args.env_kwargs},
         timing_threads=timing_threads,
     )
     n = min(args.n_items, len(env.items))
-    chosen = [parse_controller(spec, env) for spec in args.controller]
+    chosen = [parse_controller(spec, env) for spec in plain_specs]
+    staged = stop_rules = None
+    risk_md = ""
+    if staged_specs or args.stop_rules:
+        staged = staged_part(args, env, staged_specs, timing_threads)
+    if args.stop_rules:
+        stop_rules = fit_rules(args, env)
     md = [
         f"# Evaluation: {args.model}, task {args.task}, {args.split} split, {n} inputs, measured latency\n",
         f"Each run timed with {timing_threads} thread{'s' if timing_threads != 1 else ''}"
-        + (f", best of {rounds} interleaved rounds per input" if args.pareto else "")
+        + (f", best of {rounds} interleaved rounds per input" if args.pareto or staged is not None else "")
         + "; latency fractions are over the dense plan's time on the same input.\n",
     ]
     rows = None
@@ -152,9 +252,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.pareto:
         rules = entropy_rules(probe_observations(env, n), env.probe.feature_names)
         chosen += [(rule, "EntropyThreshold") for rule in rules]
-        static, runs, _ = sweep(env, default_candidates(), n, chosen, rounds=rounds)
+        candidates = default_candidates()
+        if staged is not None:  # every stop's static twin (a fixed exit depth) is in the static hull
+            from agents.staged import exit_depths
+
+            candidates += exit_depths(staged.env)
+        static, runs, _ = sweep(env, candidates, n, chosen, rounds=rounds, staged=staged)
+    elif staged is not None:  # staged parts are timed against the dense plan in the same rounds
+        dense, runs, _ = sweep(env, [Dense()], n, chosen, rounds=rounds, staged=staged)
+        static, runs = [], dense + runs
     else:
         static, runs = [], [run_controller(env, c, n, fam) for c, fam in chosen]
+    if staged is not None:
+        runs = runs + staged.runs
+    if stop_rules is not None:
+        assert staged is not None and staged.table is not None
+        rule_runs, records = stop_rules.evaluate(staged.table)
+        runs = runs + rule_runs
+        risk_md = risk_markdown(records, stop_rules.train_items)
     for run in runs:
         families.setdefault(run.family, []).append(run)
     if args.pareto:
@@ -164,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         plot = pareto_plot(static, fams, out / "pareto.png")
         md.append(f"![Pareto]({plot.name})")
         runs = static + runs
+    if risk_md:
+        md.append(risk_md)
     md.append("## Every controller\n\n" + summary_table(runs))
     md.append("## Per task (dense-relative)\n\n" + per_task_table(runs))
     text = "\n\n".join(md) + "\n"

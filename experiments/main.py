@@ -5,10 +5,14 @@
 1. loads the model (embedded SmolLM2-135M by default) and makes sure this device has a calibrated
    cost model (fits a quick one if not);
 2. trains PPO controllers on ``PruneGym/PerInput-v0`` (calibrated cost, train split), one per reward
-   weight, each for a bounded time, and the LinUCB bandit on the discrete variant;
+   weight, each for a bounded time, and the LinUCB bandit on the discrete variant; with ``staged.enabled``,
+   also PPO on ``PruneGym/Staged-v0`` and DQN on ``PruneGym/StagedDiscrete-v0`` (stop after reading the
+   model's answer, or run the next group), and fits the CALM margin threshold and the risk-controlled
+   stop on a train-split exit table;
 3. exports every controller (ONNX + card) and loads it back without Ray;
 4. evaluates them, the static sweep, the static convex hull, the hindsight oracle and the entropy
-   heuristic on held-out inputs with *measured* latency (:mod:`agents.evaluation`);
+   heuristic on held-out inputs with *measured* latency (:mod:`agents.evaluation`), the staged
+   controllers and rules interleaved with them (:class:`agents.staged.StagedPass`);
 5. prints the headline table, saves the Pareto plot, and writes everything to the run directory.
 """
 
@@ -30,14 +34,19 @@ from experiments import cli
 log = logging.getLogger("prunegym.main")
 
 
+# Which environment config (conf/env) each trainer of the main job uses.
+ENV_OF = {"ppo": "per_input", "linucb": "per_input_discrete", "staged_ppo": "staged", "staged_dqn": "staged_discrete"}
+
+
 def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: float) -> DictConfig:
-    """A training config (conf/train.yaml) for one controller of the main job."""
+    """A training config (conf/train.yaml) for one controller of the main job (``algo``: a key of :data:`ENV_OF`)."""
     from hydra import compose
 
-    env = "per_input" if algo != "linucb" else "per_input_discrete"
+    env = ENV_OF[algo]
     e = cfg.env
+    staged = env.startswith("staged")
     overrides = [
-        f"algo={algo}",
+        f"algo={algo.removeprefix('staged_')}",
         f"env={env}",
         f"seed={cfg.seed}",
         f"run_dir={run_dir}",
@@ -45,11 +54,15 @@ def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: fl
         f"env.kwargs.task={cfg.task.name}",
         f"env.kwargs.n_items={e.n_items}",
         f"+env.kwargs.max_prompt_tokens={e.max_prompt_tokens}",
-        f"env.kwargs.num_groups={e.num_groups}",
+        f"env.kwargs.num_groups={cfg.staged.num_groups if staged else e.num_groups}",
         f"env.kwargs.probe_layers={e.probe_layers}",
         f"env.kwargs.probe_dim={e.probe_dim}",
-        f"+env.kwargs.mlp_rules=[{','.join(e.mlp_rules)}]",
-        *([f"+env.kwargs.predictor={e.predictor}"] if e.predictor else []),
+        *(  # a staged episode runs one MLP rule (the static order)
+            []
+            if staged
+            else [f"+env.kwargs.mlp_rules=[{','.join(e.mlp_rules)}]"]
+            + ([f"+env.kwargs.predictor={e.predictor}"] if e.predictor else [])
+        ),
         f"env.kwargs.reward.lam={lam}",
         "env.kwargs.calibrate_cost=true",
         f"hardware.env_threads={cfg.threads}",
@@ -65,6 +78,7 @@ def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: fl
 def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Run the main job into ``out``; returns the headline rows and summaries."""
     from agents import evaluation as ev
+    from agents.baselines import StaticDepth
     from agents.controller import Controller
     from agents.export import export_from_path
     from envs.base import shared_lm
@@ -80,6 +94,9 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     exported: list[tuple[str, str, Path]] = []
     plan = [("ppo", float(lam), float(cfg.ppo.time_s)) for lam in cfg.ppo.lams]
     plan += [("linucb", float(lam), float(cfg.bandit.time_s)) for lam in cfg.bandit.lams]
+    if cfg.staged.enabled:
+        plan += [("staged_ppo", float(lam), float(cfg.staged.ppo.time_s)) for lam in cfg.staged.ppo.lams]
+        plan += [("staged_dqn", float(lam), float(cfg.staged.dqn.time_s)) for lam in cfg.staged.dqn.lams]
     training: dict[str, Any] = {}
     for algo, lam, budget in plan:
         name = f"{algo}_lam{lam:g}"
@@ -111,17 +128,36 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     )
     n = min(int(cfg.eval.n_items), len(env.items))
     trained = []
+    staged_ctrls = []
     for algo, name, folder in exported:
         ctrl = Controller.from_pretrained(folder, slm=slm)
+        if algo.startswith("staged"):
+            staged_ctrls.append((algo, name, ctrl))
+            continue
         trained.append(
             (ev.ExportedController(ctrl, env, name), "PPO (adaptive)" if algo == "ppo" else "LinUCB bandit (adaptive)")
         )
+    staged = _staged_pass(cfg, staged_ctrls, timing_threads) if cfg.staged.enabled else None
+    t_fit = time.perf_counter()
+    rules = _stop_rules(cfg) if staged is not None else None
+    t_fit = time.perf_counter() - t_fit
     # The entropy heuristic's thresholds are quantiles of the probe's entropy (no labels involved).
-    rules = ev.entropy_rules(ev.probe_observations(env, n), env.probe.feature_names)
-    trained += [(rule, "EntropyThreshold") for rule in rules]
-    # Static plans and controllers run back to back on each input (interleaved measurement).
+    entropy = ev.entropy_rules(ev.probe_observations(env, n), env.probe.feature_names)
+    trained += [(rule, "EntropyThreshold") for rule in entropy]
+    # Static plans, controllers and the staged parts run back to back on each input (interleaved measurement).
     candidates = ev.default_candidates(mlp_rules=list(cfg.env.mlp_rules))
-    static, ctrl_runs, _ = ev.sweep(env, candidates, n, trained, seed=int(cfg.seed), rounds=rounds)
+    if staged is not None:  # every stop's static twin (a fixed exit depth) is in the static hull
+        from agents.staged import exit_depths
+
+        candidates += exit_depths(staged.env)
+    static, ctrl_runs, _ = ev.sweep(env, candidates, n, trained, seed=int(cfg.seed), rounds=rounds, staged=staged)
+    staged_md = ""
+    records: list[dict[str, Any]] = []
+    if staged is not None:
+        assert rules is not None
+        rule_runs, records = rules.evaluate(staged.table)
+        staged_md = report.risk_markdown(records, rules.train_items)
+        ctrl_runs = ctrl_runs + staged.runs + rule_runs
     families: dict[str, list[ev.Run]] = {}
     for run in ctrl_runs:
         families.setdefault(run.family, []).append(run)
@@ -137,16 +173,30 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         f"Task mix `{cfg.task.name}`; controllers trained on the train split with calibrated cost, evaluated on "
         f"{n} {cfg.eval.split} inputs with measured latency on this machine (each run timed with {timing_threads} "
         f"thread{'s' if timing_threads != 1 else ''}, best of {rounds} interleaved rounds per input, as a fraction of "
-        f"the dense plan's time on the same input). Training {t_train / 60:.1f} min, "
-        f"total {t_total / 60:.1f} min.",
+        f"the dense plan's time on the same input)"
+        + (
+            f"; the static sweep holds every staged stop's static twin (fixed exits after "
+            f"{', '.join(str(c.layers) for c in candidates if isinstance(c, StaticDepth))} layers), and the stop "
+            f"rules were fitted on {rules.train_items} train inputs"
+            if staged is not None and rules is not None
+            else ""
+        )
+        + f". Training {t_train / 60:.1f} min"
+        + (f", fitting the stop rules {t_fit / 60:.1f} min" if staged is not None else "")
+        + f", total {t_total / 60:.1f} min.",
         head,
         f"![Pareto]({plot.name})",
+        *([staged_md] if staged_md else []),
         "## Every controller\n\n" + report.summary_table(all_runs),
         "## Per task (dense-relative)\n\n" + report.per_task_table(all_runs),
     ]
     text = "\n\n".join(md) + "\n"
     report.save_results(out, all_runs, rows, text)
     (out / "training.json").write_text(json.dumps(training, indent=1, default=float))
+    if staged is not None:  # the test exit table and the risk records, for audits and re-analysis
+        staged.table.save(out / "staged_test_exits.npz")
+        grid = [g if g < float("inf") else None for g in rules.grid.tolist()]
+        (out / "stop_rules.json").write_text(json.dumps({"risk": records, "grid": grid}, indent=1))
     if cfg.get("benchmarks"):
         command = shlex.join(["python", "-m", "experiments.main", *sys.argv[1:]])
         if list(cfg.env.mlp_rules) == ["static"]:
@@ -161,6 +211,61 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     print("\n" + head + "\n")
     print(f"Pareto plot: {plot}\nresults: {out / 'results.md'}\nexported controllers: {out / 'controllers'}")
     return {"headline": rows, "runs": [r.summary() for r in all_runs], "minutes": t_total / 60, "out": str(out)}
+
+
+STAGED_FAMILIES = {"staged_ppo": "Staged PPO (adaptive)", "staged_dqn": "Staged DQN (adaptive)"}
+
+
+def _staged_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The staged environment the main job trains and evaluates (the PerInput probe, ``staged.num_groups`` groups)."""
+    return {
+        "num_groups": int(cfg.staged.num_groups),
+        "probe_layers": int(cfg.env.probe_layers),
+        "probe_dim": int(cfg.env.probe_dim),
+        "max_prompt_tokens": int(cfg.env.max_prompt_tokens),
+        "threads": int(cfg.threads),
+    }
+
+
+def _staged_pass(cfg: DictConfig, ctrls: list[tuple[str, str, Any]], timing_threads: int) -> Any:
+    """The staged part of the evaluation sweep: the exit row and every staged controller, on the test inputs."""
+    from functools import partial
+
+    from agents import evaluation as ev
+    from agents.staged import staged_pass
+
+    env_for = partial(
+        ev.evaluation_env,
+        model=str(cfg.model.name),
+        task=str(cfg.task.name),
+        split=str(cfg.eval.split),
+        n_items=int(cfg.eval.n_items),
+        timing_threads=timing_threads,
+        env="Staged",
+    )
+    controllers = [(ctrl, name, STAGED_FAMILIES[algo]) for algo, name, ctrl in ctrls]
+    return staged_pass(lambda kw: env_for(env_kwargs=kw), _staged_kwargs(cfg), controllers)
+
+
+def _stop_rules(cfg: DictConfig) -> Any:
+    """The CALM thresholds and the risk-controlled stops, fitted on a train-split exit table (calibrated cost)."""
+    from agents import evaluation as ev
+    from agents.staged import exit_table, fit_stop_rules
+
+    env = ev.evaluation_env(
+        model=str(cfg.model.name),
+        task=str(cfg.task.name),
+        split="train",
+        n_items=int(cfg.staged.fit_items),
+        env_kwargs={**_staged_kwargs(cfg), "discrete": True, "calibrate_cost": True},
+        cost="calibrated",
+        env="Staged",
+    )
+    rules = fit_stop_rules(exit_table(env, desc="stop rules: train exit table"), cfg.staged.deltas, cfg.staged.epsilon)
+    for delta, rc in rules.risk:
+        if isinstance(rc, str):
+            log.warning("risk-controlled stop at delta=%g refused: %s", delta, rc)
+    return rules
 
 
 def write_benchmark_section(

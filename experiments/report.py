@@ -156,6 +156,34 @@ def _fmt_ci(ci: Sequence[float]) -> str:
     return "—" if not all(np.isfinite(ci)) else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def risk_markdown(records: Sequence[Mapping[str, Any]], train_items: int) -> str:
+    """The risk-controlled stops (:meth:`agents.staged.StopRules.evaluate`'s records): requested vs achieved."""
+    rows = []
+    for r in records:
+        head = [f"{r['delta']:g}", f"{r['requested']:.2f}"]
+        if "refused" in r:
+            rows.append([*head, "refused", r["refused"], "—", "—"])
+            continue
+        thr = r["threshold"]
+        rows.append(
+            [
+                *head,
+                "∞ (never stops)" if thr is None else f"{thr:.3g}",
+                f"{r['agreement']:.3f}",
+                f"{r['latency_saved']:.1%}",
+                f"{r['stopped_early']:.0%}",
+            ]
+        )
+    eps = records[0]["epsilon"] if records else float("nan")
+    return (
+        f"## Risk-controlled stop (Learn-then-Test, ε = {eps:g}, certified on {train_items} train inputs)\n\n"
+        + markdown_table(
+            ["δ", "requested agreement", "certified threshold", "test agreement", "latency saved", "stopped early"],
+            rows,
+        )
+    )
+
+
 def per_task_table(runs: Sequence[Run]) -> str:
     """Dense-relative accuracy per task for each run."""
     tasks = sorted(set(runs[0].tasks))

@@ -581,6 +581,7 @@ def _make_trainer(
         num_env_runners=int(cfg.cluster.num_env_runners),
         envs_per_runner=int(cfg.cluster.get("envs_per_runner") or 1),
         info_keys=info_keys,
+        policy_start=getattr(probe_env.unwrapped, "policy_start", None),
     )
 
 

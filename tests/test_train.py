@@ -34,6 +34,15 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TINY = ["env=tiny", "eval.episodes=4", "checkpoint.every=1"]
 DISCRETE = "env.id=PruneGym/PerInputDiscrete-v0"
+STAGED_TINY = [  # conf/env/staged*.yaml on the tiny model
+    "env.kwargs.model=tiny-llama",
+    "env.kwargs.task=generated",
+    "env.kwargs.n_items=8",
+    "env.kwargs.probe_layers=1",
+    "env.kwargs.probe_dim=8",
+    "env.kwargs.calibrate_cost=true",
+    "eval.episodes=4",
+]
 
 
 def cfg_for(*overrides: str):
@@ -337,5 +346,29 @@ def test_ppo_starts_at_the_dense_plan(ray_cluster):
             assert not np.allclose(greedy_policy(plain.algo, env.action_space)(obs), 1.0, atol=0.05)
         finally:
             plain.stop()
+    finally:
+        trainer.stop()
+
+
+def test_staged_ppo_starts_running_on_with_the_groups_dense(ray_cluster):
+    """The staged env's policy start: stop entry below the threshold (runs on), keep fractions at 1."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from agents.rllib import RLlibTrainer, greedy_policy, make_env
+    from envs.staged import STOP_START
+    from experiments.train import env_settings
+
+    cfg = cfg_for("algo=ppo", "env=staged", *STAGED_TINY)
+    env_id, kwargs = env_settings(cfg)
+    env = make_env(env_id, kwargs)
+    algo_cfg = OmegaConf.to_container(cfg.algo, resolve=True)
+    trainer = RLlibTrainer(algo_cfg, env_id, kwargs, env.action_space, seed=0, policy_start=env.unwrapped.policy_start)
+    try:
+        obs, _ = env.reset(seed=0)
+        start = greedy_policy(trainer.algo, env.action_space)(obs)
+        assert np.allclose(start, [STOP_START, 1.0, 1.0, 1.0], atol=0.01)
+        _, _, done, _, _ = env.step(start)
+        assert not done  # it ran the first group instead of stopping after the probe
     finally:
         trainer.stop()

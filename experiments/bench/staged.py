@@ -36,13 +36,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from agents.baselines import Dense, StaticDepth
+from agents.baselines import Dense
 from agents.evaluation import Run, context, default_candidates, headline, hull_curve
 from agents.frontier import auc, interp_frontier, upper_hull
 from agents.staged import (
     ExitTable,
     MarginThreshold,
     as_run,
+    exit_depths,
     exit_row,
     first_true,
     fit_for_latency,
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     depths = [train_env.interface.stop_layer(t) for t in range(train_env.num_groups)]
     _, train = interleaved(args, "train", args.train, [Dense()])
     print(f"train exit table: {len(train.item_ids)} inputs in {time.perf_counter() - t0:.0f}s", flush=True)
-    candidates = default_candidates() + [StaticDepth(d) for d in [k, *depths[:-1]]]
+    candidates = default_candidates() + exit_depths(train_env)
     t1 = time.perf_counter()
     static, test = interleaved(args, "test", args.test, candidates)
     test_env, _ = _envs(args, "test", args.test)

@@ -1,0 +1,211 @@
+"""Staged controllers and stop rules in the evaluation sweep, beside the static plans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agents import evaluation as ev
+from agents.baselines import Dense, StaticUniform
+from agents.staged import (
+    MarginThreshold,
+    StagedController,
+    StagedPass,
+    as_run,
+    episode,
+    exit_depths,
+    exit_table,
+    staged_env_kwargs,
+)
+
+ENV = {"probe_layers": 1, "probe_dim": 4}
+
+
+@pytest.fixture(autouse=True)
+def one_thread_here(one_thread):
+    yield
+
+
+def envs(cost: str, n: int = 4, **staged_kw):
+    """The tiny model's per-input and staged evaluation environments over the same test inputs."""
+    extra = {"calibrate_cost": True} if cost == "calibrated" else {}
+    common = {"model": "tiny-llama", "task": "generated", "split": "test", "n_items": n, "cost": cost}
+    per_input = ev.evaluation_env(**common, env_kwargs={**ENV, "num_groups": 1, **extra})
+    staged = ev.evaluation_env(**common, env_kwargs={**ENV, **extra, **staged_kw}, env="Staged")
+    return per_input, staged
+
+
+def dense_act(obs):
+    return 1
+
+
+def stop_at_once(obs):
+    return 0
+
+
+def test_staged_pass_in_a_calibrated_sweep_equals_its_parts_run_alone():
+    """The pass's exit table and controller runs equal the table and episodes run outside the sweep."""
+    pin, staged = envs("calibrated", discrete=True)
+    sp = StagedPass(staged, [(dense_act, "always on", "on"), (stop_at_once, "stop now", "stop")])
+    static, ctrl, _ = ev.sweep(pin, [Dense(), StaticUniform(layers=0.5)], 4, staged=sp)
+    alone = exit_table(staged, 4)
+    assert sp.table is not None
+    assert np.array_equal(sp.table.rel, alone.rel) and np.array_equal(sp.table.lat, alone.lat)
+    assert np.array_equal(sp.table.obs, alone.obs)
+    on, stop = sp.runs
+    G = staged.interface.steps
+    assert np.array_equal(on.rel, alone.rel[:, G]) and np.array_equal(on.lat, alone.lat[:, G])
+    assert np.array_equal(stop.rel, alone.rel[:, 0]) and np.array_equal(stop.lat, alone.lat[:, 0])
+    assert (stop.lat < on.lat).all()
+    assert ctrl == [] and len(static) == 2
+    # a stop rule read off the pass's table is a run like any other
+    run = as_run(sp.table, MarginThreshold(np.inf).exits(sp.table), "never stops", "calm")
+    assert np.array_equal(run.rel, on.rel)
+
+
+def test_measured_staged_pass_is_paired_with_the_dense_plan():
+    """Measured: every staged fraction is its best round over the dense plan's best round on the same input."""
+    pin, staged = envs("measured", 3, discrete=True)
+    sp = StagedPass(staged, [(dense_act, "always on", "on")])
+    static, _, _ = ev.sweep(pin, [Dense()], 3, rounds=2, staged=sp)
+    dense_s = static[0].latency_s
+    assert np.allclose(sp.table.lat, sp.table.latency_s / dense_s[:, None])
+    assert np.allclose(sp.runs[0].lat, sp.runs[0].latency_s / dense_s)
+    assert sp.runs[0].extra["timing_rounds"] == 2
+    # the fraction grows with the stages that ran
+    assert (np.diff(sp.table.latency_s.mean(0)[:-1]) > 0).all()
+
+
+def test_staged_sweep_refuses_other_inputs_and_a_missing_dense_reference():
+    pin, same_inputs = envs("measured", 3, discrete=True)
+    other_split = ev.evaluation_env(
+        model="tiny-llama", task="generated", split="val", n_items=3, env_kwargs={**ENV, "discrete": True}, env="Staged"
+    )
+    with pytest.raises(ValueError, match="other inputs"):
+        ev.sweep(pin, [Dense()], 3, staged=StagedPass(other_split))
+    with pytest.raises(ValueError, match="needs Dense"):
+        ev.sweep(pin, [StaticUniform(layers=0.5)], 3, staged=StagedPass(same_inputs))
+
+
+def test_exit_depths_are_the_static_twins_of_every_stop():
+    from agents.baselines import Context
+
+    _, staged = envs("calibrated", 2, discrete=True)
+    depths = exit_depths(staged)
+    iface = staged.interface
+    assert [d.layers for d in depths] == [1, *(iface.stop_layer(t) for t in range(iface.steps - 1))]
+    table = exit_table(staged, 2)
+    pin = ev.evaluation_env(
+        model="tiny-llama",
+        task="generated",
+        split="test",
+        n_items=2,
+        cost="calibrated",
+        env_kwargs={**ENV, "num_groups": 1, "calibrate_cost": True},
+    )
+    for i in range(2):  # a fixed exit answers as the staged stop at the same depth
+        obs, info = pin.reset(options={"item": i})
+        for t, d in enumerate(depths):
+            plan = d(obs, Context(pin.interface, item_index=i, prompt_len=info["prompt_tokens"]))
+            _, _, _, _, res = pin.step_plan(plan, keep_open=True)
+            assert res["accuracy_dense_relative"] == table.rel[i, t]
+        pin.close_episode()
+
+
+def test_episode_reports_the_decision_time_and_ends():
+    _, staged = envs("calibrated", 2, discrete=True)
+    info, dec = episode(staged, 1, dense_act)
+    assert info["groups_run"] == staged.interface.steps and dec >= 0.0
+    info, _ = episode(staged, 1, stop_at_once)
+    assert info["groups_run"] == 0 and info["stopped"]
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_exported_staged_controller_rebuilds_its_environment(tmp_path, discrete):
+    """A staged policy's card rebuilds the environment it was trained in; another interface is refused."""
+    from tests.test_parity import export_random
+
+    _, staged = envs("calibrated", 2, discrete=discrete)
+    size = staged.action_space.n if discrete else staged.action_space.shape[0]
+    ctrl = export_random(staged, tmp_path)
+    card_action = ctrl.card["interface"]["action"]
+    assert (card_action["n"] if discrete else card_action["shape"][0]) == size  # stop included
+    kwargs = staged_env_kwargs(ctrl.card)
+    assert kwargs["discrete"] is discrete
+    rebuilt = ev.evaluation_env(
+        model="tiny-llama", task="generated", n_items=2, cost="calibrated", env_kwargs=kwargs, env="Staged"
+    )
+    sc = StagedController(ctrl, rebuilt, "mine")
+    info, _ = episode(rebuilt, 0, sc)
+    assert "accuracy_dense_relative" in info
+    other = ev.evaluation_env(
+        model="tiny-llama",
+        task="generated",
+        n_items=2,
+        cost="calibrated",
+        env_kwargs={**kwargs, "num_groups": 1},
+        env="Staged",
+    )
+    with pytest.raises(ValueError, match="another staged interface"):
+        StagedController(ctrl, other)
+    with pytest.raises(ValueError, match="stage by stage"):
+        ctrl.select_plan(np.zeros(ctrl.observation_size, np.float32), staged.slm, prompt_len=8)
+    with pytest.raises(ValueError, match="not a staged controller"):
+        staged_env_kwargs({"interface": {"kind": "per_input"}})
+
+
+def test_stop_rules_fit_on_train_and_read_off_a_new_table():
+    """The CALM grid gives one run per threshold; a delta too strict for the table is kept with its reason."""
+    from agents.staged import CALM_FAMILY, RISK_FAMILY, fit_stop_rules
+    from tests.test_stop_rules import synthetic
+
+    train, test = synthetic(400, seed=1), synthetic(300, seed=2)
+    rules = fit_stop_rules(train, deltas=(0.10, 0.001), epsilon=0.05, grid_size=10)
+    assert rules.train_items == 400 and np.isinf(rules.grid[0])
+    runs, records = rules.evaluate(test)
+    calm = [r for r in runs if r.family == CALM_FAMILY]
+    assert len(calm) == len(rules.grid) and np.array_equal(calm[0].rel, test.rel[:, test.groups])
+    assert [r["delta"] for r in records] == [0.10, 0.001]
+    ok, refused = records
+    assert "refused" in refused and "calibration inputs" in refused["refused"]
+    assert ok["agreement"] >= 0.9 - 0.05 and 0.0 <= ok["stopped_early"] <= 1.0
+    assert [r.family for r in runs].count(RISK_FAMILY) == 1
+
+
+def test_evaluate_command_runs_staged_controllers_and_stop_rules(tmp_path):
+    """``experiments.evaluate`` puts an exported staged controller and the stop rules beside the dense plan."""
+    import json
+
+    from experiments.evaluate import main
+    from tests.test_parity import export_random
+
+    _, staged = envs("calibrated", 2, discrete=True)
+    ctrl = export_random(staged, tmp_path)
+    out = tmp_path / "eval"
+    main(
+        [
+            "--model=tiny-llama",
+            "--task=generated",
+            "--n-items=4",
+            "--threads=1",
+            "--env-kwargs",
+            json.dumps({**ENV, "num_groups": 1}),
+            "--pareto",
+            "--stop-rules",
+            "--fit-items=30",
+            "--deltas",
+            "0.2",
+            "--controller",
+            str(ctrl.folder),
+            "--out",
+            str(out),
+        ]
+    )
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    families = {r["family"] for r in runs}
+    assert {"static", "staged random", "CALM threshold (staged, train-fitted)"} <= families
+    assert all(r["n"] == 4 for r in runs)
+    # the static sweep holds every stop's static twin
+    names = {r["name"] for r in runs}
+    assert {f"StaticDepth({d})" for d in (1, 2, 3)} <= names, names
+    assert "Risk-controlled stop" in (out / "results.md").read_text()
