@@ -208,18 +208,24 @@ class Run:
 
 def run_controller(env: Any, controller: PlanController, n: int, family: str | None = None, desc: str = "") -> Run:
     """Run ``controller`` live on the first ``n`` inputs of ``env``."""
-    cols: dict[str, list[Any]] = {k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok")}
+    cols = result_columns()
     for i in tqdm(range(n), desc=desc or controller.name, leave=False):
         obs, info = env.reset(options={"item": i})
         t0 = time.perf_counter()
         plan = controller(obs, context(env, i, info["prompt_tokens"]))
         dec = time.perf_counter() - t0
         _, _, _, _, info = env.step_plan(plan)
-        _collect(cols, info, dec)
-    return _run(controller.name, family or controller.name, cols)
+        collect(cols, info, dec)
+    return run_of(controller.name, family or controller.name, cols)
 
 
-def _collect(cols: dict[str, list[Any]], info: Mapping[str, Any], dec: float) -> None:
+def result_columns() -> dict[str, list[Any]]:
+    """Empty per-input columns of one controller's results (filled by :func:`collect`, read by :func:`run_of`)."""
+    return {k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok")}
+
+
+def collect(cols: dict[str, list[Any]], info: Mapping[str, Any], dec: float) -> None:
+    """Append one input's result (an episode's last info, and the seconds its decisions took) to ``cols``."""
     cols["raw"].append(info["accuracy_raw"])
     cols["rel"].append(info["accuracy_dense_relative"])
     cols["lat"].append(info["latency_fraction"])
@@ -231,7 +237,8 @@ def _collect(cols: dict[str, list[Any]], info: Mapping[str, Any], dec: float) ->
     cols["tok"].append(info.get("prompt_tokens", 0))
 
 
-def _run(name: str, family: str, cols: dict[str, list[Any]]) -> Run:
+def run_of(name: str, family: str, cols: dict[str, list[Any]]) -> Run:
+    """The :class:`Run` of columns :func:`collect` filled."""
     lat_s = np.array(cols["lat_s"], dtype=np.float64)
     return Run(
         name,
@@ -298,7 +305,7 @@ def sweep(
         if measured and not dense_at:
             raise ValueError("a measured staged sweep needs Dense among the candidates: it is the latency reference")
     parts = len(everyone) + (staged.parts if staged is not None else 0)  # staged parts come after the plans
-    cols = [{k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok")} for _ in everyone]
+    cols = [result_columns() for _ in everyone]
     rng = np.random.default_rng(seed)
     obs_all = []
     for i in tqdm(range(n), desc="static sweep and controllers" + (f" ({rounds} timing rounds)" if rounds > 1 else "")):
@@ -316,7 +323,7 @@ def sweep(
                     plans[j] = everyone[j][0](obs, ctx)
                     dec = time.perf_counter() - t0
                     _, _, _, _, info = env.step_plan(plans[j], keep_open=True)
-                    _collect(cols[j], info, dec)
+                    collect(cols[j], info, dec)
                     best[j] = info["latency_s"]
                 else:
                     best[j] = min(best[j], env.retime(plans[j]))
@@ -324,7 +331,7 @@ def sweep(
             for j in range(len(everyone)):
                 cols[j]["lat_s"][-1] = best[j] + cols[j]["dec"][-1]
         env.close_episode()
-    runs = [_run(c.name, fam, col) for (c, fam), col in zip(everyone, cols, strict=True)]
+    runs = [run_of(c.name, fam, col) for (c, fam), col in zip(everyone, cols, strict=True)]
     if measured:
         runs = [replace(r, extra={**r.extra, "timing_rounds": rounds}) for r in runs]
     dense = [runs[j] for j in dense_at]

@@ -523,10 +523,9 @@ class StagedPass:
         self.env = getattr(env, "unwrapped", env)
         self.controllers = list(controllers)
         self.rows: list[dict[str, Any]] = []
-        self._cols: list[dict[str, list[Any]]] = [
-            {k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok")}
-            for _ in self.controllers
-        ]
+        from agents.evaluation import result_columns
+
+        self._cols = [result_columns() for _ in self.controllers]
         self.table: ExitTable | None = None
         self.runs: list[Any] = []
 
@@ -563,22 +562,13 @@ class StagedPass:
             else:
                 self.rows[-1]["latency_s"] = np.minimum(self.rows[-1]["latency_s"], row["latency_s"])
             return
+        from agents.evaluation import collect
+
         act = self.controllers[part - 1][0]
         info, dec = episode(self._env_of(act), index, act)
         col = self._cols[part - 1]
         if first:
-            for key, value in (
-                ("raw", info["accuracy_raw"]),
-                ("rel", info["accuracy_dense_relative"]),
-                ("lat", info["latency_fraction"]),
-                ("lat_s", info["latency_s"] + dec),
-                ("flops", info["flops_fraction"]),
-                ("task", info["task"]),
-                ("dec", dec),
-                ("en", info.get("energy_source")),
-                ("tok", info.get("prompt_tokens", 0)),
-            ):
-                col[key].append(value)
+            collect(col, info, dec)
         else:
             col["lat_s"][-1] = min(col["lat_s"][-1], info["latency_s"] + dec)
 
@@ -589,29 +579,10 @@ class StagedPass:
             dense_latency_s: The dense plan's seconds per input from the same rounds (measured); every
                 latency fraction is then over it. ``None`` (calibrated cost) keeps the environment's fractions.
         """
-        from agents.evaluation import Run
+        from agents.evaluation import run_of
 
         table = table_of(self.rows, self.env)
-        runs = []
-        for (_, name, family), col in zip(self.controllers, self._cols, strict=True):
-            lat_s = np.array(col["lat_s"], dtype=np.float64)
-            runs.append(
-                Run(
-                    name,
-                    family,
-                    np.array(col["raw"], dtype=np.float64),
-                    np.array(col["rel"], dtype=np.float64),
-                    np.array(col["lat"], dtype=np.float64),
-                    lat_s,
-                    np.array(col["flops"], dtype=np.float64),
-                    list(col["task"]),
-                    np.array(col["dec"], dtype=np.float64),
-                    {
-                        "throughput_tok_s": float(np.sum(col["tok"]) / max(lat_s.sum(), 1e-12)),
-                        "energy_source": sorted({str(e) for e in col["en"]}),
-                    },
-                )
-            )
+        runs = [run_of(name, family, col) for (_, name, family), col in zip(self.controllers, self._cols, strict=True)]
         if dense_latency_s is not None:
             ref = np.maximum(np.asarray(dense_latency_s, dtype=np.float64), 1e-12)
             table = replace(table, lat=table.latency_s / ref[:, None])
