@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         "--controller",
         action="append",
         default=[],
-        help="dense | static:L,H,M | importance:B | entropy:T | <exported controller folder>; repeat for several",
+        help="dense | static:L,H,M | importance:B | entropy:T | <exported controller folder> (a staged one decides "
+        "stage by stage in the staged environment its card describes); repeat for several",
     )
     p.add_argument("--pareto", action="store_true", help="also sweep the static plans, hull and oracle, and plot")
     p.add_argument("--model", default="smollm2-135m", help="model name or folder")
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         "--timing-rounds",
         type=int,
         default=None,
-        help=f"with --pareto: timing rounds per input, each plan's best counts (default {TIMING_ROUNDS})",
+        help=f"with --pareto or staged entries: timing rounds per input, each run's best counts "
+        f"(default {TIMING_ROUNDS})",
     )
     p.add_argument(
         "--env-kwargs",
