@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         task=args.task,
         split=args.split,
         n_items=args.n_items,
-        env_kwargs={"threads": args.threads, **controller_probe(plain_specs), **args.env_kwargs},
+        env_kwargs={"threads": args.threads, **controller_probe(args.controller), **args.env_kwargs},
         timing_threads=timing_threads,
     )
     n = min(args.n_items, len(env.items))
