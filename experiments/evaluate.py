@@ -91,14 +91,19 @@ def staged_folder(spec: str) -> bool:
     return read_card(path).get("interface", {}).get("kind") == "staged"
 
 
+def staged_kwargs(args: argparse.Namespace, env: Any) -> dict[str, Any]:
+    """The staged environment of the exit row and the stop rules: the evaluation's probe and data settings."""
+    probe = {**probe_kwargs(env.interface.config()), "probe_prunable": False}
+    data = {k: v for k, v in args.env_kwargs.items() if k in ("max_prompt_tokens", "data_seed")}
+    return {**probe, "num_groups": args.staged_groups, "threads": args.threads, **data}
+
+
 def staged_part(args: argparse.Namespace, env: Any, specs: Sequence[str], timing_threads: int) -> Any:
     """The staged pass of the sweep: the exit row (for the stop rules) and each exported staged controller."""
     from agents.controller import Controller
     from agents.staged import staged_pass
 
-    probe = {**probe_kwargs(env.interface.config()), "probe_prunable": False}
-    data = {k: v for k, v in args.env_kwargs.items() if k in ("max_prompt_tokens", "data_seed")}
-    kwargs = {**probe, "num_groups": args.staged_groups, "threads": args.threads, **data}
+    kwargs = staged_kwargs(args, env)
     controllers = []
     for spec in specs:
         ctrl = Controller.from_pretrained(spec, slm=env.slm)
@@ -123,15 +128,12 @@ def fit_rules(args: argparse.Namespace, env: Any) -> Any:
     """The stop rules, fitted on ``--fit-items`` train inputs of the staged environment (calibrated cost)."""
     from agents.staged import exit_table, fit_stop_rules
 
-    probe = {**probe_kwargs(env.interface.config()), "probe_prunable": False}
-    data = {k: v for k, v in args.env_kwargs.items() if k in ("max_prompt_tokens", "data_seed")}
     train = evaluation_env(
         model=args.model,
         task=args.task,
         split="train",
         n_items=args.fit_items,
-        env_kwargs={**probe, "num_groups": args.staged_groups, "threads": args.threads, "discrete": True, **data}
-        | {"calibrate_cost": True},
+        env_kwargs={**staged_kwargs(args, env), "discrete": True, "calibrate_cost": True},
         cost="calibrated",
         env="Staged",
     )
