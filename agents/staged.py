@@ -608,6 +608,8 @@ def exit_depths(env: Any) -> list[Any]:
 
 
 CALM_FAMILY = "CALM threshold (staged, train-fitted)"
+RISK_DELTAS = (0.02, 0.05, 0.10)  # risk-controlled stop: agreement with dense >= 1 - delta on new inputs ...
+RISK_EPSILON = 0.05  # ... with probability >= 1 - epsilon (the main job, experiments.evaluate, bench.staged)
 RISK_FAMILY = "risk-controlled stop (staged)"
 
 
@@ -656,7 +658,10 @@ class StopRules:
 
 
 def fit_stop_rules(
-    train: ExitTable, deltas: Sequence[float] = (0.05, 0.10), epsilon: float = 0.05, grid_size: int = 30
+    train: ExitTable,
+    deltas: Sequence[float] = RISK_DELTAS,
+    epsilon: float = RISK_EPSILON,
+    grid_size: int = 30,
 ) -> StopRules:
     """The CALM threshold grid and the risk-controlled stops, fitted on ``train`` (a train-split exit table).
 

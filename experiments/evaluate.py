@@ -42,6 +42,7 @@ from agents.evaluation import (
     sweep,
     timing_settings,
 )
+from agents.staged import RISK_DELTAS, RISK_EPSILON
 from experiments.report import (
     headline_markdown,
     pareto_plot,
@@ -159,8 +160,8 @@ def controller_probe(specs: Sequence[str]) -> dict[str, Any]:
     return found or {}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Evaluate controllers on the held-out split (and optionally the Pareto study)."""
+def parser() -> argparse.ArgumentParser:
+    """The command's arguments (the help text is the command's documentation)."""
     p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--controller",
@@ -212,11 +213,24 @@ def main(argv: list[str] | None = None) -> None:
         "--deltas",
         type=float,
         nargs="+",
-        default=[0.05, 0.10],
-        help="with --stop-rules: risk-controlled stop, agreement with dense >= 1 - delta (default 0.05 0.10)",
+        default=list(RISK_DELTAS),
+        help="with --stop-rules: risk-controlled stop, agreement with dense >= 1 - delta (default "
+        + " ".join(f"{d:g}" for d in RISK_DELTAS)
+        + ")",
     )
-    p.add_argument("--epsilon", type=float, default=0.05, help="with --stop-rules: the risk control's failure rate")
+    p.add_argument(
+        "--epsilon",
+        type=float,
+        default=RISK_EPSILON,
+        help=f"with --stop-rules: the risk control's failure rate (default {RISK_EPSILON:g})",
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default outputs/evaluate/<time>)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Evaluate controllers on the held-out split (and optionally the Pareto study)."""
+    p = parser()
     args = p.parse_args(argv)
     if not args.controller and not args.pareto and not args.stop_rules:
         p.error("name at least one --controller, or --pareto, or --stop-rules")

@@ -86,6 +86,8 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     from experiments.train import train
 
     t_start = time.perf_counter()
+    if cfg.staged.enabled:
+        risk_settings(cfg)  # a bad setting stops here, not after the training
     out.mkdir(parents=True, exist_ok=True)
     slm = shared_lm(str(cfg.model.name), "float32", int(cfg.threads))
     log.info("model %s loaded (%d layers); threads %d", cfg.model.name, slm.spec.num_layers, cfg.threads)
@@ -247,6 +249,25 @@ def _staged_pass(cfg: DictConfig, ctrls: list[tuple[str, str, Any]], timing_thre
     return staged_pass(lambda kw: env_for(env_kwargs=kw), _staged_kwargs(cfg), controllers)
 
 
+def risk_settings(cfg: DictConfig) -> tuple[tuple[float, ...], float]:
+    """The risk-controlled stop's deltas and epsilon: ``staged.deltas`` / ``staged.epsilon``, else the defaults.
+
+    ``null`` in the config means :data:`agents.staged.RISK_DELTAS` / :data:`~agents.staged.RISK_EPSILON`,
+    the defaults ``experiments.evaluate`` and ``experiments.bench.staged`` use too.
+    """
+    from agents.staged import RISK_DELTAS, RISK_EPSILON
+
+    deltas, epsilon = cfg.staged.get("deltas"), cfg.staged.get("epsilon")
+    deltas = RISK_DELTAS if deltas is None else tuple(float(d) for d in deltas)
+    epsilon = RISK_EPSILON if epsilon is None else float(epsilon)
+    if not deltas or not all(0.0 < d < 1.0 for d in deltas) or not 0.0 < epsilon < 1.0:
+        raise ValueError(
+            f"staged.deltas must be a non-empty list in (0, 1) and staged.epsilon in (0, 1); got {list(deltas)} and "
+            f"{epsilon} (null: {list(RISK_DELTAS)} and {RISK_EPSILON})"
+        )
+    return deltas, epsilon
+
+
 def _stop_rules(cfg: DictConfig) -> Any:
     """The CALM thresholds and the risk-controlled stops, fitted on a train-split exit table (calibrated cost)."""
     from agents import evaluation as ev
@@ -261,7 +282,7 @@ def _stop_rules(cfg: DictConfig) -> Any:
         cost="calibrated",
         env="Staged",
     )
-    rules = fit_stop_rules(exit_table(env, desc="stop rules: train exit table"), cfg.staged.deltas, cfg.staged.epsilon)
+    rules = fit_stop_rules(exit_table(env, desc="stop rules: train exit table"), *risk_settings(cfg))
     for delta, rc in rules.risk:
         if isinstance(rc, str):
             log.warning("risk-controlled stop at delta=%g refused: %s", delta, rc)

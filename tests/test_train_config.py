@@ -138,6 +138,7 @@ def test_full_error_shows_the_traceback(tmp_path):
     [
         ("experiments.main", ["no_such_key=1"], "Could not override 'no_such_key'"),
         ("experiments.main", ["model.name=no-such-model"], "unknown model 'no-such-model'"),
+        ("experiments.main", ["staged.deltas=[0.05,1.5]"], "staged.deltas must be a non-empty list in (0, 1)"),
         ("experiments.prepare", ["no_such_key=1"], "Could not override 'no_such_key'"),
         ("experiments.prepare", ["model=no-such-model"], "unknown model 'no-such-model'"),
     ],
@@ -173,3 +174,22 @@ def test_an_unreachable_cluster_address_is_refused_at_once():
     with pytest.raises(ValueError, match=rf"cluster.address=127.0.0.1:{port}: no Ray head answers there.*ray start"):
         check_reachable(f"127.0.0.1:{port}")
     check_reachable("auto")  # Ray finds the cluster itself
+
+
+def test_the_risk_controlled_stop_has_one_set_of_defaults():
+    """The main job (deltas null), experiments.evaluate and fit_stop_rules read the same deltas and epsilon."""
+    import inspect
+
+    from agents.staged import RISK_DELTAS, RISK_EPSILON, fit_stop_rules
+    from experiments.evaluate import parser
+    from experiments.main import risk_settings
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        default = compose("main")
+        chosen = compose("main", overrides=["staged.deltas=[0.2]", "staged.epsilon=0.1"])
+    assert risk_settings(default) == (RISK_DELTAS, RISK_EPSILON)
+    assert risk_settings(chosen) == ((0.2,), 0.1)
+    args = parser().parse_args(["--stop-rules"])
+    assert (tuple(args.deltas), args.epsilon) == (RISK_DELTAS, RISK_EPSILON)
+    sig = inspect.signature(fit_stop_rules).parameters
+    assert (sig["deltas"].default, sig["epsilon"].default) == (RISK_DELTAS, RISK_EPSILON)

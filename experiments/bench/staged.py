@@ -7,9 +7,9 @@ Everything is fitted on the **train** split and evaluated on held-out **test** i
 - On ``--train`` train inputs, the staged environment (:class:`envs.staged.Staged`, measured
   latency) gives every input's exit table (:func:`agents.staged.exit_table`): the observation before
   each step, and the answer and cost of stopping there. The CALM threshold (on the readout margin),
-  the risk-controlled thresholds (Learn-then-Test at ``delta`` = 0.02 / 0.05 / 0.10, ``epsilon`` =
-  0.05) and the learnable ceiling (a cross-validated stop classifier on the same observations) are
-  fitted on it.
+  the risk-controlled thresholds (Learn-then-Test at each ``delta`` of :data:`agents.staged.RISK_DELTAS`,
+  ``epsilon`` = :data:`agents.staged.RISK_EPSILON`) and the learnable ceiling (a cross-validated stop
+  classifier on the same observations) are fitted on it.
 - On ``--test`` test inputs, with **measured** latency: for each input, every static plan
   (:func:`agents.evaluation.default_candidates` plus every fixed exit depth, :class:`agents.baselines.StaticDepth`)
   and the staged pass that measures every stop depth run back to back in a shuffled order. The
@@ -40,6 +40,8 @@ from agents.baselines import Dense
 from agents.evaluation import Run, context, default_candidates, headline, hull_curve
 from agents.frontier import auc, interp_frontier, upper_hull
 from agents.staged import (
+    RISK_DELTAS,
+    RISK_EPSILON,
     ExitTable,
     MarginThreshold,
     as_run,
@@ -47,8 +49,7 @@ from agents.staged import (
     exit_row,
     first_true,
     fit_for_latency,
-    margin_grid,
-    risk_controlled,
+    fit_stop_rules,
     stop_ceiling,
     table_of,
 )
@@ -58,8 +59,7 @@ from experiments.report import REPO_ROOT, headline_markdown, markdown_table, par
 
 BENCH = Benchmark("experiments.bench.staged", __doc__, threads=2)
 TARGETS = (0.70, 0.85)
-DELTAS = (0.02, 0.05, 0.10)
-EPSILON = 0.05
+DEFAULT_MODEL = "smollm2-135m"
 ISO = 0.95
 
 
@@ -210,7 +210,7 @@ def readout_table(table: ExitTable, probe_layers: int, group_layers: list[int]) 
 def main(argv: list[str] | None = None) -> None:
     """Fit on train, measure on test, print the tables, write BENCHMARKS.md, the plot and the results."""
     p = BENCH.parser()
-    p.add_argument("--model", default="smollm2-135m", help="model name or prepared model (default: embedded)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or prepared model (default: embedded)")
     p.add_argument("--task", default="mc", help="task mix (default: mc)")
     p.add_argument("--test", type=int, default=240, help="held-out test inputs, measured latency (default: 240)")
     p.add_argument("--train", type=int, default=240, help="train inputs the rules are fitted on (default: 240)")
@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     test_s = time.perf_counter() - t1
 
     # ---- rules and ceiling, fitted on train
-    grid = margin_grid(train, 30)
-    calm = [as_run(test, MarginThreshold(float(g)).exits(test), f"CALM margin ≥ {g:.3g}", "calm") for g in grid]
+    rules = fit_stop_rules(train, RISK_DELTAS, RISK_EPSILON, grid_size=30)
+    calm = [as_run(test, MarginThreshold(float(g)).exits(test), f"CALM margin ≥ {g:.3g}", "calm") for g in rules.grid]
     try:
         classifiers, cv_losses = stop_ceiling(train)
     except ValueError as exc:  # e.g. every train stop agrees (or none does): nothing to learn from
@@ -254,14 +254,10 @@ def main(argv: list[str] | None = None) -> None:
     ceiling = [as_run(test, c.exits(test), c.name, "ceiling") for c in classifiers]
     fitted = [fit_for_latency(train, t) for t in TARGETS]
     fitted_runs = [as_run(test, r.exits(test), r.label(), "fitted") for r in fitted]
-    risk = []
-    for d in DELTAS:
-        try:
-            rc = risk_controlled(train, d, EPSILON)
-        except ValueError as exc:
-            risk.append((d, None, str(exc)))
-            continue
-        risk.append((d, rc, as_run(test, rc.rule.exits(test), rc.rule.label(), "risk")))
+    risk = [  # (delta, rule, its test run), or (delta, None, why it was refused)
+        (d, None, rc) if isinstance(rc, str) else (d, rc, as_run(test, rc.rule.exits(test), rc.rule.label(), "risk"))
+        for d, rc in rules.risk
+    ]
     # The hindsight exit: each input stops at its earliest depth whose answer agrees with dense (the
     # stopping headroom; mixed with running everything it traces a line, like the static oracle).
     G = test.groups
@@ -314,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
         risk_rows,
     )
     best = _verdict(rows_h)
-    tag = f"_{args.exit_maps}" if args.exit_maps else ""  # file names of the outputs
+    # file names of the outputs: the model's name unless it is the embedded one, then the exit maps' name
+    tag = "".join(f"_{x}" for x in (None if args.model == DEFAULT_MODEL else args.model, args.exit_maps) if x)
     cv_round = {k_: round(v, 4) if isinstance(v, float) else v for k_, v in cv_losses.items()}
     body = (
         f"Model `{args.model}`, task mix `{args.task}`, {args.threads} threads, "
@@ -332,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{headline_markdown(rows_h)}\n\n{best}\n\n"
         f"**Iso-quality**\n\n{iso}\n\n"
         f"**Thresholds fitted on train for a target latency, applied to test**\n\n{fit_tab}\n\n"
-        f"**Risk-controlled stop (Learn-then-Test, ε = {EPSILON}, calibrated on the train inputs)**\n\n{risk_tab}\n\n"
+        f"**Risk-controlled stop (Learn-then-Test, ε = {RISK_EPSILON}, calibrated on the train inputs)**\n\n"
+        f"{risk_tab}\n\n"
         f"**The readout by depth (test inputs)**: the answer read after each group, against the dense answer\n\n"
         f"{readout_table(test, k, groups_layers)}\n\n"
         f"Learnable ceiling: cross-validated log-loss by strength {json.dumps(cv_round)}.\n\n"
