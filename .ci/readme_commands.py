@@ -131,6 +131,13 @@ TABLE: list[Run | Skip] = [
     Run("python -m experiments.bench.staged --exit-maps smollm2-135m-exits-kl",
         "--quick --model tiny-llama --task generated --exit-maps $TAG-exits-kl"),
     Run("python -m experiments.bench.exits", "--quick"),
+    # Exit maps for per-token exits, fitted on train news text (tiny model), then the decoding benchmark through them
+    Run("python -m experiments.exit_maps name=smollm2-135m-exits-news train_items=0 news_docs=184 distill_steps=1200 "
+        "distill_positions=96 val_items=0",
+        "model=tiny-llama news_docs=4 max_len=32 name=$TAG-exits-news distill_steps=4 distill_batch=16 "
+        "distill_positions=8 distill_holdout=8 progress=false"),
+    Run("python -m experiments.bench.exits --exit-maps smollm2-135m-exits-news",
+        "--quick --model tiny-llama --exit-maps $TAG-exits-news"),
     Run("python -m experiments.bench.latency", "--quick"),
     Skip("make smoke", "the target that runs this table (.ci/run calls it): running it here would recurse",
          "tests/test_readme.py::test_smoke_runs_the_readme_commands"),
@@ -171,6 +178,8 @@ TABLE: list[Run | Skip] = [
         f"{TINY_PREP} time_budget_min=0.05 choice_train_items=8 eval_choice_items=2 name=$TAG-my-choice"),
     Run("python -m experiments.main model=smollm2_135m_ready",
         f"model.name=$TAG-my-ready ppo.time_s=5 bandit.time_s=3 eval.n_items=4 hydra.run.dir=main_ready {SMOKE_MAIN}"),
+    Run("python -m experiments.bench.staged --model smollm2-135m-ready",
+        "--quick --model $TAG-my-ready --task generated"),
     Run("python -m experiments.bench.prepare curves --prepared smollm2-135m-ready --tasks 200",
         "--prepared $TAG-ready --tasks 0 --docs 1 --sequences 1 --seq-len 32 --no-latency"),
     Run("python -m experiments.bench.prepare mixing --prepared smollm2-135m-ready",

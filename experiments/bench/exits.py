@@ -32,7 +32,7 @@ from experiments.report import markdown_table
 
 BENCH = Benchmark("experiments.bench.exits", __doc__, threads=1)
 TITLE = "Per-token exits in decoding (CALM)"
-THRESHOLDS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+THRESHOLDS = (0.999, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 AGREE = 0.95
 
 
