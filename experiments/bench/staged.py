@@ -1,6 +1,6 @@
 """Staged exits vs static pruning at equal measured latency: the model's own answer at each depth decides when to stop.
 
-Usage: ``python -m experiments.bench.staged [--quick] [--task mc] [--test 240] [--train 320] [--model NAME]``.
+Usage: ``python -m experiments.bench.staged [--quick] [--task mc] [--test 240] [--train 240] [--model NAME]``.
 
 Everything is fitted on the **train** split and evaluated on held-out **test** inputs:
 
