@@ -24,8 +24,8 @@ import numpy as np
 from scipy.stats import binom
 
 
-def _check_level(name: str, value: float) -> float:
-    """Return ``value`` as a float, or raise when it is not strictly between 0 and 1."""
+def check_level(name: str, value: float) -> float:
+    """Return ``value`` (a delta or an epsilon) as a float, or raise when it is not strictly between 0 and 1."""
     try:
         level = float(value)
     except (TypeError, ValueError) as exc:
@@ -53,7 +53,7 @@ def binomial_pvalue(errors: int, n: int, delta: float) -> float:
     Raises:
         ValueError: If ``n`` is negative, ``errors`` is outside ``[0, n]`` or ``delta`` is outside (0, 1).
     """
-    delta = _check_level("delta", delta)
+    delta = check_level("delta", delta)
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
     if not 0 <= errors <= n:
@@ -77,8 +77,8 @@ def min_calibration(delta: float, epsilon: float) -> int:
     Raises:
         ValueError: If ``delta`` or ``epsilon`` is outside (0, 1).
     """
-    delta = _check_level("delta", delta)
-    epsilon = _check_level("epsilon", epsilon)
+    delta = check_level("delta", delta)
+    epsilon = check_level("epsilon", epsilon)
     n = max(1, math.ceil(math.log(epsilon) / math.log1p(-delta)))
     # The logarithms can round across an integer boundary; settle it on the defining inequality.
     while n > 1 and (1.0 - delta) ** (n - 1) <= epsilon:
@@ -163,8 +163,8 @@ def ltt_select(losses: np.ndarray, delta: float, epsilon: float) -> RiskChoice:
             2-D table of 0/1; if there are fewer calibration inputs than ``min_calibration(delta,
             epsilon)``; or if the safest candidate itself is not certified.
     """
-    delta = _check_level("delta", delta)
-    epsilon = _check_level("epsilon", epsilon)
+    delta = check_level("delta", delta)
+    epsilon = check_level("epsilon", epsilon)
     table = _binary_losses(losses)
     n, m = table.shape
     needed = min_calibration(delta, epsilon)

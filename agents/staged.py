@@ -657,6 +657,19 @@ class StopRules:
         return runs, records
 
 
+def check_risk_settings(deltas: Sequence[float], epsilon: float) -> tuple[tuple[float, ...], float]:
+    """The risk-controlled stop's deltas and epsilon as floats, each in (0, 1), at least one delta.
+
+    Raises:
+        ValueError: Naming the first bad value.
+    """
+    from agents.risk import check_level
+
+    if len(deltas) == 0:
+        raise ValueError("the risk-controlled stop needs at least one delta")
+    return tuple(check_level("delta", d) for d in deltas), check_level("epsilon", epsilon)
+
+
 def fit_stop_rules(
     train: ExitTable,
     deltas: Sequence[float] = RISK_DELTAS,
@@ -666,8 +679,12 @@ def fit_stop_rules(
     """The CALM threshold grid and the risk-controlled stops, fitted on ``train`` (a train-split exit table).
 
     A delta the table cannot certify (too few inputs) is kept with the reason, not raised: the
-    other rules still stand.
+    other rules still stand. A delta or epsilon outside (0, 1) is an error, not a refusal.
+
+    Raises:
+        ValueError: A bad delta or epsilon (:func:`check_risk_settings`).
     """
+    deltas, epsilon = check_risk_settings(deltas, epsilon)
     risk: list[tuple[float, RiskControlled | str]] = []
     for delta in deltas:
         try:

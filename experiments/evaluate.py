@@ -42,7 +42,7 @@ from agents.evaluation import (
     sweep,
     timing_settings,
 )
-from agents.staged import RISK_DELTAS, RISK_EPSILON
+from agents.staged import RISK_DELTAS, RISK_EPSILON, check_risk_settings
 from experiments.report import (
     headline_markdown,
     pareto_plot,
@@ -234,8 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.controller and not args.pareto and not args.stop_rules:
         p.error("name at least one --controller, or --pareto, or --stop-rules")
-    if args.fit_items < 1 or not all(0.0 < d < 1.0 for d in args.deltas) or not 0.0 < args.epsilon < 1.0:
-        p.error("--fit-items must be >= 1, every --deltas and --epsilon in (0, 1)")
+    if args.fit_items < 1:
+        p.error("--fit-items must be >= 1")
+    try:
+        check_risk_settings(args.deltas, args.epsilon)
+    except ValueError as exc:
+        p.error(f"--deltas / --epsilon: {exc}")
     staged_specs = [spec for spec in args.controller if staged_folder(spec)]
     plain_specs = [spec for spec in args.controller if spec not in staged_specs]
     out = args.out or Path("outputs/evaluate") / time.strftime("%Y-%m-%d_%H-%M-%S")

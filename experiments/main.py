@@ -255,17 +255,18 @@ def risk_settings(cfg: DictConfig) -> tuple[tuple[float, ...], float]:
     ``null`` in the config means :data:`agents.staged.RISK_DELTAS` / :data:`~agents.staged.RISK_EPSILON`,
     the defaults ``experiments.evaluate`` and ``experiments.bench.staged`` use too.
     """
-    from agents.staged import RISK_DELTAS, RISK_EPSILON
+    from agents.staged import RISK_DELTAS, RISK_EPSILON, check_risk_settings
 
     deltas, epsilon = cfg.staged.get("deltas"), cfg.staged.get("epsilon")
-    deltas = RISK_DELTAS if deltas is None else tuple(float(d) for d in deltas)
-    epsilon = RISK_EPSILON if epsilon is None else float(epsilon)
-    if not deltas or not all(0.0 < d < 1.0 for d in deltas) or not 0.0 < epsilon < 1.0:
-        raise ValueError(
-            f"staged.deltas must be a non-empty list in (0, 1) and staged.epsilon in (0, 1); got {list(deltas)} and "
-            f"{epsilon} (null: {list(RISK_DELTAS)} and {RISK_EPSILON})"
+    try:
+        return check_risk_settings(
+            RISK_DELTAS if deltas is None else list(deltas), RISK_EPSILON if epsilon is None else epsilon
         )
-    return deltas, epsilon
+    except ValueError as exc:
+        raise ValueError(
+            f"staged.deltas must be a non-empty list in (0, 1) and staged.epsilon in (0, 1) (null: the defaults, "
+            f"{list(RISK_DELTAS)} and {RISK_EPSILON}): {exc}"
+        ) from None
 
 
 def _stop_rules(cfg: DictConfig) -> Any:

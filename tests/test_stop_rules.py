@@ -141,3 +141,18 @@ def test_exit_table_is_what_episodes_give(cost_path):
             assert info["accuracy_dense_relative"] == table.rel[i, t]
             assert info["latency_fraction"] == table.lat[i, t]
             assert info["groups_run"] == t
+
+
+@pytest.mark.parametrize(
+    ("deltas", "epsilon", "needle"),
+    [((0.05, 1.5), 0.05, "delta must be in"), ((), 0.05, "at least one delta"), ((0.1,), 0.0, "epsilon must be in")],
+)
+def test_a_bad_delta_or_epsilon_is_an_error_not_a_refusal(deltas, epsilon, needle):
+    """fit_stop_rules records a delta it cannot certify as refused, but raises on one that is no probability."""
+    from agents.staged import check_risk_settings, fit_stop_rules
+
+    with pytest.raises(ValueError, match=needle):
+        check_risk_settings(deltas, epsilon)
+    with pytest.raises(ValueError, match=needle):
+        fit_stop_rules(None, deltas, epsilon)  # type: ignore[arg-type]  # checked before the table is read
+    assert check_risk_settings([0.02, "0.1"], "0.05") == ((0.02, 0.1), 0.05)  # type: ignore[list-item]
