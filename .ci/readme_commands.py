@@ -143,8 +143,8 @@ TABLE: list[Run | Skip] = [
          "tests/test_readme.py::test_smoke_runs_the_readme_commands"),
     Run("make main", f"ARGS=\"{SMOKE_MAIN} hydra.run.dir=$SCRATCH/outputs/main/$MAIN_RUN 'ppo.lams=[0.25]'\"",
         cwd="repo"),
-    Run("python -m experiments.main eval.n_items=240",
-        f"eval.n_items=4 ppo.time_s=5 bandit.time_s=3 hydra.run.dir=main_240 {SMOKE_MAIN}"),
+    Run("python -m experiments.main eval.n_items=48",
+        f"eval.n_items=4 ppo.time_s=5 bandit.time_s=3 hydra.run.dir=main_48 {SMOKE_MAIN}"),
     # Training (before export and compare, which read its runs)
     Run("python -m experiments.train experiment=smoke", "hydra.run.dir=outputs/train/$TRAIN_RUN"),
     Run("python -m experiments.train algo=ppo env=per_input stop.iterations=50", f"{TINY_TRAIN} hydra.run.dir=t/ppo"),

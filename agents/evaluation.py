@@ -221,11 +221,14 @@ def run_controller(env: Any, controller: PlanController, n: int, family: str | N
 
 def result_columns() -> dict[str, list[Any]]:
     """Empty per-input columns of one controller's results (filled by :func:`collect`, read by :func:`run_of`)."""
-    return {k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok")}
+    return {k: [] for k in ("raw", "rel", "lat", "lat_s", "flops", "task", "dec", "en", "tok", "shared")}
 
 
-def collect(cols: dict[str, list[Any]], info: Mapping[str, Any], dec: float) -> None:
-    """Append one input's result (an episode's last info, and the seconds its decisions took) to ``cols``."""
+def collect(cols: dict[str, list[Any]], info: Mapping[str, Any], dec: float, shared: bool = False) -> None:
+    """Append one input's result (an episode's last info, and the seconds its decisions took) to ``cols``.
+
+    ``shared``: the run's plan on this input was another part's of the same sweep, run and timed once for both.
+    """
     cols["raw"].append(info["accuracy_raw"])
     cols["rel"].append(info["accuracy_dense_relative"])
     cols["lat"].append(info["latency_fraction"])
@@ -235,6 +238,7 @@ def collect(cols: dict[str, list[Any]], info: Mapping[str, Any], dec: float) -> 
     cols["dec"].append(dec)
     cols["en"].append(info.get("energy_source"))
     cols["tok"].append(info.get("prompt_tokens", 0))
+    cols["shared"].append(bool(shared))
 
 
 def run_of(name: str, family: str, cols: dict[str, list[Any]]) -> Run:
@@ -253,6 +257,7 @@ def run_of(name: str, family: str, cols: dict[str, list[Any]]) -> Run:
         {
             "throughput_tok_s": float(np.sum(cols["tok"]) / max(lat_s.sum(), 1e-12)),
             "energy_source": sorted({str(e) for e in cols["en"]}),
+            **({"inputs_timed_with_another_part": int(sum(cols["shared"]))} if any(cols.get("shared", ())) else {}),
         },
     )
 
@@ -265,6 +270,7 @@ def sweep(
     seed: int = 0,
     rounds: int = TIMING_ROUNDS,
     staged: Any = None,
+    workers: int = 1,
 ) -> tuple[list[Run], list[Run], np.ndarray]:
     """Static candidates and controllers on every input, interleaved, sharing one probe per input.
 
@@ -278,9 +284,22 @@ def sweep(
     then taken against it on the same input (:func:`same_round_latency`); calibrated costs are
     deterministic, so they take one round and keep the environment's per-input fractions.
 
-    Before timing, the sweep checks that the forward's threads have a free core each and warns when
-    another process holds them (the fractions then follow that process's load: see
-    ``python -m experiments.bench.latency``).
+    A plan that several parts choose on the same input (a controller choosing the dense plan, a
+    heuristic choosing one of the static plans) is the same computation: it runs, is scored and is
+    timed once per round, and each of those parts adds its own decision time to it (the runs count
+    such inputs in ``extra["inputs_timed_with_another_part"]``).
+
+    ``workers`` > 1 shares the inputs among that many worker processes (forked from this one, so
+    the model, environments and controllers need no rebuilding), each running one PyTorch thread;
+    every input's plans still run back to back in one worker, so each latency fraction stays a
+    ratio of timings taken side by side. A worker on each core is what a second process on the
+    machine is to the timings, which the same-round fractions absorb (``python -m
+    experiments.bench.latency``); :func:`workers_for` gives the default. The shuffled order of an
+    input depends on ``seed`` and the input only, so the results do not depend on ``workers``
+    beyond timing noise (with calibrated cost, not at all).
+
+    Before timing, the sweep checks that the timed forwards' threads have a free core each and
+    warns when another process holds them (the fractions then follow that process's load).
 
     ``staged`` (an :class:`agents.staged.StagedPass` over the same inputs) adds the staged
     environment's parts (its exit row and its controllers' episodes) to every input's shuffled order
@@ -290,65 +309,204 @@ def sweep(
 
     Returns:
         The static runs, the controller runs (in the order given) and the observations.
+
+    Raises:
+        ValueError: ``rounds`` or ``workers`` below 1; a measured staged sweep without ``Dense``.
+        RuntimeError: A worker failed (its traceback in the message) or died.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     base = getattr(env, "unwrapped", env)
     measured = getattr(base, "cost_kind", None) == "measured"
     rounds = rounds if measured else 1
+    workers = max(1, min(int(workers), n))
     if measured:
-        check_free_cores(base)
+        check_free_cores(base, workers=workers)
     everyone: list[tuple[PlanController, str]] = [(c, "static") for c in candidates] + list(controllers)
     dense_at = [j for j, (c, _) in enumerate(everyone) if isinstance(c, Dense)]
     if staged is not None:
         staged.check_items([it.id for it in base.items[:n]])
         if measured and not dense_at:
             raise ValueError("a measured staged sweep needs Dense among the candidates: it is the latency reference")
-    parts = len(everyone) + (staged.parts if staged is not None else 0)  # staged parts come after the plans
-    cols = [result_columns() for _ in everyone]
-    rng = np.random.default_rng(seed)
-    obs_all = []
-    for i in tqdm(range(n), desc="static sweep and controllers" + (f" ({rounds} timing rounds)" if rounds > 1 else "")):
-        obs, info = env.reset(options={"item": i})
-        obs_all.append(obs)
-        ctx = context(env, i, info["prompt_tokens"])
-        plans: list[Any] = [None] * len(everyone)
-        best = [0.0] * len(everyone)  # each run's seconds on this input, decision aside: its best round
-        for r in range(rounds):
-            for j in rng.permutation(parts):
-                if j >= len(everyone):  # the staged env keeps its own episode: the plans' stays open
-                    staged.run(j - len(everyone), i, first=r == 0)
-                elif r == 0:
-                    t0 = time.perf_counter()
-                    plans[j] = everyone[j][0](obs, ctx)
-                    dec = time.perf_counter() - t0
-                    _, _, _, _, info = env.step_plan(plans[j], keep_open=True)
-                    collect(cols[j], info, dec)
-                    best[j] = info["latency_s"]
-                else:
-                    best[j] = min(best[j], env.retime(plans[j]))
-        if rounds > 1:
-            for j in range(len(everyone)):
-                cols[j]["lat_s"][-1] = best[j] + cols[j]["dec"][-1]
-        env.close_episode()
+    desc = "static sweep and controllers" + (f" ({rounds} timing rounds)" if rounds > 1 else "")
+    shard = _Shard(env, everyone, staged, rounds, seed)
+    if workers == 1:
+        with tqdm(total=n, desc=desc) as bar:
+            results = [shard(list(range(n)), lambda: bar.update(1))]
+    else:
+        results = in_workers(
+            shard, [list(range(n))[w::workers] for w in range(workers)], desc=f"{desc}, {workers} workers"
+        )
+    order = np.argsort(np.concatenate([r["items"] for r in results]), kind="stable")
+    cols = [_merged([r["cols"][j] for r in results], order) for j in range(len(everyone))]
+    obs_all = [o for r in results for o in r["obs"]]
+    if staged is not None:
+        staged.rows = [row for r in results for row in r["staged_rows"]]
+        staged.rows = [staged.rows[k] for k in order]
+        staged.set_columns(
+            [_merged([r["staged_cols"][j] for r in results], order) for j in range(len(staged.controllers))]
+        )
     runs = [run_of(c.name, fam, col) for (c, fam), col in zip(everyone, cols, strict=True)]
     if measured:
-        runs = [replace(r, extra={**r.extra, "timing_rounds": rounds}) for r in runs]
+        runs = [replace(r, extra={**r.extra, "timing_rounds": rounds, "timing_workers": workers}) for r in runs]
     dense = [runs[j] for j in dense_at]
     if dense and measured:
         runs = same_round_latency(runs, dense[0])
     if staged is not None:
         staged.finish(dense[0].latency_s if measured else None)
         if measured:
-            staged.runs = [replace(r, extra={**r.extra, "timing_rounds": rounds}) for r in staged.runs]
-    return runs[: len(candidates)], runs[len(candidates) :], np.array(obs_all)
+            staged.runs = [
+                replace(r, extra={**r.extra, "timing_rounds": rounds, "timing_workers": workers}) for r in staged.runs
+            ]
+    return runs[: len(candidates)], runs[len(candidates) :], np.array([obs_all[k] for k in order])
 
 
-def check_free_cores(env: Any, interval_s: float = 0.5) -> float:
-    """Warn when the cores the measured forward's threads need are held by other processes; returns their load.
+@dataclass
+class _Shard:
+    """The sweep over some of the inputs: what one worker (or the sweep itself) runs."""
 
-    ``env`` is a measured environment: its meter's ``threads`` (else the process's PyTorch threads)
-    are the threads each timed run uses.
+    env: Any
+    everyone: list[tuple[PlanController, str]]
+    staged: Any
+    rounds: int
+    seed: int
+
+    def __call__(self, items: list[int], tick: Any) -> dict[str, Any]:
+        env, everyone, staged = self.env, self.everyone, self.staged
+        parts = len(everyone) + (staged.parts if staged is not None else 0)  # staged parts come after the plans
+        cols = [result_columns() for _ in everyone]
+        if staged is not None:
+            staged.rows = []
+            staged.set_columns([result_columns() for _ in staged.controllers])
+        obs_all = []
+        for i in items:
+            rng = np.random.default_rng([self.seed, i])  # the input's order, whichever worker runs it
+            obs, info = env.reset(options={"item": i})
+            obs_all.append(obs)
+            ctx = context(env, i, info["prompt_tokens"])
+            plans: list[Any] = [None] * len(everyone)
+            owner = list(range(len(everyone)))  # the part whose run of the same plan stands for this one's
+            infos: dict[int, Any] = {}
+            best = [0.0] * len(everyone)  # each run's seconds on this input, decision aside: its best round
+            for r in range(self.rounds):
+                for j in rng.permutation(parts):
+                    if j >= len(everyone):  # the staged env keeps its own episode: the plans' stays open
+                        staged.run(j - len(everyone), i, first=r == 0)
+                    elif r == 0:
+                        t0 = time.perf_counter()
+                        plans[j] = everyone[j][0](obs, ctx)
+                        dec = time.perf_counter() - t0
+                        owner[j] = next((k for k in infos if plans[k] == plans[j]), j)
+                        if owner[j] == j:
+                            _, _, _, _, infos[j] = env.step_plan(plans[j], keep_open=True)
+                            best[j] = infos[j]["latency_s"]
+                        collect(cols[j], infos[owner[j]], dec, shared=owner[j] != j)
+                    elif owner[j] == j:
+                        best[j] = min(best[j], env.retime(plans[j]))
+            if self.rounds > 1 or owner != list(range(len(everyone))):
+                for j in range(len(everyone)):
+                    cols[j]["lat_s"][-1] = best[owner[j]] + cols[j]["dec"][-1]
+            env.close_episode()
+            tick()
+        out: dict[str, Any] = {"items": list(items), "cols": cols, "obs": obs_all}
+        if staged is not None:
+            out |= {"staged_rows": staged.rows, "staged_cols": staged.columns()}
+        return out
+
+
+def _merged(parts: Sequence[dict[str, list[Any]]], order: np.ndarray) -> dict[str, list[Any]]:
+    """Result columns of several shards, concatenated, in input order (``order`` sorts the concatenation)."""
+    out = {}
+    for k in parts[0]:
+        flat = [v for p in parts for v in p[k]]
+        out[k] = [flat[o] for o in order]
+    return out
+
+
+def workers_for(timing_threads: int, workers: int | None = None) -> int:
+    """A measured evaluation's worker processes: ``workers``, else one per ``timing_threads`` usable cores.
+
+    One place for the default, read by the main job and ``experiments.evaluate`` alike.
+
+    Raises:
+        ValueError: ``workers`` below 1.
+    """
+    from envs.measure.meters import usable_cores
+
+    if workers is not None:
+        if int(workers) < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        return int(workers)
+    return max(1, usable_cores() // max(1, int(timing_threads)))
+
+
+def in_workers(fn: Any, shards: Sequence[list[int]], desc: str = "") -> list[dict[str, Any]]:
+    """``fn(shard, tick)`` for each shard in its own forked process with one PyTorch thread; the results in order.
+
+    Forking shares the loaded model and every built object with the workers (nothing is pickled on
+    the way in, only the results on the way back). ``tick()`` advances one progress bar over all
+    shards. A worker's exception is raised here with its traceback, and the other workers are
+    stopped; a worker that dies without a word (killed, out of memory) is reported by exit code.
+
+    Raises:
+        RuntimeError: A worker failed or died.
+    """
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_work, args=(fn, shard, q, w), daemon=True) for w, shard in enumerate(shards)]
+    for p in procs:
+        p.start()
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        with tqdm(total=sum(len(s) for s in shards), desc=desc) as bar:
+            while len(results) < len(procs):
+                try:
+                    kind, w, payload = q.get(timeout=2.0)
+                except queue_mod.Empty:
+                    dead = [(w, p.exitcode) for w, p in enumerate(procs) if w not in results and p.exitcode is not None]
+                    if dead and q.empty():
+                        w, code = dead[0]
+                        raise RuntimeError(
+                            f"evaluation worker {w} died (exit code {code}) before returning its inputs"
+                        ) from None
+                    continue
+                if kind == "tick":
+                    bar.update(1)
+                elif kind == "error":
+                    raise RuntimeError(f"evaluation worker {w} failed:\n{payload}")
+                else:
+                    results[w] = payload
+    finally:
+        for p in procs:
+            if p.is_alive() and len(results) < len(procs):
+                p.terminate()
+            p.join()
+    return [results[w] for w in range(len(procs))]
+
+
+def _work(fn: Any, shard: list[int], q: Any, w: int) -> None:
+    """A worker's body (see :func:`in_workers`)."""
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        q.put(("done", w, fn(shard, lambda: q.put(("tick", w, None)))))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent, which raises it
+        q.put(("error", w, traceback.format_exc()))
+
+
+def check_free_cores(env: Any, interval_s: float = 0.5, workers: int = 1) -> float:
+    """Warn when the cores the measured forwards' threads need are held by other processes; returns their load.
+
+    ``env`` is a measured environment: its meter's ``threads`` (else the process's PyTorch threads,
+    one in a worker) are the threads each timed run uses, in each of ``workers`` processes at once.
     """
     import warnings
 
@@ -357,14 +515,16 @@ def check_free_cores(env: Any, interval_s: float = 0.5) -> float:
     from envs.measure.meters import busy_cores_elsewhere, usable_cores
 
     meter = getattr(getattr(env, "cost_source", None), "meter", None)
-    threads = getattr(meter, "threads", None) or torch.get_num_threads()
+    threads = getattr(meter, "threads", None) or (1 if workers > 1 else torch.get_num_threads())
     cores = usable_cores()
     others = busy_cores_elsewhere(interval_s)
-    if threads > cores - others + 0.5:
+    if threads * workers > cores - others + 0.5:
+        who = f"{workers} workers each time with {threads}" if workers > 1 else f"each timed run uses {threads}"
         warnings.warn(
-            f"other processes keep about {others:.1f} of this machine's {cores} cores busy, and each timed run uses "
-            f"{threads} threads: the measured latency fractions will follow their load. Time with fewer threads "
-            f"(the evaluation's timing threads, {TIMING_THREADS} by default) or on a quieter machine.",
+            f"other processes keep about {others:.1f} of this machine's {cores} cores busy, and {who} "
+            f"thread{'s' if threads != 1 else ''}: the measured latency fractions will follow their load. Time with "
+            f"fewer threads or workers (the evaluation's timing threads, {TIMING_THREADS} by default, and one worker "
+            "per free core) or on a quieter machine.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -553,6 +553,16 @@ class StagedPass:
                     "same model, task, split, n_items, data_seed and max_prompt_tokens"
                 )
 
+    def columns(self) -> list[dict[str, list[Any]]]:
+        """The staged controllers' per-input result columns so far (a sweep's worker hands them back)."""
+        return self._cols
+
+    def set_columns(self, cols: list[dict[str, list[Any]]]) -> None:
+        """Replace the staged controllers' result columns (a sweep merging its workers' inputs)."""
+        if len(cols) != len(self.controllers):
+            raise ValueError(f"{len(cols)} result columns for {len(self.controllers)} staged controllers")
+        self._cols = cols
+
     def run(self, part: int, index: int, first: bool) -> None:
         """Run part ``part`` on input ``index``; the first round keeps everything, later rounds only faster times."""
         if part == 0:

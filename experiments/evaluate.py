@@ -13,7 +13,8 @@ evaluated on the probe its card names, and decides with its own interface. An ex
 controller (``PruneGym/Staged``) decides stage by stage in the staged environment its card
 describes, and ``--stop-rules`` adds the CALM threshold and the risk-controlled stop (fitted on the
 train split); both run in the sweep's staged pass, timed against the dense plan in the same rounds
-(:class:`agents.staged.StagedPass`).
+(:class:`agents.staged.StagedPass`). The sweep shares the inputs among ``--workers`` processes (one
+per timing thread's worth of cores by default), each input's runs in one of them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from agents.evaluation import (
     run_controller,
     sweep,
     timing_settings,
+    workers_for,
 )
 from agents.staged import RISK_DELTAS, RISK_EPSILON, check_risk_settings
 from experiments.report import (
@@ -191,6 +193,13 @@ def parser() -> argparse.ArgumentParser:
         f"(default {TIMING_ROUNDS})",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="with --pareto or staged entries: processes sharing the inputs, each timing its inputs' runs side by "
+        "side (default: one per --timing-threads cores; 1: all in this process)",
+    )
+    p.add_argument(
         "--env-kwargs",
         type=json.loads,
         default={},
@@ -245,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or Path("outputs/evaluate") / time.strftime("%Y-%m-%d_%H-%M-%S")
     try:
         rounds, timing_threads = timing_settings(args.timing_rounds, args.timing_threads)
+        workers = workers_for(timing_threads, args.workers)
     except ValueError as e:
         p.error(str(e))
     env = evaluation_env(
@@ -266,7 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     md = [
         f"# Evaluation: {args.model}, task {args.task}, {args.split} split, {n} inputs, measured latency\n",
         f"Each run timed with {timing_threads} thread{'s' if timing_threads != 1 else ''}"
-        + (f", best of {rounds} interleaved rounds per input" if args.pareto or staged is not None else "")
+        + (
+            f", best of {rounds} interleaved rounds per input"
+            + (f", the inputs shared among {min(workers, n)} worker processes" if min(workers, n) > 1 else "")
+            if args.pareto or staged is not None
+            else ""
+        )
         + "; latency fractions are over the dense plan's time on the same input.\n",
     ]
     rows = None
@@ -279,9 +294,9 @@ def main(argv: list[str] | None = None) -> None:
             from agents.staged import exit_depths
 
             candidates += exit_depths(staged.env)
-        static, runs, _ = sweep(env, candidates, n, chosen, rounds=rounds, staged=staged)
+        static, runs, _ = sweep(env, candidates, n, chosen, rounds=rounds, staged=staged, workers=workers)
     elif staged is not None:  # staged parts are timed against the dense plan in the same rounds
-        dense, runs, _ = sweep(env, [Dense()], n, chosen, rounds=rounds, staged=staged)
+        dense, runs, _ = sweep(env, [Dense()], n, chosen, rounds=rounds, staged=staged, workers=workers)
         static, runs = [], dense + runs
     else:
         static, runs = [], [run_controller(env, c, n, fam) for c, fam in chosen]

@@ -88,6 +88,8 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     t_start = time.perf_counter()
     if cfg.staged.enabled:
         risk_settings(cfg)  # a bad setting stops here, not after the training
+    rounds, timing_threads = ev.timing_settings(cfg.eval.get("timing_rounds"), cfg.eval.get("timing_threads"))
+    workers = ev.workers_for(timing_threads, cfg.eval.get("workers"))
     out.mkdir(parents=True, exist_ok=True)
     slm = shared_lm(str(cfg.model.name), "float32", int(cfg.threads))
     log.info("model %s loaded (%d layers); threads %d", cfg.model.name, slm.spec.num_layers, cfg.threads)
@@ -111,7 +113,6 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     t_train = time.perf_counter() - t_start
 
     # ---- evaluate on held-out inputs with measured latency
-    rounds, timing_threads = ev.timing_settings(cfg.eval.get("timing_rounds"), cfg.eval.get("timing_threads"))
     env = ev.evaluation_env(
         model=str(cfg.model.name),
         task=str(cfg.task.name),
@@ -152,7 +153,9 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         from agents.staged import exit_depths
 
         candidates += exit_depths(staged.env)
-    static, ctrl_runs, _ = ev.sweep(env, candidates, n, trained, seed=int(cfg.seed), rounds=rounds, staged=staged)
+    static, ctrl_runs, _ = ev.sweep(
+        env, candidates, n, trained, seed=int(cfg.seed), rounds=rounds, staged=staged, workers=workers
+    )
     staged_md = ""
     records: list[dict[str, Any]] = []
     if staged is not None:
@@ -175,7 +178,7 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         f"Task mix `{cfg.task.name}`; controllers trained on the train split with calibrated cost, evaluated on "
         f"{n} {cfg.eval.split} inputs with measured latency on this machine (each run timed with {timing_threads} "
         f"thread{'s' if timing_threads != 1 else ''}, best of {rounds} interleaved rounds per input, as a fraction of "
-        f"the dense plan's time on the same input)"
+        f"the dense plan's time on the same input; {_workers_text(min(workers, n))})"
         + (
             f"; the static sweep holds every staged stop's static twin (fixed exits after "
             f"{', '.join(str(c.layers) for c in candidates if isinstance(c, StaticDepth))} layers), and the stop "
@@ -213,6 +216,13 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     print("\n" + head + "\n")
     print(f"Pareto plot: {plot}\nresults: {out / 'results.md'}\nexported controllers: {out / 'controllers'}")
     return {"headline": rows, "runs": [r.summary() for r in all_runs], "minutes": t_total / 60, "out": str(out)}
+
+
+def _workers_text(workers: int) -> str:
+    """How the evaluation shared its inputs, for the results' first paragraph."""
+    if workers == 1:
+        return "all inputs in one process"
+    return f"the inputs shared among {workers} worker processes timing at once, each input's runs in one of them"
 
 
 STAGED_FAMILIES = {"staged_ppo": "Staged PPO (adaptive)", "staged_dqn": "Staged DQN (adaptive)"}

@@ -231,3 +231,30 @@ def test_measured_sweep_takes_fractions_against_dense_in_the_same_rounds():
     assert static[0].lat.mean() == pytest.approx(1.0)
     assert np.allclose(static[1].lat, static[1].latency_s / static[0].latency_s)
     assert "latency_fraction_single_dense" in static[1].extra
+
+
+def test_a_plan_two_parts_choose_runs_and_is_timed_once_per_input_and_round(monkeypatch):
+    """A controller picking the dense plan shares the dense plan's run: same score, same seconds plus its decision."""
+    env = tiny_eval_env()
+    ran: list[str] = []
+    step, retime = env.step_plan, env.retime
+
+    def counting_step(plan, **kw):
+        ran.append(plan.describe())
+        return step(plan, **kw)
+
+    def counting_retime(plan):
+        ran.append(plan.describe())
+        return retime(plan)
+
+    monkeypatch.setattr(env, "step_plan", counting_step)
+    monkeypatch.setattr(env, "retime", counting_retime)
+    half = StaticUniform(layers=0.5)
+    static, runs, _ = ev.sweep(env, [Dense(), half], 3, [(Dense(), "always dense"), (half, "always half")], rounds=2)
+    assert len(ran) == 3 * 2 * 2  # two distinct plans, three inputs, two rounds
+    d, h = static
+    again_d, again_h = runs
+    for mine, theirs in ((again_d, d), (again_h, h)):
+        assert np.array_equal(mine.rel, theirs.rel) and np.array_equal(mine.raw, theirs.raw)
+        assert np.allclose(mine.latency_s - mine.decision_s, theirs.latency_s - theirs.decision_s)
+        assert mine.extra["inputs_timed_with_another_part"] + theirs.extra.get("inputs_timed_with_another_part", 0) == 3

@@ -209,3 +209,61 @@ def test_evaluate_command_runs_staged_controllers_and_stop_rules(tmp_path):
     names = {r["name"] for r in runs}
     assert {f"StaticDepth({d})" for d in (1, 2, 3)} <= names, names
     assert "Risk-controlled stop" in (out / "results.md").read_text()
+
+
+def test_a_sweep_shared_among_workers_equals_the_sweep_in_one_process():
+    """Calibrated cost: two forked workers give the static, controller and staged results of one process, in order."""
+    pin, staged = envs("calibrated", 5, discrete=True)
+    cands = [Dense(), StaticUniform(layers=0.5)]
+    ctrls = [(StaticUniform(mlp=0.5), "mlp half")]
+
+    def run(workers):
+        sp = StagedPass(staged, [(dense_act, "always on", "on"), (stop_at_once, "stop now", "stop")])
+        static, ctrl, obs = ev.sweep(pin, cands, 5, ctrls, seed=1, staged=sp, workers=workers)
+        return static + ctrl + sp.runs, obs, sp.table
+
+    one, obs1, table1 = run(1)
+    two, obs2, table2 = run(2)
+    assert np.array_equal(obs1, obs2)
+    for a, b in zip(one, two, strict=True):
+        assert a.name == b.name and a.tasks == b.tasks
+        for f in ("raw", "rel", "lat", "flops"):
+            assert np.array_equal(getattr(a, f), getattr(b, f)), (a.name, f)
+    for f in ("rel", "raw", "lat", "obs", "flops", "prompt_tokens"):
+        assert np.array_equal(getattr(table1, f), getattr(table2, f)), f
+    assert table2.item_ids == [it.id for it in pin.items[:5]] and table1.tasks == table2.tasks
+
+
+def test_measured_sweep_in_workers_pairs_each_input_with_its_own_dense_timing():
+    pin, staged = envs("measured", 4, discrete=True)
+    sp = StagedPass(staged, [(dense_act, "always on", "on")])
+    static, _, obs = ev.sweep(pin, [Dense(), StaticUniform(layers=0.5)], 4, rounds=2, staged=sp, workers=2)
+    assert obs.shape[0] == 4 and static[0].lat == pytest.approx(np.ones(4))
+    assert np.allclose(static[1].lat, static[1].latency_s / static[0].latency_s)
+    assert np.allclose(sp.table.lat, sp.table.latency_s / static[0].latency_s[:, None])
+    assert static[0].extra["timing_workers"] == 2 and sp.runs[0].extra["timing_workers"] == 2
+
+
+def test_a_failing_worker_stops_the_sweep_with_its_traceback():
+    pin, _ = envs("calibrated", 4)
+
+    def broken(obs, ctx):
+        if ctx.item_index == 3:
+            raise KeyError("no plan for input 3")
+        return StaticUniform(layers=0.5)(obs, ctx)
+
+    broken.name = "broken"  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match=r"worker 1 failed:(.|\n)*no plan for input 3"):
+        ev.sweep(pin, [Dense()], 4, [(broken, "b")], workers=2)
+    with pytest.raises(ValueError, match="workers"):
+        ev.sweep(pin, [Dense()], 4, workers=0)
+
+
+def test_workers_for_gives_one_worker_per_timing_threads_worth_of_cores(monkeypatch):
+    from envs.measure import meters
+
+    monkeypatch.setattr(meters, "usable_cores", lambda: 2)
+    assert ev.workers_for(1) == 2 and ev.workers_for(2) == 1 and ev.workers_for(4) == 1
+    assert ev.workers_for(1, 3) == 3
+    with pytest.raises(ValueError, match="workers"):
+        ev.workers_for(1, 0)

@@ -1,11 +1,14 @@
-"""Latency fractions that hold on a shared machine: the static sweep, quiet and beside a second CPU-bound process.
+"""Latency fractions that hold on a shared machine: quiet, beside a second busy process, shared among workers.
 
-Usage: ``python -m experiments.bench.latency [--quick] [--inputs 40] [--task mc] [--timing-threads 1] [--rounds 2]``.
+Usage: ``python -m experiments.bench.latency [--quick] [--inputs 40] [--task mc] [--timing-threads 1] [--rounds 2]
+[--workers 2]``.
 
 The evaluation's static sweep (:func:`agents.evaluation.sweep`, every plan of
 :func:`agents.evaluation.default_candidates` on every input, interleaved in a shuffled order) runs
-twice on the same held-out inputs: once on a quiet machine, once while a second process keeps a
-core busy (a Python busy loop, started before the sweep and stopped after it). It runs with the
+on the same held-out inputs: once on a quiet machine in one process, once while a second process
+keeps a core busy (a Python busy loop, started before the sweep and stopped after it), and once
+with the inputs shared among ``--workers`` processes that time at once (the evaluation's default,
+:func:`agents.evaluation.workers_for`: one per timing thread's worth of cores; skipped at 1). It runs with the
 evaluation's timing settings (:func:`agents.evaluation.timing_settings`: each run timed with
 ``--timing-threads`` PyTorch threads, each plan's best of ``--rounds`` interleaved rounds per input)
 unless told otherwise, and reads each run's latency fractions with three estimators:
@@ -16,9 +19,10 @@ unless told otherwise, and reads each run's latency fractions with three estimat
 - **single dense timing** (what the evaluation reported first): per input, the plan's first timing
   over one dense timing per input taken when the input was first drawn.
 
-The table gives each estimator's fractions in both conditions and how far they moved; the goal is
-that the evaluation's fractions move by at most 3% when the second process runs. Each setting of
-``--timing-threads`` and ``--rounds`` writes its own section.
+The table gives each estimator's fractions in the quiet and loaded conditions and how far they
+moved, and the evaluation's fractions with the inputs shared among workers; the goal is that the
+evaluation's fractions move by at most 3% when the second process runs, and when workers share the
+inputs. Each setting of ``--timing-threads`` and ``--rounds`` writes its own section.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from agents.evaluation import (
     evaluation_env,
     sweep,
     timing_settings,
+    workers_for,
 )
 from experiments.bench.harness import Benchmark
 from experiments.report import markdown_table
@@ -47,7 +52,7 @@ TITLE = "Latency fractions on a shared machine"
 GOAL = 0.03
 
 
-def _sweep(args: Any) -> tuple[list[Any], float]:
+def _sweep(args: Any, workers: int = 1) -> tuple[list[Any], float]:
     from envs import base
 
     with base._LOCK:  # a fresh dense timing per input in each condition, as a fresh evaluation takes
@@ -61,7 +66,7 @@ def _sweep(args: Any) -> tuple[list[Any], float]:
         timing_threads=args.timing_threads,
     )
     t0 = time.perf_counter()
-    static, _, _ = sweep(env, default_candidates(), len(env.items), seed=0, rounds=args.rounds)
+    static, _, _ = sweep(env, default_candidates(), len(env.items), seed=0, rounds=args.rounds, workers=workers)
     return static, time.perf_counter() - t0
 
 
@@ -87,6 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--rounds", type=int, default=None, help=f"timing rounds per input (default: the evaluation's, {TIMING_ROUNDS})"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes sharing the inputs in the third condition (default: the evaluation's, one per "
+        "--timing-threads cores; 1 skips it)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 3 inputs; writes nothing")
     args = BENCH.parse(p, argv)
     if args.quick:
@@ -96,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--inputs must be >= 2")
     try:
         args.rounds, args.timing_threads = timing_settings(args.rounds, args.timing_threads)
+        args.workers = min(workers_for(args.timing_threads, args.workers), args.inputs)
     except ValueError as e:
         p.error(str(e))
     quiet, quiet_s = _sweep(args)
@@ -108,36 +121,60 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         burner.kill()
         burner.wait()
+    sharded, sharded_s = _sweep(args, args.workers) if args.workers > 1 else (None, 0.0)
     shared = [
         str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "cores busy" in str(w.message)
     ]
     rows, moved = [], {k: [] for k in ESTIMATORS}
-    for q, lo in zip(quiet, loaded, strict=True):
+    moved_sharded = []
+    for i, (q, lo) in enumerate(zip(quiet, loaded, strict=True)):
         row = [q.name, f"{np.median(q.latency_s) * 1e3:.1f} / {np.median(lo.latency_s) * 1e3:.1f}"]
         for k, f in ESTIMATORS.items():
             a, b = f(q), f(lo)
             moved[k].append(b / a - 1)
             row.append(f"{a:.3f} / {b:.3f} ({b / a - 1:+.1%})")
+        if sharded is not None:
+            a, b = ESTIMATORS[next(iter(ESTIMATORS))](q), ESTIMATORS[next(iter(ESTIMATORS))](sharded[i])
+            moved_sharded.append(b / a - 1)
+            row.append(f"{a:.3f} / {b:.3f} ({b / a - 1:+.1%})")
         rows.append(row)
-    table = markdown_table(
-        ["plan", "p50 ms, best round (quiet / loaded)", *(f"{k}: quiet / loaded" for k in ESTIMATORS)], rows
-    )
-    worst = {k: float(np.max(np.abs(v))) for k, v in moved.items()}
     first = next(iter(ESTIMATORS))
-    verdict = "met" if worst[first] <= GOAL else "not met"
+    heads = ["plan", "p50 ms, best round (quiet / loaded)", *(f"{k}: quiet / loaded" for k in ESTIMATORS)]
+    if sharded is not None:
+        heads.append(f"{first}: quiet / {args.workers} workers")
+    table = markdown_table(heads, rows)
+    worst = {k: float(np.max(np.abs(v))) for k, v in moved.items()}
+    worst_sharded = float(np.max(np.abs(moved_sharded))) if moved_sharded else float("nan")
+    ok = worst[first] <= GOAL and (sharded is None or worst_sharded <= GOAL)
+    verdict = "met" if ok else "not met"
     tt = args.timing_threads
     body = (
         f"Model `{args.model}`, task mix `{args.task}`, {len(quiet[0].raw)} test inputs; {len(quiet)} static plans "
         f"interleaved per input; each run timed with {tt} thread{'s' if tt != 1 else ''} (the forward otherwise "
         f"{args.threads}), best of {args.rounds} round{'s' if args.rounds != 1 else ''} per input. Quiet sweep "
         f"{quiet_s:.0f}s; loaded sweep {loaded_s:.0f}s (a second process running a Python busy loop on the same "
-        f"machine throughout). The sweep's free-core check "
+        "machine throughout)"
+        + (
+            f"; sweep shared among {args.workers} worker processes {sharded_s:.0f}s (each timing its inputs at "
+            "the same time as the others, nothing else running)"
+            if sharded is not None
+            else ""
+        )
+        + ". The sweep's free-core check "
         + (f"warned under load: _{shared[0]}_" if shared else "did not warn under load")
         + ".\n\n"
         f"{table}\n\n"
         "Largest move of a plan's latency fraction under load: "
         + ", ".join(f"{k} {v:.1%}" for k, v in worst.items())
-        + f". Goal ({first} ≤ {GOAL:.0%}): **{verdict}**.\n"
+        + (
+            f"; with {args.workers} workers sharing the inputs ({first}): {worst_sharded:.1%}, mean "
+            f"{float(np.mean(moved_sharded)):+.1%}"
+            if sharded is not None
+            else ""
+        )
+        + f". Goal ({first} ≤ {GOAL:.0%}"
+        + (", under load and with workers" if sharded is not None else "")
+        + f"): **{verdict}**.\n"
     )
     title = f"{TITLE} ({tt} timing thread{'s' if tt != 1 else ''}, best of {args.rounds})"
     BENCH.publish(args, title, body)
