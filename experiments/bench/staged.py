@@ -1,21 +1,23 @@
 """Staged exits vs static pruning at equal measured latency: the model's own answer at each depth decides when to stop.
 
-Usage: ``python -m experiments.bench.staged [--quick] [--task mc] [--test 240] [--train 240] [--model NAME]``.
+Usage: ``python -m experiments.bench.staged [--quick] [--task mc] [--test 240] [--train 240] [--model NAME]
+[--timing-threads 1] [--rounds 2] [--workers 2]``.
 
 Everything is fitted on the **train** split and evaluated on held-out **test** inputs:
 
 - On ``--train`` train inputs, the staged environment (:class:`envs.staged.Staged`, measured
-  latency) gives every input's exit table (:func:`agents.staged.exit_table`): the observation before
-  each step, and the answer and cost of stopping there. The CALM threshold (on the readout margin),
+  latency, timed against the dense plan as on test) gives every input's exit table (the
+  observation before each step, and the answer and cost of stopping there). The CALM threshold (on the readout margin),
   the risk-controlled thresholds (Learn-then-Test at each ``delta`` of :data:`agents.staged.RISK_DELTAS`,
   ``epsilon`` = :data:`agents.staged.RISK_EPSILON`) and the learnable ceiling (a cross-validated stop
   classifier on the same observations) are fitted on it.
 - On ``--test`` test inputs, with **measured** latency: for each input, every static plan
   (:func:`agents.evaluation.default_candidates` plus every fixed exit depth, :class:`agents.baselines.StaticDepth`)
   and the staged pass that measures every stop depth run back to back in a shuffled order. The
-  dense model is among the static plans, so it is timed in the same round as everything else; a
-  latency fraction is a run's mean seconds over the dense plan's mean seconds in those rounds (a
-  ratio of means: a slow phase of the machine moves numerator and denominator alike).
+  dense model is among the static plans, so it is timed in the same rounds as everything else. It
+  is the evaluation's sweep (:func:`agents.evaluation.sweep`): each run timed with the evaluation's
+  timing threads, its best of ``--rounds`` rounds over the dense plan's best round on the same
+  input, the inputs shared among ``--workers`` processes.
 - The static convex hull (best mixture of two static plans, dense-relative), the rules and the
   ceiling are compared at 70% and 85% of dense latency with paired-bootstrap 95% CIs
   (:func:`agents.evaluation.headline`), and at iso-quality (the latency each needs for 0.95
@@ -30,28 +32,36 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from agents.baselines import Dense
-from agents.evaluation import Run, context, default_candidates, headline, hull_curve
+from agents.evaluation import (
+    TIMING_ROUNDS,
+    TIMING_THREADS,
+    Run,
+    default_candidates,
+    evaluation_env,
+    headline,
+    hull_curve,
+    sweep,
+    timing_settings,
+    workers_for,
+)
 from agents.frontier import auc, interp_frontier, upper_hull
 from agents.staged import (
     RISK_DELTAS,
     RISK_EPSILON,
     ExitTable,
     MarginThreshold,
+    StagedPass,
     as_run,
     exit_depths,
-    exit_row,
     first_true,
     fit_for_latency,
     fit_stop_rules,
     stop_ceiling,
-    table_of,
 )
 from envs.data.files import atomic_write_json
 from experiments.bench.harness import Benchmark
@@ -63,51 +73,27 @@ DEFAULT_MODEL = "smollm2-135m"
 ISO = 0.95
 
 
-def _env(args: Any, split: str, n: int, cost: str) -> Any:
-    import gymnasium as gym
+def _envs(args: Any, split: str, n: int) -> tuple[Any, Any]:
+    """The staged environment and the per-input one (for static plans) on the same items, both measured.
 
-    import envs  # noqa: F401
-
-    name = "PruneGym/StagedDiscreteMeasured-v0" if cost == "measured" else "PruneGym/StagedDiscrete-v0"
-    return gym.make(
-        name,
-        model=args.model,
-        task=args.task,
-        split=split,
-        n_items=n,
-        data_seed=args.seed,
-        calibrate_cost=cost == "calibrated",
-        threads=args.threads,
-        num_groups=args.groups,
-        exit_maps=args.exit_maps,
-    ).unwrapped
-
-
-def _per_input_env(args: Any, split: str, n: int) -> Any:
-    import gymnasium as gym
-
+    Both are the evaluation's (:func:`agents.evaluation.evaluation_env`): each timed run uses the
+    evaluation's timing threads, whatever the forward uses otherwise.
+    """
     from envs.base import shared_lm
 
-    groups = min(3, shared_lm(args.model).spec.num_layers - 2)  # the main job's 3 groups after a 2-layer probe
-    return gym.make(
-        "PruneGym/PerInputDiscreteMeasured-v0",
-        num_groups=groups,
-        model=args.model,
-        task=args.task,
-        split=split,
-        n_items=n,
-        data_seed=args.seed,
-        threads=args.threads,
-        exit_maps=args.exit_maps,
-    ).unwrapped
-
-
-def _envs(args: Any, split: str, n: int) -> tuple[Any, Any]:
-    """The staged environment and the per-input one (for static plans) on the same items, both measured."""
     key = (split, n)
     if key not in _ENVS:
-        staged = _env(args, split, n, "measured")
-        pin = _per_input_env(args, split, n)
+        common = {
+            "model": args.model,
+            "task": args.task,
+            "split": split,
+            "n_items": n,
+            "timing_threads": args.timing_threads,
+        }
+        shared = {"data_seed": args.seed, "threads": args.threads, "exit_maps": args.exit_maps, "discrete": True}
+        staged = evaluation_env(**common, env="Staged", env_kwargs={**shared, "num_groups": args.groups})
+        groups = min(3, shared_lm(args.model).spec.num_layers - 2)  # the main job's 3 groups after a 2-layer probe
+        pin = evaluation_env(**common, env_kwargs={**shared, "num_groups": groups})
         if [it.id for it in pin.items] != [it.id for it in staged.items]:
             raise RuntimeError(f"the static plans and the staged pass drew different {split} items")
         _ENVS[key] = (staged, pin)
@@ -120,56 +106,16 @@ _ENVS: dict[tuple[str, int], tuple[Any, Any]] = {}
 def interleaved(args: Any, split: str, n: int, candidates: list[Any]) -> tuple[list[Run], ExitTable]:
     """Every static plan and the staged pass on each input, back to back in a shuffled order, measured.
 
-    ``candidates`` must start with :class:`agents.baselines.Dense`: every latency fraction (static
-    runs and the exit table's) is then a ratio of means over the dense plan timed in the same rounds.
+    The evaluation's own sweep (:func:`agents.evaluation.sweep` with a :class:`agents.staged.StagedPass`
+    that runs only the exit row): ``args.rounds`` timing rounds per input, each run's best round over
+    the dense plan's best round on the same input, the inputs shared among ``args.workers`` processes.
+    ``candidates`` must hold :class:`agents.baselines.Dense`, the latency reference.
     """
     staged, pin = _envs(args, split, n)
-    if not isinstance(candidates[0], Dense):
-        raise ValueError("the first candidate must be Dense: it is the latency reference")
-    cols: list[dict[str, list[Any]]] = [
-        {"rel": [], "raw": [], "lat_s": [], "flops": [], "task": [], "tok": []} for _ in candidates
-    ]
-    rows = []
-    rng = np.random.default_rng(args.seed)
-    for i in tqdm(range(len(pin.items)), desc=f"{split}: static plans and staged pass, interleaved"):
-        obs, info = pin.reset(options={"item": i})
-        ctx = context(pin, i, info["prompt_tokens"])
-        for j in rng.permutation(len(candidates) + 1):
-            if j == len(candidates):
-                rows.append(exit_row(staged, i))
-                continue
-            t_dec = time.perf_counter()
-            plan = candidates[j](obs, ctx)
-            dec = time.perf_counter() - t_dec
-            _, _, _, _, res = pin.step_plan(plan, keep_open=True)
-            c = cols[j]
-            c["rel"].append(res["accuracy_dense_relative"])
-            c["raw"].append(res["accuracy_raw"])
-            c["lat_s"].append(res["latency_s"] + dec)
-            c["flops"].append(res["flops_fraction"])
-            c["task"].append(res["task"])
-            c["tok"].append(res["prompt_tokens"])
-        pin.close_episode()
-    m = len(rows)
-    static = [
-        Run(
-            cand.name,
-            "static",
-            np.array(c["raw"]),
-            np.array(c["rel"]),
-            np.zeros(m),
-            np.array(c["lat_s"]),
-            np.array(c["flops"]),
-            list(c["task"]),
-            np.zeros(m),
-            {"throughput_tok_s": float(np.sum(c["tok"]) / max(np.sum(c["lat_s"]), 1e-12)), "energy_source": []},
-        )
-        for cand, c in zip(candidates, cols, strict=True)
-    ]
-    dense_s = float(np.mean(static[0].latency_s))
-    static = [replace(r, lat=r.latency_s / dense_s) for r in static]
-    table = table_of(rows, staged)
-    return static, replace(table, lat=table.latency_s / dense_s)
+    sp = StagedPass(staged)
+    static, _, _ = sweep(pin, candidates, n, seed=args.seed, rounds=args.rounds, staged=sp, workers=args.workers)
+    assert sp.table is not None
+    return static, sp.table
 
 
 def iso_latency(runs: list[Run] | None, static: list[Run], level: float = ISO) -> float:
@@ -223,8 +169,28 @@ def main(argv: list[str] | None = None) -> None:
         help="exit maps every exit and every plan that skips the last layer answers through, static plans included "
         "(python -m experiments.exit_maps; default: none, the logit lens)",
     )
+    p.add_argument(
+        "--timing-threads",
+        type=int,
+        default=None,
+        help=f"torch threads of each timed run (default: the evaluation's, {TIMING_THREADS})",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=None, help=f"timing rounds per input (default: the evaluation's, {TIMING_ROUNDS})"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes sharing the inputs (default: the evaluation's, one per --timing-threads cores)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 16 train and 6 test inputs; writes nothing")
     args = BENCH.parse(p, argv)
+    try:
+        args.rounds, args.timing_threads = timing_settings(args.rounds, args.timing_threads)
+        args.workers = workers_for(args.timing_threads, args.workers)
+    except ValueError as e:
+        p.error(str(e))
     if args.quick:
         args.train, args.test = 16, 6
         args.no_write = args.no_write or args.output is None
@@ -322,8 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         + f"Rules and ceiling fitted on "
         f"{len(train.item_ids)} train inputs (measured latency); evaluated on {n} held-out test inputs with measured "
-        f"latency, every static plan and the staged pass interleaved per input; latency ÷ dense is a ratio of means "
-        f"against the dense plan timed in the same rounds. The staged env runs {test_env.num_groups} groups after a "
+        f"latency, every static plan and the staged pass interleaved per input; each run timed with "
+        f"{args.timing_threads} thread{'s' if args.timing_threads != 1 else ''}, best of {args.rounds} rounds, and "
+        f"latency ÷ dense is over the dense plan's best round on the same input"
+        + (f" (the inputs shared among {args.workers} worker processes)" if args.workers > 1 else "")
+        + f". The staged env runs {test_env.num_groups} groups after a "
         f"{k}-layer probe and reads the answer after each (LM-head rows of the choices' tokens only). Fitted "
         f"in {time.perf_counter() - t0:.0f}s in all, {test_s:.0f}s of it on test.\n\n"
         f"{headline_markdown(rows_h)}\n\n{best}\n\n"
