@@ -200,3 +200,50 @@ def plain_name(name: Any) -> str:
             f"name={name!r} must be a plain folder name (no '/', not starting with '.'); use out= for a path"
         )
     return name
+
+
+def add_timing_arguments(p: Any, *, rounds_flag: str = "--rounds", when: str = "", workers_note: str = "") -> None:
+    """Add a measured sweep's timing options to the argparse parser ``p``: one wording and default everywhere.
+
+    ``--timing-threads``, ``rounds_flag`` (timing rounds per input) and ``--workers``, all defaulting to
+    :func:`agents.evaluation.timing_settings` and :func:`agents.evaluation.workers_for`; read them back
+    with :func:`timing_arguments`. ``when`` prefixes the rounds and workers help ("with --pareto: ").
+    """
+    from agents.evaluation import TIMING_ROUNDS, TIMING_THREADS
+
+    p.add_argument(
+        "--timing-threads",
+        type=int,
+        default=None,
+        help=f"torch threads of each timed run (default {TIMING_THREADS}: fewer than the cores, so other processes "
+        "on the machine do not move the latency fractions)",
+    )
+    p.add_argument(
+        rounds_flag,
+        dest="timing_rounds",
+        type=int,
+        default=None,
+        help=f"{when}timing rounds per input, each run's best counts (default {TIMING_ROUNDS})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"{when}processes sharing the inputs{workers_note}, each input's runs side by side in one of them "
+        "(default: one per --timing-threads cores; 1: all in this process)",
+    )
+
+
+def timing_arguments(p: Any, args: Any) -> tuple[int, int, int]:
+    """The timing rounds, timing threads and workers of ``args`` (parsed by ``p`` with :func:`add_timing_arguments`).
+
+    A value below 1 exits through ``p.error`` with the reason.
+    """
+    from agents.evaluation import timing_settings, workers_for
+
+    try:
+        rounds, threads = timing_settings(args.timing_rounds, args.timing_threads)
+        return rounds, threads, workers_for(threads, args.workers)
+    except ValueError as e:
+        p.error(str(e))
+        raise  # p.error exits; this line is for type checkers

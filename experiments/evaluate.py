@@ -29,8 +29,6 @@ from typing import Any
 
 from agents.baselines import Dense, EntropyThreshold, PlanController, StaticImportance, StaticUniform
 from agents.evaluation import (
-    TIMING_ROUNDS,
-    TIMING_THREADS,
     ExportedController,
     Run,
     default_candidates,
@@ -41,10 +39,9 @@ from agents.evaluation import (
     probe_observations,
     run_controller,
     sweep,
-    timing_settings,
-    workers_for,
 )
 from agents.staged import RISK_DELTAS, RISK_EPSILON, check_risk_settings
+from experiments.cli import add_timing_arguments, timing_arguments
 from experiments.report import (
     headline_markdown,
     pareto_plot,
@@ -178,27 +175,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
     p.add_argument("--n-items", type=int, default=48, help="inputs to evaluate")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the LLM forward")
-    p.add_argument(
-        "--timing-threads",
-        type=int,
-        default=None,
-        help=f"torch threads of each timed run (default {TIMING_THREADS}: fewer than the cores, so other processes "
-        "on the machine do not move the latency fractions)",
-    )
-    p.add_argument(
-        "--timing-rounds",
-        type=int,
-        default=None,
-        help=f"with --pareto or staged entries: timing rounds per input, each run's best counts "
-        f"(default {TIMING_ROUNDS})",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="with --pareto or staged entries: processes sharing the inputs, each timing its inputs' runs side by "
-        "side (default: one per --timing-threads cores; 1: all in this process)",
-    )
+    add_timing_arguments(p, rounds_flag="--timing-rounds", when="with --pareto or staged entries: ")
     p.add_argument(
         "--env-kwargs",
         type=json.loads,
@@ -252,11 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     staged_specs = [spec for spec in args.controller if staged_folder(spec)]
     plain_specs = [spec for spec in args.controller if spec not in staged_specs]
     out = args.out or Path("outputs/evaluate") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    try:
-        rounds, timing_threads = timing_settings(args.timing_rounds, args.timing_threads)
-        workers = workers_for(timing_threads, args.workers)
-    except ValueError as e:
-        p.error(str(e))
+    rounds, timing_threads, workers = timing_arguments(p, args)
     env = evaluation_env(
         model=args.model,
         task=args.task,

@@ -258,3 +258,22 @@ def test_a_plan_two_parts_choose_runs_and_is_timed_once_per_input_and_round(monk
         assert np.array_equal(mine.rel, theirs.rel) and np.array_equal(mine.raw, theirs.raw)
         assert np.allclose(mine.latency_s - mine.decision_s, theirs.latency_s - theirs.decision_s)
         assert mine.extra["inputs_timed_with_another_part"] + theirs.extra.get("inputs_timed_with_another_part", 0) == 3
+
+
+def test_every_measured_sweep_command_reads_its_timing_options_in_one_way(monkeypatch):
+    """experiments.evaluate, bench.latency and bench.staged share the timing options, their defaults and checks."""
+    import argparse
+
+    from envs.measure import meters
+    from experiments.cli import add_timing_arguments, timing_arguments
+
+    monkeypatch.setattr(meters, "usable_cores", lambda: 2)
+    p = argparse.ArgumentParser()
+    add_timing_arguments(p)
+    assert timing_arguments(p, p.parse_args([])) == (ev.TIMING_ROUNDS, ev.TIMING_THREADS, 2)
+    assert timing_arguments(p, p.parse_args(["--rounds", "3", "--timing-threads", "2"])) == (3, 2, 1)
+    for bad in (["--workers", "0"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            timing_arguments(p, p.parse_args(bad))
+    helps = {a.dest: a.help for a in cli.parser()._actions if a.dest in ("timing_threads", "workers")}
+    assert helps["timing_threads"] == next(a.help for a in p._actions if a.dest == "timing_threads")

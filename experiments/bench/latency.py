@@ -36,15 +36,12 @@ from typing import Any
 import numpy as np
 
 from agents.evaluation import (
-    TIMING_ROUNDS,
-    TIMING_THREADS,
     default_candidates,
     evaluation_env,
     sweep,
-    timing_settings,
-    workers_for,
 )
 from experiments.bench.harness import Benchmark
+from experiments.cli import add_timing_arguments, timing_arguments
 from experiments.report import markdown_table
 
 BENCH = Benchmark("experiments.bench.latency", __doc__, threads=2)
@@ -83,22 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model (default: embedded)")
     p.add_argument("--task", default="mc", help="task mix (default: mc)")
     p.add_argument("--inputs", type=int, default=40, help="held-out test inputs per condition (default: 40)")
-    p.add_argument(
-        "--timing-threads",
-        type=int,
-        default=None,
-        help=f"torch threads of each timed run (default: the evaluation's, {TIMING_THREADS})",
-    )
-    p.add_argument(
-        "--rounds", type=int, default=None, help=f"timing rounds per input (default: the evaluation's, {TIMING_ROUNDS})"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="processes sharing the inputs in the third condition (default: the evaluation's, one per "
-        "--timing-threads cores; 1 skips it)",
-    )
+    add_timing_arguments(p, workers_note=" in the third condition (skipped at 1)")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 inputs; writes nothing")
     args = BENCH.parse(p, argv)
     if args.quick:
@@ -106,11 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         args.no_write = args.no_write or args.output is None
     if args.inputs < 2:
         p.error("--inputs must be >= 2")
-    try:
-        args.rounds, args.timing_threads = timing_settings(args.rounds, args.timing_threads)
-        args.workers = min(workers_for(args.timing_threads, args.workers), args.inputs)
-    except ValueError as e:
-        p.error(str(e))
+    args.rounds, args.timing_threads, args.workers = timing_arguments(p, args)
+    args.workers = min(args.workers, args.inputs)
     quiet, quiet_s = _sweep(args)
     burner = subprocess.Popen([sys.executable, "-c", "while True:\n    pass"])
     try:

@@ -38,16 +38,12 @@ import numpy as np
 
 from agents.baselines import Dense
 from agents.evaluation import (
-    TIMING_ROUNDS,
-    TIMING_THREADS,
     Run,
     default_candidates,
     evaluation_env,
     headline,
     hull_curve,
     sweep,
-    timing_settings,
-    workers_for,
 )
 from agents.frontier import auc, interp_frontier, upper_hull
 from agents.staged import (
@@ -65,6 +61,7 @@ from agents.staged import (
 )
 from envs.data.files import atomic_write_json
 from experiments.bench.harness import Benchmark
+from experiments.cli import add_timing_arguments, timing_arguments
 from experiments.report import REPO_ROOT, headline_markdown, markdown_table, pareto_plot, summary_table
 
 BENCH = Benchmark("experiments.bench.staged", __doc__, threads=2)
@@ -169,28 +166,10 @@ def main(argv: list[str] | None = None) -> None:
         help="exit maps every exit and every plan that skips the last layer answers through, static plans included "
         "(python -m experiments.exit_maps; default: none, the logit lens)",
     )
-    p.add_argument(
-        "--timing-threads",
-        type=int,
-        default=None,
-        help=f"torch threads of each timed run (default: the evaluation's, {TIMING_THREADS})",
-    )
-    p.add_argument(
-        "--rounds", type=int, default=None, help=f"timing rounds per input (default: the evaluation's, {TIMING_ROUNDS})"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="processes sharing the inputs (default: the evaluation's, one per --timing-threads cores)",
-    )
+    add_timing_arguments(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 16 train and 6 test inputs; writes nothing")
     args = BENCH.parse(p, argv)
-    try:
-        args.rounds, args.timing_threads = timing_settings(args.rounds, args.timing_threads)
-        args.workers = workers_for(args.timing_threads, args.workers)
-    except ValueError as e:
-        p.error(str(e))
+    args.rounds, args.timing_threads, args.workers = timing_arguments(p, args)
     if args.quick:
         args.train, args.test = 16, 6
         args.no_write = args.no_write or args.output is None
