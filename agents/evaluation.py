@@ -428,18 +428,24 @@ def _merged(parts: Sequence[dict[str, list[Any]]], order: np.ndarray) -> dict[st
 def workers_for(timing_threads: int, workers: int | None = None) -> int:
     """A measured evaluation's worker processes: ``workers``, else one per ``timing_threads`` usable cores.
 
-    One place for the default, read by the main job and ``experiments.evaluate`` alike.
+    One place for the default, read by the main job, ``experiments.evaluate`` and the benchmarks alike.
+    Workers are forked (:func:`in_workers`): where the platform cannot fork, the default is 1.
 
     Raises:
-        ValueError: ``workers`` below 1.
+        ValueError: ``workers`` below 1, or above 1 where the platform cannot fork.
     """
+    import multiprocessing as mp
+
     from envs.measure.meters import usable_cores
 
+    forks = "fork" in mp.get_all_start_methods()
     if workers is not None:
         if int(workers) < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if int(workers) > 1 and not forks:
+            raise ValueError(f"workers={workers} needs forked processes, which this platform lacks: use workers=1")
         return int(workers)
-    return max(1, usable_cores() // max(1, int(timing_threads)))
+    return max(1, usable_cores() // max(1, int(timing_threads))) if forks else 1
 
 
 def in_workers(fn: Any, shards: Sequence[list[int]], desc: str = "") -> list[dict[str, Any]]:

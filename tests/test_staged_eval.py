@@ -267,3 +267,9 @@ def test_workers_for_gives_one_worker_per_timing_threads_worth_of_cores(monkeypa
     assert ev.workers_for(1, 3) == 3
     with pytest.raises(ValueError, match="workers"):
         ev.workers_for(1, 0)
+    import multiprocessing as mp
+
+    monkeypatch.setattr(mp, "get_all_start_methods", lambda: ["spawn"])  # a platform that cannot fork
+    assert ev.workers_for(1) == 1 and ev.workers_for(1, 1) == 1
+    with pytest.raises(ValueError, match="workers=1"):
+        ev.workers_for(1, 2)
