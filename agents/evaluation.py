@@ -343,8 +343,8 @@ def sweep(
     cols = [_merged([r["cols"][j] for r in results], order) for j in range(len(everyone))]
     obs_all = [o for r in results for o in r["obs"]]
     if staged is not None:
-        staged.rows = [row for r in results for row in r["staged_rows"]]
-        staged.rows = [staged.rows[k] for k in order]
+        rows = [row for r in results for row in r["staged_rows"]]
+        staged.rows = [rows[k] for k in order]
         staged.set_columns(
             [_merged([r["staged_cols"][j] for r in results], order) for j in range(len(staged.controllers))]
         )
@@ -388,6 +388,7 @@ class _Shard:
             ctx = context(env, i, info["prompt_tokens"])
             plans: list[Any] = [None] * len(everyone)
             owner = list(range(len(everyone)))  # the part whose run of the same plan stands for this one's
+            ran: dict[Any, int] = {}  # each plan run on this input, by the part that ran it
             infos: dict[int, Any] = {}
             best = [0.0] * len(everyone)  # each run's seconds on this input, decision aside: its best round
             for r in range(self.rounds):
@@ -398,14 +399,14 @@ class _Shard:
                         t0 = time.perf_counter()
                         plans[j] = everyone[j][0](obs, ctx)
                         dec = time.perf_counter() - t0
-                        owner[j] = next((k for k in infos if plans[k] == plans[j]), j)
+                        owner[j] = ran.setdefault(plans[j], j)
                         if owner[j] == j:
                             _, _, _, _, infos[j] = env.step_plan(plans[j], keep_open=True)
                             best[j] = infos[j]["latency_s"]
                         collect(cols[j], infos[owner[j]], dec, shared=owner[j] != j)
                     elif owner[j] == j:
                         best[j] = min(best[j], env.retime(plans[j]))
-            if self.rounds > 1 or owner != list(range(len(everyone))):
+            if self.rounds > 1:  # a part's seconds: its plan's best round (the first round's are in already)
                 for j in range(len(everyone)):
                     cols[j]["lat_s"][-1] = best[owner[j]] + cols[j]["dec"][-1]
             env.close_episode()
