@@ -449,13 +449,14 @@ def workers_for(timing_threads: int, workers: int | None = None) -> int:
     return max(1, usable_cores() // max(1, int(timing_threads))) if forks else 1
 
 
-def in_workers(fn: Any, shards: Sequence[list[int]], desc: str = "") -> list[dict[str, Any]]:
+def in_workers(fn: Any, shards: Sequence[list[int]], desc: str = "", role: str = "evaluation") -> list[dict[str, Any]]:
     """``fn(shard, tick)`` for each shard in its own forked process with one PyTorch thread; the results in order.
 
     Forking shares the loaded model and every built object with the workers (nothing is pickled on
     the way in, only the results on the way back). ``tick()`` advances one progress bar over all
     shards. A worker's exception is raised here with its traceback, and the other workers are
     stopped; a worker that dies without a word (killed, out of memory) is reported by exit code.
+    ``role`` names the workers in those messages (the main job's training shares its jobs this way too).
 
     Raises:
         RuntimeError: A worker failed or died.
@@ -479,13 +480,13 @@ def in_workers(fn: Any, shards: Sequence[list[int]], desc: str = "") -> list[dic
                     if dead and q.empty():
                         w, code = dead[0]
                         raise RuntimeError(
-                            f"evaluation worker {w} died (exit code {code}) before returning its inputs"
+                            f"{role} worker {w} died (exit code {code}) before returning its results"
                         ) from None
                     continue
                 if kind == "tick":
                     bar.update(1)
                 elif kind == "error":
-                    raise RuntimeError(f"evaluation worker {w} failed:\n{payload}")
+                    raise RuntimeError(f"{role} worker {w} failed:\n{payload}")
                 else:
                     results[w] = payload
     finally:
@@ -696,13 +697,9 @@ def _ci(values: np.ndarray) -> list[float]:
 
 
 def probe_observations(env: Any, n: int) -> np.ndarray:
-    """The probe's observation of each of the first ``n`` inputs (no plan runs, nothing is scored)."""
-    out = []
-    for i in range(n):
-        obs, _ = env.reset(options={"item": i})
-        out.append(obs)
-        env.close_episode()
-    return np.array(out)
+    """The probe's observation of each of the first ``n`` inputs (no plan runs, nothing is scored or timed)."""
+    env = getattr(env, "unwrapped", env)
+    return np.array([env.observation_of(i) for i in range(n)])
 
 
 def entropy_rules(obs: np.ndarray, feature_names: Sequence[str]) -> list[PlanController]:

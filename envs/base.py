@@ -77,6 +77,23 @@ def shared_lm(model: str = "smollm2-135m", dtype: str = "float32", threads: int 
     return slm
 
 
+def ensure_cost_model(slm: SparseLM, path: str | Path | None = None) -> Path:
+    """The calibrated cost model of ``slm`` at ``path`` (default: this device and thread count); a quick fit if missing.
+
+    What ``calibrate_cost=True`` does in an environment. A caller about to start several processes
+    that would each find it missing (the main job's parallel training) fits it here first, alone on
+    the machine, so that its timings are not taken while the other processes run.
+    """
+    from envs.measure.cost_model import CostModel, default_path
+    from envs.measure.meters import Meter
+
+    path = Path(path) if path is not None else default_path(slm, str(slm.device))
+    if not path.is_file():
+        meter = Meter(str(slm.device), warmup=1, repeats=3, energy="off", memory=False)
+        CostModel.fit(slm, meter=meter, **QUICK_CALIBRATION).save(path)  # type: ignore[arg-type]
+    return path
+
+
 def load_items(task: str | Mapping[str, float], split: str | None, n: int | None, seed: int) -> list[Item]:
     """Items of a mix (a name in ``MIXES``, a YAML file or a mapping) or of one task, cached per process."""
     from envs.tasks.mixes import MIXES, load_mix
@@ -235,8 +252,7 @@ class PruneEnv(gym.Env):
                     "this process), pass calibrate_cost=True to fit a quick one now (about a minute for the embedded "
                     "model), pass cost_model=<path>, or use cost='measured'."
                 )
-            meter = Meter(str(slm.device), warmup=1, repeats=3, energy="off", memory=False)
-            CostModel.fit(slm, meter=meter, **QUICK_CALIBRATION).save(path)  # type: ignore[arg-type]
+            ensure_cost_model(slm, path)
         return make_cost_source("calibrated", slm=slm, path=path, force=force)
 
     def _meter(self) -> Any:

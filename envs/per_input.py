@@ -139,6 +139,19 @@ class PerInput(PruneEnv):
             raise RuntimeError("call reset() first: no input has been probed")
         return self._probe_res.features.copy()
 
+    def observation_of(self, item: int | str) -> np.ndarray:
+        """The observation an episode of ``item`` (index or id) starts with, without opening an episode.
+
+        Only the probe runs: no dense reference, nothing timed, the current episode left alone. For
+        harnesses that need every input's observation before they run the episodes (the entropy
+        heuristic's thresholds), so that the costlier work of a reset is done once, where it is needed.
+        """
+        import torch
+
+        it = self._pick_item({"item": item})
+        ids = torch.tensor([self._prompt_ids(it)], device=self.slm.device)
+        return self.interface.observe(ids).features.copy()
+
     # ------------------------------------------------------------------ episode
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         """Draw an item, compute its dense reference (once per item), run the probe."""

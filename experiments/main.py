@@ -3,12 +3,13 @@
 ``python -m experiments.main`` (Hydra; settings in ``conf/main.yaml``):
 
 1. loads the model (embedded SmolLM2-135M by default) and makes sure this device has a calibrated
-   cost model (fits a quick one if not);
+   cost model at the training's thread count (fits a quick one if not);
 2. trains PPO controllers on ``PruneGym/PerInput-v0`` (calibrated cost, train split), one per reward
    weight, each for a bounded time, and the LinUCB bandit on the discrete variant; with ``staged.enabled``,
    also PPO on ``PruneGym/Staged-v0`` and DQN on ``PruneGym/StagedDiscrete-v0`` (stop after reading the
    model's answer, or run the next group), and fits the CALM margin threshold and the risk-controlled
-   stop on a train-split exit table;
+   stop on a train-split exit table; the trainings share the cores, several at once in forked
+   processes (``train_workers``, :func:`training_workers`);
 3. exports every controller (ONNX + card) and loads it back without Ray;
 4. evaluates them, the static sweep, the static convex hull, the hindsight oracle and the entropy
    heuristic on held-out inputs with *measured* latency (:mod:`agents.evaluation`), the staged
@@ -18,12 +19,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shlex
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +42,11 @@ log = logging.getLogger("prunegym.main")
 ENV_OF = {"ppo": "per_input", "linucb": "per_input_discrete", "staged_ppo": "staged", "staged_dqn": "staged_discrete"}
 
 
-def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: float) -> DictConfig:
-    """A training config (conf/train.yaml) for one controller of the main job (``algo``: a key of :data:`ENV_OF`)."""
+def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: float, threads: int) -> DictConfig:
+    """A training config (conf/train.yaml) for one controller of the main job (``algo``: a key of :data:`ENV_OF`).
+
+    ``threads``: torch threads of the env's forward (the main job's ``threads``, or its share in a training worker).
+    """
     from hydra import compose
 
     env = ENV_OF[algo]
@@ -54,7 +61,7 @@ def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: fl
         f"env.kwargs.task={cfg.task.name}",
         f"env.kwargs.n_items={e.n_items}",
         f"+env.kwargs.max_prompt_tokens={e.max_prompt_tokens}",
-        f"env.kwargs.num_groups={cfg.staged.num_groups if staged else e.num_groups}",
+        f"env.kwargs.num_groups={_override_value(cfg.staged.num_groups if staged else e.num_groups)}",
         f"env.kwargs.probe_layers={e.probe_layers}",
         f"env.kwargs.probe_dim={e.probe_dim}",
         *(  # a staged episode runs one MLP rule (the static order)
@@ -65,7 +72,7 @@ def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: fl
         ),
         f"env.kwargs.reward.lam={lam}",
         "env.kwargs.calibrate_cost=true",
-        f"hardware.env_threads={cfg.threads}",
+        f"hardware.env_threads={threads}",
         "stop.iterations=null",
         f"stop.time_s={time_s}",
         "checkpoint.every=5",
@@ -75,40 +82,200 @@ def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: fl
     return compose(config_name="train", overrides=overrides)
 
 
+def _override_value(value: Any) -> str:
+    """``value`` as a Hydra command-line override writes it (``None`` is ``null``)."""
+    return "null" if value is None else str(value)
+
+
+def main_config() -> DictConfig:
+    """``conf/main.yaml`` as written: the main job's settings, for tools that run its environments (bench.staged)."""
+    from experiments.train import CONF_DIR
+
+    return OmegaConf.load(CONF_DIR / "main.yaml")
+
+
+def per_input_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The PerInput environment the main job trains and evaluates (``env`` block, ``threads``)."""
+    e = cfg.env
+    return {
+        "num_groups": int(e.num_groups),
+        "probe_layers": int(e.probe_layers),
+        "probe_dim": int(e.probe_dim),
+        "max_prompt_tokens": int(e.max_prompt_tokens),
+        "threads": int(cfg.threads),
+        "mlp_rules": list(e.mlp_rules),
+        "predictor": e.predictor,
+    }
+
+
+def job_name(algo: str, lam: float) -> str:
+    """The run folder and controller name of one training job (``ppo_lam0.25``)."""
+    return f"{algo}_lam{lam:g}"
+
+
+def training_jobs(cfg: DictConfig) -> list[tuple[str, float, float]]:
+    """The controllers the main job trains: ``(algo, reward weight, budget in seconds)``, in the config's order."""
+    jobs = [("ppo", float(lam), float(cfg.ppo.time_s)) for lam in cfg.ppo.lams]
+    jobs += [("linucb", float(lam), float(cfg.bandit.time_s)) for lam in cfg.bandit.lams]
+    if cfg.staged.enabled:
+        jobs += [("staged_ppo", float(lam), float(cfg.staged.ppo.time_s)) for lam in cfg.staged.ppo.lams]
+        jobs += [("staged_dqn", float(lam), float(cfg.staged.dqn.time_s)) for lam in cfg.staged.dqn.lams]
+    return jobs
+
+
+def training_workers(threads: int, jobs: int, workers: int | None = None) -> tuple[int, int]:
+    """Processes that train at once and the torch threads of each: ``workers``, else one per thread of ``threads``.
+
+    The main job's ``threads`` are the cores it gives the model; training splits them among
+    processes (at most one per job), each training its controllers one after another with
+    ``threads // workers`` threads. On two cores a one-thread training beside another got 73 to 80% of
+    the steps a two-thread training alone got in the same budget: two at once do about 1.5 times the
+    work, in half the wall time.
+
+    Raises:
+        ValueError: ``workers`` below 1, or above 1 where the platform cannot fork.
+    """
+    from agents import evaluation as ev
+
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    # one per thread of the model's (at most the usable cores, 1 where the platform cannot fork), else as told
+    procs = min(threads, ev.workers_for(1)) if workers is None else ev.workers_for(1, workers)
+    procs = max(1, min(procs, jobs))
+    return procs, max(1, threads // procs)
+
+
+def balanced_queues(budgets: list[float | None], workers: int) -> list[list[int]]:
+    """Jobs (by index) shared among ``workers`` queues, the longest budget first to the least loaded queue.
+
+    A job without a budget (``None``: the stop rules' exit table) goes last, to the queue with the
+    least left to do then. Each queue keeps the config's order.
+    """
+    load = [0.0] * workers
+    queues: list[list[int]] = [[] for _ in range(workers)]
+    timed = sorted((i for i, b in enumerate(budgets) if b is not None), key=lambda i: (-float(budgets[i]), i))
+    for i in timed + [i for i, b in enumerate(budgets) if b is None]:
+        q = min(range(workers), key=lambda k: (load[k], k))
+        queues[q].append(i)
+        load[q] += float(budgets[i] or 0.0)
+    return [sorted(q) for q in queues if q]
+
+
+@dataclass
+class _Trainer:
+    """Trains some of the main job's controllers, one after another, in this process or a training worker.
+
+    Job ``i < len(jobs)`` trains ``jobs[i]`` into ``<out>/train/<name>``; job ``len(jobs)`` (with
+    ``staged.enabled``) runs the train exit table the stop rules are fitted on. Each process's log
+    lines name the job they come from.
+    """
+
+    cfg: DictConfig
+    out: Path
+    jobs: list[tuple[str, float, float]]
+    threads: int
+
+    def budgets(self) -> list[float | None]:
+        """Each job's training budget, seconds (``None``: the exit table, which has none)."""
+        return [b for _, _, b in self.jobs] + ([None] if self.cfg.staged.enabled else [])
+
+    def __call__(self, indices: list[int], tick: Any) -> dict[str, Any]:
+        from experiments.train import train
+
+        done: dict[str, Any] = {"metrics": {}, "fit_table": None, "fit_s": 0.0}
+        for i in indices:
+            if i == len(self.jobs):
+                with _log_prefix("stop rules"):
+                    t0 = time.perf_counter()
+                    done["fit_table"] = _fit_table(self.cfg, self.threads)
+                    done["fit_s"] = time.perf_counter() - t0
+            else:
+                algo, lam, budget = self.jobs[i]
+                name = job_name(algo, lam)
+                with _log_prefix(name):
+                    log.info("training %s for %.0fs (reward = accuracy - %g x latency fraction)", name, budget, lam)
+                    run_cfg = _train_cfg(self.cfg, algo, lam, self.out / "train" / name, budget, self.threads)
+                    done["metrics"][name] = train(run_cfg)
+            tick()
+        return done
+
+
+def _joined(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training workers' results as one."""
+    done: dict[str, Any] = {"metrics": {}, "fit_table": None, "fit_s": 0.0}
+    for p in parts:
+        done["metrics"].update(p["metrics"])
+        if p["fit_table"] is not None:
+            done["fit_table"], done["fit_s"] = p["fit_table"], p["fit_s"]
+    return done
+
+
+@contextlib.contextmanager
+def _log_prefix(name: str) -> Iterator[None]:
+    """Log records of this process start with ``[name]`` while the block runs (parallel trainings interleave)."""
+    factory = logging.getLogRecordFactory()
+
+    def prefixed(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        record.msg = f"[{name}] {record.msg}"
+        return record
+
+    logging.setLogRecordFactory(prefixed)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(factory)
+
+
+def _training_text(jobs: int, procs: int, threads: int, t_train: float, t_fit: float | None) -> str:
+    """How the controllers were trained (and the stop rules fitted), for the results' first paragraph."""
+    what = f"Training {jobs} controllers" + (" and fitting the stop rules" if t_fit is not None else "")
+    notes = [f"{procs} processes at once, {threads} thread{'s' if threads != 1 else ''} each"] if procs > 1 else []
+    notes += [f"the fit {t_fit / 60:.1f} min of it"] if t_fit is not None else []
+    return f"{what} {t_train / 60:.1f} min" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Run the main job into ``out``; returns the headline rows and summaries."""
     from agents import evaluation as ev
     from agents.baselines import StaticDepth
     from agents.controller import Controller
     from agents.export import export_from_path
-    from envs.base import shared_lm
+    from envs.base import ensure_cost_model, shared_lm
+    from envs.runtime.sparse_lm import torch_threads
     from experiments import report
-    from experiments.train import train
 
     t_start = time.perf_counter()
     if cfg.staged.enabled:
         risk_settings(cfg)  # a bad setting stops here, not after the training
     rounds, timing_threads = ev.timing_settings(cfg.eval.get("timing_rounds"), cfg.eval.get("timing_threads"))
     workers = ev.workers_for(timing_threads, cfg.eval.get("workers"))
+    jobs = training_jobs(cfg)
+    try:
+        procs, threads_each = training_workers(
+            int(cfg.threads), len(jobs) + bool(cfg.staged.enabled), cfg.get("train_workers")
+        )
+    except ValueError as exc:
+        raise ValueError(f"train_workers / threads: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
     slm = shared_lm(str(cfg.model.name), "float32", int(cfg.threads))
     log.info("model %s loaded (%d layers); threads %d", cfg.model.name, slm.spec.num_layers, cfg.threads)
 
-    # ---- train and export
+    # ---- train (and fit the stop rules), then export
+    with torch_threads(threads_each):  # the training envs' cost model, at their threads: fitted alone if missing
+        ensure_cost_model(slm)
+    trainer = _Trainer(cfg, out, jobs, threads_each)
+    if procs == 1:
+        done = trainer(list(range(len(trainer.budgets()))), lambda: None)
+    else:
+        log.info("training in %d processes at once, %d torch thread(s) each", procs, threads_each)
+        queues = balanced_queues(trainer.budgets(), procs)
+        done = _joined(ev.in_workers(trainer, queues, desc="training", role="training"))
+    training: dict[str, Any] = {job_name(a, lam): done["metrics"][job_name(a, lam)] for a, lam, _ in jobs}
     exported: list[tuple[str, str, Path]] = []
-    plan = [("ppo", float(lam), float(cfg.ppo.time_s)) for lam in cfg.ppo.lams]
-    plan += [("linucb", float(lam), float(cfg.bandit.time_s)) for lam in cfg.bandit.lams]
-    if cfg.staged.enabled:
-        plan += [("staged_ppo", float(lam), float(cfg.staged.ppo.time_s)) for lam in cfg.staged.ppo.lams]
-        plan += [("staged_dqn", float(lam), float(cfg.staged.dqn.time_s)) for lam in cfg.staged.dqn.lams]
-    training: dict[str, Any] = {}
-    for algo, lam, budget in plan:
-        name = f"{algo}_lam{lam:g}"
-        run_dir = out / "train" / name
-        log.info("training %s for %.0fs (reward = accuracy - %g x latency fraction)", name, budget, lam)
-        metrics = train(_train_cfg(cfg, algo, lam, run_dir, budget))
-        training[name] = metrics
-        folder = export_from_path(run_dir, out / "controllers" / name, slm=slm, force=True)
+    for algo, lam, _ in jobs:
+        name = job_name(algo, lam)
+        folder = export_from_path(out / "train" / name, out / "controllers" / name, slm=slm, force=True)
         exported.append((algo, name, folder))
     t_train = time.perf_counter() - t_start
 
@@ -118,15 +285,7 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         task=str(cfg.task.name),
         split=str(cfg.eval.split),
         n_items=int(cfg.eval.n_items),
-        env_kwargs={
-            "num_groups": int(cfg.env.num_groups),
-            "probe_layers": int(cfg.env.probe_layers),
-            "probe_dim": int(cfg.env.probe_dim),
-            "max_prompt_tokens": int(cfg.env.max_prompt_tokens),
-            "threads": int(cfg.threads),
-            "mlp_rules": list(cfg.env.mlp_rules),
-            "predictor": cfg.env.predictor,
-        },
+        env_kwargs=per_input_kwargs(cfg),
         timing_threads=timing_threads,
     )
     n = min(int(cfg.eval.n_items), len(env.items))
@@ -141,9 +300,8 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
             (ev.ExportedController(ctrl, env, name), "PPO (adaptive)" if algo == "ppo" else "LinUCB bandit (adaptive)")
         )
     staged = _staged_pass(cfg, staged_ctrls, timing_threads) if cfg.staged.enabled else None
-    t_fit = time.perf_counter()
-    rules = _stop_rules(cfg) if staged is not None else None
-    t_fit = time.perf_counter() - t_fit
+    rules = _stop_rules(cfg, done["fit_table"]) if staged is not None else None
+    t_fit = done["fit_s"]
     # The entropy heuristic's thresholds are quantiles of the probe's entropy (no labels involved).
     entropy = ev.entropy_rules(ev.probe_observations(env, n), env.probe.feature_names)
     trained += [(rule, "EntropyThreshold") for rule in entropy]
@@ -186,8 +344,7 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
             if staged is not None and rules is not None
             else ""
         )
-        + f". Training {t_train / 60:.1f} min"
-        + (f", fitting the stop rules {t_fit / 60:.1f} min" if staged is not None else "")
+        + f". {_training_text(len(jobs), procs, threads_each, t_train, t_fit if staged is not None else None)}"
         + f", total {t_total / 60:.1f} min.",
         head,
         f"![Pareto]({plot.name})",
@@ -228,10 +385,11 @@ def _workers_text(workers: int) -> str:
 STAGED_FAMILIES = {"staged_ppo": "Staged PPO (adaptive)", "staged_dqn": "Staged DQN (adaptive)"}
 
 
-def _staged_kwargs(cfg: DictConfig) -> dict[str, Any]:
+def staged_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The staged environment the main job trains and evaluates (the PerInput probe, ``staged.num_groups`` groups)."""
+    groups = cfg.staged.get("num_groups")
     return {
-        "num_groups": int(cfg.staged.num_groups),
+        "num_groups": None if groups is None else int(groups),
         "probe_layers": int(cfg.env.probe_layers),
         "probe_dim": int(cfg.env.probe_dim),
         "max_prompt_tokens": int(cfg.env.max_prompt_tokens),
@@ -256,7 +414,7 @@ def _staged_pass(cfg: DictConfig, ctrls: list[tuple[str, str, Any]], timing_thre
         env="Staged",
     )
     controllers = [(ctrl, name, STAGED_FAMILIES[algo]) for algo, name, ctrl in ctrls]
-    return staged_pass(lambda kw: env_for(env_kwargs=kw), _staged_kwargs(cfg), controllers)
+    return staged_pass(lambda kw: env_for(env_kwargs=kw), staged_kwargs(cfg), controllers)
 
 
 def risk_settings(cfg: DictConfig) -> tuple[tuple[float, ...], float]:
@@ -279,21 +437,28 @@ def risk_settings(cfg: DictConfig) -> tuple[tuple[float, ...], float]:
         ) from None
 
 
-def _stop_rules(cfg: DictConfig) -> Any:
-    """The CALM thresholds and the risk-controlled stops, fitted on a train-split exit table (calibrated cost)."""
+def _fit_table(cfg: DictConfig, threads: int) -> Any:
+    """The train-split exit table (calibrated cost) the stop rules are fitted on, run with ``threads`` torch threads."""
     from agents import evaluation as ev
-    from agents.staged import exit_table, fit_stop_rules
+    from agents.staged import exit_table
 
     env = ev.evaluation_env(
         model=str(cfg.model.name),
         task=str(cfg.task.name),
         split="train",
         n_items=int(cfg.staged.fit_items),
-        env_kwargs={**_staged_kwargs(cfg), "discrete": True, "calibrate_cost": True},
+        env_kwargs={**staged_kwargs(cfg), "threads": int(threads), "discrete": True, "calibrate_cost": True},
         cost="calibrated",
         env="Staged",
     )
-    rules = fit_stop_rules(exit_table(env, desc="stop rules: train exit table"), *risk_settings(cfg))
+    return exit_table(env, desc="stop rules: train exit table")
+
+
+def _stop_rules(cfg: DictConfig, table: Any) -> Any:
+    """The CALM thresholds and the risk-controlled stops, fitted on the train-split exit table ``table``."""
+    from agents.staged import fit_stop_rules
+
+    rules = fit_stop_rules(table, *risk_settings(cfg))
     for delta, rc in rules.risk:
         if isinstance(rc, str):
             log.warning("risk-controlled stop at delta=%g refused: %s", delta, rc)

@@ -139,6 +139,7 @@ def test_full_error_shows_the_traceback(tmp_path):
         ("experiments.main", ["no_such_key=1"], "Could not override 'no_such_key'"),
         ("experiments.main", ["model.name=no-such-model"], "unknown model 'no-such-model'"),
         ("experiments.main", ["staged.deltas=[0.05,1.5]"], "staged.deltas must be a non-empty list in (0, 1)"),
+        ("experiments.main", ["train_workers=0"], "train_workers / threads: workers must be >= 1, got 0"),
         ("experiments.prepare", ["no_such_key=1"], "Could not override 'no_such_key'"),
         ("experiments.prepare", ["model=no-such-model"], "unknown model 'no-such-model'"),
     ],
@@ -193,3 +194,48 @@ def test_the_risk_controlled_stop_has_one_set_of_defaults():
     assert (tuple(args.deltas), args.epsilon) == (RISK_DELTAS, RISK_EPSILON)
     sig = inspect.signature(fit_stop_rules).parameters
     assert (sig["deltas"].default, sig["epsilon"].default) == (RISK_DELTAS, RISK_EPSILON)
+
+
+def test_the_main_job_shares_its_training_among_processes_by_budget(monkeypatch):
+    """One process per thread of the model's (at most the cores); longest budgets first; the fit where least is left."""
+    import envs.measure.meters as meters
+    from experiments.main import _log_prefix, balanced_queues, training_jobs, training_workers
+
+    monkeypatch.setattr(meters, "usable_cores", lambda: 2)
+    assert training_workers(2, 8) == (2, 1)
+    assert training_workers(4, 8) == (2, 2)  # no more processes than cores
+    assert training_workers(2, 8, 1) == (1, 2)
+    assert training_workers(2, 1) == (1, 2)  # one job: one process with every thread
+    assert training_workers(4, 8, 4) == (4, 1)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        training_workers(2, 8, 0)
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose("main")
+    jobs = training_jobs(cfg)
+    assert [j[0] for j in jobs] == ["ppo"] * 2 + ["linucb"] * 3 + ["staged_ppo", "staged_dqn"]
+    budgets: list[float | None] = [b for _, _, b in jobs] + [None]
+    queues = balanced_queues(budgets, 2)
+    assert sorted(i for q in queues for i in q) == list(range(len(budgets)))
+    assert all(q == sorted(q) for q in queues)
+    loads = [sum(budgets[i] or 0.0 for i in q) for q in queues]
+    assert abs(loads[0] - loads[1]) <= max(b for b in budgets if b is not None)
+    fit_queue = next(k for k, q in enumerate(queues) if len(budgets) - 1 in q)
+    assert loads[fit_queue] == min(loads)  # the untimed fit joins the queue with the least budget
+    assert balanced_queues([5.0, None], 3) == [[0], [1]]  # no empty queues
+
+    import logging
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("prunegym.test_prefix")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    with _log_prefix("ppo_lam1"):
+        logger.info("iter %d", 1)
+    logger.info("after")
+    assert records == ["[ppo_lam1] iter 1", "after"]

@@ -77,6 +77,7 @@ def _envs(args: Any, split: str, n: int) -> tuple[Any, Any]:
     evaluation's timing threads, whatever the forward uses otherwise.
     """
     from envs.base import shared_lm
+    from experiments.main import main_config, per_input_kwargs, staged_kwargs
 
     key = (split, n)
     if key not in _ENVS:
@@ -88,9 +89,14 @@ def _envs(args: Any, split: str, n: int) -> tuple[Any, Any]:
             "timing_threads": args.timing_threads,
         }
         shared = {"data_seed": args.seed, "threads": args.threads, "exit_maps": args.exit_maps, "discrete": True}
-        staged = evaluation_env(**common, env="Staged", env_kwargs={**shared, "num_groups": args.groups})
-        groups = min(3, shared_lm(args.model).spec.num_layers - 2)  # the main job's 3 groups after a 2-layer probe
-        pin = evaluation_env(**common, env_kwargs={**shared, "num_groups": groups})
+        main = main_config()  # the main job's probe, prompt limit and groups (fewer on a model with fewer layers)
+        staged_kw = {**staged_kwargs(main), **shared}
+        if args.groups is not None:
+            staged_kw["num_groups"] = args.groups
+        staged = evaluation_env(**common, env="Staged", env_kwargs=staged_kw)
+        pin_kwargs = {k: v for k, v in per_input_kwargs(main).items() if k not in ("mlp_rules", "predictor")}
+        groups = min(pin_kwargs["num_groups"], shared_lm(args.model).spec.num_layers - pin_kwargs["probe_layers"])
+        pin = evaluation_env(**common, env_kwargs={**pin_kwargs, **shared, "num_groups": groups})
         _ENVS[key] = (staged, pin)  # the sweep refuses a staged pass over other inputs (StagedPass.check_items)
     return _ENVS[key]
 
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--task", default="mc", help="task mix (default: mc)")
     p.add_argument("--test", type=int, default=240, help="held-out test inputs, measured latency (default: 240)")
     p.add_argument("--train", type=int, default=240, help="train inputs the rules are fitted on (default: 240)")
-    p.add_argument("--groups", type=int, default=None, help="layer groups of the staged env (default: its own, 7)")
+    p.add_argument("--groups", type=int, default=None, help="layer groups of the staged env (default: the main job's)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
     p.add_argument(
         "--exit-maps",
