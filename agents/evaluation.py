@@ -449,13 +449,18 @@ def workers_for(timing_threads: int, workers: int | None = None) -> int:
     return max(1, usable_cores() // max(1, int(timing_threads))) if forks else 1
 
 
+STOP_GRACE_S = 10.0  # seconds a worker gets to stop on its own before it is terminated (see in_workers)
+
+
 def in_workers(fn: Any, shards: Sequence[list[int]], desc: str = "", role: str = "evaluation") -> list[dict[str, Any]]:
     """``fn(shard, tick)`` for each shard in its own forked process with one PyTorch thread; the results in order.
 
     Forking shares the loaded model and every built object with the workers (nothing is pickled on
     the way in, only the results on the way back). ``tick()`` advances one progress bar over all
     shards. A worker's exception is raised here with its traceback, and the other workers are
-    stopped; a worker that dies without a word (killed, out of memory) is reported by exit code.
+    stopped (after :data:`STOP_GRACE_S` seconds to stop on their own: a Ctrl-C reaches every worker,
+    and one cleaning up, e.g. shutting its Ray down, is not interrupted); a worker that dies without
+    a word (killed, out of memory) is reported by exit code.
     ``role`` names the workers in those messages (the main job's training shares its jobs this way too).
 
     Raises:
@@ -492,7 +497,9 @@ def in_workers(fn: Any, shards: Sequence[list[int]], desc: str = "", role: str =
     finally:
         for p in procs:
             if p.is_alive() and len(results) < len(procs):
-                p.terminate()
+                p.join(STOP_GRACE_S)  # one stopping already (the same Ctrl-C) finishes its cleanup first
+                if p.is_alive():
+                    p.terminate()
             p.join()
     return [results[w] for w in range(len(procs))]
 

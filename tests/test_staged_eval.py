@@ -273,3 +273,33 @@ def test_workers_for_gives_one_worker_per_timing_threads_worth_of_cores(monkeypa
     assert ev.workers_for(1) == 1 and ev.workers_for(1, 1) == 1
     with pytest.raises(ValueError, match="workers=1"):
         ev.workers_for(1, 2)
+
+
+def _stopping_work(shard, tick):
+    """A test worker: ``("fail", None)`` raises at once; ``("sleep", (seconds, path))`` sleeps, then writes ``path``."""
+    import time as _time
+    from pathlib import Path
+
+    kind, arg = shard
+    if kind == "fail":
+        raise RuntimeError("worker failed on purpose")
+    _time.sleep(float(arg[0]))
+    Path(arg[1]).write_text("finished")
+    return {}
+
+
+def test_a_failed_worker_lets_the_others_finish_stopping_then_terminates_them(tmp_path, monkeypatch):
+    """A worker already on its way out (the same Ctrl-C) is not cut off mid-cleanup; one that keeps going is."""
+    import time
+
+    mark = tmp_path / "mark"
+    with pytest.raises(RuntimeError, match="worker failed on purpose"):
+        ev.in_workers(_stopping_work, [("sleep", (1.0, str(mark))), ("fail", None)], role="test")
+    assert mark.read_text() == "finished"  # it got its grace
+
+    monkeypatch.setattr(ev, "STOP_GRACE_S", 0.5)
+    late = tmp_path / "late"
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="test worker 1 failed"):
+        ev.in_workers(_stopping_work, [("sleep", (60.0, str(late))), ("fail", None)], role="test")
+    assert not late.exists() and time.perf_counter() - t0 < 30  # terminated, not waited for
