@@ -704,9 +704,9 @@ def _ci(values: np.ndarray) -> list[float]:
 
 
 def probe_observations(env: Any, n: int) -> np.ndarray:
-    """The probe's observation of each of the first ``n`` inputs (no plan runs, nothing is scored or timed)."""
+    """The probe's features of each of the first ``n`` inputs (a PerInput episode's observation; nothing timed)."""
     env = getattr(env, "unwrapped", env)
-    return np.array([env.observation_of(i) for i in range(n)])
+    return np.array([env.probe_features_of(i) for i in range(n)])
 
 
 def entropy_rules(obs: np.ndarray, feature_names: Sequence[str]) -> list[PlanController]:

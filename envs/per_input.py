@@ -139,12 +139,12 @@ class PerInput(PruneEnv):
             raise RuntimeError("call reset() first: no input has been probed")
         return self._probe_res.features.copy()
 
-    def observation_of(self, item: int | str) -> np.ndarray:
-        """The observation an episode of ``item`` (index or id) starts with, without opening an episode.
+    def probe_features_of(self, item: int | str) -> np.ndarray:
+        """The probe's features of ``item`` (index or id), as :attr:`probe_features` after its reset.
 
         Only the probe runs: no dense reference, nothing timed, the current episode left alone. For
-        harnesses that need every input's observation before they run the episodes (the entropy
-        heuristic's thresholds), so that the costlier work of a reset is done once, where it is needed.
+        harnesses that need every input's probe before they run the episodes (the entropy heuristic's
+        thresholds), so that the costlier work of a reset is done once, where it is needed.
         """
         import torch
 

@@ -50,8 +50,9 @@ def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: fl
     from hydra import compose
 
     env = ENV_OF[algo]
-    e = cfg.env
-    staged = env.startswith("staged")
+    # The environment the evaluation rebuilds (per_input_kwargs / staged_kwargs), its threads the worker's share.
+    kwargs = staged_kwargs(cfg) if env.startswith("staged") else per_input_kwargs(cfg)
+    del kwargs["threads"]
     overrides = [
         f"algo={algo.removeprefix('staged_')}",
         f"env={env}",
@@ -59,17 +60,8 @@ def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: fl
         f"run_dir={run_dir}",
         f"env.kwargs.model={cfg.model.name}",
         f"env.kwargs.task={cfg.task.name}",
-        f"env.kwargs.n_items={e.n_items}",
-        f"+env.kwargs.max_prompt_tokens={e.max_prompt_tokens}",
-        f"env.kwargs.num_groups={_override_value(cfg.staged.num_groups if staged else e.num_groups)}",
-        f"env.kwargs.probe_layers={e.probe_layers}",
-        f"env.kwargs.probe_dim={e.probe_dim}",
-        *(  # a staged episode runs one MLP rule (the static order)
-            []
-            if staged
-            else [f"+env.kwargs.mlp_rules=[{','.join(e.mlp_rules)}]"]
-            + ([f"+env.kwargs.predictor={e.predictor}"] if e.predictor else [])
-        ),
+        f"env.kwargs.n_items={cfg.env.n_items}",
+        *(f"++env.kwargs.{k}={_override_value(v)}" for k, v in kwargs.items()),
         f"env.kwargs.reward.lam={lam}",
         "env.kwargs.calibrate_cost=true",
         f"hardware.env_threads={threads}",
@@ -83,8 +75,12 @@ def _train_cfg(cfg: DictConfig, algo: str, lam: float, run_dir: Path, time_s: fl
 
 
 def _override_value(value: Any) -> str:
-    """``value`` as a Hydra command-line override writes it (``None`` is ``null``)."""
-    return "null" if value is None else str(value)
+    """``value`` as a Hydra command-line override writes it (``None`` is ``null``, a list ``[a,b]``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value)
 
 
 def main_config() -> DictConfig:
@@ -175,10 +171,6 @@ class _Trainer:
     jobs: list[tuple[str, float, float]]
     threads: int
 
-    def budgets(self) -> list[float | None]:
-        """Each job's training budget, seconds (``None``: the exit table, which has none)."""
-        return [b for _, _, b in self.jobs] + ([None] if self.cfg.staged.enabled else [])
-
     def __call__(self, indices: list[int], tick: Any) -> dict[str, Any]:
         from experiments.train import train
 
@@ -201,13 +193,10 @@ class _Trainer:
 
 
 def _joined(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The training workers' results as one."""
-    done: dict[str, Any] = {"metrics": {}, "fit_table": None, "fit_s": 0.0}
-    for p in parts:
-        done["metrics"].update(p["metrics"])
-        if p["fit_table"] is not None:
-            done["fit_table"], done["fit_s"] = p["fit_table"], p["fit_s"]
-    return done
+    """The training workers' results as one (the exit table from whichever ran it)."""
+    fit = next((p for p in parts if p["fit_table"] is not None), parts[0])
+    metrics = {k: v for p in parts for k, v in p["metrics"].items()}
+    return {"metrics": metrics, "fit_table": fit["fit_table"], "fit_s": fit["fit_s"]}
 
 
 @contextlib.contextmanager
@@ -251,10 +240,9 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     rounds, timing_threads = ev.timing_settings(cfg.eval.get("timing_rounds"), cfg.eval.get("timing_threads"))
     workers = ev.workers_for(timing_threads, cfg.eval.get("workers"))
     jobs = training_jobs(cfg)
+    budgets: list[float | None] = [b for _, _, b in jobs] + ([None] if cfg.staged.enabled else [])  # None: the fit
     try:
-        procs, threads_each = training_workers(
-            int(cfg.threads), len(jobs) + bool(cfg.staged.enabled), cfg.get("train_workers")
-        )
+        procs, threads_each = training_workers(int(cfg.threads), len(budgets), cfg.get("train_workers"))
     except ValueError as exc:
         raise ValueError(f"train_workers / threads: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
@@ -266,10 +254,10 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         ensure_cost_model(slm)
     trainer = _Trainer(cfg, out, jobs, threads_each)
     if procs == 1:
-        done = trainer(list(range(len(trainer.budgets()))), lambda: None)
+        done = trainer(list(range(len(budgets))), lambda: None)
     else:
         log.info("training in %d processes at once, %d torch thread(s) each", procs, threads_each)
-        queues = balanced_queues(trainer.budgets(), procs)
+        queues = balanced_queues(budgets, procs)
         done = _joined(ev.in_workers(trainer, queues, desc="training", role="training"))
     training: dict[str, Any] = {job_name(a, lam): done["metrics"][job_name(a, lam)] for a, lam, _ in jobs}
     exported: list[tuple[str, str, Path]] = []

@@ -132,7 +132,7 @@ def test_sweep_interleaves_controllers_with_the_same_results(tiny_env):
     assert np.array_equal(runs[0].rel, live.rel) and np.array_equal(runs[0].lat, live.lat)
     probes = ev.probe_observations(tiny_env, 3)
     assert np.allclose(probes, obs)
-    assert np.allclose(tiny_env.observation_of(tiny_env.items[1].id), obs[1])  # by id too
+    assert np.allclose(tiny_env.probe_features_of(tiny_env.items[1].id), obs[1])  # by id too
     assert len(ev.entropy_rules(probes, tiny_env.probe.feature_names)) == 3
 
 

@@ -94,9 +94,9 @@ def _envs(args: Any, split: str, n: int) -> tuple[Any, Any]:
         if args.groups is not None:
             staged_kw["num_groups"] = args.groups
         staged = evaluation_env(**common, env="Staged", env_kwargs=staged_kw)
-        pin_kwargs = {k: v for k, v in per_input_kwargs(main).items() if k not in ("mlp_rules", "predictor")}
-        groups = min(pin_kwargs["num_groups"], shared_lm(args.model).spec.num_layers - pin_kwargs["probe_layers"])
-        pin = evaluation_env(**common, env_kwargs={**pin_kwargs, **shared, "num_groups": groups})
+        pin_kw = {**per_input_kwargs(main), **shared}
+        pin_kw["num_groups"] = min(pin_kw["num_groups"], shared_lm(args.model).spec.num_layers - pin_kw["probe_layers"])
+        pin = evaluation_env(**common, env_kwargs=pin_kw)
         _ENVS[key] = (staged, pin)  # the sweep refuses a staged pass over other inputs (StagedPass.check_items)
     return _ENVS[key]
 
