@@ -1,11 +1,14 @@
-"""Per-token MLP channel rules (``gate``, ``input``, ``predicted``): what they compute; the sparse form is exact.
+"""Per-token channel rules (``gate``, ``input``, ``predicted``, ``input_attn``): what they compute, exactly.
 
 The reference runs the transformers model itself, with each layer's MLP replaced by a function of
 the model's own projection modules that zeroes exactly the unselected channels (or, for ``input``,
-input entries): no SparseLM code path is involved.
+input entries, and for ``input_attn`` the attention projections' input entries too): no SparseLM code path
+is involved.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from envs.runtime.models import tiny_model
-from envs.runtime.plan import MLP_RULES, TOKEN_RULES, LayerPlan, SparsityPlan, mlp_flops
+from envs.runtime.plan import MLP_RULES, TOKEN_RULES, LayerPlan, SparsityPlan, attn_proj_flops, mlp_flops
 from envs.runtime.sparse_lm import SparseLM
 
 IDS = torch.tensor([[3, 17, 42, 5, 9, 60, 11, 2, 33, 21, 8, 14]])
@@ -64,14 +67,14 @@ def _reference_logits(slm: SparseLM, rule: str, k: int, ids: torch.Tensor) -> to
                     return mlp.act(mlp.c_fc(z)), None
                 return mlp.act_fn(mlp.gate_proj(z)), mlp.up_proj(z)
 
-            if rule == "input":
+            if rule in ("input", "input_attn"):
                 first, up = pre(_mask_top(x, kd))
             else:
                 first, up = pre(x)
             a = first if up is None else first * up
             if rule == "gate":
                 a = _mask_top(a, k, by=first.abs())
-            elif rule == "input":
+            elif rule in ("input", "input_attn"):
                 a = _mask_top(a, k)
             else:
                 a = _mask_top(a, k, by=slm.predictor.scores(i, x))
@@ -79,12 +82,25 @@ def _reference_logits(slm: SparseLM, rule: str, k: int, ids: torch.Tensor) -> to
 
         saved.append((mlp, mlp.forward))
         mlp.forward = fwd
+    hooks = []
+    if rule == "input_attn":  # every attention projection reads the same share of its input entries
+        for layer in layers:
+            attn = layer.attn if slm.family == "gpt2" else layer.self_attn
+            ins = [attn.c_attn] if slm.family == "gpt2" else [attn.q_proj, attn.k_proj, attn.v_proj]
+            for mod in [*ins, attn.c_proj if slm.family == "gpt2" else attn.o_proj]:
+                hooks.append(
+                    mod.register_forward_pre_hook(
+                        lambda _m, args: (_mask_top(args[0], max(1, round(k / I * args[0].shape[-1]))),)
+                    )
+                )
     try:
         with torch.no_grad():
             return model(ids).logits
     finally:
         for mlp, f in saved:
             mlp.forward = f
+        for hook in hooks:
+            hook.remove()
 
 
 def _rule_slm(family: str) -> SparseLM:
@@ -180,6 +196,82 @@ def test_rule_flops(tiny_llama):
     assert f["gate"] == 2 * D * I + 2 * 2 * D * k + I  # the whole gate, then up and down for k
     assert f["predicted"] == 2 * 3 * D * k + 100.0 + I
     assert f["static"] < f["predicted"] < f["gate"]
+    assert f["input_attn"] == f["input"]  # the same MLP; its attention is counted with the attention
+    a = {r: attn_proj_flops(s, LayerPlan(*full, k, mlp_rule=r), 1) for r in MLP_RULES}
+    d, h, kv = s.head_dim, s.num_heads, s.num_kv_heads
+    assert all(a[r] == 2 * D * d * (2 * h + 2 * kv) for r in MLP_RULES if r != "input_attn")
+    kd, ko = round(D / 2), round(h * d / 2)
+    assert a["input_attn"] == 2 * kd * d * (h + 2 * kv) + 2 * ko * D + D + h * d
+    plans = {r: SparsityPlan.uniform(s, tiny_llama.importance, mlp=0.5, mlp_rule=r) for r in ("input", "input_attn")}
+    fl = {r: p.flops(1) for r, p in plans.items()}
+    assert fl["input_attn"]["mlp"] == fl["input"]["mlp"]
+    assert fl["input_attn"]["attention"] < 0.7 * fl["input"]["attention"]
+
+
+def test_input_attn_sparsifies_the_attention_projections(tiny_llama, monkeypatch):
+    """``input_attn`` is ``input`` plus sparse attention inputs; decoding reads transposed q/k/v and o copies."""
+    slm = tiny_llama
+    plans = {r: SparsityPlan.uniform(slm.spec, slm.importance, mlp=0.5, mlp_rule=r) for r in ("input", "input_attn")}
+    logits = {r: slm(IDS, p).logits for r, p in plans.items()}
+    assert (logits["input"] - logits["input_attn"]).abs().max().item() > 1e-3
+    kinds: list[str] = []
+    real = SparseLM._rule_weight
+    monkeypatch.setattr(SparseLM, "_rule_weight", lambda self, i, kind: kinds.append(kind) or real(self, i, kind))
+    _decode(slm, plans["input_attn"], n=2)
+    L = slm.spec.num_layers
+    assert kinds.count("qkv_t") == kinds.count("o_t") == 2 * L
+    # With heads pruned as well, the kept heads' projections run in the masked form; still the same numbers.
+    s = slm.spec
+    lp = LayerPlan(True, tuple(range(s.num_heads - 1)), tuple(range(s.num_kv_heads)), s.intermediate_size // 2)
+    pruned = SparsityPlan(s, (replace(lp, mlp_rule="input_attn"),) * L)
+    kinds.clear()
+    sparse = _decode(slm, pruned)
+    assert "qkv_t" not in kinds and "o_t" not in kinds
+    slm.rule_impl = "masked"
+    assert (sparse - _decode(slm, pruned)).abs().max().item() <= 1e-5
+    slm.rule_impl = "sparse"
+
+
+def test_fused_attention_reads_transposed_copies_and_equals_the_matmuls(family, monkeypatch):
+    """``fused_attention`` decodes full-head layers through the copies ``input_attn`` reads, with the same numbers."""
+    slm = _rule_slm(family)
+    kinds: list[str] = []
+    real = SparseLM._rule_weight
+    monkeypatch.setattr(SparseLM, "_rule_weight", lambda self, i, kind: kinds.append(kind) or real(self, i, kind))
+    for plan in (slm.dense_plan(), SparsityPlan.uniform(slm.spec, slm.importance, mlp=0.5, mlp_rule="gate")):
+        ref = _decode(slm, plan)
+        assert "qkv_t" not in kinds  # off by default
+        slm.fused_attention = True
+        try:
+            assert (_decode(slm, plan) - ref).abs().max().item() <= 1e-4
+        finally:
+            slm.fused_attention = False
+        assert kinds.count("qkv_t") == kinds.count("o_t") == 6 * slm.spec.num_layers
+        kinds.clear()
+    # Heads dropped by importance (a prefix of the ordered copy): a transposed copy per kept-head count.
+    plan = SparsityPlan.uniform(slm.spec, slm.importance, heads=0.5, mlp=0.5)
+    ref = _decode(slm, plan)
+    slm.fused_attention = True
+    try:
+        assert (_decode(slm, plan) - ref).abs().max().item() <= 1e-4
+    finally:
+        slm.fused_attention = False
+    assert {len(key) for key in slm._rule_w} >= {4}
+
+
+def test_fused_head_equals_the_lm_head(family):
+    """``fused_head`` decodes through a transposed copy of the LM head with the same logits; prompts do not."""
+    slm = _rule_slm(family)
+    ref = _decode(slm, slm.dense_plan())
+    slm.fused_head = True
+    try:
+        assert (_decode(slm, slm.dense_plan()) - ref).abs().max().item() <= 1e-4
+        assert (-1, "head_t") in slm._rule_w
+        slm._rule_w.clear()
+        slm(IDS, None)  # 12 tokens: the module itself
+        assert (-1, "head_t") not in slm._rule_w
+    finally:
+        slm.fused_head = False
 
 
 # ---------------------------------------------------------------------------------------- environments
@@ -344,6 +436,29 @@ def test_kernels_agree_with_their_torch_forms():
     assert torch.allclose(kernels.rows_sum(wt, idx, vals), (wt[idx] * vals[..., None]).sum(1), atol=1e-5)
 
 
+@pytest.mark.parametrize("keep", [1, 8, 13, 40, 64])  # a block of eight, a remainder, every entry (and more)
+def test_input_rows_reads_the_largest_entries(keep):
+    from envs.runtime import kernels
+
+    g = torch.Generator().manual_seed(1)
+    x, wt = torch.randn(3, 40, generator=g), torch.randn(40, 24, generator=g)
+    with torch.no_grad():
+        got = kernels.input_rows(x, keep, wt)
+    want = _mask_top(x, min(keep, 40)) @ wt
+    assert got.shape == (3, 24) and (got - want).abs().max().item() <= 1e-5
+
+
+def test_top_indices_are_ascending_and_exactly_k_with_ties():
+    from envs.runtime.kernels import _top_idx_nb
+
+    s = np.array([1.0, 3.0, 3.0, 3.0, 2.0, 0.5], dtype=np.float32)
+    assert _top_idx_nb(s, 2).tolist() == [1, 2]  # two of the three tied 3s, first come
+    assert _top_idx_nb(s, 4).tolist() == [1, 2, 3, 4]
+    assert _top_idx_nb(s, 6).tolist() == list(range(6))
+    r = np.random.default_rng(0).standard_normal(300).astype(np.float32)
+    assert _top_idx_nb(r, 77).tolist() == sorted(np.argsort(-r)[:77].tolist())
+
+
 @pytest.mark.parametrize("act", [torch.nn.SiLU(), torch.nn.GELU(approximate="tanh")])
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
@@ -446,7 +561,7 @@ def test_sparse_decoding_reads_the_adapted_weights(tiny_llama, rule):
         {
             f"{i}.{w}": getattr(b, w) + 0.05 * torch.randn(getattr(b, w).shape, generator=g)
             for i, b in enumerate(slm.blocks)
-            for w in ("gate_w", "up_w", "down_w")
+            for w in ("q_w", "o_w", "gate_w", "up_w", "down_w")  # attention too, for input_attn
         }
     )
     plan = SparsityPlan.uniform(slm.spec, slm.importance, mlp=0.5, mlp_rule=rule)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from envs.measure.meters import Meter, MixedSourceError, device_tag, package_versions, threads_in_use
-from envs.runtime.plan import ModelSpec, SparsityPlan, mlp_flops
+from envs.runtime.plan import ModelSpec, SparsityPlan, attn_proj_flops, mlp_flops
 
 if TYPE_CHECKING:
     from envs.runtime.sparse_lm import SparseLM
@@ -77,7 +77,7 @@ def plan_features(plan: SparsityPlan, seq_len: int, past_len: int = 0, predictor
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     s = plan.spec
-    d, D = s.head_dim, s.hidden_size
+    d = s.head_dim
     ctx = past_len + (seq_len + 1) / 2
     layers = attn = mlp_b = gather = 0
     proj = score = mlp = 0.0
@@ -85,14 +85,14 @@ def plan_features(plan: SparsityPlan, seq_len: int, past_len: int = 0, predictor
         if not lp.run:
             continue
         layers += 1
-        h, kv = len(lp.heads), len(lp.kv_heads)
+        h = len(lp.heads)
         if h:
             attn += 1
             per_group = [sum(1 for q in lp.heads if s.kv_of(q) == g) for g in lp.kv_heads]
             gather += len(set(per_group)) > 1
         if lp.mlp_channels:
             mlp_b += 1
-        proj += 2 * seq_len * D * d * (2 * h + 2 * kv)
+        proj += attn_proj_flops(s, lp, seq_len)
         score += 2 * 2 * seq_len * ctx * d * h
         mlp += mlp_flops(s, lp, seq_len, predictor_flops)
     return np.array([1.0, layers, attn, mlp_b, gather, proj / 1e9, score / 1e9, mlp / 1e9], dtype=np.float64)

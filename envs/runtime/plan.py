@@ -22,10 +22,15 @@ MLP channels are a *count*, and a layer's ``mlp_rule`` says *which* ones run (:d
   ``mlp_channels`` of the activations for down, so whole weight columns are skipped;
 - ``predicted`` (Deja Vu): a low-rank predictor (:mod:`envs.runtime.predictor`) scores the channels
   from the MLP block's input before any of its matmuls run; gate, up and down run for the
-  ``mlp_channels`` best-scored ones.
+  ``mlp_channels`` best-scored ones;
+- ``input_attn`` (TEAL on every projection): ``input``, and the attention block's projections read
+  the same fraction of their inputs too: q, k and v the largest-magnitude entries of the normed
+  hidden state, o those of the kept heads' output. On a small model most of a decode step is outside
+  the MLP, so input sparsity confined to the MLP cannot reach large savings however well it chooses.
 
 The per-token rules choose a different set for every token, deterministically from its
-activations. With every channel kept, each rule is the dense MLP.
+activations. With every channel kept, each rule is the dense MLP (and ``input_attn`` the dense
+layer).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ if TYPE_CHECKING:
     from envs.runtime.importance import Importance
 
 PLAN_SCHEMA_VERSION = 1
-MLP_RULES = ("static", "gate", "input", "predicted")
+MLP_RULES = ("static", "gate", "input", "predicted", "input_attn")
 TOKEN_RULES = MLP_RULES[1:]  # the rules that choose channels per token from activations
 
 
@@ -389,15 +394,14 @@ class SparsityPlan:
             ``{"attention": ..., "mlp": ..., "total": ...}`` in FLOPs.
         """
         s = self.spec
-        d, D = s.head_dim, s.hidden_size
+        d = s.head_dim
         attn = mlp = 0.0
         ctx = past_len + (seq_len + 1) / 2  # mean causal context length
         for lp in self.layers:
             if not lp.run:
                 continue
-            h, kv = len(lp.heads), len(lp.kv_heads)
-            attn += 2 * seq_len * D * d * (2 * h + 2 * kv)  # q, o and k, v projections
-            attn += 2 * 2 * seq_len * ctx * d * h  # scores and weighted sum
+            attn += attn_proj_flops(s, lp, seq_len)
+            attn += 2 * 2 * seq_len * ctx * d * len(lp.heads)  # scores and weighted sum
             mlp += mlp_flops(s, lp, seq_len, predictor_flops)
         return {"attention": attn, "mlp": mlp, "total": attn + mlp}
 
@@ -485,7 +489,8 @@ def mlp_flops(spec: ModelSpec, lp: LayerPlan, seq_len: int, predictor_flops: flo
 
     ``static`` keeps ``k = mlp_channels`` channels of gate, up and down. ``gate`` computes the whole
     gate projection, then up and down for ``k`` channels. ``input`` reads ``k / I`` of the hidden
-    entries in gate and up and ``k`` activations in down. ``predicted`` adds the predictor
+    entries in gate and up and ``k`` activations in down (``input_attn`` too: its attention projections
+    are :func:`attn_proj_flops`'). ``predicted`` adds the predictor
     (``predictor_flops`` per token). Selecting the top ``k`` counts ``I`` per token (one comparison
     per channel), and the ``input`` rule's ranking of the hidden entries ``D``. Every MLP counts three
     projections, as the static count always has (GPT-2's two are counted as three alike).
@@ -499,9 +504,33 @@ def mlp_flops(spec: ModelSpec, lp: LayerPlan, seq_len: int, predictor_flops: flo
     select = seq_len * I
     if lp.mlp_rule == "gate":
         return 2 * seq_len * D * I + 2 * base + select
-    if lp.mlp_rule == "input":
-        return 2 * 2 * seq_len * round(k / I * D) * I + base + select + seq_len * D
+    if lp.mlp_rule in ("input", "input_attn"):
+        return 2 * 2 * seq_len * input_keep(D, k, I) * I + base + select + seq_len * D
     return 3 * base + seq_len * predictor_flops + select
+
+
+def input_keep(n: int, k: int, total: int) -> int:
+    """Entries an ``input``-rule projection keeps of an ``n``-entry input: the MLP's share ``k / total``, at least 1."""
+    return max(1, round(k / total * n))
+
+
+def attn_proj_flops(spec: ModelSpec, lp: LayerPlan, seq_len: int) -> float:
+    """FLOPs of ``lp``'s q, k, v and o projections for ``seq_len`` tokens: the one count plans and cost models use.
+
+    Each kept query head costs a q row block and an o column block, each kept KV head a k and a v
+    row block. Under ``input_attn`` q, k and v read :func:`input_keep` of the ``D`` hidden entries
+    and o of the kept heads' outputs, and ranking them counts one comparison per entry.
+    """
+    if not lp.run or not lp.heads:
+        return 0.0
+    d, D = spec.head_dim, spec.hidden_size
+    h, kv = len(lp.heads), len(lp.kv_heads)
+    if not (lp.mlp_rule == "input_attn" and lp.token_rule(spec)):
+        return 2.0 * seq_len * D * d * (2 * h + 2 * kv)
+    I, k = spec.intermediate_size, lp.mlp_channels
+    qkv = 2.0 * seq_len * input_keep(D, k, I) * d * (h + 2 * kv)
+    o = 2.0 * seq_len * input_keep(h * d, k, I) * D
+    return qkv + o + seq_len * (D + h * d)
 
 
 def layer_groups(num_layers: int, num_groups: int) -> list[list[int]]:

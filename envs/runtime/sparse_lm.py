@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from envs.runtime.kernels import (
     act_kind,
     fused_available,
+    input_rows,
     missing_predictor,
     prefix_glu,
     rows_dot,
@@ -68,7 +69,7 @@ from envs.runtime.kernels import (
     topk_glu,
 )
 from envs.runtime.models import EMBEDDED_MODEL, LoadedModel, load_model, tensors_hash, weights_hash
-from envs.runtime.plan import LayerPlan, ModelSpec, SparsityPlan
+from envs.runtime.plan import LayerPlan, ModelSpec, SparsityPlan, input_keep
 
 ADAPTABLE = ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w")  # weights an adapted set may replace
 Observer = Callable[[int, str, torch.Tensor], None]
@@ -136,6 +137,7 @@ class _Sel(_QKV):
     down_w: torch.Tensor | None
     kv_identity: bool = False  # every KV head kept, in model order: the cache needs no scatter or mask
     mlp_rule: str = "static"  # a per-token rule: the weights are the full MLP's, n_ch channels run per token
+    heads_prefix: bool = False  # some heads dropped, the kept ones a prefix of the importance-ordered copy
 
 
 def _rows(w: torch.Tensor, n_groups: int, perm: torch.Tensor) -> torch.Tensor:
@@ -261,10 +263,23 @@ class SparseLM:
             1.2x on the embedded model; equal to the untouched model up to float rounding). Off by
             default, so that the dense plan reproduces the model exactly; the activation benchmark
             times the dense model both ways.
+        fused_attention: Run the attention projections of such short calls, in layers that keep
+            every head, as sums of the rows of transposed q/k/v and o copies: the form ``input_attn``
+            reads its kept entries in, here with every entry (about 2x as fast as PyTorch's matmuls
+            on the embedded model's decode step; equal up to float rounding). Off by default, for
+            the same reason; the activation benchmark turns it on for every plan but the untouched
+            dense model, so that ``input_attn`` saves only what it skips.
+        fused_head: Run the LM head of such short calls the same way, from a transposed copy of its
+            weights (one more copy of the head; on the embedded model's decode step about 2.3x as
+            fast as PyTorch's matmul, which reads the 49k x 576 head at well under the memory bus's
+            speed). Off by default for the same reason; the activation benchmark turns it on with
+            :attr:`fused_attention`, since every plan pays the head alike.
     """
 
     sparse_rows = 4
     fused_full_mlp = False
+    fused_attention = False
+    fused_head = False
 
     def __init__(
         self,
@@ -292,7 +307,7 @@ class SparseLM:
         self._extract()
         self._weights_hash: str | None = None
         self._sel_cache: dict[tuple[int, LayerPlan], _Sel] = {}
-        self._rule_w: dict[tuple[int, str], torch.Tensor] = {}  # per-token rules' weight copies, built on use
+        self._rule_w: dict[tuple[Any, ...], torch.Tensor] = {}  # rules' weight copies, built on use
         self.predictor: Any = None  # envs.runtime.predictor.ChannelPredictor, set by set_predictor
         self.predictor_name: str | None = None
         self.exit_maps: Any = None  # envs.runtime.exit_maps.ExitMaps, set by set_exit_maps
@@ -719,6 +734,7 @@ class SparseLM:
                 o_w=_take_cols(pm["o_w"], h_pos, d),
                 kv_ids=kv_ids,
                 head_kv=_head_kv(s, heads_model, kv_ids),
+                heads_prefix=_is_prefix(h_pos) and _is_prefix(kv_pos),
             )
         else:
             heads_t = torch.tensor(lp.heads)
@@ -825,7 +841,7 @@ class SparseLM:
             sel = eng.select_weights(i, lp)
             b = eng.blocks[i]
             if sel.n_heads:
-                h = h + self._attention(i, b, sel, b.attn_norm(h), state, observer)
+                h = h + self._attention(i, b, sel, b.attn_norm(h), state, observer, eng)
             if sel.n_ch:
                 h = h + self._mlp(i, b, sel, b.mlp_norm(h), observer, eng)
             if observer is not None:
@@ -834,13 +850,29 @@ class SparseLM:
         return state
 
     def _attention(
-        self, i: int, b: _Block, sel: _Sel, x: torch.Tensor, st: RunState, observer: Observer | None
+        self,
+        i: int,
+        b: _Block,
+        sel: _Sel,
+        x: torch.Tensor,
+        st: RunState,
+        observer: Observer | None,
+        eng: SparseLM | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         d = self.spec.head_dim
-        q = F.linear(x, sel.q_w, sel.q_b).view(B, T, sel.n_heads, d).transpose(1, 2)
-        k = F.linear(x, sel.k_w, sel.k_b).view(B, T, sel.n_kv, d).transpose(1, 2)
-        v = F.linear(x, sel.v_w, sel.v_b).view(B, T, sel.n_kv, d).transpose(1, 2)
+        eng = self if eng is None else eng
+        teal = sel.mlp_rule == "input_attn"
+        rows = self._rows_attention(x, sel)
+        if teal or rows:
+            keep = self._attn_keep(sel, x.shape[-1])
+            weights, biases = (sel.q_w, sel.k_w, sel.v_w), (sel.q_b, sel.k_b, sel.v_b)
+            q, k, v = self._input_proj(x, keep, rows, lambda: eng._attn_rows(i, sel, "qkv_t"), weights, biases)
+        else:
+            q, k, v = F.linear(x, sel.q_w, sel.q_b), F.linear(x, sel.k_w, sel.k_b), F.linear(x, sel.v_w, sel.v_b)
+        q = q.view(B, T, sel.n_heads, d).transpose(1, 2)
+        k = k.view(B, T, sel.n_kv, d).transpose(1, 2)
+        v = v.view(B, T, sel.n_kv, d).transpose(1, 2)
         if st.rope is not None:
             q, k = _apply_rope(q, k, *st.rope)
         mask = None
@@ -868,7 +900,75 @@ class SparseLM:
         out = out.transpose(1, 2).reshape(B, T, sel.n_heads * d)
         if observer is not None:
             observer(i, "attn_heads", out)
+        if teal or rows:
+            keep = self._attn_keep(sel, out.shape[-1])
+            return self._input_proj(out, keep, rows, lambda: eng._attn_rows(i, sel, "o_t"), (sel.o_w,), (b.o_b,))[0]
         return F.linear(out, sel.o_w, b.o_b)
+
+    def _rows_attention(self, x: torch.Tensor, sel: _Sel) -> bool:
+        """Whether this call's attention projections sum rows of transposed copies (:meth:`_input_proj`).
+
+        Short calls without gradients do, in layers that keep every head under ``input_attn`` or
+        with :attr:`fused_attention`, and in layers that keep an importance prefix of the heads with
+        :attr:`fused_attention` (a copy per kept-head count: only when asked for, to bound memory).
+        """
+        s = self.spec
+        full = sel.n_heads == s.num_heads and sel.n_kv == s.num_kv_heads
+        wanted = (full and sel.mlp_rule == "input_attn") or (self.fused_attention and (full or sel.heads_prefix))
+        return wanted and self._sparse(x)
+
+    def _attn_rows(self, i: int, sel: _Sel, kind: str) -> torch.Tensor:
+        """The transposed attention copy (``qkv_t`` or ``o_t``, :meth:`_rule_weight`) that ``sel``'s heads read."""
+        s = self.spec
+        if sel.n_heads == s.num_heads and sel.n_kv == s.num_kv_heads:
+            return self._rule_weight(i, kind)
+        key = (i, kind, sel.n_heads, sel.n_kv)  # an importance prefix of the heads (sel.heads_prefix)
+        w = self._rule_w.get(key)
+        if w is None:
+            with torch.no_grad():
+                mat = torch.cat([sel.q_w, sel.k_w, sel.v_w], dim=0) if kind == "qkv_t" else sel.o_w
+                w = self._rule_w[key] = mat.t().contiguous()
+        return w
+
+    def _attn_keep(self, sel: _Sel, n: int) -> int:
+        """Entries of an ``n``-entry input an attention projection reads: all, or ``input_attn``'s share."""
+        if sel.mlp_rule != "input_attn":
+            return n
+        return input_keep(n, sel.n_ch, self.spec.intermediate_size)
+
+    @staticmethod
+    def _input_proj(
+        x: torch.Tensor,
+        keep: int,
+        rows: bool,
+        transposed: Callable[[], torch.Tensor],
+        weights: Sequence[torch.Tensor],
+        biases: Sequence[torch.Tensor | None],
+    ) -> list[torch.Tensor]:
+        """Projections of ``x`` by ``weights`` that read only its ``keep`` largest-magnitude entries per token.
+
+        With ``rows``, the kept entries' rows of ``transposed()`` (the weights side by side,
+        transposed: a row per input entry) are summed (``embedding_bag``); otherwise the other entries
+        are zeroed and the weights multiply (the masked form, the reference).
+        """
+        shape = x.shape
+        xr = x.reshape(-1, shape[-1])
+        if rows and fused_available(xr):  # one compiled call selects and sums the rows
+            h = input_rows(xr, keep, transposed())
+        elif keep < shape[-1]:
+            idx = xr.abs().topk(keep, dim=-1, sorted=False).indices
+            vals = xr.gather(-1, idx)
+        else:
+            idx, vals = torch.arange(shape[-1], device=x.device).expand(xr.shape[0], -1), xr
+        if rows:
+            if not fused_available(xr):
+                h = rows_sum(transposed(), idx, vals)
+            parts = h.split([w.shape[0] for w in weights], dim=-1)
+            outs = [p if bias is None else p + bias for p, bias in zip(parts, biases, strict=True)]
+        else:
+            xm = xr if keep >= shape[-1] else torch.zeros_like(xr).scatter(-1, idx, vals)
+            outs = [F.linear(xm, w, bias) for w, bias in zip(weights, biases, strict=True)]
+        return [o.view(*shape[:-1], -1) for o in outs]
 
     def _cache_update(
         self, i: int, st: RunState, sel: _Sel, k: torch.Tensor, v: torch.Tensor
@@ -968,10 +1068,16 @@ class SparseLM:
         One row per channel, contiguous: ``gu`` ``[I, C, D]`` (gate and up; up alone without a gate),
         ``gud`` ``[I, C + 1, D]`` (those and the down column), ``prefix`` (``gud`` in importance
         order, for static layers), ``ud`` ``[I, 2, D]`` (up and down columns) and ``d`` ``[I, 1, D]``
-        (down columns); and ``gu_t`` ``[D, C * I]``, a row per input feature.
+        (down columns); ``gu_t`` ``[D, C * I]``, a row per input feature; and for ``input_attn`` the
+        attention's ``qkv_t`` ``[D, (H + 2 KV) d]`` and ``o_t`` ``[H d, D]``, likewise.
         """
         key = (i, kind)
         w = self._rule_w.get(key)
+        if w is None and kind in ("qkv_t", "o_t"):
+            b = self.blocks[i]
+            with torch.no_grad():
+                mat = torch.cat([b.q_w, b.k_w, b.v_w], dim=0) if kind == "qkv_t" else b.o_w
+                w = self._rule_w[key] = mat.t().contiguous()
         if w is None:
             b = self.blocks[i]
             gate_w, up_w, down_w = b.gate_w, b.up_w, b.down_w
@@ -1001,11 +1107,15 @@ class SparseLM:
         # wants every activation).
         kind = None if observer is not None else self._fused_act(xr, b, sparse)
         fused = kind is not None
-        if rule == "input":
-            kd = max(1, round(k / I * shape[-1]))
-            xi = xr.abs().topk(kd, dim=-1, sorted=False).indices
+        if rule in ("input", "input_attn"):
+            kd = input_keep(shape[-1], k, I)
+            if sparse and fused:  # one compiled call selects the entries and sums their gate/up rows
+                h = input_rows(xr, kd, eng._rule_weight(i, "gu_t"))
+            else:
+                xi = xr.abs().topk(kd, dim=-1, sorted=False).indices
             if sparse:
-                h = rows_sum(eng._rule_weight(i, "gu_t"), xi, xr.gather(-1, xi))
+                if not fused:
+                    h = rows_sum(eng._rule_weight(i, "gu_t"), xi, xr.gather(-1, xi))
                 g_u = h.split(I, dim=-1) if gated else (h,)
                 g = g_u[0] + b.gate_b if gated and b.gate_b is not None else g_u[0]
                 u = g_u[-1] + b.up_b if b.up_b is not None else g_u[-1]
@@ -1061,6 +1171,21 @@ class SparseLM:
             return self._down_bias(rows_sum(eng._rule_weight(i, "d")[:, 0], idx, act), b, shape)
         return F.linear(a_full, b.down_w, b.down_b).view(*shape[:-1], -1)
 
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on ``h``; with :attr:`fused_head`, short calls sum the rows of a transposed copy."""
+        head = self.lm_head
+        if not (self.fused_head and h.numel() // h.shape[-1] <= self.sparse_rows and fused_available(h)):
+            return head(h)
+        key = (-1, "head_t")
+        wt = self._rule_w.get(key)
+        if wt is None:
+            with torch.no_grad():
+                wt = self._rule_w[key] = head.weight.t().contiguous()
+        out = input_rows(h.reshape(-1, h.shape[-1]), h.shape[-1], wt)
+        if getattr(head, "bias", None) is not None:
+            out = out + head.bias
+        return out.view(*h.shape[:-1], -1)
+
     @staticmethod
     def _down_bias(out: torch.Tensor, b: _Block, shape: torch.Size) -> torch.Tensor:
         """A sparse down sum ``[R, D]`` with the down bias added, in the MLP input's shape."""
@@ -1074,17 +1199,17 @@ class SparseLM:
         out = None
         if isinstance(logits, str):
             if logits == "all":
-                out = self.lm_head(h)
+                out = self._head(h)
             elif logits == "last":
-                out = self.lm_head(h[:, -1:])
+                out = self._head(h[:, -1:])
             elif logits != "none":
                 raise ValueError(f"logits must be 'all', 'last', 'none', an index, a slice or a tensor, got {logits!r}")
         elif isinstance(logits, int):
-            out = self.lm_head(h[:, logits : logits + 1] if logits != -1 else h[:, -1:])
+            out = self._head(h[:, logits : logits + 1] if logits != -1 else h[:, -1:])
         elif isinstance(logits, slice):
-            out = self.lm_head(h[:, logits])
+            out = self._head(h[:, logits])
         else:
-            out = self.lm_head(h.index_select(1, torch.as_tensor(logits, device=h.device)))
+            out = self._head(h.index_select(1, torch.as_tensor(logits, device=h.device)))
         return ForwardOutput(out, h, state.cache)
 
     def forward(

@@ -2,9 +2,12 @@
 
 Usage: ``python -m experiments.bench.activation [--quick] [--prompts 16] [--items 8] [--tokens 32]``.
 
-Every rule (``static``, ``gate``, ``input``, ``predicted``; :data:`envs.runtime.plan.MLP_RULES`) runs
-every layer's MLP at keep 0.75 / 0.5 / 0.25 (static also at 0.6, 0.4 and 0.1, to draw its curve;
-the other rules also at 0.15, so that their curves can reach 70% of dense decode latency), decoding
+Every rule (``static``, ``gate``, ``input``, ``predicted``, ``input_attn``;
+:data:`envs.runtime.plan.MLP_RULES`) runs every layer's MLP at keep 0.75 / 0.5 / 0.25 (static also
+at 0.6, 0.4 and 0.1, and with the least important third or two thirds of the attention heads
+dropped, to draw its curve; the other rules also at 0.15, so that their curves can reach 70% of
+dense decode latency, and ``input_attn``, whose attention projections read the same share of their
+inputs, at 0.4 and 0.3, where its curve crosses 70%), decoding
 ``--tokens`` tokens after val news prompts and after the generation (exact-match) items of the val
 split. Decoding is teacher-forced on the dense model's greedy tokens, so every
 plan sees the same context and agreement is the share of steps whose argmax equals the dense
@@ -14,7 +17,12 @@ and the table reports the median of those and a bootstrap 95% CI over prompts. P
 decode through fused kernels (:mod:`envs.runtime.kernels`; static layers too, so that rules and
 static plans are timed alike), and the dense model is timed both as the untouched model and with
 its MLPs through the same kernel (``dense (fused kernel)``, :attr:`SparseLM.fused_full_mlp`); the
-faster of the two is the reference, so no plan gains from a kernel the dense model was denied.
+faster of the two is the reference, so no plan gains from a kernel the dense model was denied. For
+the same reason every plan but the untouched ``dense`` runs its attention projections as the rows
+of transposed copies (:attr:`SparseLM.fused_attention`; the static plans that drop heads too), the
+form ``input_attn`` reads its kept entries in, about twice as fast as PyTorch's matmuls there, and
+its LM head likewise (:attr:`SparseLM.fused_head`): every plan pays the head alike, and the faster
+it runs, the larger the share of the step a plan can save.
 
 The curves are upper hulls (random mixtures of the points, dense included), compared at 70% and
 85% of dense decode latency; "÷ ideal" is the realised decode speedup over the FLOPs speedup
@@ -45,7 +53,9 @@ BENCH = Benchmark("experiments.bench.activation", __doc__, threads=1)
 TITLE = "Activation sparsity: which MLP channels, per token"
 KEEPS = (0.75, 0.5, 0.25)
 STATIC_EXTRA = (0.6, 0.4, 0.1)  # more points on the curve every rule is judged against
-RULE_EXTRA = (0.15,)  # so that a rule's curve can reach 70% of dense decode latency
+STATIC_HEADS = ((2 / 3, (0.75, 0.5, 0.25)), (1 / 3, (0.5, 0.25)))  # static attention pruning: (heads, MLP keeps)
+RULE_EXTRA = {"input_attn": (0.4, 0.3, 0.15)}  # where a rule's curve crosses 70% of dense decode latency
+RULE_EXTRA_DEFAULT = (0.15,)
 TARGETS = (0.70, 0.85)
 
 
@@ -56,9 +66,14 @@ def bench_plans(slm: SparseLM, rules: list[str]) -> dict[str, SparsityPlan]:
     """The plans of the benchmark by name: dense (two ways), then ``rule@keep`` for every rule and keep."""
     plans = {"dense": slm.dense_plan(), FUSED_DENSE: slm.dense_plan()}
     for rule in rules:
-        keeps = sorted({*KEEPS, *(STATIC_EXTRA if rule == "static" else RULE_EXTRA)}, reverse=True)
-        for k in keeps:
+        extra = STATIC_EXTRA if rule == "static" else RULE_EXTRA.get(rule, RULE_EXTRA_DEFAULT)
+        for k in sorted({*KEEPS, *extra}, reverse=True):
             plans[f"{rule}@{k:g}"] = SparsityPlan.uniform(slm.spec, slm.importance, mlp=k, mlp_rule=rule)
+        if rule == "static":  # input_attn prunes attention's work too: static drops heads, by importance
+            for heads, keeps in STATIC_HEADS:
+                for k in keeps:
+                    plan = SparsityPlan.uniform(slm.spec, slm.importance, heads=heads, mlp=k)
+                    plans[f"static@{k:g} heads {heads:.2f}"] = plan
     return plans
 
 
@@ -79,6 +94,16 @@ def head_flops(slm: SparseLM) -> float:
     return 2.0 * slm.spec.hidden_size * slm.spec.vocab_size
 
 
+def use_kernels(slm: SparseLM, name: str | None) -> None:
+    """Set ``slm``'s decode forms for plan ``name`` (``None``: back to the defaults).
+
+    Every plan but the untouched ``dense`` reads its attention projections and LM head from
+    transposed copies; ``FUSED_DENSE`` also runs its MLPs through the fused kernel.
+    """
+    slm.fused_full_mlp = name == FUSED_DENSE
+    slm.fused_attention = slm.fused_head = name not in ("dense", None)
+
+
 def run_prompt(
     slm: SparseLM, plans: dict[str, SparsityPlan], ids: list[int], tokens: int, rng: random.Random
 ) -> tuple[dict[str, float], dict[str, int], int]:
@@ -94,7 +119,7 @@ def run_prompt(
     secs = dict.fromkeys(plans, 0.0)
     try:
         for name, plan in plans.items():  # prefill, untimed
-            slm.fused_full_mlp = name == FUSED_DENSE
+            use_kernels(slm, name)
             out = slm(prompt, plan, cache=caches[name], logits="last")
             agree[name] += int(out.logits[0, -1].argmax()) == dense[0]
         order = list(plans)
@@ -102,13 +127,13 @@ def run_prompt(
             step = torch.tensor([[dense[j]]])
             rng.shuffle(order)
             for name in order:
-                slm.fused_full_mlp = name == FUSED_DENSE
+                use_kernels(slm, name)
                 t0 = time.perf_counter()
                 out = slm(step, plans[name], cache=caches[name], logits="last")
                 secs[name] += time.perf_counter() - t0
                 agree[name] += int(out.logits[0, -1].argmax()) == dense[j + 1]
     finally:
-        slm.fused_full_mlp = False
+        use_kernels(slm, None)
     return secs, agree, len(dense)
 
 
@@ -211,12 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     past = int(np.mean([len(ids) for _, ids in todo])) + args.tokens // 2
     dense_fl = SparsityPlan.dense(slm.spec).flops(1, past)["total"] + head
     pf = 0.0 if slm.predictor is None else slm.predictor.flops_per_token()
-    dense_mlp = SparsityPlan.dense(slm.spec).flops(1, past)["mlp"]
+    dense_split = SparsityPlan.dense(slm.spec).flops(1, past)
     rows, pts = [], {}
     for c, name in enumerate(names):
         plan = plans[name]
         rule = "dense" if name in ("dense", FUSED_DENSE) else name.split("@")[0]
-        ideal = dense_fl / (plan.flops(1, past, predictor_flops=pf)["total"] + head)
+        fl = plan.flops(1, past, predictor_flops=pf)
+        ideal = dense_fl / (fl["total"] + head)
         realised = 1.0 / med_lat[c]
         lo, hi = bootstrap_ci(lat[:, c])
         alo, ahi = bootstrap_ci(agr[:, c], stat=np.mean)
@@ -224,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(
             [
                 name,
-                f"{plan.flops(1, past, predictor_flops=pf)['mlp'] / dense_mlp:.2f}",
+                f"{fl['mlp'] / dense_split['mlp']:.2f}",
+                f"{fl['attention'] / dense_split['attention']:.2f}",
                 f"{s.p50:.1f}",
                 f"{med_lat[c]:.3f} [{lo:.3f}, {hi:.3f}]",
                 f"{realised:.2f}× / {ideal:.2f}×",
@@ -239,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         [
             "plan (rule@MLP keep)",
             "MLP FLOPs",
+            "attention FLOPs",
             "decode step p50 ms",
             "latency ÷ dense [95% CI]",
             "speedup realised / ideal",
@@ -309,10 +337,14 @@ def main(argv: list[str] | None = None) -> None:
         "Latency ÷ dense: median over prompts of the plan's decode time over the dense model's in the same steps, "
         "the dense model run the faster of two ways: as the untouched model (PyTorch matmuls, `dense`) or with its "
         "MLPs through the fused kernel the pruned layers run (`dense (fused kernel)`), so that no plan gains from "
-        "a kernel the dense model was denied. "
+        "a kernel the dense model was denied; for the same reason every plan but `dense` runs its attention "
+        "projections and its LM head as sums of the rows of transposed copies, the form `input_attn` reads its "
+        "kept entries in. "
         "Agreement: share of steps whose argmax is the dense greedy token (CI: bootstrap over prompts). "
-        "MLP FLOPs: relative to dense, "
-        "selection and predictor included. The prompt runs under the plan too (untimed; prompts longer than "
+        "MLP and attention FLOPs: relative to dense, "
+        "selection and predictor included (`input_attn` also sparsifies the inputs of the attention projections; "
+        "`static@k heads 0.67` also drops the least important third of every layer's attention heads). "
+        "The prompt runs under the plan too (untimed; prompts longer than "
         f"{SparseLM.sparse_rows} tokens run the rules in the masked form).\n\n"
         f"{table}\n\nAt equal measured decode latency (upper hulls: random mixtures of each rule's points and "
         "dense):\n\n"
@@ -349,7 +381,7 @@ def _plot(pts: dict, hulls: dict, path: Path) -> None:
         ax.axvline(t, color="grey", lw=0.7, ls=":")
     ax.set_xlabel("decode latency ÷ dense (median over prompts)")
     ax.set_ylabel("agreement with dense greedy tokens")
-    ax.set_title("Which MLP channels, per token: agreement at equal decode latency")
+    ax.set_title("Which channels, per token: agreement at equal decode latency")
     ax.legend()
     print(f"plot: {save_figure(fig, path)}")
 
