@@ -34,7 +34,10 @@ channel predictor (``predicted``, :meth:`SparseLM.set_predictor`). For up to
 rows and columns are read, from per-layer copies built on first use that hold each channel's gate
 row, up row and down column in one contiguous stretch: one fused compiled call per layer selects
 the channels and runs them (:func:`envs.runtime.kernels.topk_glu`, :func:`~envs.runtime.kernels.topk_down`);
-``input`` first sums the kept input features' rows of a transposed gate/up copy (``embedding_bag``).
+``input`` first sums the kept input features' rows of a transposed gate/up copy
+(:func:`~envs.runtime.kernels.input_rows`, which selects them in the same call). ``input_attn``
+reads its attention projections' kept inputs the same way, from transposed q/k/v and o copies
+(layers that keep every head; other layers take the masked form).
 An activation the kernels lack, or an observer (which wants every activation), takes the same
 sparse reads as separate PyTorch calls (:func:`~envs.runtime.kernels.rows_dot`,
 :func:`~envs.runtime.kernels.rows_sum`). Longer calls, and calls with gradients,
@@ -857,11 +860,11 @@ class SparseLM:
         x: torch.Tensor,
         st: RunState,
         observer: Observer | None,
-        eng: SparseLM | None = None,
+        eng: SparseLM,
     ) -> torch.Tensor:
+        """Layer ``i``'s attention under ``sel``, with ``eng``'s weight copies (this model's or its adapted set)."""
         B, T, _ = x.shape
         d = self.spec.head_dim
-        eng = self if eng is None else eng
         teal = sel.mlp_rule == "input_attn"
         rows = self._rows_attention(x, sel)
         if teal or rows:
@@ -908,14 +911,16 @@ class SparseLM:
     def _rows_attention(self, x: torch.Tensor, sel: _Sel) -> bool:
         """Whether this call's attention projections sum rows of transposed copies (:meth:`_input_proj`).
 
-        Short calls without gradients do, in layers that keep every head under ``input_attn`` or
-        with :attr:`fused_attention`, and in layers that keep an importance prefix of the heads with
-        :attr:`fused_attention` (a copy per kept-head count: only when asked for, to bound memory).
+        Short calls without gradients on CPU float32 (where the compiled kernel runs; elsewhere, and
+        for 2:4 weights, the matmuls are the fast form) do, in layers that keep every head under
+        ``input_attn`` or with :attr:`fused_attention`, and in layers that keep an importance prefix
+        of the heads with :attr:`fused_attention` (a copy per kept-head count: only when asked for,
+        to bound memory).
         """
         s = self.spec
         full = sel.n_heads == s.num_heads and sel.n_kv == s.num_kv_heads
         wanted = (full and sel.mlp_rule == "input_attn") or (self.fused_attention and (full or sel.heads_prefix))
-        return wanted and self._sparse(x)
+        return wanted and self._sparse(x) and fused_available(x)
 
     def _attn_rows(self, i: int, sel: _Sel, kind: str) -> torch.Tensor:
         """The transposed attention copy (``qkv_t`` or ``o_t``, :meth:`_rule_weight`) that ``sel``'s heads read."""
@@ -947,27 +952,21 @@ class SparseLM:
     ) -> list[torch.Tensor]:
         """Projections of ``x`` by ``weights`` that read only its ``keep`` largest-magnitude entries per token.
 
-        With ``rows``, the kept entries' rows of ``transposed()`` (the weights side by side,
-        transposed: a row per input entry) are summed (``embedding_bag``); otherwise the other entries
-        are zeroed and the weights multiply (the masked form, the reference).
+        With ``rows``, one compiled call (:func:`~envs.runtime.kernels.input_rows`) selects them and
+        sums their rows of ``transposed()`` (the weights side by side, transposed: a row per input
+        entry); otherwise the other entries are zeroed and the weights multiply (the masked form, the
+        reference).
         """
         shape = x.shape
         xr = x.reshape(-1, shape[-1])
-        if rows and fused_available(xr):  # one compiled call selects and sums the rows
-            h = input_rows(xr, keep, transposed())
-        elif keep < shape[-1]:
-            idx = xr.abs().topk(keep, dim=-1, sorted=False).indices
-            vals = xr.gather(-1, idx)
-        else:
-            idx, vals = torch.arange(shape[-1], device=x.device).expand(xr.shape[0], -1), xr
         if rows:
-            if not fused_available(xr):
-                h = rows_sum(transposed(), idx, vals)
-            parts = h.split([w.shape[0] for w in weights], dim=-1)
+            parts = input_rows(xr, keep, transposed()).split([w.shape[0] for w in weights], dim=-1)
             outs = [p if bias is None else p + bias for p, bias in zip(parts, biases, strict=True)]
         else:
-            xm = xr if keep >= shape[-1] else torch.zeros_like(xr).scatter(-1, idx, vals)
-            outs = [F.linear(xm, w, bias) for w, bias in zip(weights, biases, strict=True)]
+            if keep < shape[-1]:
+                idx = xr.abs().topk(keep, dim=-1, sorted=False).indices
+                xr = torch.zeros_like(xr).scatter(-1, idx, xr.gather(-1, idx))
+            outs = [F.linear(xr, w, bias) for w, bias in zip(weights, biases, strict=True)]
         return [o.view(*shape[:-1], -1) for o in outs]
 
     def _cache_update(
