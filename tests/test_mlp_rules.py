@@ -312,6 +312,23 @@ def test_envs_let_the_agent_choose_the_rule(env_id, cost_path, one_thread):
     env.close()
 
 
+@pytest.mark.parametrize("env_id", ["PruneGym/PerInputDiscrete-v0", "PruneGym/PerTokenDiscrete-v1"])
+def test_envs_run_input_attn(env_id, cost_path, one_thread):
+    import gymnasium as gym
+    from gymnasium.utils.env_checker import check_env
+
+    from tests.conftest import tiny_kwargs
+
+    env = gym.make(env_id, **tiny_kwargs(env_id, cost_path, mlp_rules=["static", "input_attn"]))
+    check_env(env.unwrapped)
+    env.reset(seed=0)
+    env.step(1 * 2 + 1)  # preset 1 (MLP 0.75), rule "input_attn"
+    plan = env.unwrapped.last_plan
+    assert plan.token_rules == {"input_attn"}
+    assert plan.flops(1)["attention"] < SparsityPlan.dense(plan.spec).flops(1)["attention"]
+    env.close()
+
+
 def test_env_rule_settings_are_checked(cost_path, one_thread):
     import gymnasium as gym
 
