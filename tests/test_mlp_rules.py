@@ -369,6 +369,11 @@ def test_preparation_samples_the_rules(tiny_llama):
     out = tiny_llama(IDS, plan, grad=True).logits
     out.sum().backward()
     assert tiny_llama.blocks[0].up_w.grad is not None and tiny_llama.blocks[0].up_w.grad.abs().sum() > 0
+    # input_attn too, into the attention weights it sparsifies.
+    plan = SparsityPlan.uniform(tiny_llama.spec, tiny_llama.importance, mlp=0.5, mlp_rule="input_attn")
+    assert PlanSampler(tiny_llama, PlanDistribution.from_dict({"mlp_rules": ["input_attn"]})).sample(rng).token_rules
+    tiny_llama(IDS, plan, grad=True).logits.sum().backward()
+    assert tiny_llama.blocks[0].q_w.grad is not None and tiny_llama.blocks[0].q_w.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="distinct rules"):
         PlanDistribution.from_dict({"mlp_rules": ["sometimes"]})
     with pytest.raises(ValueError, match="no channel predictor"):
