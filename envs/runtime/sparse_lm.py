@@ -1062,7 +1062,7 @@ class SparseLM:
         return act_kind(b.act)
 
     def _rule_weight(self, i: int, kind: str) -> torch.Tensor:
-        """Layer ``i``'s weight copy for the fused and sparse MLP forms, built from this engine's weights once.
+        """Layer ``i``'s weight copy for the fused and row-sum forms, built from this engine's weights once.
 
         One row per channel, contiguous: ``gu`` ``[I, C, D]`` (gate and up; up alone without a gate),
         ``gud`` ``[I, C + 1, D]`` (those and the down column), ``prefix`` (``gud`` in importance
