@@ -514,6 +514,14 @@ def test_fused_kernels_equal_the_masked_mlp(act, gated, bias):
         assert torch.allclose(got_gate, want_gate, atol=1e-4)
         got_in = kernels.topk_down(a, k, x, down[:, None].contiguous())
         assert torch.allclose(got_in, _mask_top(a, k) @ down, atol=1e-4)
+        # input_glu: the input rule's whole MLP (gate/up read the kd largest inputs, then the k largest |a|).
+        for kd in (7, 9, D, D + 3):  # a remainder, a full block plus one, every entry, more than every entry
+            xm = _mask_top(x, min(kd, D))
+            um = F.linear(xm, up, ub)
+            am = act(F.linear(xm, gate, gb)) * um if gated else act(um)
+            gu_t = torch.cat([gate, up] if gated else [up], 0).t().contiguous()
+            got_glu = kernels.input_glu(x, kd, gu_t, k, down[:, None].contiguous(), kind, gb if gated else None, ub)
+            assert torch.allclose(got_glu, _mask_top(am, k) @ down, atol=1e-4), kd
     assert kernels.act_kind(torch.nn.ReLU()) is None  # not computed by the kernels: the torch forms run
 
 
@@ -523,7 +531,7 @@ def test_decoding_runs_the_fused_kernels(tiny_llama, monkeypatch):
 
     slm = tiny_llama
     slm.set_predictor(RandomPredictor(slm.spec))
-    calls = {"topk_glu": 0, "topk_down": 0}
+    calls = {"topk_glu": 0, "topk_down": 0, "input_glu": 0}
     for name in calls:
         real = getattr(sparse_lm, name)
 
@@ -533,7 +541,8 @@ def test_decoding_runs_the_fused_kernels(tiny_llama, monkeypatch):
 
         monkeypatch.setattr(sparse_lm, name, spy)
     L = slm.spec.num_layers
-    for rule, fn in (("predicted", "topk_glu"), ("gate", "topk_down"), ("input", "topk_down")):
+    pairs = (("predicted", "topk_glu"), ("gate", "topk_down"), ("input", "input_glu"), ("input_attn", "input_glu"))
+    for rule, fn in pairs:
         plan = SparsityPlan.uniform(slm.spec, slm.importance, mlp=0.5, mlp_rule=rule)
         before = dict(calls)
         cache = slm.new_cache()
@@ -542,6 +551,7 @@ def test_decoding_runs_the_fused_kernels(tiny_llama, monkeypatch):
         assert calls[fn] - before[fn] == 3 * L, rule
         slm(IDS[:, :8], plan)  # 8 tokens: the masked form, no fused call
         assert calls[fn] - before[fn] == 3 * L, rule
+        assert sum(calls.values()) - sum(before.values()) == 3 * L, rule  # and no other fused MLP call
 
 
 def _decode(slm: SparseLM, plan: SparsityPlan, n: int = 6) -> torch.Tensor:

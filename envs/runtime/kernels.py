@@ -6,15 +6,18 @@ different set of channels in every token. PyTorch can only do that by copying th
 the multiply needs, and a chain of small PyTorch calls per layer adds its own overhead; on a
 memory-bound CPU decode step that cost about as much as the channels a rule skipped.
 
-Three fused, numba-compiled kernels run a decode token's whole MLP in one call per layer (and a
-fourth, :func:`input_rows`, the projections of the ``input`` and ``input_attn`` rules):
+Four fused, numba-compiled kernels run a decode token's whole MLP in one call per layer (and a
+fifth, :func:`input_rows`, the attention projections of ``input_attn`` and the other row-sum forms):
 
 - :func:`topk_glu` (``predicted``): from a score per channel, keep the ``k`` best, compute their gate
   and up dot products, the activation, and add the channel's down column weighted by it.
 - :func:`prefix_glu` (pruned ``static`` layers): the same for channels ``0..k-1`` of an
   importance-ordered copy, so that static plans and rules are timed with the same code.
-- :func:`topk_down` (``gate``, ``input``): the activations (or the gate's) are known already; keep
-  the ``k`` largest in magnitude, finish them (times up for ``gate``) and sum their down columns.
+- :func:`topk_down` (``gate``): the gate's activations are known already; keep the ``k`` largest in
+  magnitude, finish them (times up) and sum their down columns.
+- :func:`input_glu` (``input``, ``input_attn``): gate and up from the rows of the input's largest
+  entries, the activations, then the down columns of the ``k`` largest: one call instead of two and
+  the PyTorch calls between them.
 
 Two layout choices carry the speed (measured on the embedded model's shapes, 30 layers' weights
 cycled so that every read comes from memory, one thread). Each channel's gate row, up row and down
@@ -22,7 +25,9 @@ column sit side by side in one contiguous stretch of a per-layer copy, which mad
 cheaper than two separate copies. Eight channels are streamed at once, with the row length a
 compile-time constant, which keeps enough reads in flight to use the memory bus: at 384 of 1,536
 channels 0.15 ms against 0.32 ms for PyTorch's matmuls on the sliced weights, about 2.4x slower
-when the row length is read at run time, 2x slower one channel at a time.
+when the row length is read at run time, 2x slower one channel at a time. While a block is summed,
+the first lines of the next block's rows are prefetched (:func:`_prefetch_next`): scattered rows
+otherwise each start with a cache miss the hardware prefetcher cannot foresee.
 
 The kernels choose the same channels as ``torch.topk`` on the same numbers (the set of the ``k``
 largest is unique unless values tie exactly), so the masked form is their reference. The pieces
@@ -75,6 +80,49 @@ try:  # pragma: no cover - the import is environment-dependent
 
     _FM = {"reassoc", "contract", "nsz", "arcp"}  # vectorised sums; no assumptions about inf or nan
 
+    from llvmlite import binding as _llvm_binding
+    from llvmlite import ir as _ir
+    from numba import types as _nb_types
+    from numba.core import cgutils as _cgutils
+    from numba.extending import intrinsic as _intrinsic
+
+    # LLVM's prefetch intrinsic is named by its pointer type: opaque pointers (LLVM 15 on) or i8*.
+    _PREFETCH = "llvm.prefetch.p0" if _llvm_binding.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
+
+    @_intrinsic
+    def _prefetch(typingctx, arr, idx):  # noqa: ANN001, ANN202, ARG001
+        # A read prefetch of arr[idx] into every cache level: a hint, no effect on the results.
+        sig = _nb_types.void(arr, idx)
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = _cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
+            i8p = builder.bitcast(ptr, _ir.IntType(8).as_pointer())
+            i32 = _ir.IntType(32)
+            fnty = _ir.FunctionType(_ir.VoidType(), [i8p.type, i32, i32, i32])
+            fn = _cgutils.get_or_insert_function(builder.module, fnty, _PREFETCH)
+            builder.call(fn, [i8p, _ir.Constant(i32, 0), _ir.Constant(i32, 3), _ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    PREFETCH_LINES = 8  # 64-byte lines asked for at the start of each of the next block's rows
+
+    @njit(nogil=True, cache=True, inline="always")
+    def _prefetch_next(w, js, t, m) -> None:  # noqa: ANN001
+        # Ask for the first lines of the rows of the block after the one at t (rows js[t + 8 ..]): the
+        # hardware prefetcher follows a row once it is read, but not the jump to the next scattered
+        # row, so each block would otherwise start with eight demand misses (10-15% of a short row's
+        # time at 40% of rows kept, in a microbenchmark of cold weights).
+        nt = t + BLOCK
+        if nt < m:
+            lines = min(PREFETCH_LINES, w.shape[1] // 16)
+            for q in range(min(BLOCK, m - nt)):
+                wr = w[js[nt + q]]
+                for line in range(lines):
+                    _prefetch(wr, line * 16)
+
     @njit(fastmath=_FM, nogil=True, cache=True, inline="always")
     def _act_nb(v: float, kind: int) -> float:
         if kind == ACT_SILU:
@@ -106,8 +154,8 @@ try:  # pragma: no cover - the import is environment-dependent
         return out
 
     @functools.cache
-    def _fused_for(D: int) -> tuple[Any, Any, Any]:  # noqa: C901, N803
-        """The fused kernels compiled for hidden size ``D``: ``(topk_glu, prefix_glu, topk_down)``.
+    def _fused_for(D: int) -> tuple[Any, Any, Any, Any]:  # noqa: C901, N803
+        """The fused kernels compiled for hidden size ``D``: ``(topk_glu, prefix_glu, topk_down, down_rows)``.
 
         ``D`` is a compile-time constant in them: with the row length known, LLVM vectorises the
         eight interleaved row streams about twice as well as with a length read at run time.
@@ -202,6 +250,7 @@ try:  # pragma: no cover - the import is environment-dependent
             m = js.shape[0]
             for t in range(0, m, BLOCK):
                 n = min(BLOCK, m - t)
+                _prefetch_next(w, js, t, m)
                 if n == BLOCK and gated:
                     _dot8x2(w, js, t, x, g, u)
                 elif n == BLOCK:
@@ -235,6 +284,7 @@ try:  # pragma: no cover - the import is environment-dependent
             m = js.shape[0]
             for t in range(0, m, BLOCK):
                 n = min(BLOCK, m - t)
+                _prefetch_next(w, js, t, m)
                 if with_up and n == BLOCK:
                     _dot8(w, js, t, 0, x, a)
                 elif with_up:
@@ -273,11 +323,15 @@ try:  # pragma: no cover - the import is environment-dependent
             for r in range(x.shape[0]):
                 _down_rows_nb(_top_idx_nb(np.abs(vals[r]), k), vals[r], x[r], w, with_up, up_b, out[r], a)
 
-        return _topk_glu_nb, _prefix_glu_nb, _topk_down_nb
+        return _topk_glu_nb, _prefix_glu_nb, _topk_down_nb, _down_rows_nb
 
     @functools.cache
-    def _rows_for(W: int) -> Any:  # noqa: N803
-        """:func:`input_rows`' kernel compiled for output width ``W`` (a compile-time constant, as ``D`` above)."""
+    def _rows_for(W: int) -> tuple[Any, Any]:  # noqa: N803
+        """:func:`input_rows`' kernel compiled for output width ``W`` (a compile-time constant, as ``D`` above).
+
+        Returns ``(input_rows, rows_sum)``: the whole call, and its row sum for a given index set (for
+        kernels that fuse it with more work, :func:`_input_glu_for`).
+        """
 
         @njit(fastmath=_FM, nogil=True, inline="always")
         def _axpy8w(o, w, js, t, a) -> None:  # noqa: ANN001
@@ -298,31 +352,66 @@ try:  # pragma: no cover - the import is environment-dependent
                 )
 
         @njit(fastmath=_FM, nogil=True)
+        def _rows_sum_nb(xr, js, w, o, a) -> None:  # noqa: ANN001
+            # o += sum over entries js of xr[j] * w[j]; a is scratch of BLOCK floats.
+            m = js.shape[0]
+            for t in range(0, m, BLOCK):
+                c = min(BLOCK, m - t)
+                _prefetch_next(w, js, t, m)
+                for q in range(c):
+                    a[q] = xr[js[t + q]]
+                if c == BLOCK:
+                    _axpy8w(o, w, js, t, a)
+                else:
+                    for q in range(c):
+                        wr = w[js[t + q]]
+                        for d in range(W):
+                            o[d] += a[q] * wr[d]
+
+        @njit(fastmath=_FM, nogil=True)
         def _input_rows_nb(x, keep, w, out) -> None:  # noqa: ANN001
             a = np.empty(BLOCK, dtype=np.float32)
             n = x.shape[1]
             every = np.arange(n)
             for r in range(x.shape[0]):
-                xr, o = x[r], out[r]
-                js = every if keep >= n else _top_idx_nb(np.abs(xr), keep)
-                m = js.shape[0]
-                for t in range(0, m, BLOCK):
-                    c = min(BLOCK, m - t)
-                    for q in range(c):
-                        a[q] = xr[js[t + q]]
-                    if c == BLOCK:
-                        _axpy8w(o, w, js, t, a)
-                    else:
-                        for q in range(c):
-                            wr = w[js[t + q]]
-                            for d in range(W):
-                                o[d] += a[q] * wr[d]
+                xr = x[r]
+                _rows_sum_nb(xr, every if keep >= n else _top_idx_nb(np.abs(xr), keep), w, out[r], a)
 
-        return _input_rows_nb
+        return _input_rows_nb, _rows_sum_nb
+
+    @functools.cache
+    def _input_glu_for(D: int, W: int) -> Any:  # noqa: N803
+        """:func:`input_glu`'s kernel for hidden size ``D`` and gate/up width ``W`` (compile-time constants)."""
+        rows_sum = _rows_for(W)[1]
+        down_rows = _fused_for(D)[3]
+
+        @njit(fastmath=_FM, nogil=True)
+        def _input_glu_nb(x, keep_in, wt, gated, gate_b, up_b, act, k, wd, out) -> None:  # noqa: ANN001
+            a = np.empty(BLOCK, dtype=np.float32)
+            h = np.empty(W, dtype=np.float32)
+            n_ch = W // 2 if gated else W
+            v = np.empty(n_ch, dtype=np.float32)
+            n = x.shape[1]
+            for r in range(x.shape[0]):
+                xr = x[r]
+                h[:] = 0.0
+                rows_sum(xr, np.arange(n) if keep_in >= n else _top_idx_nb(np.abs(xr), keep_in), wt, h, a)
+                for c in range(n_ch):
+                    u = h[n_ch + c] if gated else h[c]
+                    if up_b.shape[0]:
+                        u += up_b[c]
+                    if gated:
+                        g = h[c] + gate_b[c] if gate_b.shape[0] else h[c]
+                        v[c] = _act_nb(g, act) * u
+                    else:
+                        v[c] = _act_nb(u, act)
+                down_rows(_top_idx_nb(np.abs(v), k), v, xr, wd, False, up_b, out[r], a)
+
+        return _input_glu_nb
 
     BACKEND = "numba"
 except ImportError:  # pragma: no cover
-    _rows_dot_nb = _fused_for = _rows_for = None
+    _rows_dot_nb = _fused_for = _rows_for = _input_glu_for = None
     BACKEND = "torch"
 
 
@@ -510,5 +599,44 @@ def input_rows(x: torch.Tensor, keep: int, wt: torch.Tensor) -> torch.Tensor:
         ``[R, W]`` float32, without biases.
     """
     out = np.zeros((x.shape[0], wt.shape[1]), dtype=np.float32)
-    _rows_for(int(wt.shape[1]))(_np(x), keep, _np(wt), out)
+    _rows_for(int(wt.shape[1]))[0](_np(x), keep, _np(wt), out)
+    return torch.from_numpy(out)
+
+
+def input_glu(
+    x: torch.Tensor,
+    keep_in: int,
+    wt: torch.Tensor,
+    k: int,
+    wd: torch.Tensor,
+    act: int,
+    gate_b: torch.Tensor | None = None,
+    up_b: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``input`` rule's whole MLP for decode tokens, in one call (TEAL on gate/up, then the top ``k`` channels).
+
+    Per token: gate and up read only the ``keep_in`` largest-magnitude entries of the input
+    (:func:`input_rows`), the activations follow, and the down projection sums the columns of the
+    ``k`` largest-magnitude ones (:func:`topk_down`). The same numbers as those two calls with the
+    activation between them, without the PyTorch calls and the copies between them.
+
+    Args:
+        x: ``[R, D]`` the MLP inputs, float32 on CPU.
+        keep_in: Input entries gate and up read per token, ``>= 1``.
+        wt: ``[D, C * I]`` gate and up side by side, transposed (a row per input entry); up alone
+            without a gate (``C = 1``), contiguous.
+        k: Channels per token, ``1 <= k <= I``.
+        wd: ``[I, 1, D]`` the down columns, contiguous.
+        act: :func:`act_kind` of the activation.
+        gate_b: Gate bias ``[I]``, if any.
+        up_b: Up bias ``[I]``, if any.
+
+    Returns:
+        ``[R, D]`` float32, without the down projection's bias.
+    """
+    out = np.zeros((x.shape[0], wd.shape[2]), dtype=np.float32)
+    gated = wt.shape[1] == 2 * wd.shape[0]
+    kern = _input_glu_for(int(wd.shape[2]), int(wt.shape[1]))
+    flat = wd.detach().reshape(wd.shape[0], -1)
+    kern(_np(x), keep_in, _np(wt), gated, _np(gate_b), _np(up_b), act, k, _np(flat), out)
     return torch.from_numpy(out)

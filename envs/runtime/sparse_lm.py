@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from envs.runtime.kernels import (
     act_kind,
     fused_available,
+    input_glu,
     input_rows,
     missing_predictor,
     prefix_glu,
@@ -1108,13 +1109,12 @@ class SparseLM:
         fused = kind is not None
         if rule in ("input", "input_attn"):
             kd = input_keep(shape[-1], k, I)
-            if sparse and fused:  # one compiled call selects the entries and sums their gate/up rows
-                h = input_rows(xr, kd, eng._rule_weight(i, "gu_t"))
-            else:
-                xi = xr.abs().topk(kd, dim=-1, sorted=False).indices
+            if sparse and fused:  # one compiled call: the input entries, gate/up rows, activations, down sum
+                wt, wd = eng._rule_weight(i, "gu_t"), eng._rule_weight(i, "d")
+                return self._down_bias(input_glu(xr, kd, wt, k, wd, kind, b.gate_b, b.up_b), b, shape)
+            xi = xr.abs().topk(kd, dim=-1, sorted=False).indices
             if sparse:
-                if not fused:
-                    h = rows_sum(eng._rule_weight(i, "gu_t"), xi, xr.gather(-1, xi))
+                h = rows_sum(eng._rule_weight(i, "gu_t"), xi, xr.gather(-1, xi))
                 g_u = h.split(I, dim=-1) if gated else (h,)
                 g = g_u[0] + b.gate_b if gated and b.gate_b is not None else g_u[0]
                 u = g_u[-1] + b.up_b if b.up_b is not None else g_u[-1]
@@ -1123,8 +1123,6 @@ class SparseLM:
                 g = F.linear(xm, b.gate_w, b.gate_b) if gated else None
                 u = F.linear(xm, b.up_w, b.up_b)
             a = b.act(g) * u if gated else b.act(u)
-            if fused:
-                return self._down_bias(topk_down(a, k, xr, eng._rule_weight(i, "d")), b, shape)
             idx = a.abs().topk(k, dim=-1, sorted=False).indices
             act = a.gather(-1, idx)
         elif rule == "gate":
