@@ -604,3 +604,58 @@ def test_sparse_decoding_reads_the_adapted_weights(tiny_llama, rule):
     slm.set_adapted(None)
     slm.rule_impl = "sparse"
     assert (_decode(slm, plan) - sparse).abs().max().item() > 1e-3  # the adapted weights made a difference
+
+
+@pytest.mark.parametrize("family_name", ["llama", "mistral", "qwen2"])
+def test_rms_norm_kernel_equals_the_norm_module(family_name):
+    from envs.runtime import kernels
+
+    slm = SparseLM(tiny_model(family_name, seed=3))
+    norm = slm.blocks[0].attn_norm
+    with torch.no_grad():
+        norm.weight.normal_()
+        x = torch.randn(3, 1, slm.spec.hidden_size, generator=torch.Generator().manual_seed(0)) * 5
+        got = kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
+        assert got.shape == x.shape and torch.allclose(got, norm(x), rtol=1e-6, atol=1e-6)
+
+
+def test_rope_kernel_equals_the_torch_operations_bit_for_bit():
+    from envs.runtime import kernels
+    from envs.runtime.sparse_lm import _apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, KV, d = 2, 3, 4, 2, 8
+    qkv = torch.randn(B, T, (H + KV) * d, generator=g)  # q and k as views of one projection output
+    q, k = qkv[..., : H * d].view(B, T, H, d), qkv[..., H * d :].view(B, T, KV, d)
+    cos, sin = torch.randn(1, T, d, generator=g), torch.randn(1, T, d, generator=g)
+    want_q, want_k = _apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    with torch.no_grad():
+        got_q = kernels.rope(q, cos.expand(B, T, d), sin.expand(B, T, d)).transpose(1, 2)
+        got_k = kernels.rope(k, cos.expand(B, T, d), sin.expand(B, T, d)).transpose(1, 2)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+def test_decoding_runs_the_norm_and_rope_kernels(family, monkeypatch):
+    """Decode calls take the compiled norm (Llama-style RMSNorms only) and rotary kernels; the logits are unchanged."""
+    from envs.runtime import sparse_lm
+
+    slm = _rule_slm(family)
+    calls = {"rms_norm": 0, "rope": 0}
+    for name in calls:
+        real = getattr(sparse_lm, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(sparse_lm, name, spy)
+    plan, L = slm.dense_plan(), slm.spec.num_layers
+    with torch.no_grad():
+        full = slm(IDS[:, :6], plan).logits  # 6 tokens: the modules, no kernel
+        assert calls == {"rms_norm": 0, "rope": 0}
+        cache = slm.new_cache()
+        steps = torch.cat([slm(IDS[:, t : t + 1], plan, cache=cache).logits for t in range(6)], dim=1)
+    llama_norm = family in ("llama", "mistral", "qwen2")
+    assert calls["rms_norm"] == (6 * 2 * L if llama_norm else 0)
+    assert calls["rope"] == (0 if family == "gpt2" else 6 * 2 * L)
+    assert torch.allclose(steps, full, atol=1e-4)

@@ -409,9 +409,35 @@ try:  # pragma: no cover - the import is environment-dependent
 
         return _input_glu_nb
 
+    @njit(nogil=True, cache=True)
+    def _rms_norm_nb(x, w, eps, out) -> None:  # noqa: ANN001
+        # out = w * (x / sqrt(mean(x^2) + eps)) per row, each product rounded to float32 as the module does.
+        n = x.shape[1]
+        for r in range(x.shape[0]):
+            s = 0.0
+            for d in range(n):
+                s += np.float64(x[r, d]) * np.float64(x[r, d])
+            inv = np.float32(1.0) / np.sqrt(np.float32(s / n) + np.float32(eps))
+            for d in range(n):
+                out[r, d] = w[d] * (x[r, d] * inv)
+
+    @njit(nogil=True, cache=True)
+    def _rope_nb(x, cos, sin, out) -> None:  # noqa: ANN001
+        # x [P, H, d]: per position p its heads; out = x * cos[p] + rotate_half(x) * sin[p], with each
+        # product and the sum rounded separately (no fused multiply-add), as PyTorch's ops compute it.
+        half = x.shape[2] // 2
+        for p in range(x.shape[0]):
+            c, s = cos[p], sin[p]
+            for h in range(x.shape[1]):
+                xr, o = x[p, h], out[p, h]
+                for j in range(half):
+                    x1, x2 = xr[j], xr[j + half]
+                    o[j] = x1 * c[j] + (-x2) * s[j]
+                    o[j + half] = x2 * c[j + half] + x1 * s[j + half]
+
     BACKEND = "numba"
 except ImportError:  # pragma: no cover
-    _rows_dot_nb = _fused_for = _rows_for = _input_glu_for = None
+    _rows_dot_nb = _fused_for = _rows_for = _input_glu_for = _rms_norm_nb = _rope_nb = None
     BACKEND = "torch"
 
 
@@ -640,3 +666,39 @@ def input_glu(
     flat = wd.detach().reshape(wd.shape[0], -1)
     kern(_np(x), keep_in, _np(wt), gated, _np(gate_b), _np(up_b), act, k, _np(flat), out)
     return torch.from_numpy(out)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension: a decode token's RMSNorm in one call.
+
+    The Llama-style norm module takes seven PyTorch calls for it; a decode step runs two per layer.
+    Equal to the module up to the rounding of the mean (summed here in float64).
+
+    Args:
+        x: ``[..., D]`` float32 on CPU (:func:`fused_available`).
+        weight: ``[D]``.
+        eps: Added to the mean square.
+
+    Returns:
+        ``x``'s shape, float32.
+    """
+    xr = x.detach().reshape(-1, x.shape[-1])
+    out = torch.empty(xr.shape, dtype=torch.float32)
+    _rms_norm_nb(xr.numpy(), weight.detach().numpy(), float(eps), out.numpy())
+    return out.view(x.shape)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x`` ``[B, T, H, d]`` with ``cos``, ``sin`` ``[B, T, d]``, in one call.
+
+    ``x * cos + rotate_half(x) * sin``, the same float32 numbers as those PyTorch operations (each
+    product and sum rounded on its own), without their ten calls per layer on a decode token.
+
+    Returns:
+        ``[B, T, H, d]`` float32, contiguous.
+    """
+    B, T, H, d = x.shape
+    out = torch.empty((B * T, H, d), dtype=torch.float32)
+    xs, cs, sn = x.detach().reshape(B * T, H, d), cos.reshape(B * T, d), sin.reshape(B * T, d)
+    _rope_nb(xs.numpy(), cs.numpy(), sn.numpy(), out.numpy())
+    return out.view(B, T, H, d)

@@ -67,6 +67,8 @@ from envs.runtime.kernels import (
     input_rows,
     missing_predictor,
     prefix_glu,
+    rms_norm,
+    rope,
     rows_dot,
     rows_sum,
     topk_down,
@@ -78,6 +80,11 @@ from envs.runtime.plan import LayerPlan, ModelSpec, SparsityPlan, input_keep
 ADAPTABLE = ("q_w", "k_w", "v_w", "o_w", "gate_w", "up_w", "down_w")  # weights an adapted set may replace
 Observer = Callable[[int, str, torch.Tensor], None]
 LogitsSpec = Literal["all", "last", "none"] | int | slice | torch.Tensor
+
+
+# Norm modules computing ``weight * x * rsqrt(mean(x^2) + variance_epsilon)`` (Gemma's adds 1 to its weight:
+# not among them), which decode calls run as one compiled call (SparseLM._norm).
+_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 
 
 # ---------------------------------------------------------------------------------------- rotary
@@ -845,9 +852,9 @@ class SparseLM:
             sel = eng.select_weights(i, lp)
             b = eng.blocks[i]
             if sel.n_heads:
-                h = h + self._attention(i, b, sel, b.attn_norm(h), state, observer, eng)
+                h = h + self._attention(i, b, sel, self._norm(b.attn_norm, h), state, observer, eng)
             if sel.n_ch:
-                h = h + self._mlp(i, b, sel, b.mlp_norm(h), observer, eng)
+                h = h + self._mlp(i, b, sel, self._norm(b.mlp_norm, h), observer, eng)
             if observer is not None:
                 observer(i, "layer_out", h)
         state.hidden = h
@@ -874,10 +881,13 @@ class SparseLM:
             q, k, v = self._input_proj(x, keep, rows, lambda: eng._attn_rows(i, sel, "qkv_t"), weights, biases)
         else:
             q, k, v = F.linear(x, sel.q_w, sel.q_b), F.linear(x, sel.k_w, sel.k_b), F.linear(x, sel.v_w, sel.v_b)
-        q = q.view(B, T, sel.n_heads, d).transpose(1, 2)
-        k = k.view(B, T, sel.n_kv, d).transpose(1, 2)
-        v = v.view(B, T, sel.n_kv, d).transpose(1, 2)
-        if st.rope is not None:
+        q, k, v = q.view(B, T, sel.n_heads, d), k.view(B, T, sel.n_kv, d), v.view(B, T, sel.n_kv, d)
+        fast_rope = st.rope is not None and B * T <= self.sparse_rows and fused_available(q, k, *st.rope)
+        if fast_rope:  # decoding: one compiled call per tensor instead of ten PyTorch calls, the same numbers
+            cos, sin = (c.expand(B, T, d) for c in st.rope)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if st.rope is not None and not fast_rope:
             q, k = _apply_rope(q, k, *st.rope)
         mask = None
         causal = T > 1
@@ -908,6 +918,20 @@ class SparseLM:
             keep = self._attn_keep(sel, out.shape[-1])
             return self._input_proj(out, keep, rows, lambda: eng._attn_rows(i, sel, "o_t"), (sel.o_w,), (b.o_b,))[0]
         return F.linear(out, sel.o_w, b.o_b)
+
+    def _norm(self, norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """``norm(h)``; a decode call of a Llama-style RMSNorm as one compiled call (:func:`.kernels.rms_norm`).
+
+        Every plan's decode step takes it, the untouched dense one included: it trims the per-step
+        overhead all plans share (two norms per layer, about 13 µs each through the module).
+        """
+        if (
+            type(norm).__name__ in _RMS_NORMS
+            and h.numel() // h.shape[-1] <= self.sparse_rows
+            and fused_available(h, norm.weight)
+        ):
+            return rms_norm(h, norm.weight, norm.variance_epsilon)
+        return norm(h)
 
     def _rows_attention(self, x: torch.Tensor, sel: _Sel) -> bool:
         """Whether this call's attention projections sum rows of transposed copies (:meth:`_input_proj`).
