@@ -173,6 +173,54 @@ def predictor_figures(slm: SparseLM, n_docs: int, tokens: int, repeats: int) -> 
     }
 
 
+def hull_gap_ci(
+    lat: np.ndarray,
+    agr: np.ndarray,
+    w: np.ndarray,
+    rule_cols: list[int],
+    static_cols: list[int],
+    targets: tuple[float, ...] = TARGETS,
+    n: int = 2000,
+    seed: int = 0,
+) -> list[tuple[float, float] | None]:
+    """Paired bootstrap over prompts of (rule's upper hull − static's) at each target latency.
+
+    Each resample draws prompts with replacement and recomputes, from them alone, every plan's
+    median latency fraction and weighted agreement, both hulls and their gap: the spread of the
+    headline comparison that comes from which prompts were measured.
+
+    Args:
+        lat: ``[prompts, plans]`` latency ÷ dense.
+        agr: ``[prompts, plans]`` agreement.
+        w: Per-prompt weights (scored steps).
+        rule_cols: Columns of the rule's plans and dense.
+        static_cols: Columns of the static plans and dense.
+        targets: Latency fractions.
+        n: Resamples.
+        seed: Random seed.
+
+    Returns:
+        Per target, the 2.5 and 97.5 percentiles of the gap, or None where over 5% of the resamples
+        leave either hull short of the target.
+    """
+    rng = np.random.default_rng(seed)
+    gaps = np.full((n, len(targets)), np.nan)
+    t = np.array(targets)
+    for b in range(n):
+        idx = rng.integers(0, lat.shape[0], lat.shape[0])
+        ml, wb = np.median(lat[idx], axis=0), w[idx] / w[idx].sum()
+        ma = (agr[idx] * wb[:, None]).sum(0)
+        vr = interp_frontier(*upper_hull(ml[rule_cols], ma[rule_cols]), t)
+        vs = interp_frontier(*upper_hull(ml[static_cols], ma[static_cols]), t)
+        gaps[b] = vr - vs
+    out: list[tuple[float, float] | None] = []
+    for j in range(len(targets)):
+        g = gaps[:, j]
+        ok = g[~np.isnan(g)]
+        out.append(None if len(ok) < 0.95 * n else (float(np.percentile(ok, 2.5)), float(np.percentile(ok, 97.5))))
+    return out
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -238,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     pf = 0.0 if slm.predictor is None else slm.predictor.flops_per_token()
     dense_split = SparsityPlan.dense(slm.spec).flops(1, past)
     rows, pts = [], {}
+    cols: dict[str, list[int]] = {}  # each rule's plans (and the dense ones), as columns of lat and agr
     for c, name in enumerate(names):
         plan = plans[name]
         rule = "dense" if name in ("dense", FUSED_DENSE) else name.split("@")[0]
@@ -262,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         for r_ in ("static", *[x for x in args.rules if x != "static"]):
             if rule in (r_, "dense"):
                 pts.setdefault(r_, []).append((med_lat[c], mean_agree[c]))
+                cols.setdefault(r_, []).append(c)
     table = markdown_table(
         [
             "plan (rule@MLP keep)",
@@ -279,10 +329,14 @@ def main(argv: list[str] | None = None) -> None:
     at = {r_: interp_frontier(hx, hy, np.array(TARGETS)) for r_, (hx, hy) in hulls.items()}
     cmp_rows = []
     for r_ in args.rules:
+        cis = hull_gap_ci(lat, agr, w, cols[r_], cols["static"]) if r_ != "static" else [None] * len(TARGETS)
         vals = []
         for j, _t in enumerate(TARGETS):
-            v, sv = at[r_][j], at["static"][j]
-            vals.append("not reached" if np.isnan(v) else f"{v:.3f} ({v - sv:+.3f})" if r_ != "static" else f"{v:.3f}")
+            v, sv, ci = at[r_][j], at["static"][j], cis[j]
+            ci_txt = "" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+            vals.append(
+                "not reached" if np.isnan(v) else f"{v:.3f} ({v - sv:+.3f}{ci_txt})" if r_ != "static" else f"{v:.3f}"
+            )
         cmp_rows.append([r_, *vals])
     # Every rule's plans together: the best mixture of any of them, and the per-prompt hindsight choice.
     every = upper_hull(med_lat, mean_agree)
@@ -347,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         "The prompt runs under the plan too (untimed; prompts longer than "
         f"{SparseLM.sparse_rows} tokens run the rules in the masked form).\n\n"
         f"{table}\n\nAt equal measured decode latency (upper hulls: random mixtures of each rule's points and "
-        "dense):\n\n"
+        "dense; in brackets the 95% CI of the gap to static, paired bootstrap over prompts):\n\n"
         f"{cmp}\n\n{verdict}{pred_txt}"
         + ("" if args.quick else f"![agreement vs decode latency](reports/{stem}.png)\n")
     )
