@@ -525,21 +525,27 @@ def test_fused_kernels_equal_the_masked_mlp(act, gated, bias):
     assert kernels.act_kind(torch.nn.ReLU()) is None  # not computed by the kernels: the torch forms run
 
 
+def _count_calls(monkeypatch, module, *names: str) -> dict[str, int]:
+    """Wrap ``module``'s functions ``names`` to count their calls; returns the live counts by name."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        real = getattr(module, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def test_decoding_runs_the_fused_kernels(tiny_llama, monkeypatch):
     """The sparse decode path takes one fused call per layer and rule (the equality test above covers its numbers)."""
     from envs.runtime import sparse_lm
 
     slm = tiny_llama
     slm.set_predictor(RandomPredictor(slm.spec))
-    calls = {"topk_glu": 0, "topk_down": 0, "input_glu": 0}
-    for name in calls:
-        real = getattr(sparse_lm, name)
-
-        def spy(*a, _real=real, _name=name, **kw):
-            calls[_name] += 1
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(sparse_lm, name, spy)
+    calls = _count_calls(monkeypatch, sparse_lm, "topk_glu", "topk_down", "input_glu")
     L = slm.spec.num_layers
     pairs = (("predicted", "topk_glu"), ("gate", "topk_down"), ("input", "input_glu"), ("input_attn", "input_glu"))
     for rule, fn in pairs:
@@ -640,15 +646,7 @@ def test_decoding_runs_the_norm_and_rope_kernels(family, monkeypatch):
     from envs.runtime import sparse_lm
 
     slm = _rule_slm(family)
-    calls = {"rms_norm": 0, "rope": 0}
-    for name in calls:
-        real = getattr(sparse_lm, name)
-
-        def spy(*a, _real=real, _name=name, **kw):
-            calls[_name] += 1
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(sparse_lm, name, spy)
+    calls = _count_calls(monkeypatch, sparse_lm, "rms_norm", "rope")
     plan, L = slm.dense_plan(), slm.spec.num_layers
     with torch.no_grad():
         full = slm(IDS[:, :6], plan).logits  # 6 tokens: the modules, no kernel
