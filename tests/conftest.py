@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from envs.measure.cost_model import COST_MODEL_SCHEMA_VERSION, FEATURES, BucketFit, CostModel
+from envs.measure.cost_model import COST_MODEL_SCHEMA_VERSION, FEATURES, BucketFit, CostModel, _slm_identity
 from envs.measure.meters import device_tag, package_versions, threads_in_use
 from envs.runtime.models import tiny_model
 from envs.runtime.sparse_lm import SparseLM
@@ -77,10 +77,7 @@ def synthetic_cost_model(slm) -> CostModel:
         "device": device_tag("cpu"),
         "device_kind": "cpu",
         "threads": threads_in_use(),
-        "model": slm.name,
-        "weights_hash": slm.weights_hash,
-        "dtype": "float32",
-        "spec": slm.spec.to_dict(),
+        **_slm_identity(slm),  # model, weights, dtype, shape and engine code, as a real calibration records
         "packages": package_versions(),
         "energy_source": "estimated",
         "features": list(FEATURES),

@@ -173,6 +173,17 @@ def test_calibration_for_another_model_is_refused(fitted, tmp_path: Path):
         CostModel.load(path, slm=renamed)
 
 
+def test_calibration_under_other_engine_code_warns_and_is_not_the_default(fitted, tmp_path: Path):
+    from envs.measure.cost_model import default_path
+    from envs.measure.meters import runtime_code_hash
+
+    cm, slm = fitted
+    here = runtime_code_hash()
+    assert cm.meta["runtime"] == here and default_path(slm).name.endswith(f"-r{here[:8]}.json")
+    with pytest.warns(UserWarning, match="other engine code"):
+        CostModel.load(_edited(cm, tmp_path, runtime="0" * 16), slm=slm)
+
+
 def test_cost_sources_share_one_interface(fitted):
     cm, slm = fitted
     plan = slm.uniform_plan(heads=0.5)

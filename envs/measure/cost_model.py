@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from envs.measure.meters import Meter, MixedSourceError, device_tag, package_versions, threads_in_use
+from envs.measure.meters import Meter, MixedSourceError, device_tag, package_versions, runtime_code_hash, threads_in_use
 from envs.runtime.plan import ModelSpec, SparsityPlan, attn_proj_flops, mlp_flops
 
 if TYPE_CHECKING:
@@ -154,20 +154,26 @@ def _slm_identity(slm: SparseLM) -> dict[str, Any]:
         "weights_hash": slm.weights_hash,
         "dtype": str(slm.blocks[0].q_w.dtype).replace("torch.", ""),
         "spec": slm.spec.to_dict(),
+        "runtime": runtime_code_hash(),
     }
 
 
 def default_path(slm: SparseLM, device: str = "cpu") -> Path:
     """Where the calibration of ``slm`` on ``device`` (at the current thread count) lives by default.
 
-    Under the model's cache folder (``slm.cache_dir``), else ``cache_root()/cost_models/<name>``.
+    Under the model's cache folder (``slm.cache_dir``), else ``cache_root()/cost_models/<name>``; the
+    name carries the engine's code hash (:func:`~envs.measure.meters.runtime_code_hash`), so a changed
+    engine is calibrated afresh.
     """
     from envs.data.files import cache_root
 
     folder = Path(slm.cache_dir) if slm.cache_dir else cache_root() / "cost_models" / slm.name.replace("/", "--")
     tag = hashlib.sha256(device_tag(device).encode()).hexdigest()[:8]
     ident = _slm_identity(slm)
-    name = f"cost_model-{_device_kind(device)}-{tag}-{threads_in_use()}t-{ident['dtype']}-{ident['weights_hash']}.json"
+    name = (
+        f"cost_model-{_device_kind(device)}-{tag}-{threads_in_use()}t-{ident['dtype']}-{ident['weights_hash']}"
+        f"-r{ident['runtime'][:8]}.json"
+    )
     return folder / name
 
 
@@ -550,6 +556,13 @@ class CostModel:
             for key in ("model", "weights_hash", "dtype", "spec"):
                 if ident[key] != meta.get(key):
                     diffs.append(f"{key}: file has {meta.get(key)!r}, this model has {ident[key]!r}")
+        if slm is not None and meta.get("runtime") != runtime_code_hash():
+            warnings.warn(
+                f"cost model calibrated under other engine code (runtime {meta.get('runtime')!r}, now "
+                f"{runtime_code_hash()!r}): the kernels it timed have changed; recalibrate with "
+                f"`python -m experiments.calibrate_cost --model {meta.get('model')}`",
+                stacklevel=3,
+            )
         current = package_versions()
         pkg = [
             f"{k} {meta.get('packages', {}).get(k)} -> {v}"

@@ -35,6 +35,8 @@ estimator, the windowing and the labelling are tested with fakes, deterministica
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import os
 import platform
@@ -91,6 +93,22 @@ TIMING_PACKAGES = ("torch", "transformers", "numpy", "prunegym")
 def package_versions(names: Sequence[str] = TIMING_PACKAGES) -> dict[str, str]:
     """Versions of ``names`` (default: the packages timings depend on) and of Python; see :func:`versions_of`."""
     return versions_of(names)
+
+
+@functools.cache
+def runtime_code_hash() -> str:
+    """Hash (16 hex) of the engine's source, ``envs/runtime/*.py``: the code every timed forward runs.
+
+    A calibration fitted under other kernels (a faster norm, a fused MLP) predicts the old timings;
+    the cost model files are keyed by it, so a changed engine is recalibrated instead of trusted.
+    """
+    import envs.runtime
+
+    h = hashlib.sha256()
+    for f in sorted(Path(envs.runtime.__file__).parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def device_tag(device: str = "cpu") -> str:
