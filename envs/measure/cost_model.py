@@ -752,9 +752,9 @@ class CalibratedCost(CostSource):
         self.predictor_flops = float(predictor_flops)
 
     def describe(self) -> dict[str, Any]:
-        """The cost model's identity: its device, model, weights hash and fit date."""
+        """The cost model's identity: its device, model, weights hash, engine code and fit date."""
         meta = self.cost_model.meta
-        keep = ("device", "device_kind", "model", "weights_hash", "threads", "created")
+        keep = ("device", "device_kind", "model", "weights_hash", "runtime", "threads", "created")
         return {"kind": self.kind, **{k: meta[k] for k in keep if k in meta}}
 
     def cost(self, plan: SparsityPlan, run_fn: Callable[[], Any] | None, seq_len: int) -> Cost:
