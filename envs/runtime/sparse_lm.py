@@ -34,10 +34,12 @@ channel predictor (``predicted``, :meth:`SparseLM.set_predictor`). For up to
 rows and columns are read, from per-layer copies built on first use that hold each channel's gate
 row, up row and down column in one contiguous stretch: one fused compiled call per layer selects
 the channels and runs them (:func:`envs.runtime.kernels.topk_glu`, :func:`~envs.runtime.kernels.topk_down`);
-``input`` first sums the kept input features' rows of a transposed gate/up copy
-(:func:`~envs.runtime.kernels.input_rows`, which selects them in the same call). ``input_attn``
-reads its attention projections' kept inputs the same way, from transposed q/k/v and o copies
-(layers that keep every head; other layers take the masked form).
+``input``'s call (:func:`~envs.runtime.kernels.input_glu`) first sums the kept input features' rows
+of a transposed gate/up copy. ``input_attn`` reads its attention projections' kept inputs the same
+way (:func:`~envs.runtime.kernels.input_rows`), from transposed q/k/v and o copies (layers that
+keep every head; other layers take the masked form). Decode calls also run Llama-style RMSNorms and
+the rotary embedding as one compiled call each (:func:`~envs.runtime.kernels.rms_norm`,
+:func:`~envs.runtime.kernels.rope`), for every plan.
 An activation the kernels lack, or an observer (which wants every activation), takes the same
 sparse reads as separate PyTorch calls (:func:`~envs.runtime.kernels.rows_dot`,
 :func:`~envs.runtime.kernels.rows_sum`). Longer calls, and calls with gradients,
