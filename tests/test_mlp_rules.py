@@ -657,3 +657,20 @@ def test_decoding_runs_the_norm_and_rope_kernels(family, monkeypatch):
     assert calls["rms_norm"] == (6 * 2 * L if llama_norm else 0)
     assert calls["rope"] == (0 if family == "gpt2" else 6 * 2 * L)
     assert torch.allclose(steps, full, atol=1e-4)
+
+
+def test_a_hooked_norm_module_is_called_in_decoding(tiny_llama, monkeypatch):
+    """Hooks on a norm (how input_norms collects the projections' inputs) see decode calls too."""
+    from envs.runtime import sparse_lm
+
+    slm = tiny_llama
+    calls = _count_calls(monkeypatch, sparse_lm, "rms_norm")
+    seen = []
+    hook = slm.blocks[0].attn_norm.register_forward_hook(lambda _m, _a, out: seen.append(out.shape))
+    try:
+        with torch.no_grad():
+            slm(IDS[:, :1], slm.dense_plan())
+    finally:
+        hook.remove()
+    assert seen == [torch.Size([1, 1, slm.spec.hidden_size])]
+    assert calls["rms_norm"] == 2 * slm.spec.num_layers - 1  # every other norm still takes the kernel

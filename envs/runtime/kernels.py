@@ -591,7 +591,7 @@ def topk_down(
     brackets being 1 when ``w`` holds only down; no down bias.
 
     Args:
-        vals: ``[R, I]`` the activations (``input``) or the activated gate (``gate``).
+        vals: ``[R, I]`` the activated gate (``gate``; with an ungated MLP, the activations).
         k: Channels per token, ``1 <= k <= I``.
         x: ``[R, D]`` the MLP inputs (read only when ``w`` has up rows).
         w: ``[I, C, D]`` per channel its up row and down column (``C = 2``), or its down column alone

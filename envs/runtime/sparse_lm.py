@@ -925,10 +925,12 @@ class SparseLM:
         """``norm(h)``; a decode call of a Llama-style RMSNorm as one compiled call (:func:`.kernels.rms_norm`).
 
         Every plan's decode step takes it, the untouched dense one included: it trims the per-step
-        overhead all plans share (two norms per layer, about 13 µs each through the module).
+        overhead all plans share (two norms per layer, about 13 µs each through the module). A module
+        with hooks (``semistructured.input_norms`` collects its outputs by one) is always called.
         """
         if (
             type(norm).__name__ in _RMS_NORMS
+            and not (norm._forward_hooks or norm._forward_pre_hooks)
             and h.numel() // h.shape[-1] <= self.sparse_rows
             and fused_available(h, norm.weight)
         ):
