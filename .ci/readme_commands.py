@@ -114,7 +114,9 @@ TABLE: list[Run | Skip] = [
     Run("python -m experiments.bench"),  # lists the benchmarks (runs nothing)
     # Which channels: a tiny predictor, then the rules benchmark on it
     Run("python -m experiments.predictor", "model=tiny-llama rank=4 max_tokens=512 val_tokens=128 name=$TAG-r4"),
-    Run("python -m experiments.bench.activation", "--quick --model tiny-llama --predictor $TAG-r4"),
+    Run("python -m experiments.allocate", "model=tiny-llama docs=2 seq_len=24 name=$TAG-alloc"),
+    Run("python -m experiments.bench.activation",
+        "--quick --model tiny-llama --predictor $TAG-r4 --allocation $TAG-alloc"),
     Run("python -m experiments.main env.mlp_rules=[static,gate,input,predicted] env.predictor=smollm2-135m-r64",
         "env.predictor=$TAG-r4 hydra.run.dir=main_rules --config-name main_smoke"),
     # Decide after looking: the staged benchmark on the tiny model's generated mix
@@ -311,9 +313,9 @@ def _restore(before: dict[Path, bytes], readme: str) -> None:
 
 
 def _cleanup(vars_: dict[str, str], keep: bool) -> None:
-    """Remove what the short forms left in shared places (prepared models, predictors, exit maps...) and $SCRATCH."""
+    """Remove what the short forms left in shared places (prepared models, predictors, allocations...) and $SCRATCH."""
     cache = Path(os.environ.get("PRUNEGYM_CACHE", Path.home() / ".cache" / "prunegym"))
-    for sub in ("prepared", "prepare-checkpoints", "predictors", "exit_maps"):
+    for sub in ("prepared", "prepare-checkpoints", "predictors", "exit_maps", "allocations"):
         for path in sorted((cache / sub).glob(f"{vars_['TAG']}-*")):
             shutil.rmtree(path, ignore_errors=True)
     if keep:

@@ -1,13 +1,13 @@
 """Per-token MLP channel rules vs the static order: agreement with dense greedy decoding at equal decode latency.
 
-Usage: ``python -m experiments.bench.activation [--quick] [--prompts 16] [--items 8] [--tokens 32]``.
+Usage: ``python -m experiments.bench.activation [--quick] [--prompts 16] [--tokens 32] [--allocation NAME]``.
 
 Every rule (``static``, ``gate``, ``input``, ``predicted``, ``input_attn``;
 :data:`envs.runtime.plan.MLP_RULES`) runs every layer's MLP at keep 0.75 / 0.5 / 0.25 (static also
-at 0.6, 0.4 and 0.1, and with the least important third or two thirds of the attention heads
+at 0.6, 0.4, 0.35 and 0.1, and with the least important third or two thirds of the attention heads
 dropped, to draw its curve; the other rules also at 0.15, so that their curves can reach 70% of
 dense decode latency, and ``input_attn``, whose attention projections read the same share of their
-inputs, at 0.4 and 0.3, where its curve crosses 70%), decoding
+inputs, at 0.4, 0.35 and 0.3, where its curve crosses 70%), decoding
 ``--tokens`` tokens after val news prompts and after the generation (exact-match) items of the val
 split. Decoding is teacher-forced on the dense model's greedy tokens, so every
 plan sees the same context and agreement is the share of steps whose argmax equals the dense
@@ -23,6 +23,12 @@ of transposed copies (:attr:`SparseLM.fused_attention`; the static plans that dr
 form ``input_attn`` reads its kept entries in, about twice as fast as PyTorch's matmuls there, and
 its LM head likewise (:attr:`SparseLM.fused_head`): every plan pays the head alike, and the faster
 it runs, the larger the share of the step a plan can save.
+
+With a layer allocation (``--allocation``, default ``<model>-alloc`` from ``python -m
+experiments.allocate``; ``none`` to leave it out), every rule it has a table for also runs as
+``rule+alloc@mean``: the mean keep shared among the layers at the least summed per-layer KL
+(:mod:`envs.runtime.allocation`). The reference every rule is judged against is then the best of
+the static curves, uniform and allocated, so that no rule wins by an allocation static lacked.
 
 The curves are upper hulls (random mixtures of the points, dense included), compared at 70% and
 85% of dense decode latency; "÷ ideal" is the realised decode speedup over the FLOPs speedup
@@ -44,6 +50,7 @@ from tqdm import tqdm
 from agents.frontier import interp_frontier, oracle_frontier, upper_hull
 from envs.data.corpus import natural_text
 from envs.data.files import atomic_write_json
+from envs.runtime.allocation import LayerAllocation, load_allocation
 from envs.runtime.plan import MLP_RULES, SparsityPlan
 from envs.runtime.sparse_lm import SparseLM
 from experiments.bench.harness import Benchmark, summarize
@@ -52,18 +59,25 @@ from experiments.report import REPO_ROOT, markdown_table, save_figure
 BENCH = Benchmark("experiments.bench.activation", __doc__, threads=1)
 TITLE = "Activation sparsity: which MLP channels, per token"
 KEEPS = (0.75, 0.5, 0.25)
-STATIC_EXTRA = (0.6, 0.4, 0.1)  # more points on the curve every rule is judged against
+STATIC_EXTRA = (0.6, 0.4, 0.35, 0.1)  # more points on the curve every rule is judged against
 STATIC_HEADS = ((2 / 3, (0.75, 0.5, 0.25)), (1 / 3, (0.5, 0.25)))  # static attention pruning: (heads, MLP keeps)
-RULE_EXTRA = {"input_attn": (0.4, 0.3, 0.15)}  # where a rule's curve crosses 70% of dense decode latency
+RULE_EXTRA = {"input_attn": (0.4, 0.35, 0.3, 0.15)}  # where a rule's curve crosses 70% of dense decode latency
 RULE_EXTRA_DEFAULT = (0.15,)
 TARGETS = (0.70, 0.85)
+ALLOC = "+alloc"  # suffix of a curve whose mean keep is shared among the layers by a layer allocation
+ALLOC_KEEPS = {"static": (0.6, 0.5, 0.4, 0.35, 0.3, 0.25)}  # mean keeps of the allocated plans, per rule
+ALLOC_KEEPS_DEFAULT = (0.5, 0.4, 0.35, 0.3, 0.25)
 
 
 FUSED_DENSE = "dense (fused kernel)"  # the dense plan with SparseLM.fused_full_mlp: its MLPs by the rules' kernel
 
 
-def bench_plans(slm: SparseLM, rules: list[str]) -> dict[str, SparsityPlan]:
-    """The plans of the benchmark by name: dense (two ways), then ``rule@keep`` for every rule and keep."""
+def bench_plans(slm: SparseLM, rules: list[str], allocation: LayerAllocation | None = None) -> dict[str, SparsityPlan]:
+    """The plans of the benchmark by name: dense (two ways), then ``rule@keep`` for every rule and keep.
+
+    With an ``allocation``, also ``rule+alloc@mean`` for every rule it has a table for: the mean
+    keep shared among the layers as the allocation says (:meth:`LayerAllocation.plan`).
+    """
     plans = {"dense": slm.dense_plan(), FUSED_DENSE: slm.dense_plan()}
     for rule in rules:
         extra = STATIC_EXTRA if rule == "static" else RULE_EXTRA.get(rule, RULE_EXTRA_DEFAULT)
@@ -74,7 +88,31 @@ def bench_plans(slm: SparseLM, rules: list[str]) -> dict[str, SparsityPlan]:
                 for k in keeps:
                     plan = SparsityPlan.uniform(slm.spec, slm.importance, heads=heads, mlp=k)
                     plans[f"static@{k:g} heads {heads:.2f}"] = plan
+    for rule in rules:
+        if allocation is not None and rule in allocation.rules:
+            for k in ALLOC_KEEPS.get(rule, ALLOC_KEEPS_DEFAULT):
+                plans[f"{rule}{ALLOC}@{k:g}"] = allocation.plan(slm, rule, k)
     return plans
+
+
+def curve_of(name: str) -> str:
+    """The curve a plan belongs to: ``dense``, a rule, or a rule with :data:`ALLOC`."""
+    return "dense" if name in ("dense", FUSED_DENSE) else name.split("@")[0]
+
+
+def curve_rule(curve: str) -> str:
+    """The MLP rule of a curve (``static+alloc`` → ``static``)."""
+    return curve.removesuffix(ALLOC)
+
+
+def _value(v: float, ref: float | None = None, ci: tuple[float, float] | None = None) -> str:
+    """A hull value for the comparison table, with its gap to ``ref`` and the gap's CI when given."""
+    if np.isnan(v):
+        return "not reached"
+    if ref is None:
+        return f"{v:.3f}"
+    ci_txt = "" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+    return f"{v:.3f} ({v - ref:+.3f}{ci_txt})"
 
 
 def prompts(slm: SparseLM, n_news: int, n_items: int, prompt_tokens: int) -> list[tuple[str, list[int]]]:
@@ -98,9 +136,10 @@ def use_kernels(slm: SparseLM, name: str | None) -> None:
     """Set ``slm``'s decode forms for plan ``name`` (``None``: back to the defaults).
 
     Every plan but the untouched ``dense`` reads its attention projections and LM head from
-    transposed copies; ``FUSED_DENSE`` also runs its MLPs through the fused kernel.
+    transposed copies and runs its whole MLPs (``FUSED_DENSE``'s, an allocated plan's dense
+    layers) through the fused kernel.
     """
-    slm.fused_full_mlp = name == FUSED_DENSE
+    slm.fused_full_mlp = name not in ("dense", None)  # FUSED_DENSE, and the whole layers of allocated plans
     slm.fused_attention = slm.fused_head = name not in ("dense", None)
 
 
@@ -232,6 +271,12 @@ def main(argv: list[str] | None = None) -> None:
     p = BENCH.parser()
     p.add_argument("--model", default="smollm2-135m", help="model name, folder or hub id (default: embedded)")
     p.add_argument("--predictor", default=None, help="channel predictor name or folder (default: <model>-r64)")
+    p.add_argument(
+        "--allocation",
+        default=None,
+        help="layer allocation name or folder for the rule+alloc curves (default: <model>-alloc, made by "
+        "`python -m experiments.allocate`); 'none' leaves them out",
+    )
     p.add_argument("--prompts", type=int, default=16, help="val news prompts")
     p.add_argument("--items", type=int, default=8, help="val generation (exact-match) items")
     p.add_argument("--tokens", type=int, default=32, help="decode steps per prompt")
@@ -257,8 +302,11 @@ def main(argv: list[str] | None = None) -> None:
         from envs.runtime.predictor import load_predictor
 
         slm.set_predictor(load_predictor(args.predictor or f"{args.model}-r64", slm))
+    allocation = None
+    if args.allocation != "none":
+        allocation = load_allocation(args.allocation or f"{Path(args.model.rstrip('/')).name}-alloc", slm)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {torch.get_num_threads()} threads", flush=True)
-    plans = bench_plans(slm, args.rules)
+    plans = bench_plans(slm, args.rules, allocation)
     rng = random.Random(0)
     todo = prompts(slm, args.prompts, args.items, args.prompt_tokens)
     names = list(plans)
@@ -286,10 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     pf = 0.0 if slm.predictor is None else slm.predictor.flops_per_token()
     dense_split = SparsityPlan.dense(slm.spec).flops(1, past)
     rows, pts = [], {}
+    curves = list(dict.fromkeys(["static", *args.rules, *(curve_of(n) for n in names if ALLOC in n)]))
     cols: dict[str, list[int]] = {}  # each rule's plans (and the dense ones), as columns of lat and agr
     for c, name in enumerate(names):
         plan = plans[name]
-        rule = "dense" if name in ("dense", FUSED_DENSE) else name.split("@")[0]
+        rule = curve_of(name)
         fl = plan.flops(1, past, predictor_flops=pf)
         ideal = dense_fl / (fl["total"] + head)
         realised = 1.0 / med_lat[c]
@@ -308,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{mean_agree[c]:.3f} [{alo:.3f}, {ahi:.3f}]",
             ]
         )
-        for r_ in ("static", *[x for x in args.rules if x != "static"]):
+        for r_ in curves:
             if rule in (r_, "dense"):
                 pts.setdefault(r_, []).append((med_lat[c], mean_agree[c]))
                 cols.setdefault(r_, []).append(c)
@@ -327,17 +376,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     hulls = {r_: upper_hull(*map(np.array, zip(*v, strict=True))) for r_, v in pts.items()}
     at = {r_: interp_frontier(hx, hy, np.array(TARGETS)) for r_, (hx, hy) in hulls.items()}
+    # The reference: every static plan, uniform or allocated, so that no rule wins by an allocation static lacked.
+    ref_cols = sorted({c for r_ in curves if curve_rule(r_) == "static" for c in cols[r_]})
+    ref_at = interp_frontier(*upper_hull(med_lat[ref_cols], mean_agree[ref_cols]), np.array(TARGETS))
     cmp_rows = []
-    for r_ in args.rules:
-        cis = hull_gap_ci(lat, agr, w, cols[r_], cols["static"]) if r_ != "static" else [None] * len(TARGETS)
-        vals = []
-        for j, _t in enumerate(TARGETS):
-            v, sv, ci = at[r_][j], at["static"][j], cis[j]
-            ci_txt = "" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
-            vals.append(
-                "not reached" if np.isnan(v) else f"{v:.3f} ({v - sv:+.3f}{ci_txt})" if r_ != "static" else f"{v:.3f}"
-            )
-        cmp_rows.append([r_, *vals])
+    for r_ in curves:
+        if r_ == "static" and len(ref_cols) == len(cols["static"]):
+            cmp_rows.append([r_, *[_value(v) for v in ref_at]])
+            continue
+        cis = hull_gap_ci(lat, agr, w, cols[r_], ref_cols) if curve_rule(r_) != "static" else [None] * len(TARGETS)
+        cmp_rows.append([r_, *[_value(at[r_][j], ref_at[j], cis[j]) for j in range(len(TARGETS))]])
+    if len(ref_cols) > len(cols["static"]):
+        cmp_rows.append(["best static (hull of every static plan: the reference)", *[_value(v) for v in ref_at]])
     # Every rule's plans together: the best mixture of any of them, and the per-prompt hindsight choice.
     every = upper_hull(med_lat, mean_agree)
     ox, oy = oracle_frontier(agr, med_lat)
@@ -349,24 +399,26 @@ def main(argv: list[str] | None = None) -> None:
         cmp_rows.append(
             [
                 label,
-                *["not reached" if np.isnan(x) else f"{x:.3f} ({x - at['static'][j]:+.3f})" for j, x in enumerate(v)],
+                *[_value(x, ref_at[j]) for j, x in enumerate(v)],
             ]
         )
     cmp = markdown_table(
         ["rule", *[f"agreement at {t:.0%} of dense decode latency (vs static)" for t in TARGETS]], cmp_rows
     )
     best = max(
-        (r_ for r_ in args.rules if r_ != "static"), key=lambda r_: np.nan_to_num(at[r_][0], nan=-1), default=None
+        (r_ for r_ in curves if curve_rule(r_) != "static"),
+        key=lambda r_: np.nan_to_num(at[r_][0], nan=-1),
+        default=None,
     )
     verdict = ""
     if best is not None:
-        gain = at[best][0] - at["static"][0]
+        gain = at[best][0] - ref_at[0]
         met = bool(np.nan_to_num(gain, nan=-1.0) >= 0.10)
-        head_ = "Goal (best rule ≥ static + 0.10 at 70% of dense decode latency): "
-        if np.isnan(at["static"][0]):
+        head_ = "Goal (best rule ≥ best static + 0.10 at 70% of dense decode latency): "
+        if np.isnan(ref_at[0]):
             verdict = head_ + "the static curve does not reach 70% of dense decode latency → **not met**.\n\n"
         elif np.isnan(gain):
-            cheapest = min(p_[0] for r_ in args.rules if r_ != "static" for p_ in pts[r_])
+            cheapest = min(p_[0] for r_ in curves if curve_rule(r_) != "static" for p_ in pts[r_])
             verdict = head_ + (
                 f"no rule reaches 70% of dense decode latency (the cheapest rule plan runs at {cheapest:.3f}) "
                 "→ **not met**.\n\n"
@@ -382,6 +434,22 @@ def main(argv: list[str] | None = None) -> None:
             f"cost per token and layer {pf_['flops_share']:.1%} of a dense layer's decode FLOPs, "
             f"{pf_['time_share']:.1%} of its measured decode time.\n\n"
         )
+    alloc_txt = ref_txt = ""
+    if allocation is not None:
+        tr = allocation.card.get("training") or {}
+        alloc_txt = (
+            f"`rule+alloc@mean`: the mean MLP keep shared among the layers by the layer allocation "
+            f"`{allocation.name}` (per-layer KL from dense measured on {tr.get('scored_positions')} positions of "
+            f"{tr.get('documents')} train news documents; `python -m experiments.allocate`). "
+            + "; ".join(
+                f"`{r}` at mean {k:g}: " + " ".join(f"{x:.2f}" for x in allocation.keeps(r, k))
+                for r in allocation.rules
+                if r in args.rules
+                for k in (0.3,)
+            )
+            + " (keeps of layers 0 to L−1).\n\n"
+        )
+        ref_txt = "every gap is to the best static curve, the hull of every static plan, uniform and allocated; "
     body = (
         f"Model `{args.model}`, fp32, {args.threads} thread(s) (the fused decode kernels run in one "
         f"thread, so every plan gets one), batch 1, KV cache. {len(todo)} prompts "
@@ -400,8 +468,8 @@ def main(argv: list[str] | None = None) -> None:
         "`static@k heads 0.67` also drops the least important third of every layer's attention heads). "
         "The prompt runs under the plan too (untimed; prompts longer than "
         f"{SparseLM.sparse_rows} tokens run the rules in the masked form).\n\n"
-        f"{table}\n\nAt equal measured decode latency (upper hulls: random mixtures of each rule's points and "
-        "dense; in brackets the 95% CI of the gap to static, paired bootstrap over prompts):\n\n"
+        f"{alloc_txt}{table}\n\nAt equal measured decode latency (upper hulls: random mixtures of each rule's "
+        f"points and dense; {ref_txt}in brackets the 95% CI of the gap to it, paired bootstrap over prompts):\n\n"
         f"{cmp}\n\n{verdict}{pred_txt}"
         + ("" if args.quick else f"![agreement vs decode latency](reports/{stem}.png)\n")
     )
