@@ -3,7 +3,8 @@
 Measures, on train-split news text, how far each layer's pruning alone moves the next-token
 distribution from dense, for every rule and keep level (:mod:`envs.runtime.allocation`), writes
 ``<cache_root>/allocations/<name>/`` (or ``out=``) atomically and prints, per rule, the most and least
-sensitive layers and the keeps per layer at mean keeps 0.25, 0.4 and 0.6. Settings in ``conf/allocate.yaml``.
+sensitive layers, the floor chosen and the keeps per layer at mean keeps 0.25, 0.4 and 0.6.
+Settings in ``conf/allocate.yaml``.
 
 ``model=`` takes what ``experiments.prepare`` takes; bad settings end the run with one line
 (``error: ...``) before the model loads. ``fit_and_save(cfg)`` is the plain function behind the
@@ -145,6 +146,13 @@ def summary(alloc: Any, folder: Path) -> str:
             + "; least "
             + ", ".join(f"{i}: {kl[i]:.3g}" for i in order[-2:])
         )
+        sel = (alloc.card.get("allocation") or {}).get("floor_selection", {}).get(rule)
+        if sel:
+            lines.append(
+                f"    floor {alloc.floors[rule]:g} × mean (whole-plan KL at means {sel['means']}, by floor: "
+                + "; ".join(f"{f}: " + " ".join(f"{x:.3g}" for x in v) for f, v in sel["kl"].items())
+                + ")"
+            )
         for m in SHOW_MEANS:
             lines.append(f"    mean keep {m:<4g} → " + " ".join(f"{k:.2f}" for k in alloc.keeps(rule, m)))
     return "\n".join(lines)

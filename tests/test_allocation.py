@@ -12,13 +12,16 @@ import torch
 from envs.runtime.allocation import (
     GRID,
     LayerAllocation,
+    choose_floors,
     fit_allocation,
     layer_sensitivity,
     load_allocation,
+    plans_kl,
     save_allocation,
     single_layer_plan,
 )
 from envs.runtime.models import CharTokenizer, tiny_model
+from envs.runtime.plan import SparsityPlan
 from envs.runtime.predictor import document_sha256
 from envs.runtime.sparse_lm import SparseLM
 
@@ -144,7 +147,8 @@ def test_the_plan_keeps_what_the_allocation_says(tiny_llama):
     keeps = alloc.keeps("input_attn", 0.4)
     assert [lp.mlp_channels for lp in plan.layers] == [round(k * inter) for k in keeps]
     assert all(lp.mlp_rule == "input_attn" for lp in plan.layers if lp.mlp_channels < inter)
-    assert plan.meta == {"kind": "allocated", "mlp_rule": "input_attn", "mean_keep": 0.4, "allocation": "a"}
+    want = {"kind": "allocated", "mlp_rule": "input_attn", "mean_keep": 0.4, "allocation": "a", "floor": 0.0}
+    assert plan.meta == want
     with pytest.raises(ValueError, match="for 3 layers"):
         LayerAllocation((0.2, 0.5), _table(3)).plan(tiny_llama, "input_attn", 0.4)
 
@@ -153,12 +157,13 @@ def test_save_and_load_round_trip_and_refuse_what_does_not_match(tiny_llama, tmp
     kl = layer_sensitivity(tiny_llama, _ids(0, 2, 16), ["static", "input_attn"], (0.2, 0.5), progress=False)
     slm = tiny_llama
     card = {"model": {"name": slm.name, "weights_hash": slm.weights_hash, "spec": slm.spec.to_dict()}}
-    card["allocation"] = {"rules": ["static", "input_attn"], "levels": [0.2, 0.5]}
+    card["allocation"] = {"rules": ["static", "input_attn"], "levels": [0.2, 0.5], "floors": {"static": 0.75}}
     folder = save_allocation(LayerAllocation((0.2, 0.5), kl, card), tmp_path / "a")
     back = load_allocation(folder, tiny_llama)
     assert back.levels == (0.2, 0.5) and back.rules == ("static", "input_attn")
+    assert back.floors == {"static": 0.75, "input_attn": 0.0}
     assert all(torch.equal(back.kl[r], kl[r]) for r in kl)
-    assert back.keeps("static", 0.4) == LayerAllocation((0.2, 0.5), kl).keeps("static", 0.4)
+    assert back.keeps("static", 0.4) == LayerAllocation((0.2, 0.5), kl, floors={"static": 0.75}).keeps("static", 0.4)
     other = SparseLM(tiny_model("llama", seed=5), name="tiny-llama")
     with pytest.raises(ValueError, match="weights hash.*experiments.allocate"):
         load_allocation(folder, other)
@@ -241,3 +246,31 @@ def test_bench_adds_allocated_curves_and_judges_them_against_every_static_plan(t
     assert plans["input_attn+alloc@0.4"] == alloc.plan(tiny_llama, "input_attn", 0.4)
     only_attn = bench_plans(tiny_llama, ["static", "input_attn"], LayerAllocation((0.2, 0.5), _table(L)))
     assert not any(n.startswith("static+alloc") for n in only_attn)
+
+
+def test_a_floor_bounds_every_layer_and_a_floor_of_one_is_uniform():
+    alloc = LayerAllocation((0.2, 0.5), _table(5, scale=[30.0, 1.0, 1.0, 1.0, 5.0]), floors={"input_attn": 0.75})
+    keeps = alloc.keeps("input_attn", 0.4)
+    assert min(keeps) >= 0.3 - 1e-9 and sum(keeps) == pytest.approx(2.0) and keeps[0] == max(keeps)
+    assert alloc.keeps("input_attn", 0.4, floor=0.0) != keeps  # the default is the rule's floor
+    assert alloc.keeps("input_attn", 0.4, floor=1.0) == (0.4,) * 5
+    with pytest.raises(ValueError, match="floor must be"):
+        alloc.keeps("input_attn", 0.4, floor=1.5)
+    with pytest.raises(ValueError, match="floors must map"):
+        LayerAllocation((0.2, 0.5), _table(5), floors={"static": 0.5})
+
+
+def test_the_chosen_floor_has_the_least_kl_of_its_whole_plans(tiny_llama, one_thread):
+    seqs = _ids(0, 3, 20)
+    L = tiny_llama.spec.num_layers
+    kl = layer_sensitivity(tiny_llama, seqs, ["input_attn"], (0.2, 0.5), skip=4, progress=False)
+    alloc = LayerAllocation((0.2, 0.5), kl)
+    got = choose_floors(tiny_llama, alloc, seqs, candidates=(0.0, 0.5, 1.0), means=(0.3, 0.6), skip=4)["input_attn"]
+    means = {f: float(np.mean(v)) for f, v in got["kl"].items()}
+    assert set(means) == {"0.0", "0.5", "1.0"} and means[str(got["floor"])] == min(means.values())
+    ids = torch.stack(seqs)
+    plan = alloc.plan(tiny_llama, "input_attn", 0.3)
+    assert plans_kl(tiny_llama, seqs, [plan], skip=4)[0] == pytest.approx(_kl(tiny_llama, ids, plan, 4), rel=1e-4)
+    uniform = SparsityPlan.uniform(tiny_llama.spec, tiny_llama.importance, mlp=0.3, mlp_rule="input_attn")
+    assert got["kl"]["1.0"][0] == pytest.approx(_kl(tiny_llama, ids, uniform, 4), rel=1e-4)
+    assert L == len(alloc.keeps("input_attn", 0.3))

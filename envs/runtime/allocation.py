@@ -21,7 +21,11 @@ layers' mean keep equal to the requested one. Every decoder layer of the support
 same shape, so equal mean keep means equal FLOPs (MLP and, under ``input_attn``, attention
 projections alike). The summed single-layer KL is a model of the loss, not the loss: it is what
 makes the search exact and cheap, and the activation benchmark judges the result at measured
-latency on val text.
+latency on val text. That model misses how the errors of many cut layers add up (left alone, it
+sends static's middle layers to keep 0.10, and the whole plan is worse than uniform), so no layer
+may keep less than a floor times the mean: :func:`fit_allocation` tries floors 0, 0.5, 0.75, 0.9
+and 1 (the uniform plan) per rule on whole plans at mean keeps 0.25, 0.4 and 0.6 and keeps the one
+of least KL on the fit text (:func:`choose_floors`).
 
 Files (:func:`save_allocation`, :func:`load_allocation`). A folder ``<cache_root>/allocations/<name>``
 holds ``allocation.safetensors`` (``levels`` and one ``[L, levels]`` KL table per rule, float32; never
@@ -55,11 +59,17 @@ COMMAND = "python -m experiments.allocate"
 TRAIN_SPLIT = "train"
 METHOD = (
     "per layer, rule and keep level: mean KL(dense || plan) of the next-token distribution on train text with "
-    "that layer alone pruned; keeps per layer by an exact dynamic programme over the summed KL at equal mean keep"
+    "that layer alone pruned; keeps per layer by an exact dynamic programme over the summed KL at equal mean keep, "
+    "no layer below floor x mean, the floor chosen per rule by the whole plans' KL on the same text"
 )
 DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.5, 0.7)
 GRID = 100  # keeps are allocated in steps of 1 / GRID
 PACKAGES = ("torch", "transformers", "safetensors", "numpy", "prunegym")
+
+
+def _kl_sum(ref: torch.Tensor, logp: torch.Tensor) -> float:
+    """KL(ref ‖ logp) summed over positions, from log-probabilities ``[..., V]``."""
+    return float((ref.exp() * (ref - logp)).sum())
 
 
 def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
@@ -150,14 +160,13 @@ def layer_sensitivity(
                 inputs.append(state.hidden)
                 slm.run_layers(state, dense, i, i + 1)
             ref = slm.finish(state, slice(skip, None)).logits.float().log_softmax(-1)
-            p_ref = ref.exp()
             for i in range(L):
                 for r in rules:
                     for j in range(len(levels)):
                         st = replace(state, hidden=inputs[i], adapted=False, last_layer=-1)
                         slm.run_layers(st, plans[(r, i, j)], i)
                         lp = slm.finish(st, slice(skip, None)).logits.float().log_softmax(-1)
-                        total[r][i, j] += float((p_ref * (ref - lp)).sum(-1).sum())
+                        total[r][i, j] += _kl_sum(ref, lp)
                 bar.update(1)
             n_pos += ref.shape[0] * ref.shape[1]
     bar.close()
@@ -171,9 +180,17 @@ class LayerAllocation:
         levels: The keep levels the tables were measured at.
         kl: ``{rule: [L, len(levels)]}`` mean KL with that layer alone at that level.
         card: What the tables were fitted on (``card.json``); ``{}`` for tables built in memory.
+        floors: Per rule, the least keep of any layer as a share of the mean (:meth:`keeps`); 0 where
+            not given. :func:`fit_allocation` chooses them on the fit text.
     """
 
-    def __init__(self, levels: Sequence[float], kl: dict[str, torch.Tensor], card: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        levels: Sequence[float],
+        kl: dict[str, torch.Tensor],
+        card: dict[str, Any] | None = None,
+        floors: dict[str, float] | None = None,
+    ):
         self.levels = check_levels(levels)
         self.rules = check_alloc_rules(list(kl))
         shapes = {tuple(t.shape) for t in kl.values()}
@@ -182,6 +199,11 @@ class LayerAllocation:
         self.kl = {r: t.detach().float().cpu() for r, t in kl.items()}
         self.num_layers = next(iter(shapes))[0]
         self.card = dict(card or {})
+        self.floors = {r: 0.0 for r in self.rules}
+        for r, f in (floors or {}).items():
+            if r not in self.kl or not 0.0 <= float(f) <= 1.0:
+                raise ValueError(f"floors must map this allocation's rules {list(self.rules)} to [0, 1], got {floors}")
+            self.floors[r] = float(f)
         self._keeps = functools.lru_cache(maxsize=256)(self._solve)
 
     @property
@@ -212,27 +234,34 @@ class LayerAllocation:
             out[i] = np.where(grid < lv[0], below, np.where(grid > lv[-1], above, inside))
         return out
 
-    def keeps(self, rule: str, mean: float) -> tuple[float, ...]:
+    def keeps(self, rule: str, mean: float, floor: float | None = None) -> tuple[float, ...]:
         """Each layer's keep for ``rule`` at mean keep ``mean``: least summed modelled KL, keeps in steps of 0.01.
 
-        No layer keeps less than the lowest measured level, unless ``mean`` itself is lower.
+        No layer keeps less than ``floor × mean`` (default: the rule's :attr:`floors`; 1 gives the
+        uniform plan), nor less than the lowest measured level unless ``mean`` itself is lower. The
+        summed single-layer KL misses how the errors of many cut layers add up; the floor bounds
+        how far the allocation may lean on that model.
 
         Raises:
-            ValueError: ``mean`` outside ``[1/GRID, 1]`` or a rule without a table.
+            ValueError: ``mean`` outside ``[1/GRID, 1]``, ``floor`` outside [0, 1] or a rule without a table.
         """
         if not 1.0 / GRID <= float(mean) <= 1.0:
             raise ValueError(f"mean keep must be in [{1 / GRID}, 1], got {mean}")
         if rule not in self.kl:
             raise ValueError(f"no KL table for rule {rule!r}; this allocation has {list(self.rules)}")
-        return self._keeps(rule, round(float(mean) * GRID * self.num_layers))
+        floor = self.floors[rule] if floor is None else float(floor)
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"floor must be in [0, 1], got {floor}")
+        return self._keeps(rule, round(float(mean) * GRID * self.num_layers), floor)
 
-    def _solve(self, rule: str, units: int) -> tuple[float, ...]:
+    def _solve(self, rule: str, units: int, floor: float) -> tuple[float, ...]:
         cost = self.curves(rule)  # cost[i, u - 1]: layer i at keep u / GRID
         L = cost.shape[0]
         best = np.full(units + 1, np.inf)
         best[0] = 0.0
         back = np.zeros((L, units + 1), dtype=np.int16)
-        low = min(round(self.levels[0] * GRID), units // L)  # no keep below the measured levels unless needed
+        low = max(round(self.levels[0] * GRID), int(floor * units / L + 1e-9))  # measured levels, the floor
+        low = min(low, units // L)  # ... unless the mean itself is lower
         for i in range(L):
             nb = np.full(units + 1, np.inf)
             for u in range(max(low, 1), GRID + 1):
@@ -255,11 +284,65 @@ class LayerAllocation:
         if slm.spec.num_layers != self.num_layers:
             raise ValueError(f"this allocation is for {self.num_layers} layers, the model has {slm.spec.num_layers}")
         meta = {"kind": "allocated", "mlp_rule": rule, "mean_keep": float(mean), "allocation": self.name}
+        meta["floor"] = self.floors[rule]
         return keeps_plan(slm, self.keeps(rule, mean), rule, meta=meta)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors file's contents: ``levels`` and one KL table per rule."""
         return {"levels": torch.tensor(self.levels, dtype=torch.float32), **self.kl}
+
+
+FLOOR_CANDIDATES = (0.0, 0.5, 0.75, 0.9, 1.0)  # 1.0: the uniform plan, so the fit never does worse on its text
+FLOOR_MEANS = (0.25, 0.4, 0.6)  # mean keeps the floor is chosen at
+
+
+def plans_kl(
+    slm: SparseLM,
+    sequences: Sequence[torch.Tensor],
+    plans: Sequence[SparsityPlan],
+    *,
+    skip: int = 8,
+    batch_size: int = 8,
+) -> list[float]:
+    """Mean KL(dense ‖ plan) of the next-token distribution on ``sequences`` (one length), for each plan."""
+    total = [0.0] * len(plans)
+    n_pos = 0
+    with torch.no_grad():
+        for b in range(0, len(sequences), batch_size):
+            ids = torch.stack(list(sequences[b : b + batch_size]))
+            ref = slm(ids, None, logits=slice(skip, None)).logits.float().log_softmax(-1)
+            for j, plan in enumerate(plans):
+                lp = slm(ids, plan, logits=slice(skip, None)).logits.float().log_softmax(-1)
+                total[j] += _kl_sum(ref, lp)
+            n_pos += ref.shape[0] * ref.shape[1]
+    return [t / n_pos for t in total]
+
+
+def choose_floors(
+    slm: SparseLM,
+    alloc: LayerAllocation,
+    sequences: Sequence[torch.Tensor],
+    *,
+    candidates: Sequence[float] = FLOOR_CANDIDATES,
+    means: Sequence[float] = FLOOR_MEANS,
+    skip: int = 8,
+) -> dict[str, dict[str, Any]]:
+    """Per rule, the floor (:meth:`LayerAllocation.keeps`) whose whole plans have the least KL on ``sequences``.
+
+    Each candidate floor's plans at ``means`` run whole (every layer at its allocated keep), so the
+    choice sees how the layers' errors add up, which the single-layer tables cannot.
+
+    Returns:
+        ``{rule: {"floor": chosen, "means": [...], "kl": {floor: [KL at each mean]}}}``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for rule in alloc.rules:
+        plans = [keeps_plan(slm, alloc.keeps(rule, m, f), rule) for f in candidates for m in means]
+        kl = plans_kl(slm, sequences, plans, skip=skip)
+        table = {str(f): kl[c * len(means) : (c + 1) * len(means)] for c, f in enumerate(candidates)}
+        best = min(candidates, key=lambda f: (float(np.mean(table[str(f)])), -f))
+        out[rule] = {"floor": float(best), "means": list(means), "kl": table}
+    return out
 
 
 def fit_allocation(
@@ -299,9 +382,18 @@ def fit_allocation(
         raise ValueError(f"no document has {seq_len} tokens: lower seq_len")
     t0 = time.perf_counter()
     kl = layer_sensitivity(slm, seqs, rules, levels, skip=skip, progress=progress)
+    chosen = choose_floors(slm, LayerAllocation(levels, kl), seqs, skip=skip)
+    floors = {r: c["floor"] for r, c in chosen.items()}
     card = {
         "model": {"name": slm.name, "weights_hash": slm.weights_hash, "spec": slm.spec.to_dict()},
-        "allocation": {"rules": list(rules), "levels": list(levels), "grid": GRID, "method": METHOD},
+        "allocation": {
+            "rules": list(rules),
+            "levels": list(levels),
+            "grid": GRID,
+            "method": METHOD,
+            "floors": floors,
+            "floor_selection": chosen,
+        },
         "training": {
             "split": TRAIN_SPLIT,
             "documents": len(used),
@@ -316,7 +408,7 @@ def fit_allocation(
         "packages": versions_of(PACKAGES),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    return LayerAllocation(levels, kl, card)
+    return LayerAllocation(levels, kl, card, floors)
 
 
 def allocation_folder(name: str) -> Path:
@@ -361,6 +453,7 @@ def load_allocation(name_or_folder: str | Path, slm: SparseLM) -> LayerAllocatio
         if not torch.allclose(stored.double(), torch.tensor(levels, dtype=torch.float64), atol=1e-6):
             raise ValueError(f"the tensors' levels {stored.tolist()} differ from the card's {levels}")
         rules = list((card.get("allocation") or {}).get("rules") or [])
-        return LayerAllocation(levels, {r: tensors[r] for r in rules}, card)  # in the card's order
+        floors = (card.get("allocation") or {}).get("floors")
+        return LayerAllocation(levels, {r: tensors[r] for r in rules}, card, floors)  # in the card's order
     except ValueError as exc:
         raise ValueError(f"{name_or_folder}: {exc}; rebuild it with `{COMMAND} force=true`") from None

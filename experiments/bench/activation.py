@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
             f"`{allocation.name}` (per-layer KL from dense measured on {tr.get('scored_positions')} positions of "
             f"{tr.get('documents')} train news documents; `python -m experiments.allocate`). "
             + "; ".join(
-                f"`{r}` at mean {k:g}: " + " ".join(f"{x:.2f}" for x in allocation.keeps(r, k))
+                f"`{r}` (floor {allocation.floors[r]:g} × mean) at mean {k:g}: "
+                + " ".join(f"{x:.2f}" for x in allocation.keeps(r, k))
                 for r in allocation.rules
                 if r in args.rules
                 for k in (0.3,)
