@@ -274,3 +274,14 @@ def test_the_chosen_floor_has_the_least_kl_of_its_whole_plans(tiny_llama, one_th
     uniform = SparsityPlan.uniform(tiny_llama.spec, tiny_llama.importance, mlp=0.3, mlp_rule="input_attn")
     assert got["kl"]["1.0"][0] == pytest.approx(_kl(tiny_llama, ids, uniform, 4), rel=1e-4)
     assert L == len(alloc.keeps("input_attn", 0.3))
+
+
+def test_bench_names_the_command_for_a_missing_allocation(news, tmp_path, capsys):
+    from experiments.bench import activation
+
+    with pytest.raises(SystemExit) as exc:
+        args = ["--quick", "--model", "tiny-llama", "--rules", "static", "--no-write"]
+        activation.main([*args, "--allocation", str(tmp_path / "no")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no layer allocation" in err and "python -m experiments.allocate model=tiny-llama out=" in err

@@ -298,13 +298,16 @@ def main(argv: list[str] | None = None) -> None:
     stem = f"bench_activation_{Path(args.predictor).name}" if other else "bench_activation"
     t0 = time.perf_counter()
     slm = SparseLM.from_pretrained(args.model, threads=args.threads)
-    if "predicted" in args.rules:
-        from envs.runtime.predictor import load_predictor
-
-        slm.set_predictor(load_predictor(args.predictor or f"{args.model}-r64", slm))
     allocation = None
-    if args.allocation != "none":
-        allocation = load_allocation(args.allocation or f"{Path(args.model.rstrip('/')).name}-alloc", slm)
+    try:  # a missing or foreign predictor or allocation is one line that names the command which makes it
+        if "predicted" in args.rules:
+            from envs.runtime.predictor import load_predictor
+
+            slm.set_predictor(load_predictor(args.predictor or f"{args.model}-r64", slm))
+        if args.allocation != "none":
+            allocation = load_allocation(args.allocation or f"{Path(args.model.rstrip('/')).name}-alloc", slm)
+    except ValueError as exc:
+        p.error(str(exc))
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {torch.get_num_threads()} threads", flush=True)
     plans = bench_plans(slm, args.rules, allocation)
     rng = random.Random(0)
