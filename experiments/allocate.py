@@ -49,7 +49,7 @@ def check_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError: An unknown key or a value out of range; the message names the setting and what it takes.
     """
-    from envs.runtime.allocation import check_alloc_rules, check_levels
+    from envs.runtime.allocation import check_alloc_rules, check_levels, default_allocation_name
     from experiments.prepare import model_name
 
     run = cli.checked_settings(cfg, SETTINGS, INT_SETTINGS, "allocate")
@@ -68,7 +68,7 @@ def check_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(run[key], bool):
             raise ValueError(f"{key}={run[key]!r} must be true or false")
     if run["name"] is None:
-        run["name"] = f"{Path(run['model'].rstrip('/')).name}-alloc"
+        run["name"] = default_allocation_name(run["model"])
     cli.plain_name(run["name"])
     return run
 

@@ -48,6 +48,7 @@ import torch
 from envs.data.files import cache_root, versions_of
 from envs.runtime.artifacts import ArtifactKind, load_artifact, save_artifact
 from envs.runtime.plan import MLP_RULES, SparsityPlan, plan_from_fractions
+from envs.runtime.predictor import PACKAGES, TRAIN_SPLIT, document_sequences, document_sha256
 
 if TYPE_CHECKING:
     from envs.runtime.sparse_lm import SparseLM
@@ -56,7 +57,6 @@ ALLOCATION_FORMAT = "prunegym-layer-allocation"
 ALLOCATION_VERSION = 1
 TENSORS_FILE = "allocation.safetensors"
 COMMAND = "python -m experiments.allocate"
-TRAIN_SPLIT = "train"
 METHOD = (
     "per layer, rule and keep level: mean KL(dense || plan) of the next-token distribution on train text with "
     "that layer alone pruned; keeps per layer by an exact dynamic programme over the summed KL at equal mean keep, "
@@ -64,7 +64,11 @@ METHOD = (
 )
 DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.5, 0.7)
 GRID = 100  # keeps are allocated in steps of 1 / GRID
-PACKAGES = ("torch", "transformers", "safetensors", "numpy", "prunegym")
+
+
+def default_allocation_name(model: str) -> str:
+    """The name an allocation of ``model`` (a name or folder) gets by default, and is looked up by."""
+    return f"{Path(str(model).rstrip('/')).name}-alloc"
 
 
 def _kl_sum(ref: torch.Tensor, logp: torch.Tensor) -> float:
@@ -362,22 +366,13 @@ def fit_allocation(
         ValueError: A document outside the train split, no document long enough, or bad rules or levels.
     """
     from envs.data.corpus import split_of
-    from envs.runtime.predictor import document_sha256
 
     rules, levels = check_alloc_rules(rules), check_levels(levels)
     others = sorted({split_of(d) for d in docs} - {TRAIN_SPLIT})
     if others:
         raise ValueError(f"the allocation is fitted on train-split text only; got documents of {others}")
-    if slm.tokenizer is None:
-        raise ValueError(f"{slm.name} has no tokenizer")
-    seqs, used = [], []
-    for d in docs:
-        ids = list(slm.tokenizer(d)["input_ids"])[:seq_len]
-        if len(ids) == seq_len:
-            seqs.append(torch.tensor(ids, dtype=torch.long))
-            used.append(d)
-        if len(seqs) == max_docs:
-            break
+    long = [(q, d) for q, d in zip(*document_sequences(slm, docs, max_len=seq_len), strict=True) if len(q) == seq_len]
+    seqs, used = [q for q, _ in long[:max_docs]], [d for _, d in long[:max_docs]]
     if not seqs:
         raise ValueError(f"no document has {seq_len} tokens: lower seq_len")
     t0 = time.perf_counter()

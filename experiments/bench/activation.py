@@ -50,7 +50,7 @@ from tqdm import tqdm
 from agents.frontier import interp_frontier, oracle_frontier, upper_hull
 from envs.data.corpus import natural_text
 from envs.data.files import atomic_write_json
-from envs.runtime.allocation import LayerAllocation, load_allocation
+from envs.runtime.allocation import LayerAllocation, default_allocation_name, load_allocation
 from envs.runtime.plan import MLP_RULES, SparsityPlan
 from envs.runtime.sparse_lm import SparseLM
 from experiments.bench.harness import Benchmark, summarize
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
 
             slm.set_predictor(load_predictor(args.predictor or f"{args.model}-r64", slm))
         if args.allocation != "none":
-            allocation = load_allocation(args.allocation or f"{Path(args.model.rstrip('/')).name}-alloc", slm)
+            allocation = load_allocation(args.allocation or default_allocation_name(args.model), slm)
     except ValueError as exc:
         p.error(str(exc))
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {torch.get_num_threads()} threads", flush=True)
