@@ -481,6 +481,33 @@ def test_top_indices_are_ascending_and_exactly_k_with_ties():
     assert _top_idx_nb(r, 77).tolist() == sorted(np.argsort(-r)[:77].tolist())
 
 
+def _top_reference(s: np.ndarray, k: int) -> list[int]:
+    """The k largest entries' indices by a stable sort: larger first, equal values by index."""
+    return sorted(np.argsort(-s.astype(np.float64), kind="stable")[:k].tolist())
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "zeros", "heavy", "wide"])
+def test_radix_selection_equals_a_sort(case):
+    from envs.runtime.kernels import _top_abs_idx_nb, _top_idx_nb
+
+    rng = np.random.default_rng(["normal", "ties", "zeros", "heavy", "wide"].index(case))
+    for _ in range(150):
+        n = int(rng.integers(1, 1600))
+        s = rng.standard_normal(n).astype(np.float32)
+        if case == "ties":  # few distinct values: the threshold is tied many times over
+            s = np.round(s * 2).astype(np.float32)
+        elif case == "zeros":  # +0.0 and -0.0 are one value
+            s[rng.integers(0, n, n // 2)] = 0.0
+            s[rng.integers(0, n, n // 4)] = -0.0
+        elif case == "heavy":
+            s = (rng.standard_t(2, n) ** 3).astype(np.float32)
+        elif case == "wide":  # values across every exponent
+            s = (s * 10.0 ** rng.uniform(-30, 30, n)).astype(np.float32)
+        k = int(rng.integers(1, n + 1))
+        assert _top_idx_nb(s, k).tolist() == _top_reference(s, k)
+        assert _top_abs_idx_nb(s, k).tolist() == _top_reference(np.abs(s), k)
+
+
 @pytest.mark.parametrize("act", [torch.nn.SiLU(), torch.nn.GELU(approximate="tanh")])
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("bias", [True, False])

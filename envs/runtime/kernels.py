@@ -29,8 +29,16 @@ when the row length is read at run time, 2x slower one channel at a time. While 
 the first lines of the next block's rows are prefetched (:func:`_prefetch_next`): scattered rows
 otherwise each start with a cache miss the hardware prefetcher cannot foresee.
 
+Choosing the ``k`` largest is a radix select (:func:`_top_keys_nb`): a histogram of the values' top
+bits, a partition of the one bin that holds the threshold, and a pass that collects the indices, all
+without data-dependent branches. A partition by comparisons mispredicts about every other branch on
+real activations: on varied inputs it took 23 us for 1,536 channels and 9 us for 576 entries against
+5 and 2.5 us, and ``input_attn`` selects four times per layer (q/k/v, o, gate/up, down), so the
+selection had cost about a twentieth of a dense decode step.
+
 The kernels choose the same channels as ``torch.topk`` on the same numbers (the set of the ``k``
-largest is unique unless values tie exactly), so the masked form is their reference. The pieces
+largest is unique unless values tie exactly; ties go to the lower index), so the masked form is
+their reference. The pieces
 they fuse remain for the other cases (an activation the kernels lack, an observer that wants every
 activation): :func:`rows_dot` (gathered dot products) and :func:`rows_sum` (weighted row sums,
 which is :func:`torch.nn.functional.embedding_bag`).
@@ -129,29 +137,77 @@ try:  # pragma: no cover - the import is environment-dependent
             return v / (1.0 + np.exp(-v))
         return 0.5 * v * (1.0 + np.tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
 
-    @njit(fastmath=_FM, nogil=True, cache=True)
-    def _top_idx_nb(s: np.ndarray, k: int) -> np.ndarray:
-        # The indices of the k largest entries, ascending (the rows are then read in memory order): the
-        # k-th largest value by partition, then one pass in index order, ties taken first come (about
-        # half the time of sorting an argpartition's k indices).
-        n = s.shape[0]
+    SELECT_BINS = 2048  # first-pass bins of the selection: the top 11 bits of a 32-bit (31 for |x|) key
+
+    @njit(nogil=True, cache=True)
+    def _top_keys_nb(keys: np.ndarray, shift: int, k: int) -> np.ndarray:
+        # The indices of the k largest int64 keys (below 2 ** (shift + 11)), ascending, ties taken first
+        # come. A radix select: a histogram of the keys' top 11 bits finds the bin that holds the k-th
+        # largest, a partition of that bin's few keys finds it, and a last pass collects the indices. Each
+        # pass is branch-free: a comparison-based partition of real activations mispredicts about every
+        # other comparison (23 us for 1,536 channels against 5 us here, on varied inputs).
+        n = keys.shape[0]
         if k >= n:
             return np.arange(n)
-        thr = np.partition(s, n - k)[n - k]
-        ties = k
+        if k <= 0:
+            return np.empty(0, dtype=np.int64)
+        hist = np.zeros(SELECT_BINS, dtype=np.int32)
+        top = 0
         for j in range(n):
-            if s[j] > thr:
-                ties -= 1
-        out = np.empty(k, dtype=np.int64)
+            b = keys[j] >> shift
+            hist[b] += 1
+            top = max(top, b)
+        above = 0  # keys in the bins above bin b
+        b = top
+        while above + hist[b] < k:
+            above += hist[b]
+            b -= 1
+        cnt = hist[b]
+        cand = np.empty(cnt + 1, dtype=np.int64)
+        c = 0
+        for j in range(n):  # bin b's keys, compacted without a branch
+            key = keys[j]
+            cand[c] = key
+            c += (key >> shift) == b
+        r = k - above  # the threshold is the r-th largest key of bin b
+        thr = np.partition(cand[:cnt], cnt - r)[cnt - r]
+        ties = r  # keys equal to the threshold still to take, first come
+        for q in range(cnt):
+            ties -= cand[q] > thr
+        out = np.empty(n + 1, dtype=np.int64)
         c = 0
         for j in range(n):
-            v = s[j]
-            if v > thr or (v == thr and ties > 0):
-                if v == thr:
-                    ties -= 1
-                out[c] = j
-                c += 1
-        return out
+            key = keys[j]
+            eq = key == thr
+            take = (key > thr) | (eq & (ties > 0))
+            out[c] = j
+            c += take
+            ties -= eq & take
+        return out[:k]
+
+    @njit(nogil=True, cache=True)
+    def _top_idx_nb(s: np.ndarray, k: int) -> np.ndarray:
+        # The indices of the k largest entries of finite float32 s, ascending (the rows are then read in
+        # memory order), ties taken first come: the same set as a sort would give. The keys are s's bits
+        # mapped to integers in the floats' order (-0.0 read as 0.0).
+        bits = s.view(np.uint32)
+        n = s.shape[0]
+        keys = np.empty(n, dtype=np.int64)
+        for j in range(n):
+            b = np.int64(bits[j])
+            b = 0 if b == 0x80000000 else b
+            keys[j] = (0xFFFFFFFF - b) if b & 0x80000000 else (b | 0x80000000)
+        return _top_keys_nb(keys, 21, k)
+
+    @njit(nogil=True, cache=True)
+    def _top_abs_idx_nb(v: np.ndarray, k: int) -> np.ndarray:
+        # :func:`_top_idx_nb` of |v| without building |v|: the bits without the sign are |v|'s key.
+        bits = v.view(np.uint32)
+        n = v.shape[0]
+        keys = np.empty(n, dtype=np.int64)
+        for j in range(n):
+            keys[j] = np.int64(bits[j]) & 0x7FFFFFFF
+        return _top_keys_nb(keys, 20, k)
 
     @functools.cache
     def _fused_for(D: int) -> tuple[Any, Any, Any, Any]:  # noqa: C901, N803
@@ -321,7 +377,7 @@ try:  # pragma: no cover - the import is environment-dependent
         def _topk_down_nb(vals, k, x, w, with_up, up_b, out) -> None:  # noqa: ANN001
             a = np.empty(BLOCK, dtype=np.float32)
             for r in range(x.shape[0]):
-                _down_rows_nb(_top_idx_nb(np.abs(vals[r]), k), vals[r], x[r], w, with_up, up_b, out[r], a)
+                _down_rows_nb(_top_abs_idx_nb(vals[r], k), vals[r], x[r], w, with_up, up_b, out[r], a)
 
         return _topk_glu_nb, _prefix_glu_nb, _topk_down_nb, _down_rows_nb
 
@@ -375,7 +431,7 @@ try:  # pragma: no cover - the import is environment-dependent
             every = np.arange(n)
             for r in range(x.shape[0]):
                 xr = x[r]
-                _rows_sum_nb(xr, every if keep >= n else _top_idx_nb(np.abs(xr), keep), w, out[r], a)
+                _rows_sum_nb(xr, every if keep >= n else _top_abs_idx_nb(xr, keep), w, out[r], a)
 
         return _input_rows_nb, _rows_sum_nb
 
@@ -395,7 +451,7 @@ try:  # pragma: no cover - the import is environment-dependent
             for r in range(x.shape[0]):
                 xr = x[r]
                 h[:] = 0.0
-                rows_sum(xr, np.arange(n) if keep_in >= n else _top_idx_nb(np.abs(xr), keep_in), wt, h, a)
+                rows_sum(xr, np.arange(n) if keep_in >= n else _top_abs_idx_nb(xr, keep_in), wt, h, a)
                 for c in range(n_ch):
                     u = h[n_ch + c] if gated else h[c]
                     if up_b.shape[0]:
@@ -405,7 +461,7 @@ try:  # pragma: no cover - the import is environment-dependent
                         v[c] = _act_nb(g, act) * u
                     else:
                         v[c] = _act_nb(u, act)
-                down_rows(_top_idx_nb(np.abs(v), k), v, xr, wd, False, up_b, out[r], a)
+                down_rows(_top_abs_idx_nb(v, k), v, xr, wd, False, up_b, out[r], a)
 
         return _input_glu_nb
 

@@ -7,7 +7,7 @@ Every rule (``static``, ``gate``, ``input``, ``predicted``, ``input_attn``;
 at 0.6, 0.4, 0.35 and 0.1, and with the least important third or two thirds of the attention heads
 dropped, to draw its curve; the other rules also at 0.15, so that their curves can reach 70% of
 dense decode latency, and ``input_attn``, whose attention projections read the same share of their
-inputs, at 0.4, 0.35 and 0.3, where its curve crosses 70%), decoding
+inputs, at 0.6, 0.45, 0.4, 0.35 and 0.3, around where its curve crosses 70% and 85%), decoding
 ``--tokens`` tokens after val news prompts and after the generation (exact-match) items of the val
 split. Decoding is teacher-forced on the dense model's greedy tokens, so every
 plan sees the same context and agreement is the share of steps whose argmax equals the dense
@@ -61,12 +61,12 @@ TITLE = "Activation sparsity: which MLP channels, per token"
 KEEPS = (0.75, 0.5, 0.25)
 STATIC_EXTRA = (0.6, 0.4, 0.35, 0.1)  # more points on the curve every rule is judged against
 STATIC_HEADS = ((2 / 3, (0.75, 0.5, 0.25)), (1 / 3, (0.5, 0.25)))  # static attention pruning: (heads, MLP keeps)
-RULE_EXTRA = {"input_attn": (0.4, 0.35, 0.3, 0.15)}  # where a rule's curve crosses 70% of dense decode latency
+RULE_EXTRA = {"input_attn": (0.6, 0.45, 0.4, 0.35, 0.3, 0.15)}  # where a rule's curve crosses 70% and 85% of dense
 RULE_EXTRA_DEFAULT = (0.15,)
 TARGETS = (0.70, 0.85)
 ALLOC = "+alloc"  # suffix of a curve whose mean keep is shared among the layers by a layer allocation
 ALLOC_KEEPS = {"static": (0.6, 0.5, 0.4, 0.35, 0.3, 0.25)}  # mean keeps of the allocated plans, per rule
-ALLOC_KEEPS_DEFAULT = (0.5, 0.4, 0.35, 0.3, 0.25)
+ALLOC_KEEPS_DEFAULT = (0.75, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25)
 
 
 FUSED_DENSE = "dense (fused kernel)"  # the dense plan with SparseLM.fused_full_mlp: its MLPs by the rules' kernel
