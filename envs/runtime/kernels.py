@@ -186,28 +186,22 @@ try:  # pragma: no cover - the import is environment-dependent
         return out[:k]
 
     @njit(nogil=True, cache=True)
-    def _top_idx_nb(s: np.ndarray, k: int) -> np.ndarray:
-        # The indices of the k largest entries of finite float32 s, ascending (the rows are then read in
-        # memory order), ties taken first come: the same set as a sort would give. The keys are s's bits
-        # mapped to integers in the floats' order (-0.0 read as 0.0).
+    def _top_idx_nb(s: np.ndarray, k: int, by_abs: bool = False) -> np.ndarray:
+        # The indices of the k largest entries of finite float32 s (of |s| with by_abs), ascending (the
+        # rows are then read in memory order), ties taken first come: the same set as a stable sort
+        # gives. The keys are s's bits mapped to integers in the floats' order (-0.0 read as 0.0); for
+        # |s| the bits without the sign, so |s| is never built.
         bits = s.view(np.uint32)
         n = s.shape[0]
         keys = np.empty(n, dtype=np.int64)
         for j in range(n):
             b = np.int64(bits[j])
-            b = 0 if b == 0x80000000 else b
-            keys[j] = (0xFFFFFFFF - b) if b & 0x80000000 else (b | 0x80000000)
-        return _top_keys_nb(keys, 21, k)
-
-    @njit(nogil=True, cache=True)
-    def _top_abs_idx_nb(v: np.ndarray, k: int) -> np.ndarray:
-        # :func:`_top_idx_nb` of |v| without building |v|: the bits without the sign are |v|'s key.
-        bits = v.view(np.uint32)
-        n = v.shape[0]
-        keys = np.empty(n, dtype=np.int64)
-        for j in range(n):
-            keys[j] = np.int64(bits[j]) & 0x7FFFFFFF
-        return _top_keys_nb(keys, 20, k)
+            if by_abs:
+                keys[j] = b & 0x7FFFFFFF
+            else:
+                b = 0 if b == 0x80000000 else b
+                keys[j] = (0xFFFFFFFF - b) if b & 0x80000000 else (b | 0x80000000)
+        return _top_keys_nb(keys, 20 if by_abs else 21, k)
 
     @functools.cache
     def _fused_for(D: int) -> tuple[Any, Any, Any, Any]:  # noqa: C901, N803
@@ -377,7 +371,7 @@ try:  # pragma: no cover - the import is environment-dependent
         def _topk_down_nb(vals, k, x, w, with_up, up_b, out) -> None:  # noqa: ANN001
             a = np.empty(BLOCK, dtype=np.float32)
             for r in range(x.shape[0]):
-                _down_rows_nb(_top_abs_idx_nb(vals[r], k), vals[r], x[r], w, with_up, up_b, out[r], a)
+                _down_rows_nb(_top_idx_nb(vals[r], k, True), vals[r], x[r], w, with_up, up_b, out[r], a)
 
         return _topk_glu_nb, _prefix_glu_nb, _topk_down_nb, _down_rows_nb
 
@@ -431,7 +425,7 @@ try:  # pragma: no cover - the import is environment-dependent
             every = np.arange(n)
             for r in range(x.shape[0]):
                 xr = x[r]
-                _rows_sum_nb(xr, every if keep >= n else _top_abs_idx_nb(xr, keep), w, out[r], a)
+                _rows_sum_nb(xr, every if keep >= n else _top_idx_nb(xr, keep, True), w, out[r], a)
 
         return _input_rows_nb, _rows_sum_nb
 
@@ -451,7 +445,7 @@ try:  # pragma: no cover - the import is environment-dependent
             for r in range(x.shape[0]):
                 xr = x[r]
                 h[:] = 0.0
-                rows_sum(xr, np.arange(n) if keep_in >= n else _top_abs_idx_nb(xr, keep_in), wt, h, a)
+                rows_sum(xr, np.arange(n) if keep_in >= n else _top_idx_nb(xr, keep_in, True), wt, h, a)
                 for c in range(n_ch):
                     u = h[n_ch + c] if gated else h[c]
                     if up_b.shape[0]:
@@ -461,7 +455,7 @@ try:  # pragma: no cover - the import is environment-dependent
                         v[c] = _act_nb(g, act) * u
                     else:
                         v[c] = _act_nb(u, act)
-                down_rows(_top_abs_idx_nb(v, k), v, xr, wd, False, up_b, out[r], a)
+                down_rows(_top_idx_nb(v, k, True), v, xr, wd, False, up_b, out[r], a)
 
         return _input_glu_nb
 
