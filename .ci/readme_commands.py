@@ -117,6 +117,7 @@ TABLE: list[Run | Skip] = [
     Run("python -m experiments.allocate", "model=tiny-llama docs=2 seq_len=24 name=$TAG-alloc"),
     Run("python -m experiments.bench.activation",
         "--quick --model tiny-llama --predictor $TAG-r4 --allocation $TAG-alloc"),
+    Run("python -m experiments.bench.kernels", "--quick --model tiny-llama --no-write"),
     Run("python -m experiments.main env.mlp_rules=[static,gate,input,predicted] env.predictor=smollm2-135m-r64",
         "env.predictor=$TAG-r4 hydra.run.dir=main_rules --config-name main_smoke"),
     # Decide after looking: the staged benchmark on the tiny model's generated mix

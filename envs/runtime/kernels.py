@@ -33,8 +33,9 @@ Choosing the ``k`` largest is a radix select (:func:`_top_keys_nb`): a histogram
 bits, a partition of the one bin that holds the threshold, and a pass that collects the indices, all
 without data-dependent branches. A partition by comparisons mispredicts about every other branch on
 real activations: on varied inputs it took 23 us for 1,536 channels and 9 us for 576 entries against
-5 and 2.5 us, and ``input_attn`` selects four times per layer (q/k/v, o, gate/up, down), so the
-selection had cost about a twentieth of a dense decode step.
+5 and 2.5 us (``python -m experiments.bench.kernels``, on the model's own activations), and
+``input_attn`` selects four times per layer (q/k/v, o, gate/up, down), so the selection had cost
+about a twentieth of a dense decode step.
 
 The kernels choose the same channels as ``torch.topk`` on the same numbers (the set of the ``k``
 largest is unique unless values tie exactly; ties go to the lower index), so the masked form is
