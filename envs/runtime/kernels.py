@@ -39,10 +39,9 @@ about a twentieth of a dense decode step.
 
 The kernels choose the same channels as ``torch.topk`` on the same numbers (the set of the ``k``
 largest is unique unless values tie exactly; ties go to the lower index), so the masked form is
-their reference. The pieces
-they fuse remain for the other cases (an activation the kernels lack, an observer that wants every
-activation): :func:`rows_dot` (gathered dot products) and :func:`rows_sum` (weighted row sums,
-which is :func:`torch.nn.functional.embedding_bag`).
+their reference. The pieces they fuse remain for the other cases (an activation the kernels lack,
+an observer that wants every activation): :func:`rows_dot` (gathered dot products) and
+:func:`rows_sum` (weighted row sums, which is :func:`torch.nn.functional.embedding_bag`).
 
 numba is a dependency; should it fail to import, :func:`fused_available` is false and every layer
 takes its PyTorch form, which computes the same numbers (slower); :data:`BACKEND` says which runs.
