@@ -16,7 +16,8 @@ Rules that only stop (dense groups otherwise) are then evaluated by look-up:
   ``1 - epsilon``, certified on a calibration split by a binomial tail bound
   (:func:`agents.risk.ltt_select`).
 - :func:`stop_ceiling`: the learnable ceiling, a cross-validated classifier from the same
-  observations to "a stop here agrees with the dense model", stopping where it is sure enough.
+  observations to "a stop here agrees with the dense model", stopping where the risk of
+  disagreeing is small against the latency the stop saves.
 """
 
 from __future__ import annotations
@@ -319,17 +320,29 @@ def risk_controlled(calibration: ExitTable, delta: float, epsilon: float = 0.05)
 # ---------------------------------------------------------------------------------------- ceiling
 @dataclass
 class StopClassifier:
-    """A fitted model of P(a stop here agrees with dense | observation), and the threshold it stops at."""
+    """A fitted model of P(a stop here agrees with dense | observation), and the bar it stops at after each group.
+
+    Attributes:
+        model: The fitted classifier (observation row -> probability of agreement).
+        bars: ``[G]``: the step's stop bar; the rule stops at the first step whose predicted
+            agreement reaches its bar (:func:`stop_ceiling` makes them cost-aware).
+        name: Operating point label.
+    """
 
     model: Any
-    threshold: float
+    bars: np.ndarray
     name: str = "learnable ceiling (stop classifier)"
 
     def exits(self, table: ExitTable) -> np.ndarray:
         """Stop step per input of ``table``."""
         n, G, F = table.obs.shape
+        if len(self.bars) != G:
+            raise ValueError(f"the classifier has bars for {len(self.bars)} steps, the table {G}")
         p = self.model.predict_proba(table.obs.reshape(-1, F).astype(np.float64))[:, 1].reshape(n, G)
-        return first_true(p >= self.threshold)
+        return first_true(p >= np.asarray(self.bars)[None, :])
+
+
+CEILING_LAMBDAS = tuple(float(x) for x in np.round(np.linspace(0.02, 1.2, 30), 3))  # stop-cost trade-offs traced
 
 
 def _stop_model(C: float, seed: int) -> Any:
@@ -351,24 +364,40 @@ def _fit_stop(table: ExitTable, C: float, seed: int) -> Any:
 
 def stop_ceiling(
     train: ExitTable,
-    thresholds: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98),
+    lambdas: Sequence[float] = CEILING_LAMBDAS,
     *,
     folds: int = 5,
     seed: int = 0,
 ) -> tuple[list[StopClassifier], dict[str, float]]:
-    """The learnable ceiling of the staged observations: one fitted stop classifier per confidence threshold.
+    """The learnable ceiling of the staged observations: a fitted stop classifier and a cost-aware stop per trade-off.
 
-    The regularisation strength is chosen by ``folds``-fold cross-validation on ``train`` (by the
-    log-loss of "this stop agrees with dense"), then refitted on all of ``train``. Each returned
-    classifier stops at the first step whose predicted agreement reaches its threshold, which
-    traces a latency-accuracy curve on new inputs.
+    The classifier predicts, from the observation before step ``t``, the probability ``p_t`` that
+    stopping there agrees with the dense model. Its regularisation strength is chosen by
+    ``folds``-fold cross-validation on ``train`` (by the log-loss of that prediction), then it is
+    refitted on all of ``train``.
+
+    A stop after ``t`` groups risks a disagreement (``1 - p_t``) to save the latency of every later
+    group (``1 - c_t``, with ``c_t`` the train inputs' mean latency over dense of stopping there).
+    Each operating point stops at the first step where the risk is at most ``lambda`` times the
+    saving, ``p_t >= 1 - lambda * (1 - c_t)``; the ``lambdas`` trace a latency-accuracy curve on new
+    inputs. One bar for every depth would ask as much of an early stop, which saves most, as of a
+    late one, which saves little: on the embedded model's ``mc`` exit tables that rule sat under
+    the static hull where this one sits above it (BENCHMARKS.md, "Staged exits vs static pruning").
 
     Returns:
-        The classifiers and the cross-validated log-loss of every strength tried.
+        The classifiers (one per ``lambda``, sharing one fitted model) and the cross-validated
+        log-loss of every strength tried.
+
+    Raises:
+        ValueError: Fewer inputs than folds, a ``lambda`` that is negative or not finite, or a
+            table whose stops all agree (or none does).
     """
     n, G, F = train.obs.shape
     if n < folds:
         raise ValueError(f"{n} training inputs are fewer than the {folds} cross-validation folds")
+    lams = [float(x) for x in lambdas]
+    if not lams or any(not math.isfinite(x) or x < 0 for x in lams):
+        raise ValueError(f"lambdas must be finite and >= 0, got {list(lambdas)}")
     fold_of = np.random.default_rng(seed).permutation(n) % folds
     losses: dict[str, float] = {}
     for C in (0.01, 0.1, 1.0, 10.0):
@@ -383,7 +412,8 @@ def stop_ceiling(
         losses[f"logistic(C={C:g})"] = tot / (n * G)
     best = min(losses, key=losses.__getitem__)
     model = _fit_stop(train, float(best.split("=")[1].rstrip(")")), seed)
-    return [StopClassifier(model, float(t), f"learnable ceiling (p>={t:g})") for t in thresholds], losses
+    saving = 1.0 - train.lat[:, :G].mean(axis=0)
+    return [StopClassifier(model, 1.0 - lam * saving, f"learnable ceiling (λ={lam:g})") for lam in lams], losses
 
 
 # ---------------------------------------------------------------------------------------- as runs

@@ -10,6 +10,7 @@ import envs  # noqa: F401
 from agents.staged import (
     ExitTable,
     MarginThreshold,
+    StopClassifier,
     as_run,
     exit_table,
     first_true,
@@ -101,13 +102,72 @@ def test_stop_ceiling_learns_the_margin_rule():
     train, test = synthetic(400, seed=1), synthetic(400, seed=2)
     classifiers, losses = stop_ceiling(train)
     assert len(losses) == 4 and all(np.isfinite(v) for v in losses.values())
+    lats = []
     for c in classifiers:
         got = test.take(c.exits(test))
         assert 0 <= got["rel"].mean() <= 1
-    strict = classifiers[-1]
+        lats.append(got["lat"].mean())
+    assert all(a >= b for a, b in zip(lats, lats[1:], strict=False)), "a larger lambda stops earlier"
+    strict = classifiers[0]
     assert test.take(strict.exits(test))["rel"].mean() >= 0.9
     run = as_run(test, strict.exits(test), "x", "ceiling")
     assert run.lat.shape == (400,) and run.extra["stopped_early"] > 0.2
+    # the bar is lowest where a stop saves most (the synthetic latency rises with depth)
+    assert (np.diff(strict.bars) > 0).all()
+    with pytest.raises(ValueError, match="bars for"):
+        StopClassifier(strict.model, strict.bars[:-1]).exits(test)
+    for bad in ([], [-0.1], [np.inf]):
+        with pytest.raises(ValueError, match="lambdas"):
+            stop_ceiling(train, bad)
+
+
+def late_gain(n: int, G: int = 5, seed: int = 0) -> ExitTable:
+    """Stops agree as often at every depth but the last, which agrees far more often and saves little.
+
+    Each input has an ease ``e``, seen with noise at every step; a stop before the last step agrees
+    with probability ``sigmoid(1.5 e - 0.3)``, at the last one ``sigmoid(1.5 e + 2)``.
+    """
+    rng = np.random.default_rng(seed)
+    e = rng.standard_normal(n)
+    step = np.tile(np.arange(G), (n, 1))
+    last = (step == G - 1).astype(float)
+    seen = e[:, None] + rng.normal(0, 0.3, (n, G))
+    obs = np.stack([last, seen], axis=-1).astype(np.float32)
+    p = 1 / (1 + np.exp(-(1.5 * e[:, None] - 0.3 + 2.3 * last)))
+    rel = np.ones((n, G + 1))
+    rel[:, :G] = (rng.random((n, G)) < p).astype(float)
+    lat = np.tile(np.linspace(0.1, 1.0, G + 1), (n, 1))
+    ids = [f"i{i}" for i in range(n)]
+    return ExitTable(
+        ids, ["t"] * n, obs, rel, rel.copy(), lat, lat * 0.1, np.full(n, 0.1), lat.copy(), np.full(n, 20), ["last", "e"]
+    )
+
+
+def test_cost_aware_stops_beat_one_bar_for_every_depth():
+    """Same classifier, same inputs: weighing the risk against the saving beats one bar for every depth.
+
+    One bar waits for the last step, where stops agree most but save least; the cost-aware rule
+    stops the inputs that are safe enough where a stop saves most.
+    """
+    train, test = late_gain(2000, seed=3), late_gain(2000, seed=4)
+    classifiers, _ = stop_ceiling(train, np.linspace(0.01, 2.0, 60))
+    G = test.groups
+    one_bar = [StopClassifier(classifiers[0].model, np.full(G, b)) for b in np.linspace(0.05, 0.999, 80)]
+
+    def frontier(rules):
+        pts = [(test.take(r.exits(test))["lat"].mean(), test.take(r.exits(test))["rel"].mean()) for r in rules]
+        return pts + [(1.0, 1.0)]
+
+    def at(pts, x):  # the best mixture of two operating points at latency x
+        return max(
+            a[1] + (b[1] - a[1]) * (x - a[0]) / (b[0] - a[0])
+            for a in pts
+            for b in pts
+            if a[0] <= x <= b[0] and b[0] > a[0]
+        )
+
+    for x in (0.4, 0.55, 0.7):
+        assert at(frontier(classifiers), x) >= at(frontier(one_bar), x) + 0.03, x
 
 
 def test_table_round_trip(tmp_path):
