@@ -368,6 +368,7 @@ def stop_ceiling(
     *,
     folds: int = 5,
     seed: int = 0,
+    label: str = "learnable ceiling",
 ) -> tuple[list[StopClassifier], dict[str, float]]:
     """The learnable ceiling of the staged observations: a fitted stop classifier and a cost-aware stop per trade-off.
 
@@ -383,6 +384,13 @@ def stop_ceiling(
     inputs. One bar for every depth would ask as much of an early stop, which saves most, as of a
     late one, which saves little: on the embedded model's ``mc`` exit tables that rule sat under
     the static hull where this one sits above it (BENCHMARKS.md, "Staged exits vs static pruning").
+
+    Args:
+        train: The train-split exit table.
+        lambdas: The trade-offs traced, each ``>= 0`` (0: never stops early).
+        folds: Cross-validation folds.
+        seed: Fold assignment and solver seed.
+        label: Operating points are named ``"<label> (λ=…)"``.
 
     Returns:
         The classifiers (one per ``lambda``, sharing one fitted model) and the cross-validated
@@ -413,7 +421,7 @@ def stop_ceiling(
     best = min(losses, key=losses.__getitem__)
     model = _fit_stop(train, float(best.split("=")[1].rstrip(")")), seed)
     saving = 1.0 - train.lat[:, :G].mean(axis=0)
-    return [StopClassifier(model, 1.0 - lam * saving, f"learnable ceiling (λ={lam:g})") for lam in lams], losses
+    return [StopClassifier(model, 1.0 - lam * saving, f"{label} (λ={lam:g})") for lam in lams], losses
 
 
 # ---------------------------------------------------------------------------------------- as runs
@@ -651,6 +659,7 @@ CALM_FAMILY = "CALM threshold (staged, train-fitted)"
 RISK_DELTAS = (0.02, 0.05, 0.10)  # risk-controlled stop: agreement with dense >= 1 - delta on new inputs ...
 RISK_EPSILON = 0.05  # ... with probability >= 1 - epsilon (the main job, experiments.evaluate, bench.staged)
 RISK_FAMILY = "risk-controlled stop (staged)"
+CLASSIFIER_FAMILY = "stop classifier (staged, train-fitted)"
 
 
 @dataclass
@@ -663,19 +672,24 @@ class StopRules:
             or the reason it was refused (too few calibration inputs).
         epsilon: The risk control's allowed failure probability.
         train_items: Inputs of the table they were fitted on.
+        classifiers: The cost-aware stop classifier's operating points (:func:`stop_ceiling`, the
+            learnable ceiling fitted on the same table), or why it could not be fitted.
     """
 
     grid: np.ndarray
     risk: list[tuple[float, RiskControlled | str]]
     epsilon: float
     train_items: int
+    classifiers: list[StopClassifier] | str = field(default_factory=list)
 
     def evaluate(self, table: ExitTable) -> tuple[list[Any], list[dict[str, Any]]]:
-        """The rules' runs on ``table`` (CALM grid, then each certified risk rule) and the risk rules' records."""
+        """The rules' runs on ``table`` (CALM grid, stop classifier, each certified risk rule) and the risk records."""
         runs = [
             as_run(table, MarginThreshold(float(g)).exits(table), f"CALM margin ≥ {g:.3g}", CALM_FAMILY)
             for g in self.grid
         ]
+        if not isinstance(self.classifiers, str):
+            runs += [as_run(table, c.exits(table), c.name, CLASSIFIER_FAMILY) for c in self.classifiers]
         records = []
         for delta, rc in self.risk:
             rec: dict[str, Any] = {"delta": delta, "requested": 1.0 - delta, "epsilon": self.epsilon}
@@ -716,10 +730,12 @@ def fit_stop_rules(
     epsilon: float = RISK_EPSILON,
     grid_size: int = 30,
 ) -> StopRules:
-    """The CALM threshold grid and the risk-controlled stops, fitted on ``train`` (a train-split exit table).
+    """The CALM threshold grid, the cost-aware stop classifier and the risk-controlled stops, fitted on ``train``.
 
-    A delta the table cannot certify (too few inputs) is kept with the reason, not raised: the
-    other rules still stand. A delta or epsilon outside (0, 1) is an error, not a refusal.
+    ``train`` is a train-split exit table. A delta the table cannot certify (too few inputs) is kept
+    with the reason, not raised: the other rules still stand; so is a stop classifier the table
+    cannot fit (fewer inputs than folds, or every stop agrees). A delta or epsilon outside (0, 1) is
+    an error, not a refusal.
 
     Raises:
         ValueError: A bad delta or epsilon (:func:`check_risk_settings`).
@@ -731,7 +747,12 @@ def fit_stop_rules(
             risk.append((float(delta), risk_controlled(train, float(delta), float(epsilon))))
         except ValueError as exc:
             risk.append((float(delta), str(exc)))
-    return StopRules(margin_grid(train, grid_size), risk, float(epsilon), len(train.item_ids))
+    classifiers: list[StopClassifier] | str
+    try:
+        classifiers = stop_ceiling(train, CEILING_LAMBDAS[::2], label="stop classifier")[0]
+    except ValueError as exc:
+        classifiers = str(exc)
+    return StopRules(margin_grid(train, grid_size), risk, float(epsilon), len(train.item_ids), classifiers)
 
 
 def staged_pass(

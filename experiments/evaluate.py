@@ -11,10 +11,11 @@ The library behind it is :mod:`agents.evaluation` (running, the sweep, hull, ora
 the tables, files and plot come from :mod:`experiments.report`. An exported controller is
 evaluated on the probe its card names, and decides with its own interface. An exported **staged**
 controller (``PruneGym/Staged``) decides stage by stage in the staged environment its card
-describes, and ``--stop-rules`` adds the CALM threshold and the risk-controlled stop (fitted on the
-train split); both run in the sweep's staged pass, timed against the dense plan in the same rounds
-(:class:`agents.staged.StagedPass`). The sweep shares the inputs among ``--workers`` processes (one
-per timing thread's worth of cores by default), each input's runs in one of them.
+describes, and ``--stop-rules`` adds the CALM threshold, the cost-aware stop classifier and the
+risk-controlled stop (fitted on the train split); all run in the sweep's staged pass, timed against
+the dense plan in the same rounds (:class:`agents.staged.StagedPass`). The sweep shares the inputs
+among ``--workers`` processes (one per timing thread's worth of cores by default), each input's runs
+in one of them.
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stop-rules",
         action="store_true",
-        help="also the staged stop rules: CALM margin thresholds and the risk-controlled stop, fitted on a train "
+        help="also the staged stop rules: CALM margin thresholds, the cost-aware stop classifier and the "
+        "risk-controlled stop, fitted on a train "
         "exit table (calibrated cost) and read off the test inputs' staged pass",
     )
     p.add_argument(

@@ -346,7 +346,11 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if staged is not None:  # the test exit table and the risk records, for audits and re-analysis
         staged.table.save(out / "staged_test_exits.npz")
         grid = [g if g < float("inf") else None for g in rules.grid.tolist()]
-        (out / "stop_rules.json").write_text(json.dumps({"risk": records, "grid": grid}, indent=1))
+        clf = rules.classifiers
+        clf_rec = clf if isinstance(clf, str) else [{"name": c.name, "bars": c.bars.tolist()} for c in clf]
+        (out / "stop_rules.json").write_text(
+            json.dumps({"risk": records, "grid": grid, "classifier": clf_rec}, indent=1)
+        )
     if cfg.get("benchmarks"):
         command = shlex.join(["python", "-m", "experiments.main", *sys.argv[1:]])
         if list(cfg.env.mlp_rules) == ["static"]:
@@ -443,13 +447,18 @@ def _fit_table(cfg: DictConfig, threads: int) -> Any:
 
 
 def _stop_rules(cfg: DictConfig, table: Any) -> Any:
-    """The CALM thresholds and the risk-controlled stops, fitted on the train-split exit table ``table``."""
+    """The CALM thresholds, the cost-aware stop classifier and the risk-controlled stops, fitted on ``table``.
+
+    ``table`` is the train-split exit table; a rule the table cannot fit is logged and left out.
+    """
     from agents.staged import fit_stop_rules
 
     rules = fit_stop_rules(table, *risk_settings(cfg))
     for delta, rc in rules.risk:
         if isinstance(rc, str):
             log.warning("risk-controlled stop at delta=%g refused: %s", delta, rc)
+    if isinstance(rules.classifiers, str):
+        log.warning("stop classifier not fitted: %s", rules.classifiers)
     return rules
 
 

@@ -156,7 +156,7 @@ def test_exported_staged_controller_rebuilds_its_environment(tmp_path, discrete)
 
 def test_stop_rules_fit_on_train_and_read_off_a_new_table():
     """The CALM grid gives one run per threshold; a delta too strict for the table is kept with its reason."""
-    from agents.staged import CALM_FAMILY, RISK_FAMILY, fit_stop_rules
+    from agents.staged import CALM_FAMILY, CLASSIFIER_FAMILY, RISK_FAMILY, fit_stop_rules
     from tests.test_stop_rules import synthetic
 
     train, test = synthetic(400, seed=1), synthetic(300, seed=2)
@@ -170,6 +170,15 @@ def test_stop_rules_fit_on_train_and_read_off_a_new_table():
     assert "refused" in refused and "calibration inputs" in refused["refused"]
     assert ok["agreement"] >= 0.9 - 0.05 and 0.0 <= ok["stopped_early"] <= 1.0
     assert [r.family for r in runs].count(RISK_FAMILY) == 1
+    clf = [r for r in runs if r.family == CLASSIFIER_FAMILY]
+    assert not isinstance(rules.classifiers, str) and len(clf) == len(rules.classifiers) > 5
+    assert clf[0].rel.mean() > 0.9 and clf[-1].lat.mean() < clf[0].lat.mean()
+    # a table where every stop agrees fits no classifier: recorded with the reason, the other rules stand
+    easy = synthetic(100, seed=3)
+    easy.rel[:] = 1.0
+    none = fit_stop_rules(easy, deltas=(0.10,), epsilon=0.05, grid_size=5)
+    assert isinstance(none.classifiers, str) and "nothing to learn" in none.classifiers
+    assert not [r for r in none.evaluate(test)[0] if r.family == CLASSIFIER_FAMILY]
 
 
 def test_evaluate_command_runs_staged_controllers_and_stop_rules(tmp_path):
