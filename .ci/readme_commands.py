@@ -122,7 +122,7 @@ TABLE: list[Run | Skip] = [
         "env.predictor=$TAG-r4 hydra.run.dir=main_rules --config-name main_smoke"),
     # Decide after looking: the staged benchmark on the tiny model's generated mix
     Run("python -m experiments.bench.staged", "--quick --model tiny-llama --task generated"),
-    Run("python -m experiments.bench.staged --task mc-known --train 240 --test 240", "--quick"),
+    Run("python -m experiments.bench.staged --task mc-known", "--quick"),
     # Exit maps on the tiny model, then the staged benchmark reading through them
     Run("python -m experiments.exit_maps",
         "model=tiny-llama mix=generated train_items=16 val_items=4 name=$TAG-exits progress=false"),

@@ -273,23 +273,42 @@ def fit_for_latency(train: ExitTable, target: float, grid: np.ndarray | None = N
 
 @dataclass(frozen=True)
 class RiskControlled:
-    """A :class:`MarginThreshold` certified to agree with dense on ``>= 1 - delta`` of new inputs (w.p. >= 1 - epsilon).
+    """A stop rule certified to agree with dense on ``>= 1 - delta`` of new inputs (w.p. >= 1 - epsilon).
 
     Attributes:
-        rule: The certified threshold.
+        rule: The certified rule: a :class:`MarginThreshold` or a :class:`StopClassifier`.
         choice: The Learn-then-Test record (:class:`agents.risk.RiskChoice`).
-        grid: The thresholds tested, safest first.
+        grid: The settings tested, safest first: margin thresholds, or the classifier's lambdas.
     """
 
-    rule: MarginThreshold
+    rule: Any
     choice: Any
     grid: tuple[float, ...]
 
+    @property
+    def score(self) -> str:
+        """What the rule stops on: ``"margin"`` or ``"stop classifier"``."""
+        return "stop classifier" if isinstance(self.rule, StopClassifier) else "margin"
+
+    @property
+    def setting(self) -> float:
+        """The certified margin threshold (``inf``: never stops) or the classifier's lambda (0: never stops)."""
+        return float(self.rule.lam if isinstance(self.rule, StopClassifier) else self.rule.threshold)
+
+    def setting_text(self) -> str:
+        """The certified setting for tables."""
+        x = self.setting
+        if isinstance(self.rule, StopClassifier):
+            return "λ = 0 (never stops)" if x == 0 else f"λ = {x:.3g}"
+        return "∞ (never stops)" if not math.isfinite(x) else f"margin ≥ {x:.3g}"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        thr = self.rule.threshold
+        x = self.setting
+        key = "lambda" if isinstance(self.rule, StopClassifier) else "threshold"
         return {
-            "threshold": thr if math.isfinite(thr) else None,
+            "score": self.score,
+            key: x if math.isfinite(x) else None,
             **self.choice.to_dict(),
             "grid": [g if math.isfinite(g) else None for g in self.grid],
         }
@@ -327,11 +346,17 @@ class StopClassifier:
         bars: ``[G]``: the step's stop bar; the rule stops at the first step whose predicted
             agreement reaches its bar (:func:`stop_ceiling` makes them cost-aware).
         name: Operating point label.
+        lam: The trade-off that set the bars (:func:`stop_ceiling`; ``nan`` when they were set otherwise).
     """
 
     model: Any
     bars: np.ndarray
     name: str = "learnable ceiling (stop classifier)"
+    lam: float = math.nan
+
+    def label(self) -> str:
+        """Its name in tables."""
+        return self.name
 
     def exits(self, table: ExitTable) -> np.ndarray:
         """Stop step per input of ``table``."""
@@ -421,7 +446,59 @@ def stop_ceiling(
     best = min(losses, key=losses.__getitem__)
     model = _fit_stop(train, float(best.split("=")[1].rstrip(")")), seed)
     saving = 1.0 - train.lat[:, :G].mean(axis=0)
-    return [StopClassifier(model, 1.0 - lam * saving, f"{label} (λ={lam:g})") for lam in lams], losses
+    return [StopClassifier(model, 1.0 - lam * saving, f"{label} (λ={lam:g})", lam) for lam in lams], losses
+
+
+RISK_LAMBDAS = tuple(float(x) for x in np.round(np.linspace(0.0, 1.2, 121), 3))  # safest (0: never stops) first
+
+
+def risk_controlled_classifier(
+    train: ExitTable,
+    delta: float,
+    epsilon: float = 0.05,
+    *,
+    fit_share: float = 0.5,
+    seed: int = 0,
+    lambdas: Sequence[float] = RISK_LAMBDAS,
+) -> RiskControlled:
+    """Learn-then-Test on the cost-aware stop classifier: agreement ``>= 1 - delta`` w.p. ``>= 1 - epsilon``.
+
+    The guarantee holds only on inputs the score never saw, so ``train`` is split: the classifier
+    (:func:`stop_ceiling`) is fitted on ``fit_share`` of it, and its ``lambdas`` are tested on the
+    rest, from the safest (``lambda = 0``: never stops, the dense model) up, as
+    :func:`risk_controlled` tests margin thresholds. Where the readout's margin barely predicts
+    agreement, the classifier still can, and the certified rule stops earlier.
+
+    Raises:
+        ValueError: Too few inputs in the calibration part (the message gives the train inputs
+            needed), a classifier the fit part cannot fit, or graded (not 0/1) scores.
+    """
+    from agents.risk import check_level, ltt_select, min_calibration
+
+    delta, epsilon = check_level("delta", delta), check_level("epsilon", epsilon)
+    if not 0.0 < fit_share < 1.0:
+        raise ValueError(f"fit_share must be in (0, 1), got {fit_share}")
+    lams = [float(x) for x in lambdas]
+    if not lams or lams[0] != 0.0 or any(b <= a for a, b in zip(lams, lams[1:], strict=False)):
+        raise ValueError("lambdas must rise from 0 (never stops), the safest candidate first")
+    n = len(train.item_ids)
+    k = int(round(n * fit_share))
+    needed = min_calibration(delta, epsilon)
+    if n - k < needed:
+        total = math.ceil(needed / (1.0 - fit_share))
+        raise ValueError(
+            f"delta={delta} and epsilon={epsilon} need {needed} calibration inputs; with {1 - fit_share:.0%} of the "
+            f"train table calibrating (the rest fits the classifier) that is about {total} train inputs, got {n}"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    fit, cal = train.subset(perm[:k]), train.subset(perm[k:])
+    rules, _ = stop_ceiling(fit, lams, seed=seed, label="stop classifier")
+    losses = np.stack([1.0 - cal.take(r.exits(cal))["rel"] for r in rules], 1)
+    if not np.isin(losses, (0.0, 1.0)).all():
+        raise ValueError("risk control needs 0/1 agreement per input (choice or exact items), not graded scores")
+    choice = ltt_select(losses, delta, epsilon)
+    rule = replace(rules[choice.index], name=f"risk-controlled classifier (delta={delta:g}, eps={epsilon:g})")
+    return RiskControlled(rule, choice, tuple(lams))
 
 
 # ---------------------------------------------------------------------------------------- as runs
@@ -659,6 +736,7 @@ CALM_FAMILY = "CALM threshold (staged, train-fitted)"
 RISK_DELTAS = (0.02, 0.05, 0.10)  # risk-controlled stop: agreement with dense >= 1 - delta on new inputs ...
 RISK_EPSILON = 0.05  # ... with probability >= 1 - epsilon (the main job, experiments.evaluate, bench.staged)
 RISK_FAMILY = "risk-controlled stop (staged)"
+RISK_CLASSIFIER_FAMILY = "risk-controlled stop classifier (staged)"
 CLASSIFIER_FAMILY = "stop classifier (staged, train-fitted)"
 
 
@@ -670,6 +748,7 @@ class StopRules:
         grid: CALM thresholds (the train table's margin quantiles, ``inf`` first): one operating point each.
         risk: ``(delta, rule)`` per requested delta; ``rule`` is the :class:`RiskControlled` threshold,
             or the reason it was refused (too few calibration inputs).
+        risk_classifier: The same on the stop classifier's score (:func:`risk_controlled_classifier`).
         epsilon: The risk control's allowed failure probability.
         train_items: Inputs of the table they were fitted on.
         classifiers: The cost-aware stop classifier's operating points (:func:`stop_ceiling`, the
@@ -681,6 +760,7 @@ class StopRules:
     epsilon: float
     train_items: int
     classifiers: list[StopClassifier] | str = field(default_factory=list)
+    risk_classifier: list[tuple[float, RiskControlled | str]] = field(default_factory=list)
 
     def evaluate(self, table: ExitTable) -> tuple[list[Any], list[dict[str, Any]]]:
         """The rules' runs on ``table`` (CALM grid, stop classifier, each certified risk rule) and the risk records."""
@@ -691,23 +771,31 @@ class StopRules:
         if not isinstance(self.classifiers, str):
             runs += [as_run(table, c.exits(table), c.name, CLASSIFIER_FAMILY) for c in self.classifiers]
         records = []
-        for delta, rc in self.risk:
-            rec: dict[str, Any] = {"delta": delta, "requested": 1.0 - delta, "epsilon": self.epsilon}
-            if isinstance(rc, str):
-                records.append(rec | {"refused": rc})
-                continue
-            run = as_run(table, rc.rule.exits(table), rc.rule.label(), RISK_FAMILY)
-            runs.append(run)
-            thr = rc.rule.threshold
-            records.append(
-                rec
-                | {
-                    "threshold": thr if math.isfinite(thr) else None,
-                    "agreement": float(run.rel.mean()),
-                    "latency_saved": float(1.0 - run.lat.mean()),
-                    "stopped_early": float(run.extra["stopped_early"]),
+        for family, risk in ((RISK_FAMILY, self.risk), (RISK_CLASSIFIER_FAMILY, self.risk_classifier)):
+            score = "stop classifier" if family == RISK_CLASSIFIER_FAMILY else "margin"
+            for delta, rc in risk:
+                rec: dict[str, Any] = {
+                    "delta": delta,
+                    "requested": 1.0 - delta,
+                    "epsilon": self.epsilon,
+                    "score": score,
                 }
-            )
+                if isinstance(rc, str):
+                    records.append(rec | {"refused": rc})
+                    continue
+                run = as_run(table, rc.rule.exits(table), rc.rule.label(), family)
+                runs.append(run)
+                x = rc.setting
+                records.append(
+                    rec
+                    | {
+                        "threshold" if score == "margin" else "lambda": x if math.isfinite(x) else None,
+                        "certified": rc.setting_text(),
+                        "agreement": float(run.rel.mean()),
+                        "latency_saved": float(1.0 - run.lat.mean()),
+                        "stopped_early": float(run.extra["stopped_early"]),
+                    }
+                )
         return runs, records
 
 
@@ -730,9 +818,10 @@ def fit_stop_rules(
     epsilon: float = RISK_EPSILON,
     grid_size: int = 30,
 ) -> StopRules:
-    """The CALM threshold grid, the cost-aware stop classifier and the risk-controlled stops, fitted on ``train``.
+    """The CALM thresholds, the cost-aware stop classifier and both risk-controlled stops, fitted on ``train``.
 
-    ``train`` is a train-split exit table. A delta the table cannot certify (too few inputs) is kept
+    ``train`` is a train-split exit table; the risk-controlled stops certify a margin threshold
+    and a classifier trade-off. A delta the table cannot certify (too few inputs) is kept
     with the reason, not raised: the other rules still stand; so is a stop classifier the table
     cannot fit (fewer inputs than folds, or every stop agrees). A delta or epsilon outside (0, 1) is
     an error, not a refusal.
@@ -742,17 +831,19 @@ def fit_stop_rules(
     """
     deltas, epsilon = check_risk_settings(deltas, epsilon)
     risk: list[tuple[float, RiskControlled | str]] = []
+    risk_clf: list[tuple[float, RiskControlled | str]] = []
     for delta in deltas:
-        try:
-            risk.append((float(delta), risk_controlled(train, float(delta), float(epsilon))))
-        except ValueError as exc:
-            risk.append((float(delta), str(exc)))
+        for out, fit in ((risk, risk_controlled), (risk_clf, risk_controlled_classifier)):
+            try:
+                out.append((float(delta), fit(train, float(delta), float(epsilon))))
+            except ValueError as exc:
+                out.append((float(delta), str(exc)))
     classifiers: list[StopClassifier] | str
     try:
         classifiers = stop_ceiling(train, CEILING_LAMBDAS[::2], label="stop classifier")[0]
     except ValueError as exc:
         classifiers = str(exc)
-    return StopRules(margin_grid(train, grid_size), risk, float(epsilon), len(train.item_ids), classifiers)
+    return StopRules(margin_grid(train, grid_size), risk, float(epsilon), len(train.item_ids), classifiers, risk_clf)
 
 
 def staged_pass(

@@ -160,15 +160,14 @@ def risk_markdown(records: Sequence[Mapping[str, Any]], train_items: int) -> str
     """The risk-controlled stops (:meth:`agents.staged.StopRules.evaluate`'s records): requested vs achieved."""
     rows = []
     for r in records:
-        head = [f"{r['delta']:g}", f"{r['requested']:.2f}"]
+        head = [f"{r['delta']:g}", f"{r['requested']:.2f}", r.get("score", "margin")]
         if "refused" in r:
             rows.append([*head, "refused", r["refused"], "—", "—"])
             continue
-        thr = r["threshold"]
         rows.append(
             [
                 *head,
-                "∞ (never stops)" if thr is None else f"{thr:.3g}",
+                r["certified"],
                 f"{r['agreement']:.3f}",
                 f"{r['latency_saved']:.1%}",
                 f"{r['stopped_early']:.0%}",
@@ -176,9 +175,18 @@ def risk_markdown(records: Sequence[Mapping[str, Any]], train_items: int) -> str
         )
     eps = records[0]["epsilon"] if records else float("nan")
     return (
-        f"## Risk-controlled stop (Learn-then-Test, ε = {eps:g}, certified on {train_items} train inputs)\n\n"
+        f"## Risk-controlled stop (Learn-then-Test, ε = {eps:g}, certified on {train_items} train inputs; the "
+        "classifier is fitted on half of them and certified on the other half)\n\n"
         + markdown_table(
-            ["δ", "requested agreement", "certified threshold", "test agreement", "latency saved", "stopped early"],
+            [
+                "δ",
+                "requested agreement",
+                "stops on",
+                "certified",
+                "test agreement",
+                "latency saved",
+                "stopped early",
+            ],
             rows,
         )
     )

@@ -156,7 +156,7 @@ def test_exported_staged_controller_rebuilds_its_environment(tmp_path, discrete)
 
 def test_stop_rules_fit_on_train_and_read_off_a_new_table():
     """The CALM grid gives one run per threshold; a delta too strict for the table is kept with its reason."""
-    from agents.staged import CALM_FAMILY, CLASSIFIER_FAMILY, RISK_FAMILY, fit_stop_rules
+    from agents.staged import CALM_FAMILY, CLASSIFIER_FAMILY, RISK_CLASSIFIER_FAMILY, RISK_FAMILY, fit_stop_rules
     from tests.test_stop_rules import synthetic
 
     train, test = synthetic(400, seed=1), synthetic(300, seed=2)
@@ -165,11 +165,19 @@ def test_stop_rules_fit_on_train_and_read_off_a_new_table():
     runs, records = rules.evaluate(test)
     calm = [r for r in runs if r.family == CALM_FAMILY]
     assert len(calm) == len(rules.grid) and np.array_equal(calm[0].rel, test.rel[:, test.groups])
-    assert [r["delta"] for r in records] == [0.10, 0.001]
-    ok, refused = records
+    assert [(r["delta"], r["score"]) for r in records] == [
+        (0.10, "margin"),
+        (0.001, "margin"),
+        (0.10, "stop classifier"),
+        (0.001, "stop classifier"),
+    ]
+    ok, refused, ok_clf, refused_clf = records
     assert "refused" in refused and "calibration inputs" in refused["refused"]
-    assert ok["agreement"] >= 0.9 - 0.05 and 0.0 <= ok["stopped_early"] <= 1.0
+    assert "refused" in refused_clf and "train inputs" in refused_clf["refused"]
+    for r in (ok, ok_clf):
+        assert r["agreement"] >= 0.9 - 0.05 and 0.0 <= r["stopped_early"] <= 1.0
     assert [r.family for r in runs].count(RISK_FAMILY) == 1
+    assert [r.family for r in runs].count(RISK_CLASSIFIER_FAMILY) == 1
     clf = [r for r in runs if r.family == CLASSIFIER_FAMILY]
     assert not isinstance(rules.classifiers, str) and len(clf) == len(rules.classifiers) > 5
     assert clf[0].rel.mean() > 0.9 and clf[-1].lat.mean() < clf[0].lat.mean()

@@ -17,6 +17,7 @@ from agents.staged import (
     fit_for_latency,
     margin_grid,
     risk_controlled,
+    risk_controlled_classifier,
     stop_ceiling,
 )
 from tests.conftest import tiny_kwargs
@@ -96,6 +97,38 @@ def test_risk_controlled_refuses_what_it_cannot_certify():
     graded.rel[:, 0] = 0.5
     with pytest.raises(ValueError, match="0/1"):
         risk_controlled(graded, 0.1, 0.1)
+
+
+def test_risk_controlled_classifier_meets_its_guarantee_on_new_inputs():
+    """Learn-then-Test on the classifier's score: over seeded draws, disagreement above delta stays rare."""
+    delta, eps, draws = 0.1, 0.1, 40
+    truth = synthetic(20000, seed=999)
+    bad, saved = 0, []
+    for seed in range(draws):
+        rc = risk_controlled_classifier(synthetic(300, seed=seed), delta, eps, seed=seed)
+        assert rc.score == "stop classifier" and rc.setting in rc.grid
+        got = truth.take(rc.rule.exits(truth))
+        bad += got["rel"].mean() < 1 - delta
+        saved.append(1 - got["lat"].mean())
+    assert bad / draws <= eps + 3 * np.sqrt(eps * (1 - eps) / draws)
+    assert np.mean(saved) > 0.05, "the certified rule must still stop early on many inputs"
+
+
+def test_risk_controlled_classifier_refuses_what_it_cannot_certify():
+    # delta = epsilon = 0.05 needs 59 calibration inputs: half of the train table, so about 118 train inputs
+    with pytest.raises(ValueError, match="59 calibration inputs.*118 train inputs, got 100"):
+        risk_controlled_classifier(synthetic(100), 0.05, 0.05)
+    for kw, msg in (
+        ({"fit_share": 1.0}, "fit_share"),
+        ({"lambdas": [0.1, 0.2]}, "lambdas"),
+        ({"lambdas": []}, "lambdas"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            risk_controlled_classifier(synthetic(300), 0.1, 0.1, **kw)
+    rc = risk_controlled_classifier(synthetic(300), 0.1, 0.1)
+    d = rc.to_dict()
+    assert d["score"] == "stop classifier" and "lambda" in d and d["n"] == 150
+    assert rc.setting_text().startswith("λ")
 
 
 def test_stop_ceiling_learns_the_margin_rule():

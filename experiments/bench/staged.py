@@ -1,17 +1,19 @@
 """Staged exits vs static pruning at equal measured latency: the model's own answer at each depth decides when to stop.
 
-Usage: ``python -m experiments.bench.staged [--quick] [--task mc] [--test 240] [--train 240] [--model NAME]
+Usage: ``python -m experiments.bench.staged [--quick] [--task mc] [--test 240] [--train 720] [--model NAME]
 [--timing-threads 1] [--rounds 2] [--workers 2]``.
 
 Everything is fitted on the **train** split and evaluated on held-out **test** inputs:
 
 - On ``--train`` train inputs, the staged environment (:class:`envs.staged.Staged`, measured
   latency, timed against the dense plan as on test) gives every input's exit table (the
-  observation before each step, and the answer and cost of stopping there). The CALM threshold (on the readout margin),
-  the risk-controlled thresholds (Learn-then-Test at each ``delta`` of :data:`agents.staged.RISK_DELTAS`,
-  ``epsilon`` = :data:`agents.staged.RISK_EPSILON`) and the learnable ceiling (a cross-validated stop
-  classifier on the same observations, stopping where its predicted risk of disagreeing is at most
-  ``lambda`` times the latency the stop saves, :func:`agents.staged.stop_ceiling`) are fitted on it.
+  observation before each step, and the answer and cost of stopping there). Fitted on it: the
+  CALM threshold (on the readout margin); the learnable ceiling (a cross-validated stop classifier
+  on the same observations, stopping where its predicted risk of disagreeing is at most ``lambda``
+  times the latency the stop saves, :func:`agents.staged.stop_ceiling`); and the risk-controlled
+  stops (Learn-then-Test at each ``delta`` of :data:`agents.staged.RISK_DELTAS`, ``epsilon`` =
+  :data:`agents.staged.RISK_EPSILON`), one on the margin and one on the classifier (fitted on
+  half of the train inputs, certified on the other half).
 - On ``--test`` test inputs, with **measured** latency: for each input, every static plan
   (:func:`agents.evaluation.default_candidates` plus every fixed exit depth, :class:`agents.baselines.StaticDepth`)
   and the staged pass that measures every stop depth run back to back in a shuffled order. The
@@ -161,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name or prepared model (default: embedded)")
     p.add_argument("--task", default="mc", help="task mix (default: mc)")
     p.add_argument("--test", type=int, default=240, help="held-out test inputs, measured latency (default: 240)")
-    p.add_argument("--train", type=int, default=240, help="train inputs the rules are fitted on (default: 240)")
+    p.add_argument(
+        "--train", type=int, default=720, help="train inputs the rules and the ceiling are fitted on (default: 720)"
+    )
     p.add_argument("--groups", type=int, default=None, help="layer groups of the staged env (default: the main job's)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
     p.add_argument(
@@ -204,10 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     ceiling = [as_run(test, c.exits(test), c.name, "ceiling") for c in classifiers]
     fitted = [fit_for_latency(train, t) for t in TARGETS]
     fitted_runs = [as_run(test, r.exits(test), r.label(), "fitted") for r in fitted]
-    risk = [  # (delta, rule, its test run), or (delta, None, why it was refused)
+    risk = [  # (delta, rule, its test run), or (delta, None, why it was refused), margin rules first
         (d, None, rc) if isinstance(rc, str) else (d, rc, as_run(test, rc.rule.exits(test), rc.rule.label(), "risk"))
-        for d, rc in rules.risk
+        for d, rc in [*rules.risk, *rules.risk_classifier]
     ]
+    risk_scores = ["margin"] * len(rules.risk) + ["stop classifier"] * len(rules.risk_classifier)
     # The hindsight exit: each input stops at its earliest depth whose answer agrees with dense (the
     # stopping headroom; mixed with running everything it traces a line, like the static oracle).
     G = test.groups
@@ -241,22 +246,31 @@ def main(argv: list[str] | None = None) -> None:
         ["rule (threshold fitted on train)", "test latency ÷ dense", "agreement", "static hull there", "raw"], fit_rows
     )
     risk_rows = []
-    for d, rc, run in risk:
+    for (d, rc, run), score in zip(risk, risk_scores, strict=True):
         if rc is None:
-            risk_rows.append([f"{d:g}", f"{1 - d:.2f}", "refused", run, "—", "—"])
+            risk_rows.append([f"{d:g}", f"{1 - d:.2f}", score, "refused", run, "—", "—"])
             continue
         risk_rows.append(
             [
                 f"{d:g}",
                 f"{1 - d:.2f}",
-                "∞ (never stops)" if not math.isfinite(rc.rule.threshold) else f"{rc.rule.threshold:.3g}",
+                score,
+                rc.setting_text(),
                 f"{run.rel.mean():.3f}",
                 f"{1 - run.lat.mean():.1%}",
                 f"{run.extra['stopped_early']:.0%}",
             ]
         )
     risk_tab = markdown_table(
-        ["δ", "requested agreement", "certified threshold", "test agreement", "latency saved", "inputs stopped early"],
+        [
+            "δ",
+            "requested agreement",
+            "stops on",
+            "certified",
+            "test agreement",
+            "latency saved",
+            "inputs stopped early",
+        ],
         risk_rows,
     )
     best = _verdict(rows_h)
@@ -282,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{headline_markdown(rows_h)}\n\n{best}\n\n"
         f"**Iso-quality**\n\n{iso}\n\n"
         f"**Thresholds fitted on train for a target latency, applied to test**\n\n{fit_tab}\n\n"
-        f"**Risk-controlled stop (Learn-then-Test, ε = {RISK_EPSILON}, calibrated on the train inputs)**\n\n"
+        f"**Risk-controlled stop (Learn-then-Test, ε = {RISK_EPSILON}, calibrated on the train inputs; the stop "
+        "classifier is fitted on half of them and certified on the other half)**\n\n"
         f"{risk_tab}\n\n"
         f"**The readout by depth (test inputs)**: the answer read after each group, against the dense answer\n\n"
         f"{readout_table(test, k, groups_layers)}\n\n"
@@ -312,7 +327,10 @@ def main(argv: list[str] | None = None) -> None:
                     r.name: {k: getattr(r, k).tolist() for k in ("rel", "raw", "lat", "latency_s", "flops")}
                     for r in static
                 },
-                "risk": [{"delta": d, **(rc.to_dict() if rc else {"refused": run})} for d, rc, run in risk],
+                "risk": [
+                    {"delta": d, **(rc.to_dict() if rc else {"score": score, "refused": run})}
+                    for (d, rc, run), score in zip(risk, risk_scores, strict=True)
+                ],
             },
         )
 
