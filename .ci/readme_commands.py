@@ -183,6 +183,7 @@ TABLE: list[Run | Skip] = [
         f"model.name=$TAG-my-ready ppo.time_s=5 bandit.time_s=3 eval.n_items=4 hydra.run.dir=main_ready {SMOKE_MAIN}"),
     Run("python -m experiments.bench.staged --model smollm2-135m-ready",
         "--quick --model $TAG-my-ready --task generated"),
+    Run("python -m experiments.bench.staged --model smollm2-135m-ready --from-reports", "--no-write", cwd="repo"),
     Run("python -m experiments.bench.prepare curves --prepared smollm2-135m-ready --tasks 200",
         "--prepared $TAG-ready --tasks 0 --docs 1 --sequences 1 --seq-len 32 --no-latency"),
     Run("python -m experiments.bench.prepare mixing --prepared smollm2-135m-ready",

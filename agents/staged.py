@@ -18,6 +18,8 @@ Rules that only stop (dense groups otherwise) are then evaluated by look-up:
 - :func:`stop_ceiling`: the learnable ceiling, a cross-validated classifier from the same
   observations to "a stop here agrees with the dense model", stopping where the risk of
   disagreeing is small against the latency the stop saves.
+- :func:`risk_controlled_classifier`: Learn-then-Test on that classifier's trade-off instead of
+  the margin, the classifier fitted on one half of the train inputs and certified on the other.
 """
 
 from __future__ import annotations
@@ -358,13 +360,16 @@ class StopClassifier:
         """Its name in tables."""
         return self.name
 
+    def agreement(self, table: ExitTable) -> np.ndarray:
+        """``[n, G]``: the predicted probability that a stop at each step of ``table`` agrees with dense."""
+        n, G, F = table.obs.shape
+        return self.model.predict_proba(table.obs.reshape(-1, F).astype(np.float64))[:, 1].reshape(n, G)
+
     def exits(self, table: ExitTable) -> np.ndarray:
         """Stop step per input of ``table``."""
-        n, G, F = table.obs.shape
-        if len(self.bars) != G:
-            raise ValueError(f"the classifier has bars for {len(self.bars)} steps, the table {G}")
-        p = self.model.predict_proba(table.obs.reshape(-1, F).astype(np.float64))[:, 1].reshape(n, G)
-        return first_true(p >= np.asarray(self.bars)[None, :])
+        if len(self.bars) != table.groups:
+            raise ValueError(f"the classifier has bars for {len(self.bars)} steps, the table {table.groups}")
+        return first_true(self.agreement(table) >= np.asarray(self.bars)[None, :])
 
 
 CEILING_LAMBDAS = tuple(float(x) for x in np.round(np.linspace(0.02, 1.2, 30), 3))  # stop-cost trade-offs traced

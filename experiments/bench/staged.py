@@ -122,6 +122,55 @@ def interleaved(args: Any, split: str, n: int, candidates: list[Any]) -> tuple[l
     return static, sp.table
 
 
+_SUMMARY_KEYS = (  # Run.summary's own entries; the rest of a saved summary is the run's extra
+    "name",
+    "family",
+    "n",
+    "accuracy_raw",
+    "accuracy_dense_relative",
+    "latency_fraction",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "flops_fraction",
+    "decision_ms",
+)
+
+
+def saved_run(task: str, tag: str) -> tuple[ExitTable, ExitTable, list[Run], str]:
+    """An earlier run's train and test exit tables, static runs and command, as it saved them under reports/.
+
+    Raises:
+        SystemExit: A file is missing, naming the command that makes it.
+    """
+    base = REPO_ROOT / "reports"
+    paths = [base / f"staged_train_{task}{tag}.npz", base / f"staged_test_{task}{tag}.npz"]
+    paths.append(base / f"bench_staged_{task}{tag}.json")
+    for path in paths:
+        if not path.exists():
+            raise SystemExit(f"--from-reports: {path} is missing; run the benchmark without --from-reports first")
+    train, test = ExitTable.load(paths[0]), ExitTable.load(paths[1])
+    saved = json.loads(paths[2].read_text())
+    n = len(test.item_ids)
+    static = []
+    for summary in saved["static"]:
+        per = saved["static_per_input"][summary["name"]]
+        cols = [np.asarray(per[k], float) for k in ("raw", "rel", "lat", "latency_s", "flops")]
+        if any(len(c) != n for c in cols):
+            raise SystemExit(f"--from-reports: {paths[2]} holds {len(cols[0])} test inputs, the exit table {n}")
+        decision = np.full(n, summary["decision_ms"] / 1e3)
+        extra = {k: v for k, v in summary.items() if k not in _SUMMARY_KEYS}  # throughput, energy, timing
+        static.append(Run(summary["name"], summary["family"], *cols, list(test.tasks), decision, extra))
+    return train, test, static, str(saved["command"])
+
+
+def stop_layers(table: ExitTable) -> tuple[int, list[int]]:
+    """The probe's layers and the layer after each group, read off an exit table's ``depth`` feature."""
+    depth = table.feature("depth")[0].astype(float)  # layers run before each step, over all layers
+    k = int(table.meta["env"]["interface"]["observation"]["probe"]["layers"])
+    layers = int(round(k / depth[0]))
+    return k, [int(round(d * layers)) for d in depth[1:]] + [layers]
+
+
 def iso_latency(runs: list[Run] | None, static: list[Run], level: float = ISO) -> float:
     """The smallest mean latency fraction at which a family's frontier (or the hull) reaches ``level``."""
     if runs is None:
@@ -134,27 +183,31 @@ def iso_latency(runs: list[Run] | None, static: list[Run], level: float = ISO) -
     return float(grid[ok[0]]) if len(ok) else float("nan")
 
 
-def readout_table(table: ExitTable, probe_layers: int, group_layers: list[int]) -> str:
-    """Agreement of the answer read after each group with dense, and the margin's AUC for it."""
+def readout_table(
+    table: ExitTable, probe_layers: int, group_layers: list[int], agree_prob: np.ndarray | None = None
+) -> str:
+    """Agreement of the answer read after each group with dense, and how well the margin predicts it (AUC).
+
+    ``agree_prob`` (``[n, G]``, the stop classifier's predicted agreement) adds its AUC beside the margin's.
+    """
     rows = []
     margin = table.feature("margin")
     for t in range(table.groups + 1):
         depth = probe_layers if t == 0 else group_layers[t - 1]
         agree = table.rel[:, t]
         a = auc(margin[:, t], agree >= 1.0) if t < table.groups else float("nan")
-        rows.append(
-            [
-                t,
-                depth,
-                f"{agree.mean():.3f}",
-                f"{table.raw[:, t].mean():.3f}",
-                f"{table.lat[:, t].mean():.3f}",
-                "—" if not math.isfinite(a) else f"{a:.2f}",
-            ]
-        )
-    return markdown_table(
-        ["groups run", "layers", "agreement with dense", "raw accuracy", "latency ÷ dense", "margin AUC"], rows
-    )
+        c = auc(agree_prob[:, t], agree >= 1.0) if agree_prob is not None and t < table.groups else float("nan")
+        row = [
+            t,
+            depth,
+            f"{agree.mean():.3f}",
+            f"{table.raw[:, t].mean():.3f}",
+            f"{table.lat[:, t].mean():.3f}",
+            "—" if not math.isfinite(a) else f"{a:.2f}",
+        ]
+        rows.append(row + ([] if agree_prob is None else ["—" if not math.isfinite(c) else f"{c:.2f}"]))
+    head = ["groups run", "layers", "agreement with dense", "raw accuracy", "latency ÷ dense", "margin AUC"]
+    return markdown_table(head + ([] if agree_prob is None else ["stop classifier AUC"]), rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,6 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_timing_arguments(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 16 train and 6 test inputs; writes nothing")
+    p.add_argument(
+        "--from-reports",
+        action="store_true",
+        help="measure nothing: re-fit the rules on the train and test exit tables and static runs an earlier run of "
+        "the same --task, --model and --exit-maps saved under reports/ (its --train and --test), and report them",
+    )
     args = BENCH.parse(p, argv)
     args.rounds, args.timing_threads, args.workers = timing_arguments(p, args)
     if args.quick:
@@ -185,18 +244,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.test < 4 or args.train < 10:
         p.error("--test must be >= 4 and --train >= 10")
     t0 = time.perf_counter()
+    # file names of the outputs: the model's name unless it is the embedded one, then the exit maps' name
+    tag = "".join(f"_{x}" for x in (None if args.model == DEFAULT_MODEL else args.model, args.exit_maps) if x)
 
-    train_env, _ = _envs(args, "train", args.train)
-    k = train_env.probe.layers
-    depths = [train_env.interface.stop_layer(t) for t in range(train_env.num_groups)]
-    _, train = interleaved(args, "train", args.train, [Dense()])
-    print(f"train exit table: {len(train.item_ids)} inputs in {time.perf_counter() - t0:.0f}s", flush=True)
-    candidates = default_candidates() + exit_depths(train_env)
-    t1 = time.perf_counter()
-    static, test = interleaved(args, "test", args.test, candidates)
-    test_env, _ = _envs(args, "test", args.test)
+    source = None  # the command whose measurements are re-fitted (--from-reports)
+    if args.from_reports:
+        train, test, static, source = saved_run(args.task, tag)
+        k, depths = stop_layers(test)
+        test_s = 0.0
+    else:
+        train_env, _ = _envs(args, "train", args.train)
+        k = train_env.probe.layers
+        depths = [train_env.interface.stop_layer(t) for t in range(train_env.num_groups)]
+        _, train = interleaved(args, "train", args.train, [Dense()])
+        print(f"train exit table: {len(train.item_ids)} inputs in {time.perf_counter() - t0:.0f}s", flush=True)
+        candidates = default_candidates() + exit_depths(train_env)
+        t1 = time.perf_counter()
+        static, test = interleaved(args, "test", args.test, candidates)
+        test_s = time.perf_counter() - t1
     n = len(test.item_ids)
-    test_s = time.perf_counter() - t1
 
     # ---- rules and ceiling, fitted on train
     rules = fit_stop_rules(train, RISK_DELTAS, RISK_EPSILON, grid_size=30)
@@ -274,8 +340,6 @@ def main(argv: list[str] | None = None) -> None:
         risk_rows,
     )
     best = _verdict(rows_h)
-    # file names of the outputs: the model's name unless it is the embedded one, then the exit maps' name
-    tag = "".join(f"_{x}" for x in (None if args.model == DEFAULT_MODEL else args.model, args.exit_maps) if x)
     cv_round = {k_: round(v, 4) if isinstance(v, float) else v for k_, v in cv_losses.items()}
     body = (
         f"Model `{args.model}`, task mix `{args.task}`, {args.threads} threads, "
@@ -286,11 +350,18 @@ def main(argv: list[str] | None = None) -> None:
         )
         + f"Rules and ceiling fitted on "
         f"{len(train.item_ids)} train inputs (measured latency); evaluated on {n} held-out test inputs with measured "
-        f"latency, every static plan and the staged pass interleaved per input; each run timed with "
-        f"{args.timing_threads} thread{'s' if args.timing_threads != 1 else ''}, best of {args.rounds} rounds, and "
-        f"latency ÷ dense is over the dense plan's best round on the same input"
-        + (f" (the inputs shared among {args.workers} worker processes)" if args.workers > 1 else "")
-        + f". The staged env runs {test_env.num_groups} groups after a "
+        f"latency, every static plan and the staged pass interleaved per input; "
+        + (
+            f"the measurements are those `{source}` saved under reports/ (re-fitted with `--from-reports`, nothing "
+            f"timed again). "
+            if source is not None
+            else f"each run timed with "
+            f"{args.timing_threads} thread{'s' if args.timing_threads != 1 else ''}, best of {args.rounds} rounds, and "
+            f"latency ÷ dense is over the dense plan's best round on the same input"
+            + (f" (the inputs shared among {args.workers} worker processes)" if args.workers > 1 else "")
+            + ". "
+        )
+        + f"The staged env runs {test.groups} groups after a "
         f"{k}-layer probe and reads the answer after each (LM-head rows of the choices' tokens only). Fitted "
         f"in {time.perf_counter() - t0:.0f}s in all, {test_s:.0f}s of it on test.\n\n"
         f"{headline_markdown(rows_h)}\n\n{best}\n\n"
@@ -300,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         "classifier is fitted on half of them and certified on the other half)**\n\n"
         f"{risk_tab}\n\n"
         f"**The readout by depth (test inputs)**: the answer read after each group, against the dense answer\n\n"
-        f"{readout_table(test, k, groups_layers)}\n\n"
+        f"{readout_table(test, k, groups_layers, classifiers[0].agreement(test) if classifiers else None)}\n\n"
         f"Learnable ceiling: cross-validated log-loss by strength {json.dumps(cv_round)}.\n\n"
         f"**Every operating point**\n\n{summary_table(static + calm[::3] + ceiling[::3] + fitted_runs)}\n\n"
         + ("" if args.quick else f"![Pareto](reports/bench_staged_{args.task}{tag}.png)\n")
@@ -315,12 +386,14 @@ def main(argv: list[str] | None = None) -> None:
             REPO_ROOT / "reports" / f"bench_staged_{args.task}{tag}.png",
             title=f"Staged exits vs static pruning ({args.model}, {args.task}, {n} test inputs)",
         )
-        train.save(REPO_ROOT / "reports" / f"staged_train_{args.task}{tag}.npz")
-        test.save(REPO_ROOT / "reports" / f"staged_test_{args.task}{tag}.npz")
+        if source is None:  # re-fitting leaves the measurements as they were
+            train.save(REPO_ROOT / "reports" / f"staged_train_{args.task}{tag}.npz")
+            test.save(REPO_ROOT / "reports" / f"staged_test_{args.task}{tag}.npz")
         atomic_write_json(
             REPO_ROOT / "reports" / f"bench_staged_{args.task}{tag}.json",
             {
-                "command": BENCH.command(argv if argv is not None else sys.argv[1:]),
+                "command": BENCH.command(argv if argv is not None else sys.argv[1:]) if source is None else source,
+                **({"refitted_by": BENCH.command(argv if argv is not None else sys.argv[1:])} if source else {}),
                 "headline": rows_h,
                 "static": [r.summary() for r in static],
                 "static_per_input": {
