@@ -156,8 +156,8 @@ def _fmt_ci(ci: Sequence[float]) -> str:
     return "—" if not all(np.isfinite(ci)) else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def risk_markdown(records: Sequence[Mapping[str, Any]], train_items: int) -> str:
-    """The risk-controlled stops (:meth:`agents.staged.StopRules.evaluate`'s records): requested vs achieved."""
+def risk_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """The risk-controlled stops' records (:meth:`agents.staged.StopRules.evaluate`): requested vs achieved."""
     rows = []
     for r in records:
         head = [f"{r['delta']:g}", f"{r['requested']:.2f}", r.get("score", "margin")]
@@ -173,22 +173,18 @@ def risk_markdown(records: Sequence[Mapping[str, Any]], train_items: int) -> str
                 f"{r['stopped_early']:.0%}",
             ]
         )
+    return markdown_table(
+        ["δ", "requested agreement", "stops on", "certified", "test agreement", "latency saved", "stopped early"],
+        rows,
+    )
+
+
+def risk_markdown(records: Sequence[Mapping[str, Any]], train_items: int) -> str:
+    """The risk-controlled stops' section: :func:`risk_table` under a heading that says what certified them."""
     eps = records[0]["epsilon"] if records else float("nan")
     return (
         f"## Risk-controlled stop (Learn-then-Test, ε = {eps:g}, certified on {train_items} train inputs; the "
-        "classifier is fitted on half of them and certified on the other half)\n\n"
-        + markdown_table(
-            [
-                "δ",
-                "requested agreement",
-                "stops on",
-                "certified",
-                "test agreement",
-                "latency saved",
-                "stopped early",
-            ],
-            rows,
-        )
+        f"classifier is fitted on half of them and certified on the other half)\n\n{risk_table(records)}"
     )
 
 

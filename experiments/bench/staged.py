@@ -65,7 +65,14 @@ from agents.staged import (
 from envs.data.files import atomic_write_json
 from experiments.bench.harness import Benchmark
 from experiments.cli import add_timing_arguments, timing_arguments
-from experiments.report import REPO_ROOT, headline_markdown, markdown_table, pareto_plot, summary_table
+from experiments.report import (
+    REPO_ROOT,
+    headline_markdown,
+    markdown_table,
+    pareto_plot,
+    risk_table,
+    summary_table,
+)
 
 BENCH = Benchmark("experiments.bench.staged", __doc__, threads=2)
 TARGETS = (0.70, 0.85)
@@ -274,11 +281,6 @@ def main(argv: list[str] | None = None) -> None:
     ceiling = [as_run(test, c.exits(test), c.name, "ceiling") for c in classifiers]
     fitted = [fit_for_latency(train, t) for t in TARGETS]
     fitted_runs = [as_run(test, r.exits(test), r.label(), "fitted") for r in fitted]
-    risk = [  # (delta, rule, its test run), or (delta, None, why it was refused), margin rules first
-        (d, None, rc) if isinstance(rc, str) else (d, rc, as_run(test, rc.rule.exits(test), rc.rule.label(), "risk"))
-        for d, rc in [*rules.risk, *rules.risk_classifier]
-    ]
-    risk_scores = ["margin"] * len(rules.risk) + ["stop classifier"] * len(rules.risk_classifier)
     # The hindsight exit: each input stops at its earliest depth whose answer agrees with dense (the
     # stopping headroom; mixed with running everything it traces a line, like the static oracle).
     G = test.groups
@@ -311,34 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     fit_tab = markdown_table(
         ["rule (threshold fitted on train)", "test latency ÷ dense", "agreement", "static hull there", "raw"], fit_rows
     )
-    risk_rows = []
-    for (d, rc, run), score in zip(risk, risk_scores, strict=True):
-        if rc is None:
-            risk_rows.append([f"{d:g}", f"{1 - d:.2f}", score, "refused", run, "—", "—"])
-            continue
-        risk_rows.append(
-            [
-                f"{d:g}",
-                f"{1 - d:.2f}",
-                score,
-                rc.setting_text(),
-                f"{run.rel.mean():.3f}",
-                f"{1 - run.lat.mean():.1%}",
-                f"{run.extra['stopped_early']:.0%}",
-            ]
-        )
-    risk_tab = markdown_table(
-        [
-            "δ",
-            "requested agreement",
-            "stops on",
-            "certified",
-            "test agreement",
-            "latency saved",
-            "inputs stopped early",
-        ],
-        risk_rows,
-    )
+    risk_tab = risk_table(rules.evaluate(test)[1])
     best = _verdict(rows_h)
     cv_round = {k_: round(v, 4) if isinstance(v, float) else v for k_, v in cv_losses.items()}
     body = (
@@ -401,8 +376,9 @@ def main(argv: list[str] | None = None) -> None:
                     for r in static
                 },
                 "risk": [
-                    {"delta": d, **(rc.to_dict() if rc else {"score": score, "refused": run})}
-                    for (d, rc, run), score in zip(risk, risk_scores, strict=True)
+                    {"delta": d, **({"score": score, "refused": rc} if isinstance(rc, str) else rc.to_dict())}
+                    for score, certified in (("margin", rules.risk), ("stop classifier", rules.risk_classifier))
+                    for d, rc in certified
                 ],
             },
         )
