@@ -451,7 +451,9 @@ def stop_ceiling(
     best = min(losses, key=losses.__getitem__)
     model = _fit_stop(train, float(best.split("=")[1].rstrip(")")), seed)
     saving = 1.0 - train.lat[:, :G].mean(axis=0)
-    return [StopClassifier(model, 1.0 - lam * saving, f"{label} (λ={lam:g})", lam) for lam in lams], losses
+    # lambda = 0 never stops, even where a saturated model predicts agreement 1.0 exactly
+    bars = [1.0 - lam * saving if lam > 0 else np.full(G, np.inf) for lam in lams]
+    return [StopClassifier(model, b, f"{label} (λ={lam:g})", lam) for b, lam in zip(bars, lams, strict=True)], losses
 
 
 RISK_LAMBDAS = tuple(float(x) for x in np.round(np.linspace(0.0, 1.2, 121), 3))  # safest (0: never stops) first

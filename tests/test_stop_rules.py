@@ -125,6 +125,11 @@ def test_risk_controlled_classifier_refuses_what_it_cannot_certify():
     ):
         with pytest.raises(ValueError, match=msg):
             risk_controlled_classifier(synthetic(300), 0.1, 0.1, **kw)
+    # lambda = 0 is the dense model itself, even where the classifier is certain
+    never = stop_ceiling(synthetic(300), [0.0, 0.5])[0][0]
+    test = synthetic(300, seed=5)
+    test.obs[:, :, 1] = 1e6  # margins so large that the predicted agreement saturates at 1.0
+    assert (never.exits(test) == test.groups).all()
     rc = risk_controlled_classifier(synthetic(300), 0.1, 0.1)
     d = rc.to_dict()
     assert d["score"] == "stop classifier" and "lambda" in d and d["n"] == 150
