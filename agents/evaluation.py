@@ -160,6 +160,9 @@ class ExportedController:
         return self.controller.select_plan(obs, ctx.slm, prompt_len=ctx.prompt_len)
 
 
+RUN_COLUMNS = ("raw", "rel", "lat", "latency_s", "flops")  # a Run's per-input figures, in its field order
+
+
 @dataclass
 class Run:
     """One controller's per-input results.
@@ -188,6 +191,28 @@ class Run:
     tasks: list[str]
     decision_s: np.ndarray
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def columns(self) -> dict[str, list[float]]:
+        """The per-input columns :meth:`from_saved` reads back (JSON-ready)."""
+        return {k: getattr(self, k).tolist() for k in RUN_COLUMNS}
+
+    @classmethod
+    def from_saved(
+        cls, summary: Mapping[str, Any], columns: Mapping[str, Sequence[float]], tasks: Sequence[str]
+    ) -> Run:
+        """The run a saved :meth:`summary` and :meth:`columns` describe (the decision time is its median).
+
+        Raises:
+            ValueError: A column whose length is not the number of tasks.
+        """
+        n = len(tasks)
+        cols = [np.asarray(columns[k], float) for k in RUN_COLUMNS]
+        if any(len(c) != n for c in cols):
+            raise ValueError(f"run {summary['name']!r} holds {len(cols[0])} inputs, not {n}")
+        run = cls(summary["name"], summary["family"], *cols, list(tasks), np.full(n, summary["decision_ms"] / 1e3))
+        own = run.summary()  # what summary() computes from the columns; the rest of it was the run's extra
+        run.extra = {k: v for k, v in summary.items() if k not in own}
+        return run
 
     def summary(self) -> dict[str, Any]:
         """Means and latency percentiles."""

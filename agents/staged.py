@@ -293,6 +293,11 @@ class RiskControlled:
         return "stop classifier" if isinstance(self.rule, StopClassifier) else "margin"
 
     @property
+    def setting_key(self) -> str:
+        """The setting's name in records: ``"threshold"`` (margin) or ``"lambda"`` (classifier)."""
+        return "lambda" if isinstance(self.rule, StopClassifier) else "threshold"
+
+    @property
     def setting(self) -> float:
         """The certified margin threshold (``inf``: never stops) or the classifier's lambda (0: never stops)."""
         return float(self.rule.lam if isinstance(self.rule, StopClassifier) else self.rule.threshold)
@@ -307,10 +312,9 @@ class RiskControlled:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         x = self.setting
-        key = "lambda" if isinstance(self.rule, StopClassifier) else "threshold"
         return {
             "score": self.score,
-            key: x if math.isfinite(x) else None,
+            self.setting_key: x if math.isfinite(x) else None,
             **self.choice.to_dict(),
             "grid": [g if math.isfinite(g) else None for g in self.grid],
         }
@@ -769,6 +773,17 @@ class StopRules:
     classifiers: list[StopClassifier] | str = field(default_factory=list)
     risk_classifier: list[tuple[float, RiskControlled | str]] = field(default_factory=list)
 
+    def certifications(self) -> list[tuple[str, str, float, RiskControlled | str]]:
+        """Every risk-controlled stop: ``(what it stops on, its family, delta, the rule or why it was refused)``."""
+        return [
+            (score, family, delta, rc)
+            for score, family, risk in (
+                ("margin", RISK_FAMILY, self.risk),
+                ("stop classifier", RISK_CLASSIFIER_FAMILY, self.risk_classifier),
+            )
+            for delta, rc in risk
+        ]
+
     def evaluate(self, table: ExitTable) -> tuple[list[Any], list[dict[str, Any]]]:
         """The rules' runs on ``table`` (CALM grid, stop classifier, each certified risk rule) and the risk records."""
         runs = [
@@ -778,31 +793,24 @@ class StopRules:
         if not isinstance(self.classifiers, str):
             runs += [as_run(table, c.exits(table), c.name, CLASSIFIER_FAMILY) for c in self.classifiers]
         records = []
-        for family, risk in ((RISK_FAMILY, self.risk), (RISK_CLASSIFIER_FAMILY, self.risk_classifier)):
-            score = "stop classifier" if family == RISK_CLASSIFIER_FAMILY else "margin"
-            for delta, rc in risk:
-                rec: dict[str, Any] = {
-                    "delta": delta,
-                    "requested": 1.0 - delta,
-                    "epsilon": self.epsilon,
-                    "score": score,
+        for score, family, delta, rc in self.certifications():
+            rec: dict[str, Any] = {"delta": delta, "requested": 1.0 - delta, "epsilon": self.epsilon, "score": score}
+            if isinstance(rc, str):
+                records.append(rec | {"refused": rc})
+                continue
+            run = as_run(table, rc.rule.exits(table), rc.rule.label(), family)
+            runs.append(run)
+            x = rc.setting
+            records.append(
+                rec
+                | {
+                    rc.setting_key: x if math.isfinite(x) else None,
+                    "certified": rc.setting_text(),
+                    "agreement": float(run.rel.mean()),
+                    "latency_saved": float(1.0 - run.lat.mean()),
+                    "stopped_early": float(run.extra["stopped_early"]),
                 }
-                if isinstance(rc, str):
-                    records.append(rec | {"refused": rc})
-                    continue
-                run = as_run(table, rc.rule.exits(table), rc.rule.label(), family)
-                runs.append(run)
-                x = rc.setting
-                records.append(
-                    rec
-                    | {
-                        "threshold" if score == "margin" else "lambda": x if math.isfinite(x) else None,
-                        "certified": rc.setting_text(),
-                        "agreement": float(run.rel.mean()),
-                        "latency_saved": float(1.0 - run.lat.mean()),
-                        "stopped_early": float(run.extra["stopped_early"]),
-                    }
-                )
+            )
         return runs, records
 
 

@@ -454,10 +454,9 @@ def _stop_rules(cfg: DictConfig, table: Any) -> Any:
     from agents.staged import fit_stop_rules
 
     rules = fit_stop_rules(table, *risk_settings(cfg))
-    for score, risk in (("margin", rules.risk), ("stop classifier", rules.risk_classifier)):
-        for delta, rc in risk:
-            if isinstance(rc, str):
-                log.warning("risk-controlled stop (%s) at delta=%g refused: %s", score, delta, rc)
+    for score, _, delta, rc in rules.certifications():
+        if isinstance(rc, str):
+            log.warning("risk-controlled stop (%s) at delta=%g refused: %s", score, delta, rc)
     if isinstance(rules.classifiers, str):
         log.warning("stop classifier not fitted: %s", rules.classifiers)
     return rules

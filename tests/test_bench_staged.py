@@ -90,3 +90,17 @@ def test_from_reports_names_what_is_missing(tmp_path, monkeypatch):
     short.save(tmp_path / "reports" / "staged_test_mc.npz")
     with pytest.raises(SystemExit, match="holds 120 test inputs, the exit table 60"):
         bench.main(["--from-reports", "--no-write"])
+
+
+def test_a_saved_run_reads_back_as_it_was():
+    """Run.from_saved inverts summary() and columns(): the same figures, the extra entries kept, nothing more."""
+    from agents.evaluation import Run
+
+    rng = np.random.default_rng(0)
+    n = 12
+    cols = [rng.random(n) for _ in range(5)]
+    run = Run("Static(L0.60)", "static", *cols, ["t"] * n, np.full(n, 2e-4), {"throughput_tok_s": 333.0})
+    back = Run.from_saved(json.loads(json.dumps(run.summary())), json.loads(json.dumps(run.columns())), run.tasks)
+    assert back.summary() == run.summary() and back.extra == run.extra
+    with pytest.raises(ValueError, match="holds 12 inputs, not 11"):
+        Run.from_saved(run.summary(), run.columns(), run.tasks[:11])

@@ -50,10 +50,10 @@ from agents.evaluation import (
 )
 from agents.frontier import auc, interp_frontier, upper_hull
 from agents.staged import (
+    CALM_FAMILY,
     RISK_DELTAS,
     RISK_EPSILON,
     ExitTable,
-    MarginThreshold,
     StagedPass,
     as_run,
     exit_depths,
@@ -129,25 +129,11 @@ def interleaved(args: Any, split: str, n: int, candidates: list[Any]) -> tuple[l
     return static, sp.table
 
 
-_SUMMARY_KEYS = (  # Run.summary's own entries; the rest of a saved summary is the run's extra
-    "name",
-    "family",
-    "n",
-    "accuracy_raw",
-    "accuracy_dense_relative",
-    "latency_fraction",
-    "latency_p50_ms",
-    "latency_p95_ms",
-    "flops_fraction",
-    "decision_ms",
-)
-
-
 def saved_run(task: str, tag: str) -> tuple[ExitTable, ExitTable, list[Run], str]:
     """An earlier run's train and test exit tables, static runs and command, as it saved them under reports/.
 
     Raises:
-        SystemExit: A file is missing, naming the command that makes it.
+        SystemExit: A file is missing, or the saved static runs hold other inputs than the test table.
     """
     base = REPO_ROOT / "reports"
     paths = [base / f"staged_train_{task}{tag}.npz", base / f"staged_test_{task}{tag}.npz"]
@@ -157,16 +143,10 @@ def saved_run(task: str, tag: str) -> tuple[ExitTable, ExitTable, list[Run], str
             raise SystemExit(f"--from-reports: {path} is missing; run the benchmark without --from-reports first")
     train, test = ExitTable.load(paths[0]), ExitTable.load(paths[1])
     saved = json.loads(paths[2].read_text())
-    n = len(test.item_ids)
-    static = []
-    for summary in saved["static"]:
-        per = saved["static_per_input"][summary["name"]]
-        cols = [np.asarray(per[k], float) for k in ("raw", "rel", "lat", "latency_s", "flops")]
-        if any(len(c) != n for c in cols):
-            raise SystemExit(f"--from-reports: {paths[2]} holds {len(cols[0])} test inputs, the exit table {n}")
-        decision = np.full(n, summary["decision_ms"] / 1e3)
-        extra = {k: v for k, v in summary.items() if k not in _SUMMARY_KEYS}  # throughput, energy, timing
-        static.append(Run(summary["name"], summary["family"], *cols, list(test.tasks), decision, extra))
+    n, m = len(test.item_ids), len(next(iter(saved["static_per_input"].values()))["rel"])
+    if m != n:
+        raise SystemExit(f"--from-reports: {paths[2]} holds {m} test inputs, the exit table {n}")
+    static = [Run.from_saved(r, saved["static_per_input"][r["name"]], test.tasks) for r in saved["static"]]
     return train, test, static, str(saved["command"])
 
 
@@ -273,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- rules and ceiling, fitted on train
     rules = fit_stop_rules(train, RISK_DELTAS, RISK_EPSILON, grid_size=30)
-    calm = [as_run(test, MarginThreshold(float(g)).exits(test), f"CALM margin ≥ {g:.3g}", "calm") for g in rules.grid]
+    rule_runs, risk_records = rules.evaluate(test)
+    calm = [r for r in rule_runs if r.family == CALM_FAMILY]
     try:
         classifiers, cv_losses = stop_ceiling(train)
     except ValueError as exc:  # e.g. every train stop agrees (or none does): nothing to learn from
@@ -313,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     fit_tab = markdown_table(
         ["rule (threshold fitted on train)", "test latency ÷ dense", "agreement", "static hull there", "raw"], fit_rows
     )
-    risk_tab = risk_table(rules.evaluate(test)[1])
+    risk_tab = risk_table(risk_records)
     best = _verdict(rows_h)
     cv_round = {k_: round(v, 4) if isinstance(v, float) else v for k_, v in cv_losses.items()}
     body = (
@@ -371,14 +352,10 @@ def main(argv: list[str] | None = None) -> None:
                 **({"refitted_by": BENCH.command(argv if argv is not None else sys.argv[1:])} if source else {}),
                 "headline": rows_h,
                 "static": [r.summary() for r in static],
-                "static_per_input": {
-                    r.name: {k: getattr(r, k).tolist() for k in ("rel", "raw", "lat", "latency_s", "flops")}
-                    for r in static
-                },
+                "static_per_input": {r.name: r.columns() for r in static},
                 "risk": [
                     {"delta": d, **({"score": score, "refused": rc} if isinstance(rc, str) else rc.to_dict())}
-                    for score, certified in (("margin", rules.risk), ("stop classifier", rules.risk_classifier))
-                    for d, rc in certified
+                    for score, _, d, rc in rules.certifications()
                 ],
             },
         )
