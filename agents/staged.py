@@ -353,12 +353,14 @@ class StopClassifier:
             agreement reaches its bar (:func:`stop_ceiling` makes them cost-aware).
         name: Operating point label.
         lam: The trade-off that set the bars (:func:`stop_ceiling`; ``nan`` when they were set otherwise).
+        kind: The model's name in :data:`STOP_MODELS` (``""`` when it came from elsewhere).
     """
 
     model: Any
     bars: np.ndarray
     name: str = "learnable ceiling (stop classifier)"
     lam: float = math.nan
+    kind: str = ""
 
     def label(self) -> str:
         """Its name in tables."""
@@ -379,21 +381,53 @@ class StopClassifier:
 CEILING_LAMBDAS = tuple(float(x) for x in np.round(np.linspace(0.02, 1.2, 30), 3))  # stop-cost trade-offs traced
 
 
-def _stop_model(C: float, seed: int) -> Any:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def _logistic(C: float) -> Callable[[int], Any]:
+    def make(seed: int) -> Any:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000, random_state=seed))
+        return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000, random_state=seed))
+
+    return make
 
 
-def _fit_stop(table: ExitTable, C: float, seed: int) -> Any:
+def _boosted(depth: int, rounds: int) -> Callable[[int], Any]:
+    def make(seed: int) -> Any:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        # shallow trees, a slow rate and an L2 penalty: a few hundred inputs per depth are little to fit
+        return HistGradientBoostingClassifier(
+            max_depth=depth,
+            max_iter=rounds,
+            learning_rate=0.03,
+            l2_regularization=1.0,
+            early_stopping=False,
+            random_state=seed,
+        )
+
+    return make
+
+
+STOP_MODELS: dict[str, Callable[[int], Any]] = {
+    **{f"logistic(C={C:g})": _logistic(C) for C in (0.01, 0.1, 1.0, 10.0)},
+    "boosted trees(depth=2)": _boosted(2, 300),
+    "boosted trees(depth=3)": _boosted(3, 200),
+}
+"""The stop classifier's candidate models (name -> factory of a seeded, unfitted model), chosen by
+cross-validation in :func:`stop_ceiling`. Logistic regression ranks stops by a weighted sum of the
+observation; boosted trees also find where a feature matters only at some depths, or only together
+with another (on the embedded model's ``mc`` tables, with 720 train inputs, they fit the agreement
+better out of fold: BENCHMARKS.md, "Staged exits vs static pruning")."""
+
+
+def _fit_stop(table: ExitTable, model: str, seed: int) -> Any:
     n, G, F = table.obs.shape
     x = table.obs.reshape(-1, F).astype(np.float64)
     y = (table.rel[:, :G] >= 1.0).reshape(-1).astype(int)
     if len(np.unique(y)) < 2:
         raise ValueError("every stop agrees (or none does): nothing to learn a stop from")
-    return _stop_model(C, seed).fit(x, y)
+    return STOP_MODELS[model](seed).fit(x, y)
 
 
 def stop_ceiling(
@@ -403,13 +437,15 @@ def stop_ceiling(
     folds: int = 5,
     seed: int = 0,
     label: str = "learnable ceiling",
+    models: Sequence[str] | None = None,
 ) -> tuple[list[StopClassifier], dict[str, float]]:
     """The learnable ceiling of the staged observations: a fitted stop classifier and a cost-aware stop per trade-off.
 
     The classifier predicts, from the observation before step ``t``, the probability ``p_t`` that
-    stopping there agrees with the dense model. Its regularisation strength is chosen by
-    ``folds``-fold cross-validation on ``train`` (by the log-loss of that prediction), then it is
-    refitted on all of ``train``.
+    stopping there agrees with the dense model. The model (:data:`STOP_MODELS`: logistic regression
+    at four strengths, boosted trees at two depths) is chosen by ``folds``-fold cross-validation on
+    ``train`` (by the log-loss of that prediction), then refitted on all of ``train``. With few train
+    inputs the simplest model tends to win; with more, the trees.
 
     A stop after ``t`` groups risks a disagreement (``1 - p_t``) to save the latency of every later
     group (``1 - c_t``, with ``c_t`` the train inputs' mean latency over dense of stopping there).
@@ -425,14 +461,15 @@ def stop_ceiling(
         folds: Cross-validation folds.
         seed: Fold assignment and solver seed.
         label: Operating points are named ``"<label> (λ=…)"``.
+        models: Names in :data:`STOP_MODELS` to choose among (default: all).
 
     Returns:
         The classifiers (one per ``lambda``, sharing one fitted model) and the cross-validated
-        log-loss of every strength tried.
+        log-loss of every model tried.
 
     Raises:
-        ValueError: Fewer inputs than folds, a ``lambda`` that is negative or not finite, or a
-            table whose stops all agree (or none does).
+        ValueError: Fewer inputs than folds, a ``lambda`` that is negative or not finite, an
+            unknown model, or a table whose stops all agree (or none does).
     """
     n, G, F = train.obs.shape
     if n < folds:
@@ -440,24 +477,29 @@ def stop_ceiling(
     lams = [float(x) for x in lambdas]
     if not lams or any(not math.isfinite(x) or x < 0 for x in lams):
         raise ValueError(f"lambdas must be finite and >= 0, got {list(lambdas)}")
+    names = list(STOP_MODELS) if models is None else list(models)
+    unknown = [m for m in names if m not in STOP_MODELS]
+    if not names or unknown:
+        raise ValueError(f"unknown stop models {unknown or names}: choose from {list(STOP_MODELS)}")
     fold_of = np.random.default_rng(seed).permutation(n) % folds
     losses: dict[str, float] = {}
-    for C in (0.01, 0.1, 1.0, 10.0):
+    for name in names:
         tot = 0.0
         for f in range(folds):
             fit, held = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
-            model = _fit_stop(train.subset(fit), C, seed)
+            model = _fit_stop(train.subset(fit), name, seed)
             h = train.subset(held)
             p = model.predict_proba(h.obs.reshape(-1, F).astype(np.float64))[:, 1].clip(1e-6, 1 - 1e-6)
             y = (h.rel[:, :G] >= 1.0).reshape(-1)
             tot += float(-(y * np.log(p) + (~y) * np.log(1 - p)).sum())
-        losses[f"logistic(C={C:g})"] = tot / (n * G)
-    best = min(losses, key=losses.__getitem__)
-    model = _fit_stop(train, float(best.split("=")[1].rstrip(")")), seed)
+        losses[name] = tot / (n * G)
+    kind = min(losses, key=losses.__getitem__)
+    model = _fit_stop(train, kind, seed)
     saving = 1.0 - train.lat[:, :G].mean(axis=0)
     # lambda = 0 never stops, even where a saturated model predicts agreement 1.0 exactly
     bars = [1.0 - lam * saving if lam > 0 else np.full(G, np.inf) for lam in lams]
-    return [StopClassifier(model, b, f"{label} (λ={lam:g})", lam) for b, lam in zip(bars, lams, strict=True)], losses
+    out = [StopClassifier(model, b, f"{label} (λ={lam:g})", lam, kind) for b, lam in zip(bars, lams, strict=True)]
+    return out, losses
 
 
 RISK_LAMBDAS = tuple(float(x) for x in np.round(np.linspace(0.0, 1.2, 121), 3))  # safest (0: never stops) first
@@ -471,6 +513,7 @@ def risk_controlled_classifier(
     fit_share: float = 0.5,
     seed: int = 0,
     lambdas: Sequence[float] = RISK_LAMBDAS,
+    models: Sequence[str] | None = None,
 ) -> RiskControlled:
     """Learn-then-Test on the cost-aware stop classifier: agreement ``>= 1 - delta`` w.p. ``>= 1 - epsilon``.
 
@@ -478,7 +521,8 @@ def risk_controlled_classifier(
     (:func:`stop_ceiling`) is fitted on ``fit_share`` of it, and its ``lambdas`` are tested on the
     rest, from the safest (``lambda = 0``: never stops, the dense model) up, as
     :func:`risk_controlled` tests margin thresholds. Where the readout's margin barely predicts
-    agreement, the classifier still can, and the certified rule stops earlier.
+    agreement, the classifier still can, and the certified rule stops earlier. ``models`` are the
+    :data:`STOP_MODELS` the fit part chooses among (default: all).
 
     Raises:
         ValueError: Too few inputs in the calibration part (the message gives the train inputs
@@ -503,7 +547,7 @@ def risk_controlled_classifier(
         )
     perm = np.random.default_rng(seed).permutation(n)
     fit, cal = train.subset(perm[:k]), train.subset(perm[k:])
-    rules, _ = stop_ceiling(fit, lams, seed=seed, label="stop classifier")
+    rules, _ = stop_ceiling(fit, lams, seed=seed, label="stop classifier", models=models)
     losses = np.stack([1.0 - cal.take(r.exits(cal))["rel"] for r in rules], 1)
     if not np.isin(losses, (0.0, 1.0)).all():
         raise ValueError("risk control needs 0/1 agreement per input (choice or exact items), not graded scores")

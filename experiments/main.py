@@ -347,7 +347,9 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         staged.table.save(out / "staged_test_exits.npz")
         grid = [g if g < float("inf") else None for g in rules.grid.tolist()]
         clf = rules.classifiers
-        clf_rec = clf if isinstance(clf, str) else [{"name": c.name, "bars": c.bars.tolist()} for c in clf]
+        clf_rec = (
+            clf if isinstance(clf, str) else [{"name": c.name, "model": c.kind, "bars": c.bars.tolist()} for c in clf]
+        )
         (out / "stop_rules.json").write_text(
             json.dumps({"risk": records, "grid": grid, "classifier": clf_rec}, indent=1)
         )
@@ -459,6 +461,8 @@ def _stop_rules(cfg: DictConfig, table: Any) -> Any:
             log.warning("risk-controlled stop (%s) at delta=%g refused: %s", score, delta, rc)
     if isinstance(rules.classifiers, str):
         log.warning("stop classifier not fitted: %s", rules.classifiers)
+    elif rules.classifiers:
+        log.info("stop classifier: %s, chosen by cross-validation on the train table", rules.classifiers[0].kind)
     return rules
 
 

@@ -156,7 +156,14 @@ def test_exported_staged_controller_rebuilds_its_environment(tmp_path, discrete)
 
 def test_stop_rules_fit_on_train_and_read_off_a_new_table():
     """The CALM grid gives one run per threshold; a delta too strict for the table is kept with its reason."""
-    from agents.staged import CALM_FAMILY, CLASSIFIER_FAMILY, RISK_CLASSIFIER_FAMILY, RISK_FAMILY, fit_stop_rules
+    from agents.staged import (
+        CALM_FAMILY,
+        CLASSIFIER_FAMILY,
+        RISK_CLASSIFIER_FAMILY,
+        RISK_FAMILY,
+        STOP_MODELS,
+        fit_stop_rules,
+    )
     from tests.test_stop_rules import synthetic
 
     train, test = synthetic(400, seed=1), synthetic(300, seed=2)
@@ -180,6 +187,7 @@ def test_stop_rules_fit_on_train_and_read_off_a_new_table():
     assert [r.family for r in runs].count(RISK_CLASSIFIER_FAMILY) == 1
     clf = [r for r in runs if r.family == CLASSIFIER_FAMILY]
     assert not isinstance(rules.classifiers, str) and len(clf) == len(rules.classifiers) > 5
+    assert len({c.kind for c in rules.classifiers}) == 1 and rules.classifiers[0].kind in STOP_MODELS
     assert clf[0].rel.mean() > 0.9 and clf[-1].lat.mean() < clf[0].lat.mean()
     # a table where every stop agrees fits no classifier: recorded with the reason, the other rules stand
     easy = synthetic(100, seed=3)

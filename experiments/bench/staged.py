@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{risk_tab}\n\n"
         f"**The readout by depth (test inputs)**: the answer read after each group, against the dense answer\n\n"
         f"{readout_table(test, k, groups_layers, classifiers[0].agreement(test) if classifiers else None)}\n\n"
-        f"Learnable ceiling: cross-validated log-loss by strength {json.dumps(cv_round)}.\n\n"
+        f"Learnable ceiling: cross-validated log-loss of each candidate model (the lowest is used) "
+        f"{json.dumps(cv_round)}.\n\n"
         f"**Every operating point**\n\n{summary_table(static + calm[::3] + ceiling[::3] + fitted_runs)}\n\n"
         + ("" if args.quick else f"![Pareto](reports/bench_staged_{args.task}{tag}.png)\n")
     )
