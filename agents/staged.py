@@ -791,6 +791,13 @@ CALM_FAMILY = "CALM threshold (staged, train-fitted)"
 RISK_DELTAS = (0.02, 0.05, 0.10)  # risk-controlled stop: agreement with dense >= 1 - delta on new inputs ...
 RISK_EPSILON = 0.05  # ... with probability >= 1 - epsilon (the main job, experiments.evaluate, bench.staged)
 RISK_FAMILY = "risk-controlled stop (staged)"
+STOP_FIT_ITEMS = 480
+"""Train inputs the stop rules are fitted on unless told otherwise (the main job's ``staged.fit_items:
+null``, ``experiments.evaluate --fit-items``). From about 300 on, cross-validation picks boosted trees
+for the stop classifier on the ``mc`` tables, and Learn-then-Test on the classifier can certify
+delta = 0.02 (its calibration half needs 149 inputs); with 160 the main job's classifier sat +0.044
+over the static hull at 70% of dense latency, with 480 +0.051 (BENCHMARKS.md, "Main job")."""
+
 RISK_CLASSIFIER_FAMILY = "risk-controlled stop classifier (staged)"
 CLASSIFIER_FAMILY = "stop classifier (staged, train-fitted)"
 

@@ -41,7 +41,7 @@ from agents.evaluation import (
     run_controller,
     sweep,
 )
-from agents.staged import RISK_DELTAS, RISK_EPSILON, check_risk_settings
+from agents.staged import RISK_DELTAS, RISK_EPSILON, STOP_FIT_ITEMS, check_risk_settings
 from experiments.cli import add_timing_arguments, timing_arguments
 from experiments.report import (
     headline_markdown,
@@ -196,7 +196,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="layer groups of the stop rules' staged environment (default: PruneGym/Staged's own, 7)",
     )
-    p.add_argument("--fit-items", type=int, default=96, help="with --stop-rules: train inputs they are fitted on")
+    p.add_argument(
+        "--fit-items",
+        type=int,
+        default=STOP_FIT_ITEMS,
+        help=f"with --stop-rules: train inputs they are fitted on (default: {STOP_FIT_ITEMS}, the main job's)",
+    )
     p.add_argument(
         "--deltas",
         type=float,

@@ -236,7 +236,7 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     if cfg.staged.enabled:
-        risk_settings(cfg)  # a bad setting stops here, not after the training
+        risk_settings(cfg), fit_items(cfg)  # a bad setting stops here, not after the training
     rounds, timing_threads = ev.timing_settings(cfg.eval.get("timing_rounds"), cfg.eval.get("timing_threads"))
     workers = ev.workers_for(timing_threads, cfg.eval.get("workers"))
     jobs = training_jobs(cfg)
@@ -411,6 +411,21 @@ def _staged_pass(cfg: DictConfig, ctrls: list[tuple[str, str, Any]], timing_thre
     return staged_pass(lambda kw: env_for(env_kwargs=kw), staged_kwargs(cfg), controllers)
 
 
+def fit_items(cfg: DictConfig) -> int:
+    """Train inputs the stop rules are fitted on: ``staged.fit_items``, else :data:`agents.staged.STOP_FIT_ITEMS`.
+
+    Raises:
+        ValueError: A count below 1.
+    """
+    from agents.staged import STOP_FIT_ITEMS
+
+    n = cfg.staged.get("fit_items")
+    n = STOP_FIT_ITEMS if n is None else int(n)
+    if n < 1:
+        raise ValueError(f"staged.fit_items must be >= 1 (null: {STOP_FIT_ITEMS}), got {n}")
+    return n
+
+
 def risk_settings(cfg: DictConfig) -> tuple[tuple[float, ...], float]:
     """The risk-controlled stop's deltas and epsilon: ``staged.deltas`` / ``staged.epsilon``, else the defaults.
 
@@ -440,7 +455,7 @@ def _fit_table(cfg: DictConfig, threads: int) -> Any:
         model=str(cfg.model.name),
         task=str(cfg.task.name),
         split="train",
-        n_items=int(cfg.staged.fit_items),
+        n_items=fit_items(cfg),
         env_kwargs={**staged_kwargs(cfg), "threads": int(threads), "discrete": True, "calibrate_cost": True},
         cost="calibrated",
         env="Staged",

@@ -196,6 +196,22 @@ def test_the_risk_controlled_stop_has_one_set_of_defaults():
     assert (sig["deltas"].default, sig["epsilon"].default) == (RISK_DELTAS, RISK_EPSILON)
 
 
+def test_the_stop_rules_fit_on_one_default_count():
+    """The main job (fit_items null) and experiments.evaluate fit the stop rules on the same train inputs."""
+    from agents.staged import STOP_FIT_ITEMS
+    from experiments.evaluate import parser
+    from experiments.main import fit_items
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        default = compose("main")
+        chosen = compose("main", overrides=["staged.fit_items=64"])
+        bad = compose("main", overrides=["staged.fit_items=0"])
+    assert fit_items(default) == STOP_FIT_ITEMS == parser().parse_args(["--stop-rules"]).fit_items
+    assert fit_items(chosen) == 64
+    with pytest.raises(ValueError, match="staged.fit_items must be >= 1"):
+        fit_items(bad)
+
+
 def test_the_main_job_shares_its_training_among_processes_by_budget(monkeypatch):
     """One process per thread of the model's (at most the cores); longest budgets first; the fit where least is left."""
     import envs.measure.meters as meters
