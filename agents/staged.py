@@ -528,9 +528,36 @@ def risk_controlled_classifier(
         ValueError: Too few inputs in the calibration part (the message gives the train inputs
             needed), a classifier the fit part cannot fit, or graded (not 0/1) scores.
     """
+    (out,) = risk_controlled_classifiers(
+        train, [delta], epsilon, fit_share=fit_share, seed=seed, lambdas=lambdas, models=models
+    )
+    if isinstance(out, str):
+        raise ValueError(out)
+    return out
+
+
+def risk_controlled_classifiers(
+    train: ExitTable,
+    deltas: Sequence[float],
+    epsilon: float = 0.05,
+    *,
+    fit_share: float = 0.5,
+    seed: int = 0,
+    lambdas: Sequence[float] = RISK_LAMBDAS,
+    models: Sequence[str] | None = None,
+) -> list[RiskControlled | str]:
+    """:func:`risk_controlled_classifier` for every delta, from one classifier fitted on one split.
+
+    A delta whose calibration part is too small is refused, with the reason, in its place; the
+    classifier is fitted only if some delta can be certified.
+
+    Raises:
+        ValueError: A bad delta, epsilon, ``fit_share`` or ``lambdas``, a classifier the fit part
+            cannot fit, or graded (not 0/1) scores.
+    """
     from agents.risk import check_level, ltt_select, min_calibration
 
-    delta, epsilon = check_level("delta", delta), check_level("epsilon", epsilon)
+    deltas, epsilon = [check_level("delta", d) for d in deltas], check_level("epsilon", epsilon)
     if not 0.0 < fit_share < 1.0:
         raise ValueError(f"fit_share must be in (0, 1), got {fit_share}")
     lams = [float(x) for x in lambdas]
@@ -538,22 +565,31 @@ def risk_controlled_classifier(
         raise ValueError("lambdas must rise from 0 (never stops), the safest candidate first")
     n = len(train.item_ids)
     k = int(round(n * fit_share))
-    needed = min_calibration(delta, epsilon)
-    if n - k < needed:
+    out: list[RiskControlled | str] = []
+    for delta in deltas:
+        needed = min_calibration(delta, epsilon)
         total = math.ceil(needed / (1.0 - fit_share))
-        raise ValueError(
+        out.append(
             f"delta={delta} and epsilon={epsilon} need {needed} calibration inputs; with {1 - fit_share:.0%} of the "
             f"train table calibrating (the rest fits the classifier) that is about {total} train inputs, got {n}"
+            if n - k < needed
+            else ""
         )
+    if all(out):
+        return out
     perm = np.random.default_rng(seed).permutation(n)
     fit, cal = train.subset(perm[:k]), train.subset(perm[k:])
     rules, _ = stop_ceiling(fit, lams, seed=seed, label="stop classifier", models=models)
     losses = np.stack([1.0 - cal.take(r.exits(cal))["rel"] for r in rules], 1)
     if not np.isin(losses, (0.0, 1.0)).all():
         raise ValueError("risk control needs 0/1 agreement per input (choice or exact items), not graded scores")
-    choice = ltt_select(losses, delta, epsilon)
-    rule = replace(rules[choice.index], name=f"risk-controlled classifier (delta={delta:g}, eps={epsilon:g})")
-    return RiskControlled(rule, choice, tuple(lams))
+    for i, delta in enumerate(deltas):
+        if out[i]:
+            continue
+        choice = ltt_select(losses, delta, epsilon)
+        rule = replace(rules[choice.index], name=f"risk-controlled classifier (delta={delta:g}, eps={epsilon:g})")
+        out[i] = RiskControlled(rule, choice, tuple(lams))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- as runs
@@ -897,13 +933,16 @@ def fit_stop_rules(
     """
     deltas, epsilon = check_risk_settings(deltas, epsilon)
     risk: list[tuple[float, RiskControlled | str]] = []
-    risk_clf: list[tuple[float, RiskControlled | str]] = []
     for delta in deltas:
-        for out, fit in ((risk, risk_controlled), (risk_clf, risk_controlled_classifier)):
-            try:
-                out.append((float(delta), fit(train, float(delta), float(epsilon))))
-            except ValueError as exc:
-                out.append((float(delta), str(exc)))
+        try:
+            risk.append((float(delta), risk_controlled(train, float(delta), float(epsilon))))
+        except ValueError as exc:
+            risk.append((float(delta), str(exc)))
+    try:  # one classifier fitted on one half of the table, certified for every delta
+        certified: list[RiskControlled | str] = risk_controlled_classifiers(train, deltas, epsilon)
+    except ValueError as exc:
+        certified = [str(exc)] * len(deltas)
+    risk_clf = [(float(d), rc) for d, rc in zip(deltas, certified, strict=True)]
     classifiers: list[StopClassifier] | str
     try:
         classifiers = stop_ceiling(train, CEILING_LAMBDAS[::2], label="stop classifier")[0]

@@ -236,7 +236,8 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     if cfg.staged.enabled:
-        risk_settings(cfg), fit_items(cfg)  # a bad setting stops here, not after the training
+        risk_settings(cfg)  # a bad setting stops here, not after the training
+        fit_items(cfg)
     rounds, timing_threads = ev.timing_settings(cfg.eval.get("timing_rounds"), cfg.eval.get("timing_threads"))
     workers = ev.workers_for(timing_threads, cfg.eval.get("workers"))
     jobs = training_jobs(cfg)
