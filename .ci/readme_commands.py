@@ -164,6 +164,8 @@ TABLE: list[Run | Skip] = [
     Run("python -m experiments.evaluate --pareto --stop-rules --controller outputs/main/<run>/controllers/staged_dqn_lam0.5",  # noqa: E501
         "--model tiny-llama --task generated --n-items 4 --fit-items 30 --out evaluate-staged",
         fill={"<run>": "$MAIN_RUN"}),
+    Run("python -m experiments.evaluate --pareto --controller outputs/main/<run>/controllers/stop_classifier_lat0.70",  # noqa: E501
+        "--model tiny-llama --task generated --n-items 4 --out evaluate-stop", fill={"<run>": "$MAIN_RUN"}),
     Run("python -m experiments.export outputs/train/<run> --out my-controller", fill={"<run>": "$TRAIN_RUN"}),
     Run("python -m experiments.publish my-controller --repo-id me/prunegym-ppo --dry-run /tmp/upload",
         "--dry-run upload"),

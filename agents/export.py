@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import math
 import shutil
 import warnings
 from collections.abc import Callable, Mapping
@@ -51,6 +52,7 @@ from envs.measure.meters import device_description, package_versions
 
 if TYPE_CHECKING:
     from agents.bandit import BanditController
+    from agents.staged import ExitTable, RiskControlled, StopClassifier
     from envs.runtime.sparse_lm import SparseLM
 
 ONNX_OPSET = 17
@@ -133,6 +135,64 @@ class LinearArgmax(torch.nn.Module):
         """Arm indices (int64) for a batch of observations."""
         x = (obs.to(torch.float64) - self.mean) / self.std
         return torch.argmax(x @ self.weight.t() + self.bias, dim=-1)
+
+
+class StopPolicy(torch.nn.Module):
+    """A stop classifier's operating point as a staged policy: stop (0) where ``P(agree) >= bar[step]``, else go on.
+
+    ``P(agree)`` is :func:`agents.staged.stop_model_arrays`' model (boosted trees or logistic
+    regression) evaluated in float64 as scikit-learn does; the step is read off the observation's
+    ``step`` entry (``t / steps``), so the policy needs nothing but the observation.
+
+    Args:
+        arrays: :func:`agents.staged.stop_model_arrays` of the fitted model.
+        bars: ``[steps]``: the bar each step's predicted agreement must reach to stop.
+        step_index: Position of the ``step`` entry in the observation.
+        go_on: The action that runs the next group (the one the exit table was built with).
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], bars: np.ndarray, step_index: int, go_on: int) -> None:
+        super().__init__()
+        bars = np.asarray(bars, dtype=np.float64)
+        if bars.ndim != 1 or len(bars) < 1 or np.isnan(bars).any():
+            raise ValueError(f"bars must be one number per step, got {bars!r}")
+        self.trees = "feature" in arrays
+        for k, v in arrays.items():
+            self.register_buffer(k, torch.as_tensor(np.ascontiguousarray(v)))
+        self.register_buffer("bars", torch.as_tensor(bars))
+        self.step_index, self.go_on = int(step_index), int(go_on)
+        self.depth = 0
+        if self.trees:  # levels to walk: to the deepest leaf (a leaf is its own child, so extra levels stay put)
+            left, right = np.asarray(arrays["left"]), np.asarray(arrays["right"])
+            reach = {(t, 0) for t in range(len(left))}
+            while any(left[t, n] != n for t, n in reach):
+                reach = {(t, int(c)) for t, n in reach for c in (left[t, n], right[t, n])}
+                self.depth += 1
+                if self.depth > left.shape[1]:
+                    raise ValueError("the trees' children form a cycle")
+
+    def probability(self, obs: torch.Tensor) -> torch.Tensor:
+        """``[batch]``: the predicted probability that stopping now agrees with the dense model."""
+        x = obs.to(torch.float64)
+        if not self.trees:
+            return torch.sigmoid(((x - self.mean) / self.scale) @ self.coef + self.intercept)
+        T, M = self.feature.shape
+        offset = torch.arange(T, device=x.device).unsqueeze(0) * M  # [1, T]: each tree's first node, flattened
+        node = torch.zeros(x.shape[0], T, dtype=torch.int64, device=x.device)
+        for _ in range(self.depth):
+            at = node + offset
+            xv = torch.gather(x, 1, self.feature.reshape(-1)[at])
+            nan = torch.isnan(xv)  # (a boolean Where has no onnxruntime kernel: logic instead)
+            left = (nan & (self.missing_left.reshape(-1)[at] > 0)) | (~nan & (xv <= self.threshold.reshape(-1)[at]))
+            node = torch.where(left, self.left.reshape(-1)[at], self.right.reshape(-1)[at])
+        return torch.sigmoid(self.baseline + self.value.reshape(-1)[node + offset].sum(dim=1))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Actions (int64): 0 stops, :attr:`go_on` runs the next group."""
+        steps = self.bars.shape[0]
+        step = torch.round(obs[:, self.step_index].to(torch.float64) * steps).to(torch.int64).clamp(0, steps - 1)
+        stop = self.probability(obs) >= self.bars[step]
+        return torch.where(stop, torch.zeros_like(step), torch.full_like(step, self.go_on))
 
 
 def _nanmean_symbolic(g: Any, x: Any, dim: Any, keepdim: Any, dtype: Any) -> Any:
@@ -288,7 +348,12 @@ def render_readme(card: Mapping[str, Any], has_pareto: bool) -> str:
     kind = iface["kind"]
     probe = obs.get("probe")
     sees = f"probe of the prompt's first {probe['layers']} layers" if probe else "features of each decoding step"
-    acts = {"per_input": "on each input.", "layer_by_layer": "layer group by layer group.", "per_token": "per token."}
+    acts = {
+        "per_input": "on each input.",
+        "layer_by_layer": "layer group by layer group.",
+        "per_token": "per token.",
+        "staged": "layer group by layer group, reading the model's own answer after each, and when to stop.",
+    }
     data = env.get("data") or {}
     lines = [
         "---",
@@ -303,27 +368,20 @@ def render_readme(card: Mapping[str, Any], has_pareto: bool) -> str:
         "",
         f"Trained on the `{data.get('split')}` split of `{data.get('task')}` ({data.get('items')} items).",
         "",
-        "## Metrics",
-        "",
     ]
-    rows = []
-    for split, values in (("training (last iteration)", m.get("train")), ("held-out", m.get("held_out"))):
-        if values:
-            cells = [_fmt(values.get(k)) for k in ("reward", "accuracy", "cost")]
-            rows.append(f"| {split} | " + " | ".join(cells) + " |")
-    if rows:
-        lines += ["| split | reward | accuracy | cost |", "|---|---|---|---|", *rows, ""]
-        if m.get("source"):
-            lines += [f"From the training run's {m['source']}.", ""]
+    pol = card.get("policy") or {}
+    if pol.get("type") == "stop-classifier":  # fitted, not trained: the stop rule and its train figures
+        lines += _stop_rule_lines(pol)
     else:
-        lines += ["No metrics were recorded with this export.", ""]
+        lines += ["## Metrics", "", *_metrics_lines(m)]
     if has_pareto:
         lines += [f"![accuracy against cost]({PARETO_FILE})", ""]
-    action = (
-        f"Box {act['shape']} keep fractions [layers, heads, mlp] for {len(act['groups'])} layer groups"
-        if act["kind"] == "box"
-        else f"one of {act['n']} preset plans (keep fractions in `card.json`, `interface.action.presets`)"
-    )
+    if act["kind"] == "box":
+        action = f"Box {act['shape']} keep fractions [layers, heads, mlp] for {len(act['groups'])} layer groups"
+    elif kind == "staged":
+        action = f"one of {act['n']}: {act.get('stop')} (presets in `card.json`, `interface.action.presets`)"
+    else:
+        action = f"one of {act['n']} preset plans (keep fractions in `card.json`, `interface.action.presets`)"
     lines += [
         "## Details",
         "",
@@ -338,20 +396,80 @@ def render_readme(card: Mapping[str, Any], has_pareto: bool) -> str:
         "",
         "```python",
         "from agents.controller import Controller",
-        "from agents.adaptive import adaptive_generate",
-        "from envs.runtime.sparse_lm import SparseLM",
+    ]
+    if kind == "staged":  # it decides stage by stage inside the environment its card describes
+        lines += [
+            "from agents.evaluation import evaluation_env",
+            "from agents.staged import StagedController, episode, staged_env_kwargs",
+            "",
+            'controller = Controller.from_pretrained("path/to/this/folder")  # checks hashes, no Ray',
+            f'env = evaluation_env(model="{model["id"]}", task="{data.get("task")}", split="test", '
+            'env_kwargs=staged_env_kwargs(controller.card), env="Staged")',
+            "info, decide_s = episode(env, 0, StagedController(controller, env))  # one held-out input",
+            'print(info["groups_run"], info["accuracy_dense_relative"], info["latency_fraction"])',
+            "```",
+            "",
+            "Or measured beside static pruning: `python -m experiments.evaluate --pareto --controller "
+            f"path/to/this/folder --task {data.get('task')}`.",
+            "",
+        ]
+    else:
+        lines += [
+            "from agents.adaptive import adaptive_generate",
+            "from envs.runtime.sparse_lm import SparseLM",
+            "",
+            f'slm = SparseLM.from_pretrained("{model["id"]}")',
+            'controller = Controller.from_pretrained("path/to/this/folder", slm)  # checks hashes, no Ray',
+            'ids = slm.tokenizer("The capital of France is", return_tensors="pt").input_ids',
+            "out = adaptive_generate(slm, controller, ids, max_new_tokens=32)",
+            "print(slm.tokenizer.decode(out.sequences[0]), out.plans[0].describe())",
+            "```",
+            "",
+            "Or decide only: `controller.select_action(observation)` / `controller.select_plan(observation, slm)`.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _metrics_lines(m: Mapping[str, Any]) -> list[str]:
+    """The model card's metrics of a trained policy: training and held-out reward, accuracy and cost."""
+    rows = []
+    for split, values in (("training (last iteration)", m.get("train")), ("held-out", m.get("held_out"))):
+        if values:
+            cells = [_fmt(values.get(k)) for k in ("reward", "accuracy", "cost")]
+            rows.append(f"| {split} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ["No metrics were recorded with this export.", ""]
+    lines = ["| split | reward | accuracy | cost |", "|---|---|---|---|", *rows, ""]
+    if m.get("source"):
+        lines += [f"From the training run's {m['source']}.", ""]
+    return lines
+
+
+def _stop_rule_lines(pol: Mapping[str, Any]) -> list[str]:
+    """The model card's section on a stop classifier: its model, trade-off, train figures and certificate."""
+    train = pol.get("train_table") or {}
+    lam = pol.get("lambda")
+    lines = [
+        "## Stop rule",
         "",
-        f'slm = SparseLM.from_pretrained("{model["id"]}")',
-        'controller = Controller.from_pretrained("path/to/this/folder", slm)  # checks hashes, no Ray',
-        'ids = slm.tokenizer("The capital of France is", return_tensors="pt").input_ids',
-        "out = adaptive_generate(slm, controller, ids, max_new_tokens=32)",
-        "print(slm.tokenizer.decode(out.sequences[0]), out.plans[0].describe())",
-        "```",
+        f"After each layer group a {pol.get('model')} model predicts, from the observation, the probability that "
+        "answering now agrees with the dense model; the controller stops at the first step where it reaches that "
+        "step's bar (`card.json`, `policy.bars`)"
+        + (f", set by the trade-off λ = {lam:g} between the risk and the latency a stop saves." if lam else "."),
         "",
-        "Or decide only: `controller.select_action(observation)` / `controller.select_plan(observation, slm)`.",
+        f"On its {train.get('inputs')} train inputs ({train.get('cost')} cost, in sample): agreement with dense "
+        f"{_fmt(train.get('agreement'))} at {_fmt(train.get('latency_fraction'))} of dense latency.",
         "",
     ]
-    return "\n".join(lines)
+    cert = pol.get("certificate")
+    if cert:
+        lines += [
+            f"**Certified** (Learn-then-Test on {cert.get('n')} calibration inputs the model never saw, "
+            f"{cert.get('errors')} disagreements): {cert.get('guarantee')}.",
+            "",
+        ]
+    return lines
 
 
 def _fmt(value: Any) -> str:
@@ -539,6 +657,105 @@ def export_rllib_module(
         policy_card=policy_card,
         action_kind=kind,
         action_size=size,
+        **kwargs,
+    )
+
+
+STOP_ALGO = "stop classifier"
+
+
+def export_stop_classifier(
+    classifier: StopClassifier,
+    table: ExitTable,
+    out: str | Path,
+    *,
+    slm: SparseLM,
+    certified: RiskControlled | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Export one operating point of a fitted stop classifier as a staged controller folder.
+
+    The controller decides each step of the staged environment the classifier's train exit table
+    came from (``table.meta``: its description, the action that ran each group): it stops where the
+    predicted agreement reaches the step's bar (:class:`StopPolicy`), else runs the next group as the
+    table did. The card's ``policy`` section records the model, its bars and trade-off, what the
+    operating point gave on ``table``, and, for a Learn-then-Test operating point, the certificate.
+
+    Args:
+        classifier: The operating point (its ``model`` one :data:`agents.staged.STOP_MODELS` makes).
+        table: The train exit table it was fitted on (for a certified one, the whole table whose one
+            part fitted it and the other certified it).
+        out: Target folder (must not exist unless ``force``).
+        slm: The model the table ran (checked by weights hash).
+        certified: The Learn-then-Test record when ``classifier`` is its certified rule.
+        **kwargs: ``model_id``, ``trained_on``, ``pareto``, ``force`` (see :func:`export_policy`).
+
+    Raises:
+        ValueError: The table is not a discrete staged environment's, its groups ran another action
+            than one index, or the classifier has bars for another number of steps.
+    """
+    from agents.staged import stop_model_arrays
+
+    env_config = table.meta.get("env") or {}
+    iface = env_config.get("interface") or {}
+    if iface.get("kind") != "staged" or iface.get("action", {}).get("kind") != "discrete":
+        raise ValueError("a stop classifier exports from the exit table of a discrete staged environment")
+    go_on = table.meta.get("group_action", 1)  # tables saved before it was recorded ran the dense preset
+    if isinstance(go_on, list | dict) or go_on is None:
+        raise ValueError(f"the exit table's groups ran {go_on!r}, not one discrete action")
+    if len(classifier.bars) != table.groups:
+        raise ValueError(f"the classifier has bars for {len(classifier.bars)} steps, its table {table.groups}")
+    if certified is not None and certified.rule is not classifier:
+        raise ValueError("the certificate is another rule's: pass the certified RiskControlled's own rule")
+    arrays = stop_model_arrays(classifier.model)
+    bars = np.asarray(classifier.bars, dtype=np.float64)
+    got = table.take(classifier.exits(table))
+    lam = classifier.lam
+    policy_card = {
+        "type": "stop-classifier",
+        "model": classifier.kind,
+        "name": classifier.name,
+        "lambda": lam if math.isfinite(lam) else None,
+        "bars": [b if math.isfinite(b) else None for b in bars.tolist()],  # null: that step never stops
+        "go_on": int(go_on),
+        "step_feature": "step",
+        "deterministic": "stop (action 0) at the first step whose predicted agreement with the dense model reaches "
+        f"that step's bar, else action {int(go_on)} (what the exit table ran); float64, as scikit-learn predicts",
+        "weights": f"{WEIGHTS_FILE}: "
+        + (
+            "trees [trees, nodes]: feature, threshold, left, right, missing_left, value; baseline"
+            if "feature" in arrays
+            else "mean, scale, coef, intercept"
+        )
+        + "; bars",
+        "train_table": {
+            "inputs": len(table.item_ids),
+            "cost": table.meta.get("cost"),
+            "agreement": float(got["rel"].mean()),
+            "latency_fraction": float(got["lat"].mean()),
+            "in_sample": True,
+        },
+        "certificate": None
+        if certified is None
+        else {
+            **certified.to_dict(),
+            "guarantee": f"agreement with the dense model >= {1 - certified.choice.delta:g} on new inputs of the "
+            f"same distribution, with probability >= {1 - certified.choice.epsilon:g} (Learn-then-Test, binomial "
+            "tail bound on the calibration part of the train table)",
+        },
+    }
+    policy = StopPolicy(arrays, bars, list(iface["observation"]["features"]).index("step"), int(go_on))
+    tensors = {k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in arrays.items()} | {"bars": torch.as_tensor(bars)}
+    return export_policy(
+        policy,
+        out,
+        algo=STOP_ALGO,
+        env_config=env_config,
+        slm=slm,
+        tensors=tensors,
+        policy_card=policy_card,
+        action_kind="discrete",
+        action_size=int(iface["action"]["n"]),
         **kwargs,
     )
 

@@ -20,6 +20,10 @@ Rules that only stop (dense groups otherwise) are then evaluated by look-up:
   disagreeing is small against the latency the stop saves.
 - :func:`risk_controlled_classifier`: Learn-then-Test on that classifier's trade-off instead of
   the margin, the classifier fitted on one half of the train inputs and certified on the other.
+
+The stop classifier's operating points export as staged controllers
+(:func:`agents.export.export_stop_classifier`, the fitted model as plain arrays:
+:func:`stop_model_arrays`); :func:`controller_exits` reads an exported one's stops off a table.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class ExitTable:
         flops: ``[n, G + 1]``: decoder FLOPs fraction.
         prompt_tokens: ``[n]``: prompt length.
         feature_names: Names of the observation's entries.
-        meta: Where it came from (environment config, cost kind).
+        meta: Where it came from (environment config, cost kind, the action that ran each group).
     """
 
     item_ids: list[str]
@@ -178,6 +182,7 @@ def exit_row(env: Any, index: int, action: Any = None) -> dict[str, Any]:
             row[k][t] = res[key]
     env.close_episode()
     row.update(dense_s=last["dense_latency_s"], item_id=info["item_id"], task=info["task"])
+    row["group_action"] = np.asarray(action).tolist()  # what ran each group (an exported stop rule runs it too)
     row["tokens"] = info["prompt_tokens"]
     return row
 
@@ -210,7 +215,7 @@ def table_of(rows: Sequence[dict[str, Any]], env: Any) -> ExitTable:
         dense_s=np.array([r["dense_s"] for r in rows]),
         prompt_tokens=np.array([r["tokens"] for r in rows]),
         feature_names=list(env.interface.feature_names),
-        meta={"env": env.config(), "cost": env.cost_kind},
+        meta={"env": env.config(), "cost": env.cost_kind, "group_action": rows[0].get("group_action")},
         **cols,
     )
 
@@ -419,6 +424,64 @@ cross-validation in :func:`stop_ceiling`. Logistic regression ranks stops by a w
 observation; boosted trees also find where a feature matters only at some depths, or only together
 with another (on the embedded model's ``mc`` tables, with 720 train inputs, they fit the agreement
 better out of fold: BENCHMARKS.md, "Staged exits vs static pruning")."""
+
+
+def stop_model_arrays(model: Any) -> dict[str, np.ndarray]:
+    """A fitted :data:`STOP_MODELS` model as plain arrays: what an exported stop controller evaluates.
+
+    Boosted trees: ``[trees, nodes]`` arrays (padded) of each node's feature, threshold, children,
+    the side a missing value takes and its value, a leaf being its own child, and the ``baseline``
+    log-odds; ``P(agree) = sigmoid(baseline + sum of the leaves reached)``, a node sending ``x`` left
+    when ``x[feature] <= threshold``. Logistic regression: the standardisation (``mean``, ``scale``),
+    ``coef`` and ``intercept``; ``P(agree) = sigmoid(coef . (x - mean) / scale + intercept)``.
+    Everything float64, as scikit-learn predicts.
+
+    Raises:
+        ValueError: A model that is not one :data:`STOP_MODELS` makes (or not fitted, or not binary).
+    """
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if isinstance(model, HistGradientBoostingClassifier):
+        if not hasattr(model, "_predictors") or model.n_trees_per_iteration_ != 1:
+            raise ValueError("a stop model is a fitted binary classifier")
+        trees = [p[0].nodes for p in model._predictors]
+        if any(t["is_categorical"].any() for t in trees):
+            raise ValueError("categorical splits do not export")
+        T, M = len(trees), max(len(t) for t in trees)
+        own = np.tile(np.arange(M), (T, 1))
+        out = {
+            "feature": np.zeros((T, M), np.int64),
+            "threshold": np.zeros((T, M)),
+            "left": own.copy(),
+            "right": own.copy(),
+            "missing_left": np.zeros((T, M), np.int64),
+            "value": np.zeros((T, M)),
+        }
+        for i, nodes in enumerate(trees):
+            m = len(nodes)
+            inner = ~nodes["is_leaf"].astype(bool)
+            out["feature"][i, :m] = np.where(inner, nodes["feature_idx"], 0)
+            out["threshold"][i, :m] = np.where(inner, nodes["num_threshold"], np.inf)
+            out["left"][i, :m] = np.where(inner, nodes["left"], np.arange(m))
+            out["right"][i, :m] = np.where(inner, nodes["right"], np.arange(m))
+            out["missing_left"][i, :m] = nodes["missing_go_to_left"]
+            out["value"][i, :m] = np.where(inner, 0.0, nodes["value"])
+        return out | {"baseline": np.asarray(model._baseline_prediction, np.float64).reshape(1)}
+    if isinstance(model, Pipeline) and len(model.steps) == 2:
+        scaler, lr = model.steps[0][1], model.steps[1][1]
+        if isinstance(scaler, StandardScaler) and isinstance(lr, LogisticRegression) and hasattr(lr, "coef_"):
+            if lr.coef_.shape[0] != 1:
+                raise ValueError("a stop model is a fitted binary classifier")
+            return {
+                "mean": np.asarray(scaler.mean_, np.float64),
+                "scale": np.asarray(scaler.scale_, np.float64),
+                "coef": np.asarray(lr.coef_[0], np.float64),
+                "intercept": np.asarray(lr.intercept_, np.float64).reshape(1),
+            }
+    raise ValueError(f"{type(model).__name__} is not a fitted stop model ({list(STOP_MODELS)})")
 
 
 def _fit_stop(table: ExitTable, model: str, seed: int) -> Any:
@@ -899,6 +962,69 @@ class StopRules:
                 }
             )
         return runs, records
+
+
+def at_latency(classifier: StopClassifier, train: ExitTable, target: float) -> StopClassifier:
+    """The operating point of ``classifier``'s model whose mean latency on ``train`` is ``target`` (or nearest).
+
+    The bars are the cost-aware ones of :func:`stop_ceiling` (``1 - lambda * saving``, the same
+    per-step savings), with the trade-off ``lambda`` found by bisection: a larger one stops earlier.
+    In sample, and in the train table's cost.
+
+    Raises:
+        ValueError: ``classifier`` has no cost-aware trade-off (``lambda`` not finite and > 0).
+    """
+    lam0 = classifier.lam
+    if not math.isfinite(lam0) or lam0 <= 0:
+        raise ValueError(f"{classifier.name} has no cost-aware trade-off to move")
+    saving = (1.0 - np.asarray(classifier.bars, np.float64)) / lam0
+    p = classifier.agreement(train)
+
+    def latency(lam: float) -> float:
+        return float(train.take(first_true(p >= (1.0 - lam * saving)[None, :]))["lat"].mean())
+
+    lo, hi = 0.0, max(CEILING_LAMBDAS)
+    while latency(hi) > target and hi < 1e3:
+        lo, hi = hi, hi * 2
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if latency(mid) > target else (lo, mid)
+    lam = hi if abs(latency(hi) - target) <= abs(latency(lo) - target) else lo
+    name = f"stop classifier (λ={lam:.3g}, train latency {latency(lam):.3f})"
+    return replace(classifier, bars=1.0 - lam * saving if lam > 0 else np.full(len(saving), np.inf), name=name, lam=lam)
+
+
+def stop_exports(
+    rules: StopRules, train: ExitTable, targets: Sequence[float] = ()
+) -> list[tuple[str, StopClassifier, RiskControlled | None]]:
+    """The stop classifier's operating points a run publishes: ``(folder name, classifier, certificate)``.
+
+    Each certified Learn-then-Test classifier (``stop_classifier_delta<delta>``), and per latency
+    target the cost-aware operating point whose mean latency on the train table is that target
+    (``stop_classifier_lat<target>``, :func:`at_latency`). None when the classifier could not be fitted.
+    """
+    out: list[tuple[str, StopClassifier, RiskControlled | None]] = []
+    for delta, rc in rules.risk_classifier:
+        if not isinstance(rc, str):
+            out.append((f"stop_classifier_delta{delta:g}", rc.rule, rc))
+    if isinstance(rules.classifiers, str) or not rules.classifiers:
+        return out
+    for target in targets:
+        out.append((f"stop_classifier_lat{float(target):.2f}", at_latency(rules.classifiers[-1], train, target), None))
+    return out
+
+
+def controller_exits(controller: Any, table: ExitTable) -> np.ndarray:
+    """The stop step an exported stop controller takes on each input of ``table``, from its observations alone.
+
+    ``controller`` (an :class:`agents.controller.Controller`) decides every step's observation at
+    once; the exit is its first stop (action 0), ``G`` when it never stops. What the fitted rule
+    gives on the same table (:meth:`StopClassifier.exits`) must be the same: the deployed rule is the
+    trained one.
+    """
+    n, G, F = table.obs.shape
+    acts = np.asarray(controller.select_action(table.obs.reshape(n * G, F))).reshape(n, G)
+    return first_true(acts == 0)
 
 
 def check_risk_settings(deltas: Sequence[float], epsilon: float) -> tuple[tuple[float, ...], float]:

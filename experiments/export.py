@@ -6,6 +6,12 @@ checkpoint (an RLlib checkpoint or the bandit's ``bandit.json``), ``final.json``
 (metrics) and a ``pareto*.png`` if present, loads the model the environment ran, and writes
 ``model.onnx``, ``model.safetensors``, ``card.json`` and ``README.md`` atomically (see
 :mod:`agents.export`). Load the result with ``agents.controller.Controller.from_pretrained``.
+
+With an exit table (``.npz``, :meth:`agents.staged.ExitTable.save`: ``experiments.bench.staged``
+saves its train table under ``reports/``) as the source, it fits the stop rules on it
+(:func:`agents.staged.fit_stop_rules`) and exports one operating point of the stop classifier:
+the one Learn-then-Test certifies for ``--delta``, or the one whose mean latency on the table is
+nearest ``--latency`` (:func:`agents.staged.stop_exports`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Export a trained PruneGym policy (RLlib checkpoint or bandit state) as a standalone controller "
         "folder: model.onnx, model.safetensors, card.json, README.md. No pickle is written.",
     )
-    p.add_argument("source", help="a training run directory (uses checkpoints/latest.json) or a checkpoint folder")
+    p.add_argument(
+        "source",
+        help="a training run directory (uses checkpoints/latest.json), a checkpoint folder, or a train exit table "
+        "(.npz) to fit and export the stop classifier from",
+    )
     p.add_argument("--out", required=True, help="the export folder to create (must not exist unless --force)")
     p.add_argument("--algo", help="algorithm name, when the source has no run_config.json (ppo, sac, dqn, linucb...)")
     p.add_argument(
@@ -42,7 +52,63 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "recorded inputs, for python -m experiments.validate to check live",
     )
     p.add_argument("--claims-split", help="the split's recording inside --claims, for a folder of several")
-    return p.parse_args(argv)
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument(
+        "--delta",
+        type=float,
+        help="exit table source: the stop classifier Learn-then-Test certifies for agreement with dense >= 1 - delta",
+    )
+    stop.add_argument(
+        "--latency",
+        type=float,
+        help="exit table source: the stop classifier's operating point whose mean latency on the table is nearest",
+    )
+    p.add_argument(
+        "--epsilon", type=float, default=None, help="exit table source, with --delta: the certificate's failure rate"
+    )
+    args = p.parse_args(argv)
+    table = str(args.source).endswith(".npz")
+    if table and (args.delta is None) == (args.latency is None):
+        p.error("an exit table source needs --delta or --latency: which operating point to export")
+    if not table and (args.delta is not None or args.latency is not None or args.epsilon is not None):
+        p.error("--delta, --latency and --epsilon apply to an exit table source (.npz) only")
+    if args.latency is not None and not 0.0 < args.latency <= 1.5:
+        p.error(f"--latency is a fraction of dense latency, got {args.latency}")
+    return args
+
+
+def export_stop(args: argparse.Namespace) -> Path:
+    """Fit the stop rules on the exit table ``args.source`` and export the operating point asked for.
+
+    Raises:
+        SystemExit: The table is missing, or the operating point cannot be fitted or certified (with why).
+    """
+    from agents.export import export_stop_classifier
+    from agents.staged import RISK_EPSILON, ExitTable, fit_stop_rules, stop_exports
+    from envs.base import shared_lm
+
+    path = Path(args.source)
+    if not path.is_file():
+        raise SystemExit(f"no exit table at {path}")
+    table = ExitTable.load(path)
+    epsilon = RISK_EPSILON if args.epsilon is None else args.epsilon
+    print(f"fitting the stop rules on the {len(table.item_ids)} inputs of {path} (a few minutes)...", file=sys.stderr)
+    try:
+        rules = fit_stop_rules(table, [args.delta] if args.delta is not None else [0.1], epsilon)
+    except ValueError as exc:
+        raise SystemExit(f"--delta / --epsilon: {exc}") from None
+    if isinstance(rules.classifiers, str):
+        raise SystemExit(f"the stop classifier cannot be fitted on {path}: {rules.classifiers}")
+    if args.delta is not None and isinstance(rules.risk_classifier[0][1], str):
+        raise SystemExit(f"delta={args.delta:g} cannot be certified on {path}: {rules.risk_classifier[0][1]}")
+    points = stop_exports(rules, table, [args.latency] if args.latency is not None else [])
+    name, clf, cert = next(p for p in points if (args.delta is None) == (p[2] is None))
+    model = table.meta["env"]["model"]
+    slm = shared_lm(str(model["name"]), str(model.get("dtype", "float32")))
+    print(f"{name}: {clf.name}, {clf.kind}", file=sys.stderr)
+    return export_stop_classifier(
+        clf, table, args.out, slm=slm, certified=cert, trained_on=args.trained_on, force=args.force
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agents.controller import Controller
     from agents.export import export_from_path
 
+    if str(args.source).endswith(".npz"):
+        out = export_stop(args)
+        print(f"exported {Controller.from_pretrained(out)} to {out}")
+        return 0
     env_config = json.loads(Path(args.env_config).read_text()) if args.env_config else None
     out = export_from_path(
         args.source,

@@ -7,10 +7,12 @@
 2. trains PPO controllers on ``PruneGym/PerInput-v0`` (calibrated cost, train split), one per reward
    weight, each for a bounded time, and the LinUCB bandit on the discrete variant; with ``staged.enabled``,
    also PPO on ``PruneGym/Staged-v0`` and DQN on ``PruneGym/StagedDiscrete-v0`` (stop after reading the
-   model's answer, or run the next group), and fits the CALM margin threshold and the risk-controlled
-   stop on a train-split exit table; the trainings share the cores, several at once in forked
-   processes (``train_workers``, :func:`training_workers`);
-3. exports every controller (ONNX + card) and loads it back without Ray;
+   model's answer, or run the next group), and fits the CALM margin threshold, the stop classifier
+   and the risk-controlled stops on a train-split exit table; the trainings share the cores, several
+   at once in forked processes (``train_workers``, :func:`training_workers`);
+3. exports every controller (ONNX + card) and loads it back without Ray, the stop classifier's
+   published operating points too (:func:`agents.staged.stop_exports`; each checked, after the
+   evaluation, to stop where its fitted rule stops on every test input);
 4. evaluates them, the static sweep, the static convex hull, the hindsight oracle and the entropy
    heuristic on held-out inputs with *measured* latency (:mod:`agents.evaluation`), the staged
    controllers and rules interleaved with them (:class:`agents.staged.StagedPass`);
@@ -290,6 +292,7 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         )
     staged = _staged_pass(cfg, staged_ctrls, timing_threads) if cfg.staged.enabled else None
     rules = _stop_rules(cfg, done["fit_table"]) if staged is not None else None
+    stop_exported = _export_stop_rules(cfg, rules, done["fit_table"], out / "controllers", slm) if rules else []
     t_fit = done["fit_s"]
     # The entropy heuristic's thresholds are quantiles of the probe's entropy (no labels involved).
     entropy = ev.entropy_rules(ev.probe_observations(env, n), env.probe.feature_names)
@@ -309,6 +312,8 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         assert rules is not None
         rule_runs, records = rules.evaluate(staged.table)
         staged_md = report.risk_markdown(records, rules.train_items)
+        if stop_exported:
+            staged_md += "\n\n" + _check_stop_exports(stop_exported, staged.table, slm)
         ctrl_runs = ctrl_runs + staged.runs + rule_runs
     families: dict[str, list[ev.Run]] = {}
     for run in ctrl_runs:
@@ -351,8 +356,9 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         clf_rec = (
             clf if isinstance(clf, str) else [{"name": c.name, "model": c.kind, "bars": c.bars.tolist()} for c in clf]
         )
+        exported_rec = [str(folder.name) for _, folder in stop_exported]
         (out / "stop_rules.json").write_text(
-            json.dumps({"risk": records, "grid": grid, "classifier": clf_rec}, indent=1)
+            json.dumps({"risk": records, "grid": grid, "classifier": clf_rec, "exported": exported_rec}, indent=1)
         )
     if cfg.get("benchmarks"):
         command = shlex.join(["python", "-m", "experiments.main", *sys.argv[1:]])
@@ -480,6 +486,46 @@ def _stop_rules(cfg: DictConfig, table: Any) -> Any:
     elif rules.classifiers:
         log.info("stop classifier: %s, chosen by cross-validation on the train table", rules.classifiers[0].kind)
     return rules
+
+
+def _export_stop_rules(cfg: DictConfig, rules: Any, table: Any, folder: Path, slm: Any) -> list[tuple[Any, Path]]:
+    """Export the stop classifier's published operating points (:func:`agents.staged.stop_exports`) as controllers.
+
+    Returns:
+        ``(classifier, folder)`` of each.
+    """
+    from agents.export import export_stop_classifier
+    from agents.staged import stop_exports
+
+    done = []
+    for name, clf, cert in stop_exports(rules, table, [float(t) for t in cfg.eval.targets]):
+        done.append((clf, export_stop_classifier(clf, table, folder / name, slm=slm, certified=cert, force=True)))
+        log.info("exported %s: %s", name, clf.name)
+    return done
+
+
+def _check_stop_exports(exported: list[tuple[Any, Path]], table: Any, slm: Any) -> str:
+    """Load each exported stop controller back and check it stops where its fitted rule stops on the test inputs.
+
+    Returns:
+        A paragraph for the results.
+
+    Raises:
+        RuntimeError: An exported controller decides otherwise than the rule it was exported from.
+    """
+    from agents.controller import Controller
+    from agents.staged import controller_exits
+
+    for clf, folder in exported:
+        got = controller_exits(Controller.from_pretrained(folder, slm=slm), table)
+        wrong = int((got != clf.exits(table)).sum())
+        if wrong:
+            raise RuntimeError(f"the exported {folder.name} stops elsewhere than its rule on {wrong} test inputs")
+    names = ", ".join(f"`controllers/{folder.name}`" for _, folder in exported)
+    return (
+        f"Exported stop classifiers ({names}): each, loaded back from its folder, stops where its fitted rule stops "
+        f"on all {len(table.item_ids)} test inputs' observations."
+    )
 
 
 def write_benchmark_section(

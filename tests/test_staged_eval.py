@@ -328,3 +328,76 @@ def test_a_failed_worker_lets_the_others_finish_stopping_then_terminates_them(tm
     with pytest.raises(RuntimeError, match="test worker 1 failed"):
         ev.in_workers(_stopping_work, [("sleep", (60.0, str(late))), ("fail", None)], role="test")
     assert not late.exists() and time.perf_counter() - t0 < 30  # terminated, not waited for
+
+
+@pytest.mark.parametrize("model", ["logistic(C=1)", "boosted trees(depth=2)"])
+def test_exported_stop_classifier_decides_as_it_was_fitted(tmp_path, model):
+    """The exported stop classifier takes the fitted rule's stops, on its table and in episodes on new inputs."""
+    import json
+    from dataclasses import replace
+
+    from agents.controller import Controller
+    from agents.export import export_stop_classifier
+    from agents.staged import controller_exits, risk_controlled_classifier, stop_ceiling
+
+    train_env = ev.evaluation_env(
+        model="tiny-llama",
+        task="generated",
+        split="train",
+        n_items=60,
+        cost="calibrated",
+        env_kwargs={**ENV, "calibrate_cost": True, "discrete": True},
+        env="Staged",
+    )
+    train = exit_table(train_env)
+    assert train.meta["group_action"] == 1  # the dense preset ran each group
+    clfs, _ = stop_ceiling(train, models=[model])
+    clf = clfs[len(clfs) // 2]
+    assert clf.kind == model and 0 < (clf.exits(train) < train.groups).mean() < 1  # it stops on some inputs only
+    ctrl = Controller.from_pretrained(export_stop_classifier(clf, train, tmp_path / "clf", slm=train_env.slm))
+    assert np.array_equal(controller_exits(ctrl, train), clf.exits(train))
+    card = ctrl.card
+    assert card["algo"] == "stop classifier" and card["policy"]["model"] == model
+    assert card["policy"]["certificate"] is None
+    assert card["interface"] == json.loads(json.dumps(train.meta["env"]["interface"]))
+    # episodes on new inputs, in the environment the card describes, stop where the fitted rule stops
+    _, test_env = envs("calibrated", 8, **staged_env_kwargs(card))
+    test = exit_table(test_env)
+    sc = StagedController(ctrl, test_env)
+    got = [episode(test_env, i, sc)[0] for i in range(8)]
+    assert [g["groups_run"] for g in got] == clf.exits(test).tolist()
+    assert np.array_equal([g["accuracy_dense_relative"] for g in got], test.take(clf.exits(test))["rel"])
+    # a certified operating point carries its certificate into the card and the model card
+    rc = risk_controlled_classifier(train, 0.3, 0.1, models=[model])
+    folder = export_stop_classifier(rc.rule, train, tmp_path / "cert", slm=train_env.slm, certified=rc)
+    cert = Controller.from_pretrained(folder).card["policy"]["certificate"]
+    assert cert["delta"] == 0.3 and cert["n"] == 30 and "agreement with the dense model >= 0.7" in cert["guarantee"]
+    readme = (folder / "README.md").read_text()
+    assert "**Certified**" in readme
+    # the model card's example runs as written
+    snippet = readme.split("```python\n")[1].split("```")[0].replace("path/to/this/folder", str(folder))
+    shown: dict = {}
+    exec(compile(snippet, "README.md", "exec"), shown)  # noqa: S102 - the card's own example
+    assert shown["info"]["groups_run"] == rc.rule.exits(test)[0]
+    with pytest.raises(ValueError, match="another rule's"):
+        export_stop_classifier(clf, train, tmp_path / "bad", slm=train_env.slm, certified=rc)
+    # the command fits the rules on a saved train table and exports the operating point asked for
+    from experiments.export import main as export_main
+
+    saved = train.save(tmp_path / "train.npz")
+    assert export_main([str(saved), "--latency", "0.6", "--out", str(tmp_path / "cli")]) == 0
+    cli = Controller.from_pretrained(tmp_path / "cli").card["policy"]
+    assert cli["certificate"] is None and abs(cli["train_table"]["latency_fraction"] - 0.6) < 0.05
+    assert export_main([str(saved), "--delta", "0.3", "--epsilon", "0.1", "--out", str(tmp_path / "cli-cert")]) == 0
+    assert Controller.from_pretrained(tmp_path / "cli-cert").card["policy"]["certificate"]["delta"] == 0.3
+    with pytest.raises(SystemExit, match="cannot be certified"):
+        export_main([str(saved), "--delta", "0.001", "--out", str(tmp_path / "no")])
+    for bad in (["--out", "x"], ["--delta", "0.1", "--latency", "0.5", "--out", "x"]):
+        with pytest.raises(SystemExit):
+            export_main([str(saved), *bad])
+    with pytest.raises(ValueError, match="bars for"):
+        export_stop_classifier(clf, replace(train, obs=train.obs[:, 1:]), tmp_path / "b", slm=train_env.slm)
+    box = json.loads(json.dumps(train.meta))
+    box["env"]["interface"]["action"]["kind"] = "box"
+    with pytest.raises(ValueError, match="discrete staged"):
+        export_stop_classifier(clf, replace(train, meta=box), tmp_path / "b", slm=train_env.slm)

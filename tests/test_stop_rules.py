@@ -13,6 +13,7 @@ from agents.staged import (
     MarginThreshold,
     StopClassifier,
     as_run,
+    at_latency,
     exit_table,
     first_true,
     fit_for_latency,
@@ -279,3 +280,21 @@ def test_a_bad_delta_or_epsilon_is_an_error_not_a_refusal(deltas, epsilon, needl
     with pytest.raises(ValueError, match=needle):
         fit_stop_rules(None, deltas, epsilon)  # type: ignore[arg-type]  # checked before the table is read
     assert check_risk_settings([0.02, "0.1"], "0.05") == ((0.02, 0.1), 0.05)  # type: ignore[list-item]
+
+
+def test_at_latency_finds_the_trade_off_that_meets_a_latency_on_the_train_table():
+    """The operating point moved to a latency target sits there on the train table, and stops as its bars say."""
+    table = synthetic(400, seed=4)
+    clfs, _ = stop_ceiling(table, [0.2, 1.0], models=["logistic(C=1)"])
+    for target in (0.45, 0.6, 0.8):
+        moved = at_latency(clfs[0], table, target)
+        lat = table.take(moved.exits(table))["lat"].mean()
+        assert abs(lat - target) < 0.01, (target, lat)
+        assert moved.kind == clfs[0].kind and moved.model is clfs[0].model and f"{lat:.3f}" in moved.name
+        # the bars stay the cost-aware ones: 1 - lambda * saving, the savings of the fit
+        saving = (1 - clfs[1].bars) / clfs[1].lam
+        assert np.allclose(moved.bars, 1 - moved.lam * saving)
+    faster = [table.take(at_latency(clfs[1], table, t).exits(table))["lat"].mean() for t in (0.4, 0.5, 0.7)]
+    assert faster == sorted(faster)
+    with pytest.raises(ValueError, match="no cost-aware trade-off"):
+        at_latency(StopClassifier(clfs[0].model, clfs[0].bars), table, 0.5)
