@@ -26,10 +26,10 @@ def one_thread_here(one_thread):
     yield
 
 
-def envs(cost: str, n: int = 4, **staged_kw):
-    """The tiny model's per-input and staged evaluation environments over the same test inputs."""
+def envs(cost: str, n: int = 4, split: str = "test", **staged_kw):
+    """The tiny model's per-input and staged evaluation environments over the same inputs (test split by default)."""
     extra = {"calibrate_cost": True} if cost == "calibrated" else {}
-    common = {"model": "tiny-llama", "task": "generated", "split": "test", "n_items": n, "cost": cost}
+    common = {"model": "tiny-llama", "task": "generated", "split": split, "n_items": n, "cost": cost}
     per_input = ev.evaluation_env(**common, env_kwargs={**ENV, "num_groups": 1, **extra})
     staged = ev.evaluation_env(**common, env_kwargs={**ENV, **extra, **staged_kw}, env="Staged")
     return per_input, staged
@@ -340,15 +340,7 @@ def test_exported_stop_classifier_decides_as_it_was_fitted(tmp_path, model):
     from agents.export import export_stop_classifier
     from agents.staged import controller_exits, risk_controlled_classifier, stop_ceiling
 
-    train_env = ev.evaluation_env(
-        model="tiny-llama",
-        task="generated",
-        split="train",
-        n_items=60,
-        cost="calibrated",
-        env_kwargs={**ENV, "calibrate_cost": True, "discrete": True},
-        env="Staged",
-    )
+    _, train_env = envs("calibrated", 60, split="train", discrete=True)
     train = exit_table(train_env)
     assert train.meta["group_action"] == 1  # the dense preset ran each group
     clfs, _ = stop_ceiling(train, models=[model])
