@@ -694,13 +694,13 @@ def export_stop_classifier(
         ValueError: The table is not a discrete staged environment's, its groups ran another action
             than one index, or the classifier has bars for another number of steps.
     """
-    from agents.staged import stop_model_arrays
+    from agents.staged import DENSE_GROUP, stop_model_arrays
 
     env_config = table.meta.get("env") or {}
     iface = env_config.get("interface") or {}
     if iface.get("kind") != "staged" or iface.get("action", {}).get("kind") != "discrete":
         raise ValueError("a stop classifier exports from the exit table of a discrete staged environment")
-    go_on = table.meta.get("group_action", 1)  # tables saved before it was recorded ran the dense preset
+    go_on = table.meta.get("group_action", DENSE_GROUP)  # tables saved before it was recorded ran the dense group
     if isinstance(go_on, list | dict) or go_on is None:
         raise ValueError(f"the exit table's groups ran {go_on!r}, not one discrete action")
     if len(classifier.bars) != table.groups:

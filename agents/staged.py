@@ -139,10 +139,13 @@ _COLUMNS = (
 )
 
 
+DENSE_GROUP = 1  # the discrete staged action that runs a group densely: preset 0 (dense) behind the stop
+
+
 def dense_group_action(env: Any) -> Any:
-    """The action that runs a group densely: preset 1 (discrete) or ``[0, 1, 1, ...]``."""
+    """The action that runs a group densely: :data:`DENSE_GROUP` (discrete) or ``[0, 1, 1, ...]``."""
     env = getattr(env, "unwrapped", env)
-    return 1 if env.discrete else np.array([0.0] + [1.0] * (env.interface.action_size - 1), np.float32)
+    return DENSE_GROUP if env.discrete else np.array([0.0] + [1.0] * (env.interface.action_size - 1), np.float32)
 
 
 def exit_row(env: Any, index: int, action: Any = None) -> dict[str, Any]:
@@ -1069,12 +1072,20 @@ def fit_stop_rules(
     except ValueError as exc:
         certified = [str(exc)] * len(deltas)
     risk_clf = [(float(d), rc) for d, rc in zip(deltas, certified, strict=True)]
-    classifiers: list[StopClassifier] | str
-    try:
-        classifiers = stop_ceiling(train, CEILING_LAMBDAS[::2], label="stop classifier")[0]
-    except ValueError as exc:
-        classifiers = str(exc)
+    classifiers = fit_stop_classifiers(train)
     return StopRules(margin_grid(train, grid_size), risk, float(epsilon), len(train.item_ids), classifiers, risk_clf)
+
+
+def fit_stop_classifiers(train: ExitTable) -> list[StopClassifier] | str:
+    """The cost-aware stop classifier's operating points fitted on ``train``, or why the table cannot fit one.
+
+    :func:`stop_ceiling` at every other trade-off of :data:`CEILING_LAMBDAS`; a table with fewer inputs
+    than folds, or whose stops all agree (or none does), gives the reason instead.
+    """
+    try:
+        return stop_ceiling(train, CEILING_LAMBDAS[::2], label="stop classifier")[0]
+    except ValueError as exc:
+        return str(exc)
 
 
 def staged_pass(

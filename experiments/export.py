@@ -8,10 +8,10 @@ checkpoint (an RLlib checkpoint or the bandit's ``bandit.json``), ``final.json``
 :mod:`agents.export`). Load the result with ``agents.controller.Controller.from_pretrained``.
 
 With an exit table (``.npz``, :meth:`agents.staged.ExitTable.save`: ``experiments.bench.staged``
-saves its train table under ``reports/``) as the source, it fits the stop rules on it
-(:func:`agents.staged.fit_stop_rules`) and exports one operating point of the stop classifier:
-the one Learn-then-Test certifies for ``--delta``, or the one whose mean latency on the table is
-nearest ``--latency`` (:func:`agents.staged.stop_exports`).
+saves its train table under ``reports/``) as the source, it fits the stop classifier on it
+and exports one operating point of the stop classifier: the one Learn-then-Test certifies for
+``--delta``, or the one whose mean latency on the table is ``--latency``, as the main job
+publishes them (:func:`agents.staged.stop_exports`).
 """
 
 from __future__ import annotations
@@ -78,34 +78,45 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def export_stop(args: argparse.Namespace) -> Path:
-    """Fit the stop rules on the exit table ``args.source`` and export the operating point asked for.
+    """Fit the stop classifier on the exit table ``args.source`` and export the operating point asked for.
+
+    ``--latency``: the cost-aware classifier moved to that train latency (:func:`agents.staged.at_latency`);
+    ``--delta``: Learn-then-Test's certified classifier (:func:`agents.staged.risk_controlled_classifiers`),
+    the points the main job publishes (:func:`agents.staged.stop_exports`).
 
     Raises:
         SystemExit: The table is missing, or the operating point cannot be fitted or certified (with why).
     """
     from agents.export import export_stop_classifier
-    from agents.staged import RISK_EPSILON, ExitTable, fit_stop_rules, stop_exports
+    from agents.staged import RISK_EPSILON, ExitTable, at_latency, fit_stop_classifiers, risk_controlled_classifiers
     from envs.base import shared_lm
 
     path = Path(args.source)
     if not path.is_file():
         raise SystemExit(f"no exit table at {path}")
     table = ExitTable.load(path)
-    epsilon = RISK_EPSILON if args.epsilon is None else args.epsilon
-    print(f"fitting the stop rules on the {len(table.item_ids)} inputs of {path} (a few minutes)...", file=sys.stderr)
-    try:
-        rules = fit_stop_rules(table, [args.delta] if args.delta is not None else [0.1], epsilon)
-    except ValueError as exc:
-        raise SystemExit(f"--delta / --epsilon: {exc}") from None
-    if isinstance(rules.classifiers, str):
-        raise SystemExit(f"the stop classifier cannot be fitted on {path}: {rules.classifiers}")
-    if args.delta is not None and isinstance(rules.risk_classifier[0][1], str):
-        raise SystemExit(f"delta={args.delta:g} cannot be certified on {path}: {rules.risk_classifier[0][1]}")
-    points = stop_exports(rules, table, [args.latency] if args.latency is not None else [])
-    name, clf, cert = next(p for p in points if (args.delta is None) == (p[2] is None))
+    print(
+        f"fitting the stop classifier on the {len(table.item_ids)} inputs of {path} (a minute or two)...",
+        file=sys.stderr,
+    )
+    cert = None
+    if args.delta is not None:
+        epsilon = RISK_EPSILON if args.epsilon is None else args.epsilon
+        try:
+            (cert,) = risk_controlled_classifiers(table, [args.delta], epsilon)
+        except ValueError as exc:
+            raise SystemExit(f"--delta / --epsilon: {exc}") from None
+        if isinstance(cert, str):
+            raise SystemExit(f"delta={args.delta:g} cannot be certified on {path}: {cert}")
+        clf = cert.rule
+    else:
+        fitted = fit_stop_classifiers(table)
+        if isinstance(fitted, str):
+            raise SystemExit(f"the stop classifier cannot be fitted on {path}: {fitted}")
+        clf = at_latency(fitted[-1], table, args.latency)
     model = table.meta["env"]["model"]
     slm = shared_lm(str(model["name"]), str(model.get("dtype", "float32")))
-    print(f"{name}: {clf.name}, {clf.kind}", file=sys.stderr)
+    print(f"{clf.name}, {clf.kind}", file=sys.stderr)
     return export_stop_classifier(
         clf, table, args.out, slm=slm, certified=cert, trained_on=args.trained_on, force=args.force
     )

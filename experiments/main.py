@@ -292,7 +292,9 @@ def run_main(cfg: DictConfig, out: Path) -> dict[str, Any]:
         )
     staged = _staged_pass(cfg, staged_ctrls, timing_threads) if cfg.staged.enabled else None
     rules = _stop_rules(cfg, done["fit_table"]) if staged is not None else None
-    stop_exported = _export_stop_rules(cfg, rules, done["fit_table"], out / "controllers", slm) if rules else []
+    stop_exported = (
+        _export_stop_rules(cfg, rules, done["fit_table"], out / "controllers", slm) if rules is not None else []
+    )
     t_fit = done["fit_s"]
     # The entropy heuristic's thresholds are quantiles of the probe's entropy (no labels involved).
     entropy = ev.entropy_rules(ev.probe_observations(env, n), env.probe.feature_names)
